@@ -1,0 +1,171 @@
+//! Classify: decides what a contact is — intent, category, sentiment, priority — masks
+//! personal data, and says why. Consumes `complaint.received`, publishes
+//! `complaint.classified`; `Classify` is a dry run over gRPC. Stateless and CPU-bound:
+//! scale by replicas sharing one durable consumer.
+
+pub mod engine;
+pub mod rules;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use closedloop_proto::v1::classify_service_server::{ClassifyService, ClassifyServiceServer};
+use closedloop_proto::v1::{
+    Channel, ClassifyRequest, ClassifyResponse, ComplaintClassified, ComplaintReceived,
+};
+use closedloop_runtime::auth::{Authenticator, principal};
+use closedloop_runtime::bus::{self, Bus, OutgoingEvent, StreamSettings};
+use closedloop_runtime::config::{GrpcArgs, NatsArgs, TelemetryArgs};
+use closedloop_runtime::consumer::{self, ConsumerSpec, HandleError, MessageHandler};
+use closedloop_runtime::grpc::{self, Violation, invalid_argument};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Response, Status};
+
+use crate::engine::Contact;
+use crate::rules::Rules;
+
+pub const SERVICE_NAME: &str = "closedloop.v1.ClassifyService";
+/// Durable consumer shared by all classify replicas.
+pub const CONSUMER: &str = "classify";
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "closedloop-classify", about = "Closedloop classify: what each contact is and how urgent")]
+pub struct Config {
+    /// gRPC listen address.
+    #[arg(long, env = "CLOSEDLOOP_CLASSIFY_LISTEN", default_value = "0.0.0.0:50052")]
+    pub listen: SocketAddr,
+    /// JSON keyword table replacing the built-in rules.
+    #[arg(long, env = "CLOSEDLOOP_CLASSIFY_RULES")]
+    pub rules_file: Option<String>,
+    /// Longest text the dry-run `Classify` accepts, in characters.
+    #[arg(long, env = "CLOSEDLOOP_MAX_TEXT_CHARS", default_value_t = 20_000)]
+    pub max_text_chars: usize,
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    #[command(flatten)]
+    pub grpc: GrpcArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+/// Classifies received complaints and publishes the verdict.
+struct ReceivedHandler {
+    bus: Bus,
+    rules: Arc<Rules>,
+}
+
+impl MessageHandler for ReceivedHandler {
+    async fn handle(&self, message: &jetstream::Message) -> Result<(), HandleError> {
+        let received: ComplaintReceived = consumer::decode(message)?;
+        let complaint = received
+            .complaint
+            .ok_or_else(|| HandleError::reject("complaint.received without a complaint"))?;
+        let classification = engine::classify(
+            &self.rules,
+            &Contact {
+                text: &complaint.text,
+                channel: complaint.channel(),
+                poster: complaint.poster.as_ref(),
+            },
+        );
+        tracing::info!(
+            complaint_id = %complaint.complaint_id,
+            category = %classification.category,
+            priority = ?classification.priority(),
+            "classified"
+        );
+        let event = OutgoingEvent::new(
+            bus::COMPLAINT_CLASSIFIED,
+            &complaint.tenant,
+            format!("classified:{}", complaint.complaint_id),
+            &ComplaintClassified {
+                complaint: Some(complaint.clone()),
+                classification: Some(classification),
+            },
+        );
+        self.bus.publish(event).await.map_err(HandleError::retry)?;
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct ClassifyApi {
+    rules: Arc<Rules>,
+    max_text_chars: usize,
+}
+
+#[tonic::async_trait]
+impl ClassifyService for ClassifyApi {
+    async fn classify(&self, request: Request<ClassifyRequest>) -> Result<Response<ClassifyResponse>, Status> {
+        principal(&request)?;
+        let request = request.into_inner();
+        if request.text.trim().is_empty() {
+            return Err(invalid_argument(&[Violation::new("text", "must not be empty")]));
+        }
+        if request.text.chars().count() > self.max_text_chars {
+            return Err(invalid_argument(&[Violation::new(
+                "text",
+                format!("must be at most {} characters", self.max_text_chars),
+            )]));
+        }
+        let classification = engine::classify(
+            &self.rules,
+            &Contact {
+                text: &request.text,
+                channel: Channel::try_from(request.channel).unwrap_or(Channel::Unspecified),
+                poster: request.poster.as_ref(),
+            },
+        );
+        Ok(Response::new(ClassifyResponse { classification: Some(classification) }))
+    }
+}
+
+/// A built classify service: connected, rules loaded, listener bound.
+pub struct Classify {
+    listener: TcpListener,
+    bus: Bus,
+    rules: Arc<Rules>,
+    config: Config,
+}
+
+impl Classify {
+    pub async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
+        let rules = Arc::new(Rules::load(config.rules_file.as_deref())?);
+        let bus = Bus::connect(&config.nats.nats_url, "classify", cancel).await?;
+        bus.provision(&StreamSettings::from(&config.nats)).await?;
+        let listener = grpc::bind(config.listen).await?;
+        Ok(Self { listener, bus, rules, config })
+    }
+
+    pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Consumes and serves until `cancel` fires, then drains in-flight work.
+    pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let spec = ConsumerSpec::new(
+            bus::COMPLAINTS_STREAM,
+            CONSUMER,
+            vec![bus::COMPLAINT_RECEIVED.all_tenants()],
+            &self.config.nats,
+        );
+        let handler = Arc::new(ReceivedHandler { bus: self.bus.clone(), rules: self.rules.clone() });
+        let consuming = tokio::spawn(consumer::run(self.bus.clone(), spec, handler, cancel.clone()));
+
+        let api = ClassifyApi { rules: self.rules, max_text_chars: self.config.max_text_chars };
+        let server = ClassifyServiceServer::new(api).max_decoding_message_size(self.config.grpc.max_request_bytes);
+        let routes = Routes::new(InterceptedService::new(
+            server,
+            Authenticator::new(self.config.grpc.auth_tokens.clone()),
+        ));
+        let served = grpc::serve(self.listener, routes, &[SERVICE_NAME], cancel.clone()).await;
+        cancel.cancel();
+        consuming.await?;
+        served?;
+        Ok(())
+    }
+}

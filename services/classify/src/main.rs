@@ -1,0 +1,16 @@
+//! `closedloop-classify`: flags and environment in, the service out.
+
+use clap::Parser;
+use closedloop_classify::{Classify, Config};
+use closedloop_runtime::{shutdown, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    let _telemetry = telemetry::init("classify", &config.telemetry)?;
+    tracing::info!(?config, "starting classify");
+    let cancel = shutdown::on_signal();
+    let classify = Classify::build(config, &cancel).await?;
+    tracing::info!(grpc = %classify.grpc_addr()?, "classify listening");
+    classify.run(cancel).await
+}

@@ -1,0 +1,253 @@
+//! The `WorkOrderService` gRPC API, tenant-scoped by the caller's token.
+
+use std::sync::Arc;
+
+use closedloop_proto::v1::work_order_service_server::WorkOrderService;
+use closedloop_proto::v1::*;
+use closedloop_runtime::auth::{Principal, Role, principal};
+use closedloop_runtime::grpc::{Violation, invalid_argument, page_size};
+use closedloop_runtime::time;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tonic::{Request, Response, Status};
+
+use crate::lifecycle::Action;
+use crate::store::{self, Change, ListFilter, StoreError};
+
+pub const SERVICE_NAME: &str = "closedloop.v1.WorkOrderService";
+const MAX_NOTE_CHARS: usize = 4_000;
+
+pub struct WorkOrderApi {
+    pub pool: PgPool,
+    /// Wakes the outbox relay after a change commits.
+    pub relay_wake: Arc<Notify>,
+}
+
+/// The one place store errors become gRPC statuses.
+fn status(error: StoreError) -> Status {
+    match error {
+        StoreError::NotFound => Status::not_found("no such work order for this tenant"),
+        StoreError::VersionConflict { .. } => Status::aborted(error.to_string()),
+        StoreError::InvalidTransition(e) => Status::failed_precondition(e.to_string()),
+        StoreError::BadPageToken => invalid_argument(&[Violation::new("page_token", "is not a token this API issued")]),
+        StoreError::Database(e) => {
+            tracing::error!(error = %e, "database error");
+            Status::unavailable("work order store unavailable; retry")
+        }
+    }
+}
+
+fn reader(request: &Request<impl Sized>) -> Result<Principal, Status> {
+    let caller = principal(request)?;
+    caller.require_any(&[Role::Agent, Role::Supervisor, Role::Viewer])?;
+    Ok(caller)
+}
+
+fn worker(request: &Request<impl Sized>) -> Result<Principal, Status> {
+    let caller = principal(request)?;
+    caller.require_any(&[Role::Agent, Role::Supervisor])?;
+    Ok(caller)
+}
+
+fn require_id(field: &str, value: &str) -> Result<(), Status> {
+    if value.trim().is_empty() {
+        Err(invalid_argument(&[Violation::new(field, "must not be empty")]))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_note(field: &str, value: &str, required: bool) -> Result<(), Status> {
+    if required && value.trim().is_empty() {
+        return Err(invalid_argument(&[Violation::new(field, "must not be empty")]));
+    }
+    if value.chars().count() > MAX_NOTE_CHARS {
+        return Err(invalid_argument(&[Violation::new(field, format!("at most {MAX_NOTE_CHARS} characters"))]));
+    }
+    Ok(())
+}
+
+impl WorkOrderApi {
+    async fn change(
+        &self,
+        caller: &Principal,
+        work_order_id: &str,
+        change: Change<'_>,
+        edit: impl FnOnce(&mut WorkOrder),
+    ) -> Result<WorkOrder, Status> {
+        require_id("work_order_id", work_order_id)?;
+        let work_order = store::apply(&self.pool, &caller.tenant, work_order_id, change, edit)
+            .await
+            .map_err(status)?;
+        self.relay_wake.notify_one();
+        Ok(work_order)
+    }
+}
+
+fn enum_filter<E: TryFrom<i32>>(value: i32) -> Option<E> {
+    if value == 0 { None } else { E::try_from(value).ok() }
+}
+
+fn text_filter(value: String) -> Option<String> {
+    if value.is_empty() { None } else { Some(value) }
+}
+
+#[tonic::async_trait]
+impl WorkOrderService for WorkOrderApi {
+    async fn get_work_order(
+        &self,
+        request: Request<GetWorkOrderRequest>,
+    ) -> Result<Response<GetWorkOrderResponse>, Status> {
+        let caller = reader(&request)?;
+        let id = request.into_inner().work_order_id;
+        require_id("work_order_id", &id)?;
+        let work_order = store::get(&self.pool, &caller.tenant, &id).await.map_err(status)?;
+        Ok(Response::new(GetWorkOrderResponse { work_order: Some(work_order) }))
+    }
+
+    async fn list_work_orders(
+        &self,
+        request: Request<ListWorkOrdersRequest>,
+    ) -> Result<Response<ListWorkOrdersResponse>, Status> {
+        let caller = reader(&request)?;
+        let r = request.into_inner();
+        let filter = ListFilter {
+            state: enum_filter(r.state),
+            team: text_filter(r.team),
+            assignee: text_filter(r.assignee),
+            priority: enum_filter(r.priority),
+            category: text_filter(r.category),
+            created_after: r.created_after.as_ref().and_then(time::from_timestamp),
+            created_before: r.created_before.as_ref().and_then(time::from_timestamp),
+        };
+        let size = page_size(r.page_size, 50, 500);
+        let (work_orders, next_page_token) = store::list(&self.pool, &caller.tenant, &filter, size, &r.page_token)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ListWorkOrdersResponse { work_orders, next_page_token }))
+    }
+
+    async fn get_complaint_status(
+        &self,
+        request: Request<GetComplaintStatusRequest>,
+    ) -> Result<Response<GetComplaintStatusResponse>, Status> {
+        let caller = reader(&request)?;
+        let complaint_id = request.into_inner().complaint_id;
+        require_id("complaint_id", &complaint_id)?;
+        let work_order = store::get_by_complaint(&self.pool, &caller.tenant, &complaint_id)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound => Status::not_found("no work order for this complaint (yet)"),
+                other => status(other),
+            })?;
+        Ok(Response::new(GetComplaintStatusResponse { complaint_id, work_order: Some(work_order) }))
+    }
+
+    async fn accept_work_order(
+        &self,
+        request: Request<AcceptWorkOrderRequest>,
+    ) -> Result<Response<AcceptWorkOrderResponse>, Status> {
+        let caller = worker(&request)?;
+        let r = request.into_inner();
+        let change = Change { action: Action::Accept, expected_version: r.expected_version, actor: &caller.name, note: "" };
+        let work_order = self
+            .change(&caller, &r.work_order_id, change, |wo| wo.assignee = caller.name.clone())
+            .await?;
+        Ok(Response::new(AcceptWorkOrderResponse { work_order: Some(work_order) }))
+    }
+
+    async fn reply_to_customer(
+        &self,
+        request: Request<ReplyToCustomerRequest>,
+    ) -> Result<Response<ReplyToCustomerResponse>, Status> {
+        let caller = worker(&request)?;
+        let r = request.into_inner();
+        check_note("text", &r.text, true)?;
+        let change = Change { action: Action::Reply, expected_version: r.expected_version, actor: &caller.name, note: &r.text };
+        let work_order = self.change(&caller, &r.work_order_id, change, |_| {}).await?;
+        Ok(Response::new(ReplyToCustomerResponse { work_order: Some(work_order) }))
+    }
+
+    async fn resolve_work_order(
+        &self,
+        request: Request<ResolveWorkOrderRequest>,
+    ) -> Result<Response<ResolveWorkOrderResponse>, Status> {
+        let caller = worker(&request)?;
+        let r = request.into_inner();
+        check_note("resolution_note", &r.resolution_note, false)?;
+        let change = Change {
+            action: Action::Resolve,
+            expected_version: r.expected_version,
+            actor: &caller.name,
+            note: &r.resolution_note,
+        };
+        let work_order = self.change(&caller, &r.work_order_id, change, |_| {}).await?;
+        tracing::info!(work_order_id = %work_order.work_order_id, "work order resolved");
+        Ok(Response::new(ResolveWorkOrderResponse { work_order: Some(work_order) }))
+    }
+
+    async fn escalate_work_order(
+        &self,
+        request: Request<EscalateWorkOrderRequest>,
+    ) -> Result<Response<EscalateWorkOrderResponse>, Status> {
+        let caller = worker(&request)?;
+        let r = request.into_inner();
+        check_note("reason", &r.reason, true)?;
+        let change = Change { action: Action::Escalate, expected_version: r.expected_version, actor: &caller.name, note: &r.reason };
+        let work_order = self
+            .change(&caller, &r.work_order_id, change, |wo| {
+                // One step more urgent, P1 stays P1.
+                wo.priority = (wo.priority - 1).max(Priority::P1 as i32);
+            })
+            .await?;
+        Ok(Response::new(EscalateWorkOrderResponse { work_order: Some(work_order) }))
+    }
+
+    async fn reassign_work_order(
+        &self,
+        request: Request<ReassignWorkOrderRequest>,
+    ) -> Result<Response<ReassignWorkOrderResponse>, Status> {
+        let caller = worker(&request)?;
+        let r = request.into_inner();
+        if r.team.trim().is_empty() && r.assignee.trim().is_empty() {
+            return Err(invalid_argument(&[Violation::new("team", "team or assignee must be set")]));
+        }
+        let change = Change { action: Action::Reassign, expected_version: r.expected_version, actor: &caller.name, note: "" };
+        let work_order = self
+            .change(&caller, &r.work_order_id, change, |wo| {
+                if !r.team.trim().is_empty() {
+                    wo.team = r.team.trim().to_owned();
+                }
+                wo.assignee = r.assignee.trim().to_owned();
+            })
+            .await?;
+        Ok(Response::new(ReassignWorkOrderResponse { work_order: Some(work_order) }))
+    }
+
+    async fn reopen_work_order(
+        &self,
+        request: Request<ReopenWorkOrderRequest>,
+    ) -> Result<Response<ReopenWorkOrderResponse>, Status> {
+        let caller = worker(&request)?;
+        let r = request.into_inner();
+        check_note("reason", &r.reason, false)?;
+        let change = Change { action: Action::Reopen, expected_version: r.expected_version, actor: &caller.name, note: &r.reason };
+        let work_order = self
+            .change(&caller, &r.work_order_id, change, |wo| {
+                wo.resolved_at = None;
+            })
+            .await?;
+        Ok(Response::new(ReopenWorkOrderResponse { work_order: Some(work_order) }))
+    }
+
+    type WatchWorkOrdersStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<WatchWorkOrdersResponse, Status>> + Send>>;
+
+    async fn watch_work_orders(
+        &self,
+        request: Request<WatchWorkOrdersRequest>,
+    ) -> Result<Response<Self::WatchWorkOrdersStream>, Status> {
+        reader(&request)?;
+        Err(Status::unimplemented("WatchWorkOrders arrives with the dispatch issue"))
+    }
+}

@@ -1,0 +1,112 @@
+//! The work-order state machine: which action may move a work order from which state.
+
+use closedloop_proto::v1::{WorkOrderEventKind, WorkOrderState};
+
+/// Something done to a work order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Accept,
+    Reply,
+    Resolve,
+    Close,
+    Reopen,
+    Escalate,
+    Reassign,
+}
+
+impl Action {
+    /// The event kind this action emits.
+    pub fn event_kind(self) -> WorkOrderEventKind {
+        match self {
+            Action::Accept => WorkOrderEventKind::Accepted,
+            Action::Reply => WorkOrderEventKind::Replied,
+            Action::Resolve => WorkOrderEventKind::Resolved,
+            Action::Close => WorkOrderEventKind::Closed,
+            Action::Reopen => WorkOrderEventKind::Reopened,
+            Action::Escalate => WorkOrderEventKind::Escalated,
+            Action::Reassign => WorkOrderEventKind::Reassigned,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {action:?} a work order that is {from:?}")]
+pub struct InvalidTransition {
+    pub from: WorkOrderState,
+    pub action: Action,
+}
+
+/// Whether work on it is still going on.
+pub fn is_open(state: WorkOrderState) -> bool {
+    use WorkOrderState::*;
+    matches!(state, New | Assigned | InProgress | PendingCustomer | Reopened)
+}
+
+/// The state after `action`, or why it is not allowed.
+pub fn next_state(from: WorkOrderState, action: Action) -> Result<WorkOrderState, InvalidTransition> {
+    use WorkOrderState::*;
+    let to = match (action, from) {
+        (Action::Accept, New | Assigned | Reopened) => InProgress,
+        (Action::Reply, s) if is_open(s) => s,
+        (Action::Escalate, s) if is_open(s) => s,
+        (Action::Resolve, s) if is_open(s) => Resolved,
+        (Action::Reassign, s) if is_open(s) => Assigned,
+        (Action::Close, Resolved) => Closed,
+        (Action::Reopen, Resolved | Closed) => Reopened,
+        _ => return Err(InvalidTransition { from, action }),
+    };
+    Ok(to)
+}
+
+/// The lower-case event name used in subjects (`closedloop.workorder.<name>.<tenant>`).
+pub fn event_name(kind: WorkOrderEventKind) -> &'static str {
+    match kind {
+        WorkOrderEventKind::Unspecified => "unspecified",
+        WorkOrderEventKind::Created => "created",
+        WorkOrderEventKind::Assigned => "assigned",
+        WorkOrderEventKind::Accepted => "accepted",
+        WorkOrderEventKind::Replied => "replied",
+        WorkOrderEventKind::Resolved => "resolved",
+        WorkOrderEventKind::Closed => "closed",
+        WorkOrderEventKind::Reopened => "reopened",
+        WorkOrderEventKind::Escalated => "escalated",
+        WorkOrderEventKind::Reassigned => "reassigned",
+        WorkOrderEventKind::Merged => "merged",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use WorkOrderState::*;
+
+    #[test]
+    fn the_happy_path() {
+        let s = next_state(New, Action::Accept).expect("accept");
+        assert_eq!(s, InProgress);
+        let s = next_state(s, Action::Resolve).expect("resolve");
+        assert_eq!(s, Resolved);
+        assert_eq!(next_state(s, Action::Close), Ok(Closed));
+        assert_eq!(next_state(Closed, Action::Reopen), Ok(Reopened));
+        assert_eq!(next_state(Reopened, Action::Resolve), Ok(Resolved));
+    }
+
+    #[test]
+    fn closed_work_cannot_be_worked_on() {
+        for action in [Action::Accept, Action::Reply, Action::Resolve, Action::Escalate, Action::Reassign] {
+            assert!(next_state(Closed, action).is_err(), "{action:?} on closed");
+            assert!(next_state(Resolved, action).is_err(), "{action:?} on resolved");
+        }
+        assert_eq!(
+            next_state(New, Action::Close),
+            Err(InvalidTransition { from: New, action: Action::Close })
+        );
+        assert!(next_state(InProgress, Action::Reopen).is_err());
+    }
+
+    #[test]
+    fn replies_keep_the_state() {
+        assert_eq!(next_state(PendingCustomer, Action::Reply), Ok(PendingCustomer));
+        assert_eq!(next_state(InProgress, Action::Reassign), Ok(Assigned));
+    }
+}

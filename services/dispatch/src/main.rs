@@ -1,0 +1,16 @@
+//! `closedloop-dispatch`: flags and environment in, the service out.
+
+use clap::Parser;
+use closedloop_dispatch::{Config, Dispatch};
+use closedloop_runtime::{shutdown, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    let _telemetry = telemetry::init("dispatch", &config.telemetry)?;
+    tracing::info!(?config, "starting dispatch");
+    let cancel = shutdown::on_signal();
+    let dispatch = Dispatch::build(config, &cancel).await?;
+    tracing::info!(grpc = %dispatch.grpc_addr()?, "dispatch listening");
+    dispatch.run(cancel).await
+}

@@ -1,0 +1,320 @@
+//! The event bus: JetStream streams, subjects and publishing.
+//!
+//! Subjects are `closedloop.<entity>.<event>.<tenant>`. Every event carries `Nats-Msg-Id`
+//! (deterministic, so a re-publish after a crash is dropped by the stream), CloudEvents
+//! binary-mode headers, `content-type: application/protobuf` and W3C `traceparent`.
+//! A publish returns only after JetStream's PubAck; batches pipeline their acks.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage, publish::PublishAck, stream};
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::NatsArgs;
+
+/// One kind of event: where it is published and what CloudEvents type it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Topic {
+    pub entity: &'static str,
+    pub event: &'static str,
+}
+
+impl Topic {
+    pub const fn new(entity: &'static str, event: &'static str) -> Self {
+        Self { entity, event }
+    }
+    /// The subject for one tenant.
+    pub fn subject(&self, tenant: &str) -> String {
+        format!("closedloop.{}.{}.{}", self.entity, self.event, tenant)
+    }
+    /// A filter matching this event for every tenant.
+    pub fn all_tenants(&self) -> String {
+        format!("closedloop.{}.{}.*", self.entity, self.event)
+    }
+    /// The CloudEvents `ce-type`.
+    pub fn cloudevents_type(&self) -> String {
+        format!("closedloop.{}.{}.v1", self.entity, self.event)
+    }
+}
+
+pub const COMPLAINT_RECEIVED: Topic = Topic::new("complaint", "received");
+pub const COMPLAINT_CLASSIFIED: Topic = Topic::new("complaint", "classified");
+pub const NOTIFICATION_DELIVERED: Topic = Topic::new("notification", "delivered");
+pub const NOTIFICATION_FAILED: Topic = Topic::new("notification", "failed");
+pub const FEEDBACK_RECEIVED: Topic = Topic::new("feedback", "received");
+
+/// Work-order events: `event` is the lower-case kind (`created`, `resolved`, ...).
+pub const fn work_order_topic(event: &'static str) -> Topic {
+    Topic::new("workorder", event)
+}
+
+/// Filter for every work-order event of every tenant.
+pub const ALL_WORK_ORDER_EVENTS: &str = "closedloop.workorder.>";
+
+/// The streams Closedloop provisions, each owning one entity's subjects.
+pub const STREAMS: [(&str, &str); 5] = [
+    (COMPLAINTS_STREAM, "closedloop.complaint.>"),
+    (WORK_ORDERS_STREAM, "closedloop.workorder.>"),
+    (NOTIFICATIONS_STREAM, "closedloop.notification.>"),
+    (FEEDBACK_STREAM, "closedloop.feedback.>"),
+    (DEAD_LETTER_STREAM, "closedloop.deadletter.>"),
+];
+pub const COMPLAINTS_STREAM: &str = "CLOSEDLOOP_COMPLAINTS";
+pub const WORK_ORDERS_STREAM: &str = "CLOSEDLOOP_WORKORDERS";
+pub const NOTIFICATIONS_STREAM: &str = "CLOSEDLOOP_NOTIFICATIONS";
+pub const FEEDBACK_STREAM: &str = "CLOSEDLOOP_FEEDBACK";
+pub const DEAD_LETTER_STREAM: &str = "CLOSEDLOOP_DEADLETTER";
+
+/// Headers of a dead-lettered event.
+pub mod dead_letter_headers {
+    pub const REASON: &str = "Closedloop-Dead-Letter-Reason";
+    pub const SUBJECT: &str = "Closedloop-Original-Subject";
+    pub const STREAM_SEQUENCE: &str = "Closedloop-Original-Sequence";
+    pub const CONSUMER: &str = "Closedloop-Consumer";
+    pub const DELIVERIES: &str = "Closedloop-Deliveries";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot provision stream {stream}: {source}")]
+    Provision {
+        stream: String,
+        #[source]
+        source: jetstream::context::CreateStreamError,
+    },
+    #[error("publish to JetStream failed: {0}")]
+    Publish(#[from] jetstream::context::PublishError),
+}
+
+impl BusError {
+    /// True when JetStream refused for lack of room (stream limits), rather than being away.
+    pub fn is_storage_full(&self) -> bool {
+        let text = self.to_string().to_ascii_lowercase();
+        text.contains("maximum") || text.contains("insufficient") || text.contains("limit")
+    }
+}
+
+/// An event ready to publish.
+#[derive(Debug, Clone)]
+pub struct OutgoingEvent {
+    pub subject: String,
+    /// `Nats-Msg-Id` and `ce-id`: deterministic per event.
+    pub id: String,
+    /// CloudEvents `ce-type`.
+    pub event_type: String,
+    /// Encoded protobuf message.
+    pub payload: Bytes,
+    /// When the event happened (`ce-time`).
+    pub time: DateTime<Utc>,
+    /// Trace context captured when the event was decided (e.g. stored with an outbox row);
+    /// `None` takes the current span's.
+    pub trace_headers: Option<HashMap<String, String>>,
+}
+
+impl OutgoingEvent {
+    pub fn new(topic: Topic, tenant: &str, id: impl Into<String>, message: &impl prost::Message) -> Self {
+        Self {
+            subject: topic.subject(tenant),
+            id: id.into(),
+            event_type: topic.cloudevents_type(),
+            payload: Bytes::from(message.encode_to_vec()),
+            time: Utc::now(),
+            trace_headers: None,
+        }
+    }
+}
+
+/// Stream settings from configuration.
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    pub max_age: Duration,
+    pub duplicate_window: Duration,
+    pub replicas: usize,
+}
+
+impl From<&NatsArgs> for StreamSettings {
+    fn from(args: &NatsArgs) -> Self {
+        Self {
+            max_age: Duration::from_secs(args.stream_max_age_hours * 3600),
+            duplicate_window: Duration::from_secs(args.duplicate_window_secs),
+            replicas: args.stream_replicas,
+        }
+    }
+}
+
+/// A connection to NATS with its JetStream context. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Bus {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    /// CloudEvents `ce-source` of everything this service publishes.
+    source: String,
+}
+
+impl Bus {
+    /// Connects, retrying with backoff until NATS answers or `cancel` fires.
+    pub async fn connect(url: &str, source: &str, cancel: &CancellationToken) -> Result<Self, BusError> {
+        let mut delay = Duration::from_millis(100);
+        let client = loop {
+            let options = async_nats::ConnectOptions::new()
+                .name(source)
+                .connection_timeout(Duration::from_secs(5));
+            let error = match options.connect(url).await {
+                Ok(client) => break client,
+                Err(error) => error,
+            };
+            tracing::warn!(url, %error, "NATS not reachable yet; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.cancelled() => {
+                    return Err(BusError::Connect { url: url.to_owned(), source: error });
+                }
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        };
+        let jetstream = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .build(client.clone());
+        Ok(Self {
+            client,
+            jetstream,
+            source: format!("closedloop/{source}"),
+        })
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.jetstream
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// Creates the streams, or updates them to the configured settings. Every service
+    /// calls this at start; it is idempotent, so replicas may race.
+    pub async fn provision(&self, settings: &StreamSettings) -> Result<(), BusError> {
+        for (name, subjects) in STREAMS {
+            let config = stream::Config {
+                name: name.to_owned(),
+                subjects: vec![subjects.to_owned()],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                max_age: settings.max_age,
+                duplicate_window: settings.duplicate_window,
+                num_replicas: settings.replicas,
+                discard: stream::DiscardPolicy::Old,
+                ..Default::default()
+            };
+            self.jetstream
+                .create_or_update_stream(config)
+                .await
+                .map_err(|source| BusError::Provision { stream: name.to_owned(), source })?;
+        }
+        Ok(())
+    }
+
+    fn headers(&self, event: &OutgoingEvent) -> async_nats::HeaderMap {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", event.id.as_str());
+        headers.insert("ce-specversion", "1.0");
+        headers.insert("ce-id", event.id.as_str());
+        headers.insert("ce-type", event.event_type.as_str());
+        headers.insert("ce-source", self.source.as_str());
+        headers.insert(
+            "ce-time",
+            event.time.to_rfc3339_opts(SecondsFormat::Millis, true).as_str(),
+        );
+        headers.insert("content-type", "application/protobuf");
+        match &event.trace_headers {
+            Some(trace) => {
+                for (key, value) in trace {
+                    headers.insert(key.as_str(), value.as_str());
+                }
+            }
+            None => crate::telemetry::inject_into_nats(&mut headers),
+        }
+        headers
+    }
+
+    /// Publishes one event and waits for JetStream to store it.
+    pub async fn publish(&self, event: OutgoingEvent) -> Result<PublishAck, BusError> {
+        let headers = self.headers(&event);
+        let ack = self
+            .jetstream
+            .send_publish(event.subject, PublishMessage::build().payload(event.payload).headers(headers))
+            .await?;
+        Ok(ack.await?)
+    }
+
+    /// Publishes many events with pipelined acks: all are sent, then all acks awaited.
+    /// Results are in input order; one failure does not stop the others.
+    pub async fn publish_all(&self, events: Vec<OutgoingEvent>) -> Vec<Result<PublishAck, BusError>> {
+        let mut pending = Vec::with_capacity(events.len());
+        for event in events {
+            let headers = self.headers(&event);
+            let sent = self
+                .jetstream
+                .send_publish(event.subject, PublishMessage::build().payload(event.payload).headers(headers))
+                .await;
+            pending.push(sent);
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        for sent in pending {
+            results.push(match sent {
+                Ok(ack) => ack.await.map_err(BusError::from),
+                Err(error) => Err(error.into()),
+            });
+        }
+        results
+    }
+
+    /// Parks an event that cannot be handled in the dead-letter stream, with the reason.
+    pub async fn dead_letter(
+        &self,
+        message: &jetstream::Message,
+        consumer: &str,
+        reason: &str,
+    ) -> Result<PublishAck, BusError> {
+        use dead_letter_headers as h;
+        let (sequence, deliveries) = message
+            .info()
+            .map(|info| (info.stream_sequence, info.delivered))
+            .unwrap_or_default();
+        let mut headers = message.headers.clone().unwrap_or_default();
+        headers.insert("Nats-Msg-Id", format!("deadletter-{consumer}-{sequence}").as_str());
+        headers.insert(h::REASON, reason);
+        headers.insert(h::SUBJECT, message.subject.as_str());
+        headers.insert(h::STREAM_SEQUENCE, sequence.to_string().as_str());
+        headers.insert(h::CONSUMER, consumer);
+        headers.insert(h::DELIVERIES, deliveries.to_string().as_str());
+        let ack = self
+            .jetstream
+            .send_publish(
+                format!("closedloop.deadletter.{consumer}"),
+                PublishMessage::build().payload(message.payload.clone()).headers(headers),
+            )
+            .await?;
+        Ok(ack.await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_follow_the_naming_scheme() {
+        assert_eq!(COMPLAINT_RECEIVED.subject("acme"), "closedloop.complaint.received.acme");
+        assert_eq!(COMPLAINT_RECEIVED.all_tenants(), "closedloop.complaint.received.*");
+        assert_eq!(work_order_topic("resolved").cloudevents_type(), "closedloop.workorder.resolved.v1");
+    }
+}

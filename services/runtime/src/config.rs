@@ -1,0 +1,123 @@
+//! Configuration shared by the services, read from flags and environment variables
+//! (12-factor). Each service flattens these groups into its own `Config`.
+//!
+//! Secrets live in [`Secret`], whose `Debug` never prints the value, so a config can be
+//! logged whole at start.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::auth::TokenTable;
+
+/// A value that must never reach a log: `Debug` prints `[redacted]`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    pub fn new(value: T) -> Self {
+        Self(value)
+    }
+    /// The secret itself; call only where it is used, never to log.
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl<T: FromStr> FromStr for Secret<T> {
+    type Err = T::Err;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(Secret)
+    }
+}
+
+/// Where NATS is and how the streams are provisioned.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "CLOSEDLOOP_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// How long streams keep events (hours).
+    #[arg(long, env = "CLOSEDLOOP_STREAM_MAX_AGE_HOURS", default_value_t = 168)]
+    pub stream_max_age_hours: u64,
+    /// Window in which JetStream drops a re-published event with the same Nats-Msg-Id
+    /// (seconds). Beyond it, idempotency is the database's job.
+    #[arg(long, env = "CLOSEDLOOP_DUPLICATE_WINDOW_SECS", default_value_t = 600)]
+    pub duplicate_window_secs: u64,
+    /// Stream replicas: 1 for a single server, 3 for a cluster that survives a node loss.
+    #[arg(long, env = "CLOSEDLOOP_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+    /// Deliveries of one event before it is parked in the dead-letter stream.
+    #[arg(long, env = "CLOSEDLOOP_MAX_DELIVER", default_value_t = 5)]
+    pub max_deliver: i64,
+    /// Events one replica handles at once.
+    #[arg(long, env = "CLOSEDLOOP_CONSUMER_CONCURRENCY", default_value_t = 64)]
+    pub consumer_concurrency: usize,
+    /// Seconds JetStream waits for an ack before redelivering; above the slowest handler.
+    #[arg(long, env = "CLOSEDLOOP_ACK_WAIT_SECS", default_value_t = 30)]
+    pub ack_wait_secs: u64,
+    /// First retry delay after a transient failure (milliseconds); doubles per delivery.
+    #[arg(long, env = "CLOSEDLOOP_RETRY_BASE_MS", default_value_t = 500)]
+    pub retry_base_ms: u64,
+}
+
+impl NatsArgs {
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_secs(self.ack_wait_secs)
+    }
+    pub fn retry_base(&self) -> Duration {
+        Duration::from_millis(self.retry_base_ms)
+    }
+}
+
+/// The gRPC front of a service (the listen address is per service, in its own config).
+#[derive(Debug, Clone, clap::Args)]
+pub struct GrpcArgs {
+    /// Bearer tokens accepted, as `tenant:role[,role]:sha256-of-token[:name]` entries separated
+    /// by `;` or newlines. Only hashes are configured; see the README for making one.
+    #[arg(long, env = "CLOSEDLOOP_AUTH_TOKENS", default_value = "")]
+    pub auth_tokens: TokenTable,
+    /// Largest request accepted, in bytes; larger ones are refused before decoding.
+    #[arg(long, env = "CLOSEDLOOP_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_request_bytes: usize,
+    /// Seconds to finish in-flight work after SIGTERM before giving up.
+    #[arg(long, env = "CLOSEDLOOP_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    pub shutdown_grace_secs: u64,
+}
+
+/// PostgreSQL, for the services that keep records.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL, e.g. postgres://user:password@host:5432/closedloop.
+    #[arg(long, env = "CLOSEDLOOP_DATABASE_URL")]
+    pub database_url: Secret<String>,
+    /// Connections in the pool.
+    #[arg(long, env = "CLOSEDLOOP_DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
+    pub database_max_connections: u32,
+}
+
+/// Logs and traces.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TelemetryArgs {
+    /// `json` for machines, `pretty` for a terminal.
+    #[arg(long, env = "CLOSEDLOOP_LOG_FORMAT", default_value = "json")]
+    pub log_format: LogFormat,
+    /// Log filter in `RUST_LOG` syntax.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_filter: String,
+    /// OTLP/gRPC collector endpoint; traces are exported only when set.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}

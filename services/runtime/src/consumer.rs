@@ -1,0 +1,225 @@
+//! The consume loop every service runs on its durable pull consumers.
+//!
+//! All replicas of a service bind the same durable name, so JetStream shares the work
+//! among them. A semaphore permit is taken *before* the next message is pulled: that is
+//! the backpressure. Outcomes: success → ack; [`HandleError::Retry`] → nak with a delay
+//! that doubles per delivery; [`HandleError::Reject`], or a retry on the last allowed
+//! delivery → park in the dead-letter stream with the reason, then terminate. On
+//! cancellation the loop stops pulling and waits for in-flight messages to finish.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::bus::Bus;
+use crate::config::NatsArgs;
+
+/// How a handler failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// Might work later (database away, gateway down): redeliver with backoff.
+    #[error("transient failure: {0:#}")]
+    Retry(#[source] anyhow::Error),
+    /// Can never work (undecodable, invalid): dead-letter it now.
+    #[error("rejected: {0}")]
+    Reject(String),
+}
+
+impl HandleError {
+    pub fn retry(error: impl Into<anyhow::Error>) -> Self {
+        Self::Retry(error.into())
+    }
+    pub fn reject(reason: impl Into<String>) -> Self {
+        Self::Reject(reason.into())
+    }
+}
+
+/// Decodes a protobuf payload, rejecting (dead-lettering) what does not decode.
+pub fn decode<M: prost::Message + Default>(message: &jetstream::Message) -> Result<M, HandleError> {
+    M::decode(message.payload.as_ref())
+        .map_err(|error| HandleError::reject(format!("undecodable payload on {}: {error}", message.subject)))
+}
+
+/// Handles one event. Must be idempotent: any event may arrive more than once.
+pub trait MessageHandler: Send + Sync + 'static {
+    fn handle(&self, message: &jetstream::Message) -> impl Future<Output = Result<(), HandleError>> + Send;
+}
+
+/// Which events a consumer reads and how it treats them.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    pub stream: &'static str,
+    /// Durable name shared by all replicas of the service.
+    pub durable: String,
+    pub filter_subjects: Vec<String>,
+    pub max_deliver: i64,
+    pub ack_wait: Duration,
+    /// Messages handled at once by this replica.
+    pub concurrency: usize,
+    pub retry_base: Duration,
+}
+
+impl ConsumerSpec {
+    pub fn new(stream: &'static str, durable: &str, filter_subjects: Vec<String>, args: &NatsArgs) -> Self {
+        Self {
+            stream,
+            durable: durable.to_owned(),
+            filter_subjects,
+            max_deliver: args.max_deliver.max(1),
+            ack_wait: args.ack_wait(),
+            concurrency: args.consumer_concurrency.max(1),
+            retry_base: args.retry_base(),
+        }
+    }
+
+    fn pull_config(&self) -> pull::Config {
+        pull::Config {
+            durable_name: Some(self.durable.clone()),
+            filter_subjects: self.filter_subjects.clone(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            // One more than we use ourselves: the loop dead-letters on the last delivery, so
+            // JetStream's own limit is only a backstop.
+            max_deliver: self.max_deliver + 1,
+            // Across all replicas; enough for each to keep its semaphore busy.
+            max_ack_pending: (self.concurrency as i64 * 16).max(256),
+            ..Default::default()
+        }
+    }
+}
+
+/// Delay before redelivery after the `delivered`-th failed attempt.
+pub fn retry_delay(base: Duration, delivered: i64) -> Duration {
+    let exponent = u32::try_from(delivered.saturating_sub(1)).unwrap_or(0).min(16);
+    base.saturating_mul(1 << exponent).min(Duration::from_secs(60))
+}
+
+/// Runs until `cancel` fires, then drains in-flight messages. Rebuilds the consumer with
+/// backoff when NATS or the stream is unavailable.
+pub async fn run<H: MessageHandler>(bus: Bus, spec: ConsumerSpec, handler: Arc<H>, cancel: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(spec.concurrency));
+    let mut in_flight = JoinSet::new();
+    let mut backoff = Duration::from_millis(100);
+    'rebuild: while !cancel.is_cancelled() {
+        let mut messages = match open(&bus, &spec).await {
+            Ok(messages) => {
+                backoff = Duration::from_millis(100);
+                messages
+            }
+            Err(error) => {
+                tracing::warn!(consumer = %spec.durable, %error, "cannot open consumer; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = cancel.cancelled() => break 'rebuild,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            let permit = tokio::select! {
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break 'rebuild,
+                },
+                _ = cancel.cancelled() => break 'rebuild,
+            };
+            let next = tokio::select! {
+                next = messages.next() => next,
+                _ = cancel.cancelled() => break 'rebuild,
+            };
+            match next {
+                Some(Ok(message)) => {
+                    let handler = handler.clone();
+                    let bus = bus.clone();
+                    let spec = spec.clone();
+                    in_flight.spawn(async move {
+                        process(&bus, &spec, handler.as_ref(), message).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(consumer = %spec.durable, %error, "pull failed; reopening");
+                    continue 'rebuild;
+                }
+                None => continue 'rebuild,
+            }
+            while in_flight.try_join_next().is_some() {}
+        }
+    }
+    while in_flight.join_next().await.is_some() {}
+    tracing::info!(consumer = %spec.durable, "consumer stopped");
+}
+
+async fn open(bus: &Bus, spec: &ConsumerSpec) -> anyhow::Result<pull::Stream> {
+    let consumer: jetstream::consumer::Consumer<pull::Config> = bus
+        .jetstream()
+        .create_consumer_on_stream(spec.pull_config(), spec.stream)
+        .await?;
+    // Pull no more than we can work on, so unstarted messages are not held from other replicas.
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(spec.concurrency)
+        .messages()
+        .await?;
+    Ok(messages)
+}
+
+async fn process<H: MessageHandler>(bus: &Bus, spec: &ConsumerSpec, handler: &H, message: jetstream::Message) {
+    let span = tracing::info_span!("consume", consumer = %spec.durable, subject = %message.subject);
+    crate::telemetry::follow_from_nats(&span, message.headers.as_ref());
+    async {
+        let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+        let outcome = handler.handle(&message).await;
+        let ack = match outcome {
+            Ok(()) => AckKind::Ack,
+            Err(HandleError::Retry(error)) if delivered < spec.max_deliver => {
+                let delay = retry_delay(spec.retry_base, delivered);
+                tracing::warn!(error = format!("{error:#}"), delivered, ?delay, "handler failed; will retry");
+                AckKind::Nak(Some(delay))
+            }
+            Err(error) => {
+                let reason = match &error {
+                    HandleError::Retry(e) => format!("gave up after {delivered} deliveries: {e:#}"),
+                    HandleError::Reject(reason) => reason.clone(),
+                };
+                tracing::error!(%reason, delivered, "parking event in the dead-letter stream");
+                match bus.dead_letter(&message, &spec.durable, &reason).await {
+                    Ok(_) => AckKind::Term,
+                    Err(publish_error) => {
+                        tracing::error!(%publish_error, "dead-letter publish failed; will redeliver");
+                        AckKind::Nak(Some(spec.retry_base))
+                    }
+                }
+            }
+        };
+        if let Err(error) = message.ack_with(ack).await {
+            // The event will be redelivered after ack_wait; handlers are idempotent.
+            tracing::warn!(%error, "acknowledgement failed");
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_and_is_capped() {
+        let base = Duration::from_millis(500);
+        assert_eq!(retry_delay(base, 1), Duration::from_millis(500));
+        assert_eq!(retry_delay(base, 2), Duration::from_secs(1));
+        assert_eq!(retry_delay(base, 4), Duration::from_secs(4));
+        assert_eq!(retry_delay(base, 40), Duration::from_secs(60));
+        assert_eq!(retry_delay(base, 0), Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,65 @@
+//! PostgreSQL: a pool whose connections work in the service's own schema, with the
+//! service's embedded migrations applied at start. Schemas keep services that share one
+//! database (as in docker compose) from touching each other's tables or migration history.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Executor, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DatabaseArgs;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid database URL: {0}")]
+    Url(#[source] sqlx::Error),
+    #[error("schema name {0:?} must be lower-case ASCII letters and underscores")]
+    Schema(String),
+    #[error("cannot reach PostgreSQL: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Connects (retrying until PostgreSQL answers or `cancel` fires), creates `schema`, and
+/// applies `migrator` in it. Migrations take an advisory lock, so replicas may race.
+pub async fn connect(
+    args: &DatabaseArgs,
+    schema: &'static str,
+    migrator: &Migrator,
+    cancel: &CancellationToken,
+) -> Result<PgPool, DbError> {
+    if schema.is_empty() || !schema.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+        return Err(DbError::Schema(schema.to_owned()));
+    }
+    let base = PgConnectOptions::from_str(args.database_url.expose()).map_err(DbError::Url)?;
+    let options = base.clone().options([("search_path", schema)]);
+    let mut delay = Duration::from_millis(100);
+    let pool = loop {
+        let attempt = async {
+            let pool = PgPoolOptions::new()
+                .max_connections(args.database_max_connections.max(1))
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options.clone())
+                .await?;
+            pool.execute(format!("CREATE SCHEMA IF NOT EXISTS {schema}").as_str())
+                .await?;
+            Ok::<_, sqlx::Error>(pool)
+        };
+        let error = match attempt.await {
+            Ok(pool) => break pool,
+            Err(error) => error,
+        };
+        tracing::warn!(%error, "PostgreSQL not reachable yet; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = cancel.cancelled() => return Err(DbError::Connect(error)),
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    };
+    migrator.run(&pool).await?;
+    Ok(pool)
+}

@@ -1,0 +1,18 @@
+//! What every Closedloop service needs once: configuration, telemetry, the JetStream bus
+//! (streams, publishing, the consume loop with its dead-letter stream), the gRPC server
+//! bootstrap with auth, health and reflection, PostgreSQL, ids and shutdown.
+//!
+//! Services stay thin: they hold their domain logic and wire it to these edges.
+
+pub mod auth;
+pub mod bus;
+pub mod config;
+pub mod consumer;
+pub mod db;
+pub mod grpc;
+pub mod ids;
+pub mod shutdown;
+pub mod telemetry;
+pub mod time;
+
+pub use config::Secret;
