@@ -1,0 +1,16 @@
+//! `closedloop-notify`: flags and environment in, the service out.
+
+use clap::Parser;
+use closedloop_notify::{Config, Notify};
+use closedloop_runtime::{shutdown, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    let _telemetry = telemetry::init("notify", &config.telemetry)?;
+    tracing::info!(?config, "starting notify");
+    let cancel = shutdown::on_signal();
+    let notify = Notify::build(config, &cancel).await?;
+    tracing::info!(grpc = %notify.grpc_addr()?, "notify listening");
+    notify.run(cancel).await
+}
