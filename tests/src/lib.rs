@@ -1,1 +1,49 @@
-//! placeholder
+//! The harness for end-to-end tests and the local launcher: starts a real `nats-server`
+//! (JetStream on) and a real PostgreSQL on free ports in temporary directories, a webhook
+//! receiver standing in for channel gateways, and the four services in process — the same
+//! library code their binaries run.
+
+pub mod servers;
+pub mod system;
+pub mod webhook;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Waits until `probe` yields a value, checking every 20 ms, or fails after `timeout`
+/// with `what` in the message. Tests wait on conditions, never on fixed sleeps.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `condition` holds; see [`wait_for`].
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    wait_for(what, timeout, || {
+        let check = condition();
+        async move { check.await.then_some(()) }
+    })
+    .await
+}
+
+/// A free TCP port on loopback (bound, read, released).
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}

@@ -1,0 +1,259 @@
+//! Real servers for tests: `nats-server` with JetStream and PostgreSQL, each in its own
+//! directory on a free port. Each runs under a small shell guard that stops the server and
+//! removes its directory when our end of its stdin closes — which happens however this
+//! process ends, so a panicking or killed test leaves nothing running.
+//!
+//! PostgreSQL refuses to run as root; when we are root it runs as the `postgres` user.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::free_port;
+
+/// A server process that stops when dropped (or when this process exits).
+struct Guarded {
+    child: Child,
+    /// Closing it tells the guard to stop the server.
+    stdin: Option<ChildStdin>,
+}
+
+impl Guarded {
+    /// Runs `command` under the guard. `cleanup_dir` is removed after the server stops.
+    fn spawn(run_as: Option<&str>, command: &str, log: &Path, cleanup_dir: Option<&Path>) -> anyhow::Result<Self> {
+        let cleanup = cleanup_dir.map(|d| format!("rm -rf '{}'", d.display())).unwrap_or_default();
+        let script = format!(
+            "{command} >>'{log}' 2>&1 & pid=$!\nread _ignored\nkill -INT $pid 2>/dev/null\nwait $pid\n{cleanup}",
+            log = log.display()
+        );
+        let mut cmd = match run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--", "sh", "-c", &script]);
+                c
+            }
+            None => {
+                let mut c = Command::new("sh");
+                c.args(["-c", &script]);
+                c
+            }
+        };
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {command}"))?;
+        let stdin = child.stdin.take();
+        Ok(Self { child, stdin })
+    }
+
+    /// Stops the server and waits until its guard has exited.
+    fn stop(&mut self) {
+        self.stdin.take();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn find_binary(name: &str, env_override: &str, extra_dirs: &[PathBuf]) -> anyhow::Result<PathBuf> {
+    if let Ok(path) = std::env::var(env_override) {
+        return Ok(PathBuf::from(path));
+    }
+    let path_dirs = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    for dir in path_dirs.iter().chain(extra_dirs) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!("`{name}` not found on PATH (or set {env_override}); run scripts/install-deps.sh")
+}
+
+fn wait_for_port(port: u16, timeout: Duration, what: &str, log: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            bail!("{what} did not listen on {port} within {timeout:?}; log:\n{tail}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// A `nats-server` with JetStream, its store in a temporary directory.
+pub struct NatsServer {
+    pub port: u16,
+    store: tempfile::TempDir,
+    process: Option<Guarded>,
+}
+
+impl NatsServer {
+    pub fn start() -> anyhow::Result<Self> {
+        let store = tempfile::Builder::new().prefix("closedloop-nats-").tempdir()?;
+        let mut server = Self { port: free_port()?, store, process: None };
+        server.resume()?;
+        Ok(server)
+    }
+
+    /// Starts it again on the same port and store (after [`NatsServer::stop`]).
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        let binary = find_binary("nats-server", "NATS_SERVER_BIN", &[])?;
+        let log = self.store.path().join("nats.log");
+        let command = format!(
+            "'{}' -js -a 127.0.0.1 -p {} -sd '{}'",
+            binary.display(),
+            self.port,
+            self.store.path().join("jetstream").display()
+        );
+        self.process = Some(Guarded::spawn(None, &command, &log, None)?);
+        wait_for_port(self.port, Duration::from_secs(20), "nats-server", &log)
+    }
+
+    /// Stops the server (the store is kept).
+    pub fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.stop();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+/// A PostgreSQL cluster in a temporary directory, trust auth for `postgres` on loopback.
+pub struct Postgres {
+    pub port: u16,
+    _process: Guarded,
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn postgres_bin_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|entries| entries.flatten().map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    dirs.sort();
+    dirs.reverse(); // newest major version first
+    dirs
+}
+
+impl Postgres {
+    /// Starts a cluster in `data_dir` (initialising it if empty) on `port`. With
+    /// `remove_when_done`, the directory goes when the server stops.
+    pub fn start_in(data_dir: &Path, port: u16, remove_when_done: bool) -> anyhow::Result<Self> {
+        let extra = postgres_bin_dirs();
+        let initdb = find_binary("initdb", "CLOSEDLOOP_INITDB", &extra)?;
+        let postgres = find_binary("postgres", "CLOSEDLOOP_POSTGRES", &extra)?;
+        let run_as = running_as_root().then_some("postgres");
+        std::fs::create_dir_all(data_dir)?;
+        if let Some(user) = run_as {
+            let status = Command::new("chown")
+                .args(["-R", &format!("{user}:"), &data_dir.display().to_string()])
+                .status()
+                .context("chown of the PostgreSQL directory")?;
+            if !status.success() {
+                bail!("cannot hand {} to the {user} user (does the user exist?)", data_dir.display());
+            }
+        }
+        let cluster = data_dir.join("cluster");
+        let log = data_dir.join("postgres.log");
+        if !cluster.join("PG_VERSION").exists() {
+            let mut cmd = match run_as {
+                Some(user) => {
+                    let mut c = Command::new("runuser");
+                    c.args(["-u", user, "--"]).arg(&initdb);
+                    c
+                }
+                None => Command::new(&initdb),
+            };
+            let out = cmd
+                .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C", "-D"])
+                .arg(&cluster)
+                .output()
+                .context("running initdb")?;
+            if !out.status.success() {
+                bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        // Durability settings off: test data is thrown away, and this keeps tests fast.
+        let command = format!(
+            "'{}' -D '{}' -p {port} -k '{}' -c listen_addresses=127.0.0.1 -c max_connections=300 \
+             -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            postgres.display(),
+            cluster.display(),
+            data_dir.display(),
+        );
+        let cleanup = remove_when_done.then_some(data_dir);
+        let process = Guarded::spawn(run_as, &command, &log, cleanup)?;
+        let server = Self { port, _process: process };
+        server.wait_ready(&log)?;
+        Ok(server)
+    }
+
+    fn wait_ready(&self, log: &Path) -> anyhow::Result<()> {
+        wait_for_port(self.port, Duration::from_secs(60), "postgres", log)?;
+        let pg_isready = find_binary("pg_isready", "CLOSEDLOOP_PG_ISREADY", &postgres_bin_dirs())?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = Command::new(&pg_isready)
+                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("postgres on {} not ready in time", self.port);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// One cluster per test process, shared by its tests; each test takes its own database.
+    pub fn shared() -> anyhow::Result<&'static Postgres> {
+        static SHARED: OnceLock<Mutex<Option<&'static Postgres>>> = OnceLock::new();
+        let slot = SHARED.get_or_init(|| Mutex::new(None));
+        let mut slot = slot.lock().map_err(|_| anyhow::anyhow!("postgres start panicked earlier"))?;
+        if let Some(server) = *slot {
+            return Ok(server);
+        }
+        let dir = tempfile::Builder::new().prefix("closedloop-pg-").tempdir()?.keep();
+        let server: &'static Postgres = Box::leak(Box::new(Postgres::start_in(&dir, free_port()?, true)?));
+        *slot = Some(server);
+        Ok(server)
+    }
+
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Creates a fresh database with a random name and returns its URL.
+    pub async fn create_database(&self) -> anyhow::Result<String> {
+        use sqlx::Connection;
+        let name = format!("test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = sqlx::PgConnection::connect(&self.url("postgres")).await?;
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await?;
+        admin.close().await?;
+        Ok(self.url(&name))
+    }
+}

@@ -1,0 +1,262 @@
+//! The four services, run in process from their libraries, and [`TestEnv`]: a whole
+//! Closedloop on fresh servers for one test.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use closedloop_proto::v1::classify_service_client::ClassifyServiceClient;
+use closedloop_proto::v1::ingest_service_client::IngestServiceClient;
+use closedloop_proto::v1::notification_service_client::NotificationServiceClient;
+use closedloop_proto::v1::work_order_service_client::WorkOrderServiceClient;
+use closedloop_runtime::auth::hash_token;
+use closedloop_runtime::bus;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::servers::{NatsServer, Postgres};
+use crate::wait_until;
+use crate::webhook::WebhookReceiver;
+
+/// Durable consumers in pipeline order, as (stream, durable).
+pub const CONSUMERS: [(&str, &str); 4] = [
+    (bus::COMPLAINTS_STREAM, closedloop_classify::CONSUMER),
+    (bus::COMPLAINTS_STREAM, closedloop_dispatch::CLASSIFIED_CONSUMER),
+    (bus::COMPLAINTS_STREAM, closedloop_notify::CLASSIFIED_CONSUMER),
+    (bus::WORK_ORDERS_STREAM, closedloop_notify::WORK_ORDER_CONSUMER),
+];
+
+/// Where the services connect and listen.
+#[derive(Debug, Clone)]
+pub struct SystemOptions {
+    pub nats_url: String,
+    pub database_url: String,
+    /// `CLOSEDLOOP_AUTH_TOKENS` syntax.
+    pub auth_tokens: String,
+    /// `CLOSEDLOOP_GATEWAYS` syntax.
+    pub gateways: String,
+    pub host: IpAddr,
+    /// Ports for ingest, classify, dispatch, notify; 0 picks free ones.
+    pub ports: [u16; 4],
+    /// First redelivery delay after a transient failure.
+    pub retry_base_ms: u64,
+}
+
+/// The four services running in this process.
+pub struct System {
+    pub ingest: SocketAddr,
+    pub classify: SocketAddr,
+    pub dispatch: SocketAddr,
+    pub notify: SocketAddr,
+    cancel: CancellationToken,
+    tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
+}
+
+fn args(options: &SystemOptions, port: u16, with_database: bool) -> Vec<String> {
+    let mut args = vec![
+        "closedloop".to_owned(),
+        "--listen".to_owned(),
+        SocketAddr::new(options.host, port).to_string(),
+        "--nats-url".to_owned(),
+        options.nats_url.clone(),
+        "--auth-tokens".to_owned(),
+        options.auth_tokens.clone(),
+        "--retry-base-ms".to_owned(),
+        options.retry_base_ms.to_string(),
+    ];
+    if with_database {
+        args.extend(["--database-url".to_owned(), options.database_url.clone()]);
+    }
+    args
+}
+
+impl System {
+    /// Builds all four services (connect, migrate, bind) and runs them.
+    pub async fn start(options: &SystemOptions) -> anyhow::Result<Self> {
+        let cancel = CancellationToken::new();
+        let [ingest_port, classify_port, dispatch_port, notify_port] = options.ports;
+
+        let ingest_config = closedloop_ingest::Config::try_parse_from(args(options, ingest_port, false))?;
+        let classify_config = closedloop_classify::Config::try_parse_from(args(options, classify_port, false))?;
+        let dispatch_config = closedloop_dispatch::Config::try_parse_from(args(options, dispatch_port, true))?;
+        let mut notify_args = args(options, notify_port, true);
+        notify_args.extend(["--gateways".to_owned(), options.gateways.clone()]);
+        let notify_config = closedloop_notify::Config::try_parse_from(notify_args)?;
+
+        let ingest = closedloop_ingest::Ingest::build(ingest_config, &cancel).await.context("ingest")?;
+        let classify = closedloop_classify::Classify::build(classify_config, &cancel).await.context("classify")?;
+        let dispatch = closedloop_dispatch::Dispatch::build(dispatch_config, &cancel).await.context("dispatch")?;
+        let notify = closedloop_notify::Notify::build(notify_config, &cancel).await.context("notify")?;
+
+        let system = Self {
+            ingest: ingest.grpc_addr()?,
+            classify: classify.grpc_addr()?,
+            dispatch: dispatch.grpc_addr()?,
+            notify: notify.grpc_addr()?,
+            tasks: vec![
+                ("ingest", tokio::spawn(ingest.run(cancel.clone()))),
+                ("classify", tokio::spawn(classify.run(cancel.clone()))),
+                ("dispatch", tokio::spawn(dispatch.run(cancel.clone()))),
+                ("notify", tokio::spawn(notify.run(cancel.clone()))),
+            ],
+            cancel,
+        };
+        Ok(system)
+    }
+
+    /// Waits until every service's durable consumers exist, so the pipeline is complete.
+    pub async fn wait_ready(&self, nats_url: &str) -> anyhow::Result<()> {
+        let client = async_nats::connect(nats_url).await?;
+        let js = async_nats::jetstream::new(client);
+        wait_until("durable consumers to exist", Duration::from_secs(30), || {
+            let js = js.clone();
+            async move {
+                for (stream, durable) in CONSUMERS {
+                    let Ok(stream) = js.get_stream(stream).await else { return false };
+                    if stream.consumer_info(durable).await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            }
+        })
+        .await
+    }
+
+    /// Stops all services gracefully and reports the first failure.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.cancel.cancel();
+        let mut first_error = None;
+        for (name, task) in self.tasks {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    first_error.get_or_insert(error.context(name));
+                }
+                Err(join) => {
+                    first_error.get_or_insert(anyhow::anyhow!("{name} panicked: {join}"));
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Tokens the test environment configures.
+pub struct TestTokens {
+    /// Tenant `acme`, a channel gateway.
+    pub gateway: String,
+    /// Tenant `acme`, an agent named `agent-7`.
+    pub agent: String,
+    /// Tenant `beta`, gateway and agent.
+    pub other_tenant: String,
+}
+
+/// A whole Closedloop on fresh servers: its own nats-server, its own database.
+pub struct TestEnv {
+    pub nats: NatsServer,
+    pub database_url: String,
+    pub webhook: WebhookReceiver,
+    pub system: System,
+    pub tokens: TestTokens,
+    receiver_stop: CancellationToken,
+}
+
+impl TestEnv {
+    pub async fn start() -> anyhow::Result<Self> {
+        closedloop_runtime::telemetry::init_propagation();
+        let nats = NatsServer::start()?;
+        let database_url = Postgres::shared()?.create_database().await?;
+        let receiver_stop = CancellationToken::new();
+        let webhook =
+            WebhookReceiver::start("127.0.0.1:0".parse()?, "test-gateway-secret", false, receiver_stop.clone()).await?;
+        let tokens = TestTokens {
+            gateway: format!("gw-{}", uuid::Uuid::new_v4()),
+            agent: format!("agent-{}", uuid::Uuid::new_v4()),
+            other_tenant: format!("beta-{}", uuid::Uuid::new_v4()),
+        };
+        let options = SystemOptions {
+            nats_url: nats.url(),
+            database_url: database_url.clone(),
+            auth_tokens: format!(
+                "acme:gateway:{}:gateway-1;acme:agent:{}:agent-7;beta:gateway,agent:{}:beta-desk",
+                hash_token(&tokens.gateway),
+                hash_token(&tokens.agent),
+                hash_token(&tokens.other_tenant)
+            ),
+            gateways: format!("default={}|{}", webhook.url(), webhook.secret),
+            host: "127.0.0.1".parse()?,
+            ports: [0; 4],
+            retry_base_ms: 100,
+        };
+        let system = System::start(&options).await?;
+        system.wait_ready(&nats.url()).await?;
+        Ok(Self { nats, database_url, webhook, system, tokens, receiver_stop })
+    }
+
+    async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(format!("http://{addr}"))?.connect().await?)
+    }
+
+    pub async fn ingest(&self) -> anyhow::Result<IngestServiceClient<Channel>> {
+        Ok(IngestServiceClient::new(Self::channel(self.system.ingest).await?))
+    }
+    pub async fn classify(&self) -> anyhow::Result<ClassifyServiceClient<Channel>> {
+        Ok(ClassifyServiceClient::new(Self::channel(self.system.classify).await?))
+    }
+    pub async fn work_orders(&self) -> anyhow::Result<WorkOrderServiceClient<Channel>> {
+        Ok(WorkOrderServiceClient::new(Self::channel(self.system.dispatch).await?))
+    }
+    pub async fn notifications(&self) -> anyhow::Result<NotificationServiceClient<Channel>> {
+        Ok(NotificationServiceClient::new(Self::channel(self.system.notify).await?))
+    }
+
+    /// Waits until nothing is in flight: every consumer has nothing pending or unacked and
+    /// dispatch's outbox is published. Checked in pipeline order, twice, so work cannot
+    /// slip past the check.
+    pub async fn wait_idle(&self) -> anyhow::Result<()> {
+        let client = async_nats::connect(self.nats.url()).await?;
+        let js = async_nats::jetstream::new(client);
+        let pool = sqlx::PgPool::connect(&self.database_url).await?;
+        let idle_once = || async {
+            for (stream, durable) in CONSUMERS {
+                let Ok(stream) = js.get_stream(stream).await else { return false };
+                match stream.consumer_info(durable).await {
+                    Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => {}
+                    _ => return false,
+                }
+                if durable == closedloop_dispatch::CLASSIFIED_CONSUMER {
+                    let unpublished: Result<i64, _> =
+                        sqlx::query_scalar("SELECT count(*) FROM dispatch.outbox WHERE published_at IS NULL")
+                            .fetch_one(&pool)
+                            .await;
+                    if unpublished.map_or(true, |n| n > 0) {
+                        return false;
+                    }
+                }
+            }
+            true
+        };
+        wait_until("the pipeline to be idle", Duration::from_secs(30), || async {
+            idle_once().await && idle_once().await
+        })
+        .await
+    }
+
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let stopped = self.system.stop().await;
+        self.receiver_stop.cancel();
+        stopped
+    }
+}
+
+/// A request carrying `authorization: Bearer <token>`.
+pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Ok(value) = format!("Bearer {token}").parse() {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}

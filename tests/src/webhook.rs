@@ -1,0 +1,101 @@
+//! A stand-in channel gateway: receives notify's webhook POSTs, checks their signature and
+//! keeps them for tests to inspect (or prints them, for the local launcher).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use closedloop_notify::gateway::{IDEMPOTENCY_HEADER, SIGNATURE_HEADER, sign};
+use tokio_util::sync::CancellationToken;
+
+/// One message a gateway received.
+#[derive(Debug, Clone)]
+pub struct ReceivedMessage {
+    pub idempotency_key: String,
+    /// Whether the signature header matched the body under the shared secret.
+    pub signature_valid: bool,
+    pub body: serde_json::Value,
+}
+
+impl ReceivedMessage {
+    pub fn field(&self, name: &str) -> &str {
+        self.body.get(name).and_then(|v| v.as_str()).unwrap_or_default()
+    }
+}
+
+#[derive(Clone)]
+struct ReceiverState {
+    secret: String,
+    received: Arc<Mutex<Vec<ReceivedMessage>>>,
+    print: bool,
+}
+
+/// The receiver's address, secret and what it got.
+#[derive(Clone)]
+pub struct WebhookReceiver {
+    pub addr: SocketAddr,
+    pub secret: String,
+    received: Arc<Mutex<Vec<ReceivedMessage>>>,
+}
+
+async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let expected = format!("sha256={}", sign(state.secret.as_bytes(), &body));
+    let message = ReceivedMessage {
+        idempotency_key: header(IDEMPOTENCY_HEADER),
+        signature_valid: header(SIGNATURE_HEADER) == expected,
+        body: serde_json::from_slice(&body).unwrap_or_default(),
+    };
+    if state.print {
+        println!(
+            "gateway <- {} to {} on {}: {}",
+            message.field("kind"),
+            message.field("recipient"),
+            message.field("channel"),
+            message.field("text")
+        );
+    }
+    if let Ok(mut received) = state.received.lock() {
+        received.push(message);
+    }
+    StatusCode::OK
+}
+
+impl WebhookReceiver {
+    /// Listens on `addr` (port 0 for any) until `cancel` fires.
+    pub async fn start(addr: SocketAddr, secret: &str, print: bool, cancel: CancellationToken) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let state = ReceiverState { secret: secret.to_owned(), received: received.clone(), print };
+        let app = Router::new().route("/hook", post(receive)).with_state(state);
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
+            if let Err(error) = served {
+                eprintln!("webhook receiver failed: {error}");
+            }
+        });
+        Ok(Self { addr, secret: secret.to_owned(), received })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    /// Everything received so far.
+    pub fn messages(&self) -> Vec<ReceivedMessage> {
+        self.received.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Messages of one kind (`acknowledgement`, `closure`, ...) about one complaint.
+    pub fn about(&self, complaint_id: &str, kind: &str) -> Vec<ReceivedMessage> {
+        self.messages()
+            .into_iter()
+            .filter(|m| m.field("complaint_id") == complaint_id && m.field("kind") == kind)
+            .collect()
+    }
+}

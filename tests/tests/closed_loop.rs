@@ -1,0 +1,371 @@
+//! End-to-end tests of the closed loop on a real nats-server (JetStream) and PostgreSQL,
+//! with the four services running in process and a webhook receiver as the gateway.
+
+use std::time::Duration;
+
+use closedloop_e2e::system::{TestEnv, authed};
+use closedloop_e2e::{wait_for, wait_until};
+use closedloop_proto::v1::*;
+use closedloop_runtime::bus;
+use prost::Message as _;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn outage_post(message_id: &str) -> ComplaintSubmission {
+    ComplaintSubmission {
+        channel: Channel::WeiboPost as i32,
+        channel_message_id: message_id.to_owned(),
+        poster: Some(Poster { poster_id: "weibo-uid-42".into(), followers: 1200, ..Default::default() }),
+        text: "家里宽带又断网了，已经三天了还没解决！".into(),
+        locale: "zh-CN".into(),
+        ..Default::default()
+    }
+}
+
+async fn submit(env: &TestEnv, submission: ComplaintSubmission) -> anyhow::Result<SubmitComplaintResponse> {
+    let mut ingest = env.ingest().await?;
+    let request = SubmitComplaintRequest { complaint: Some(submission) };
+    Ok(ingest.submit_complaint(authed(&env.tokens.gateway, request)).await?.into_inner())
+}
+
+async fn work_order_for(env: &TestEnv, complaint_id: &str) -> anyhow::Result<WorkOrder> {
+    let work_orders = env.work_orders().await?;
+    wait_for("the work order to exist", WAIT, || {
+        let mut client = work_orders.clone();
+        let request = authed(&env.tokens.agent, GetComplaintStatusRequest { complaint_id: complaint_id.into() });
+        async move { client.get_complaint_status(request).await.ok().and_then(|r| r.into_inner().work_order) }
+    })
+    .await
+}
+
+async fn list_all(env: &TestEnv, token: &str) -> anyhow::Result<Vec<WorkOrder>> {
+    let mut client = env.work_orders().await?;
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let request = ListWorkOrdersRequest { page_size: 2, page_token: page_token.clone(), ..Default::default() };
+        let page = client.list_work_orders(authed(token, request)).await?.into_inner();
+        all.extend(page.work_orders);
+        if page.next_page_token.is_empty() {
+            return Ok(all);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complaint_travels_the_whole_loop() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+
+    let submitted = submit(&env, outage_post("weibo-1001")).await?;
+    assert!(!submitted.duplicate);
+    let complaint_id = submitted.complaint_id;
+
+    // Acknowledged on the customer's channel through the signed webhook.
+    wait_until("the acknowledgement", WAIT, || async { !env.webhook.about(&complaint_id, "acknowledgement").is_empty() })
+        .await?;
+    let ack = &env.webhook.about(&complaint_id, "acknowledgement")[0];
+    assert!(ack.signature_valid, "signature must verify with the gateway secret");
+    assert_eq!(ack.field("delivery_id"), ack.idempotency_key);
+    assert_eq!(ack.field("channel"), "weibo_post");
+    assert_eq!(ack.field("recipient"), "weibo-uid-42");
+    assert_eq!(ack.field("reply_to_message_id"), "weibo-1001");
+    assert!(ack.field("text").contains("已收到"));
+
+    // A work order was created and routed by category.
+    let work_order = work_order_for(&env, &complaint_id).await?;
+    assert_eq!(work_order.state(), WorkOrderState::New);
+    assert_eq!(work_order.category, "outage");
+    assert_eq!(work_order.team, "network-ops");
+    assert_eq!(work_order.version, 1);
+    let due = |ts: &Option<prost_types::Timestamp>| ts.as_ref().map(|t| t.seconds).unwrap_or_default();
+    assert!(due(&work_order.created_at) < due(&work_order.first_response_due));
+    assert!(due(&work_order.first_response_due) < due(&work_order.resolution_due));
+
+    // An agent resolves it; the customer gets the closure message.
+    let mut work_orders = env.work_orders().await?;
+    let resolved = work_orders
+        .resolve_work_order(authed(
+            &env.tokens.agent,
+            ResolveWorkOrderRequest {
+                work_order_id: work_order.work_order_id.clone(),
+                resolution_note: "线路已修复".into(),
+                expected_version: 1,
+            },
+        ))
+        .await?
+        .into_inner()
+        .work_order
+        .ok_or_else(|| anyhow::anyhow!("no work order in response"))?;
+    assert_eq!(resolved.state(), WorkOrderState::Resolved);
+    assert_eq!(resolved.version, 2);
+
+    wait_until("the closure message", WAIT, || async { !env.webhook.about(&complaint_id, "closure").is_empty() }).await?;
+    let closure = &env.webhook.about(&complaint_id, "closure")[0];
+    assert!(closure.signature_valid);
+    assert_eq!(closure.field("work_order_id"), work_order.work_order_id);
+    // A public post: the closure does not repeat the agent's note.
+    assert!(!closure.field("text").contains("线路已修复"));
+
+    // Resolving again is not a valid transition.
+    let again = work_orders
+        .resolve_work_order(authed(
+            &env.tokens.agent,
+            ResolveWorkOrderRequest { work_order_id: work_order.work_order_id.clone(), ..Default::default() },
+        ))
+        .await
+        .expect_err("already resolved");
+    assert_eq!(again.code(), Code::FailedPrecondition);
+
+    // The delivery log has both messages, delivered.
+    env.wait_idle().await?;
+    let mut notifications = env.notifications().await?;
+    let log = notifications
+        .list_deliveries(authed(
+            &env.tokens.agent,
+            ListDeliveriesRequest { complaint_id: complaint_id.clone(), ..Default::default() },
+        ))
+        .await?
+        .into_inner()
+        .deliveries;
+    let mut kinds: Vec<_> = log.iter().map(|d| (d.kind(), d.state())).collect();
+    kinds.sort_by_key(|(k, _)| *k as i32);
+    assert_eq!(
+        kinds,
+        vec![
+            (NotificationKind::Acknowledgement, DeliveryState::Delivered),
+            (NotificationKind::Closure, DeliveryState::Delivered)
+        ]
+    );
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_create_one_work_order_and_one_message() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+
+    let first = submit(&env, outage_post("weibo-dup")).await?;
+    let second = submit(&env, outage_post("weibo-dup")).await?;
+    assert_eq!(first.complaint_id, second.complaint_id);
+    assert!(!first.duplicate);
+    assert!(second.duplicate, "the stream recognised the retry");
+
+    // A redelivery beyond JetStream's duplicate window: the same complaint published again
+    // under a new message id. Dispatch and notify must still do nothing twice.
+    env.wait_idle().await?;
+    let complaint = Complaint {
+        complaint_id: first.complaint_id.clone(),
+        tenant: "acme".into(),
+        channel: Channel::WeiboPost as i32,
+        channel_message_id: "weibo-dup".into(),
+        poster: Some(Poster { poster_id: "weibo-uid-42".into(), ..Default::default() }),
+        text: "家里宽带又断网了".into(),
+        ..Default::default()
+    };
+    let client = async_nats::connect(env.nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "replayed-after-window");
+    js.publish_with_headers(
+        bus::COMPLAINT_RECEIVED.subject("acme"),
+        headers,
+        ComplaintReceived { complaint: Some(complaint) }.encode_to_vec().into(),
+    )
+    .await?
+    .await?;
+    env.wait_idle().await?;
+
+    let work_orders = list_all(&env, &env.tokens.agent).await?;
+    assert_eq!(work_orders.len(), 1, "one work order for one complaint");
+    assert_eq!(env.webhook.about(&first.complaint_id, "acknowledgement").len(), 1, "one acknowledgement");
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_without_a_valid_token_are_unauthenticated() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let mut ingest = env.ingest().await?;
+    let request = SubmitComplaintRequest { complaint: Some(outage_post("no-token")) };
+    let status = ingest.submit_complaint(request.clone()).await.expect_err("no token");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = ingest.submit_complaint(authed("not-a-token", request.clone())).await.expect_err("bad token");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    // An agent token may not submit as a gateway.
+    let status = ingest.submit_complaint(authed(&env.tokens.agent, request)).await.expect_err("wrong role");
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    let mut work_orders = env.work_orders().await?;
+    let status = work_orders
+        .list_work_orders(ListWorkOrdersRequest::default())
+        .await
+        .expect_err("no token");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let mut classify = env.classify().await?;
+    let status = classify
+        .classify(ClassifyRequest { text: "断网了".into(), ..Default::default() })
+        .await
+        .expect_err("no token");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenants_work_orders_are_invisible() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let submitted = submit(&env, outage_post("weibo-tenant")).await?;
+    let work_order = work_order_for(&env, &submitted.complaint_id).await?;
+
+    let mut work_orders = env.work_orders().await?;
+    let beta = &env.tokens.other_tenant;
+    let status = work_orders
+        .get_work_order(authed(beta, GetWorkOrderRequest { work_order_id: work_order.work_order_id.clone() }))
+        .await
+        .expect_err("other tenant");
+    assert_eq!(status.code(), Code::NotFound);
+    let status = work_orders
+        .get_complaint_status(authed(beta, GetComplaintStatusRequest { complaint_id: submitted.complaint_id.clone() }))
+        .await
+        .expect_err("other tenant");
+    assert_eq!(status.code(), Code::NotFound);
+    let status = work_orders
+        .resolve_work_order(authed(
+            beta,
+            ResolveWorkOrderRequest { work_order_id: work_order.work_order_id.clone(), ..Default::default() },
+        ))
+        .await
+        .expect_err("other tenant");
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(list_all(&env, beta).await?.is_empty());
+    assert_eq!(list_all(&env, &env.tokens.agent).await?.len(), 1);
+
+    let mut notifications = env.notifications().await?;
+    let beta_log = notifications
+        .list_deliveries(authed(beta, ListDeliveriesRequest::default()))
+        .await?
+        .into_inner()
+        .deliveries;
+    assert!(beta_log.is_empty());
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_rejected_and_change_nothing() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let mut ingest = env.ingest().await?;
+    let bad = ComplaintSubmission {
+        tenant: "beta".into(),
+        channel: 0,
+        channel_message_id: String::new(),
+        text: "   ".into(),
+        attachment_urls: vec!["ftp://example.com/a.png".into()],
+        ..Default::default()
+    };
+    let status = ingest
+        .submit_complaint(authed(&env.tokens.gateway, SubmitComplaintRequest { complaint: Some(bad) }))
+        .await
+        .expect_err("invalid");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let details = status.get_error_details();
+    let fields: Vec<&str> = details
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.as_str()).collect())
+        .unwrap_or_default();
+    for expected in [
+        "complaint.tenant",
+        "complaint.channel",
+        "complaint.channel_message_id",
+        "complaint.poster.poster_id",
+        "complaint.text",
+        "complaint.attachment_urls[0]",
+    ] {
+        assert!(fields.contains(&expected), "{expected} missing from {fields:?}");
+    }
+    let status = ingest
+        .submit_complaint(authed(&env.tokens.gateway, SubmitComplaintRequest { complaint: None }))
+        .await
+        .expect_err("missing complaint");
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    // An oversized request is refused from its length prefix, before decoding; tonic
+    // answers OUT_OF_RANGE naming the limit.
+    let mut huge = outage_post("huge");
+    huge.text = "断".repeat(2_000_000);
+    let status = ingest
+        .submit_complaint(authed(&env.tokens.gateway, SubmitComplaintRequest { complaint: Some(huge) }))
+        .await
+        .expect_err("too large");
+    assert_eq!(status.code(), Code::OutOfRange);
+    assert!(status.message().contains("too large"), "{}", status.message());
+
+    // Nothing reached the stream, nothing reached the customer, no work order exists.
+    env.wait_idle().await?;
+    let client = async_nats::connect(env.nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream(bus::COMPLAINTS_STREAM).await?.get_info().await?;
+    assert_eq!(stream.state.messages, 0);
+    assert!(env.webhook.messages().is_empty());
+    assert!(list_all(&env, &env.tokens.agent).await?.is_empty());
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_is_dead_lettered_with_its_reason() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let client = async_nats::connect(env.nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    js.publish(bus::COMPLAINT_RECEIVED.subject("acme"), vec![0xff, 0xff, 0xff].into())
+        .await?
+        .await?;
+    let dead = wait_for("the dead letter", WAIT, || {
+        let js = js.clone();
+        async move {
+            let stream = js.get_stream(bus::DEAD_LETTER_STREAM).await.ok()?;
+            stream.get_last_raw_message_by_subject("closedloop.deadletter.classify").await.ok()
+        }
+    })
+    .await?;
+    let reason = dead
+        .headers
+        .get(bus::dead_letter_headers::REASON)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    assert!(reason.contains("undecodable"), "reason was {reason:?}");
+    assert_eq!(dead.payload.as_ref(), &[0xff, 0xff, 0xff]);
+    // The pipeline is not blocked: a good complaint still goes through.
+    let submitted = submit(&env, outage_post("after-poison")).await?;
+    wait_until("the acknowledgement", WAIT, || async {
+        !env.webhook.about(&submitted.complaint_id, "acknowledgement").is_empty()
+    })
+    .await?;
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classify_dry_run_explains_and_publishes_nothing() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let mut classify = env.classify().await?;
+    let response = classify
+        .classify(authed(
+            &env.tokens.agent,
+            ClassifyRequest { text: "话费乱扣，再不处理就去12315投诉".into(), ..Default::default() },
+        ))
+        .await?
+        .into_inner();
+    let classification = response.classification.ok_or_else(|| anyhow::anyhow!("no classification"))?;
+    assert_eq!(classification.category, "billing");
+    assert_eq!(classification.priority(), Priority::P1);
+    assert!(!classification.reasons.is_empty());
+    let status = classify
+        .classify(authed(&env.tokens.agent, ClassifyRequest { text: " ".into(), ..Default::default() }))
+        .await
+        .expect_err("empty");
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    let client = async_nats::connect(env.nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream(bus::COMPLAINTS_STREAM).await?.get_info().await?;
+    assert_eq!(stream.state.messages, 0, "a dry run publishes nothing");
+    env.shutdown().await
+}
