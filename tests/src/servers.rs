@@ -5,6 +5,7 @@
 //!
 //! PostgreSQL refuses to run as root; when we are root it runs as the `postgres` user.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
@@ -23,8 +24,15 @@ struct Guarded {
 
 impl Guarded {
     /// Runs `command` under the guard. `cleanup_dir` is removed after the server stops.
-    fn spawn(run_as: Option<&str>, command: &str, log: &Path, cleanup_dir: Option<&Path>) -> anyhow::Result<Self> {
-        let cleanup = cleanup_dir.map(|d| format!("rm -rf '{}'", d.display())).unwrap_or_default();
+    fn spawn(
+        run_as: Option<&str>,
+        command: &str,
+        log: &Path,
+        cleanup_dir: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        let cleanup = cleanup_dir
+            .map(|d| format!("rm -rf '{}'", d.display()))
+            .unwrap_or_default();
         let script = format!(
             "{command} >>'{log}' 2>&1 & pid=$!\nread _ignored\nkill -INT $pid 2>/dev/null\nwait $pid\n{cleanup}",
             log = log.display()
@@ -41,7 +49,10 @@ impl Guarded {
                 c
             }
         };
+        // Own process group: a Ctrl-C meant for us must not stop the servers before the
+        // services using them have drained.
         let mut child = cmd
+            .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -92,17 +103,38 @@ fn wait_for_port(port: u16, timeout: Duration, what: &str, log: &Path) -> anyhow
     Ok(())
 }
 
-/// A `nats-server` with JetStream, its store in a temporary directory.
+/// A `nats-server` with JetStream.
 pub struct NatsServer {
     pub port: u16,
-    store: tempfile::TempDir,
+    store: PathBuf,
+    /// Set when the store is a temporary directory, removed on drop.
+    _temporary: Option<tempfile::TempDir>,
     process: Option<Guarded>,
 }
 
 impl NatsServer {
+    /// On a free port with its store in a temporary directory.
     pub fn start() -> anyhow::Result<Self> {
-        let store = tempfile::Builder::new().prefix("closedloop-nats-").tempdir()?;
-        let mut server = Self { port: free_port()?, store, process: None };
+        let temporary = tempfile::Builder::new().prefix("closedloop-nats-").tempdir()?;
+        let mut server = Self {
+            port: free_port()?,
+            store: temporary.path().to_owned(),
+            _temporary: Some(temporary),
+            process: None,
+        };
+        server.resume()?;
+        Ok(server)
+    }
+
+    /// On `port` with its store kept in `store` across runs.
+    pub fn start_in(store: &Path, port: u16) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(store)?;
+        let mut server = Self {
+            port,
+            store: store.to_owned(),
+            _temporary: None,
+            process: None,
+        };
         server.resume()?;
         Ok(server)
     }
@@ -110,12 +142,12 @@ impl NatsServer {
     /// Starts it again on the same port and store (after [`NatsServer::stop`]).
     pub fn resume(&mut self) -> anyhow::Result<()> {
         let binary = find_binary("nats-server", "NATS_SERVER_BIN", &[])?;
-        let log = self.store.path().join("nats.log");
+        let log = self.store.join("nats.log");
         let command = format!(
             "'{}' -js -a 127.0.0.1 -p {} -sd '{}'",
             binary.display(),
             self.port,
-            self.store.path().join("jetstream").display()
+            self.store.join("jetstream").display()
         );
         self.process = Some(Guarded::spawn(None, &command, &log, None)?);
         wait_for_port(self.port, Duration::from_secs(20), "nats-server", &log)
@@ -171,7 +203,10 @@ impl Postgres {
                 .status()
                 .context("chown of the PostgreSQL directory")?;
             if !status.success() {
-                bail!("cannot hand {} to the {user} user (does the user exist?)", data_dir.display());
+                bail!(
+                    "cannot hand {} to the {user} user (does the user exist?)",
+                    data_dir.display()
+                );
             }
         }
         let cluster = data_dir.join("cluster");
@@ -186,7 +221,16 @@ impl Postgres {
                 None => Command::new(&initdb),
             };
             let out = cmd
-                .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C", "-D"])
+                .args([
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "-D",
+                ])
                 .arg(&cluster)
                 .output()
                 .context("running initdb")?;
@@ -204,7 +248,10 @@ impl Postgres {
         );
         let cleanup = remove_when_done.then_some(data_dir);
         let process = Guarded::spawn(run_as, &command, &log, cleanup)?;
-        let server = Self { port, _process: process };
+        let server = Self {
+            port,
+            _process: process,
+        };
         server.wait_ready(&log)?;
         Ok(server)
     }
@@ -215,7 +262,15 @@ impl Postgres {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let ready = Command::new(&pg_isready)
-                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+                .args([
+                    "-q",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                ])
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false);
@@ -233,14 +288,36 @@ impl Postgres {
     pub fn shared() -> anyhow::Result<&'static Postgres> {
         static SHARED: OnceLock<Mutex<Option<&'static Postgres>>> = OnceLock::new();
         let slot = SHARED.get_or_init(|| Mutex::new(None));
-        let mut slot = slot.lock().map_err(|_| anyhow::anyhow!("postgres start panicked earlier"))?;
+        let mut slot = slot
+            .lock()
+            .map_err(|_| anyhow::anyhow!("postgres start panicked earlier"))?;
         if let Some(server) = *slot {
             return Ok(server);
         }
-        let dir = tempfile::Builder::new().prefix("closedloop-pg-").tempdir()?.keep();
+        let dir = tempfile::Builder::new()
+            .prefix("closedloop-pg-")
+            .tempdir()?
+            .keep();
         let server: &'static Postgres = Box::leak(Box::new(Postgres::start_in(&dir, free_port()?, true)?));
         *slot = Some(server);
         Ok(server)
+    }
+
+    /// Creates `database` unless it exists.
+    pub async fn ensure_database(&self, database: &str) -> anyhow::Result<String> {
+        use sqlx::Connection;
+        let mut admin = sqlx::PgConnection::connect(&self.url("postgres")).await?;
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(database)
+            .fetch_one(&mut admin)
+            .await?;
+        if !exists {
+            sqlx::query(&format!("CREATE DATABASE \"{database}\""))
+                .execute(&mut admin)
+                .await?;
+        }
+        admin.close().await?;
+        Ok(self.url(database))
     }
 
     pub fn url(&self, database: &str) -> String {
@@ -252,7 +329,9 @@ impl Postgres {
         use sqlx::Connection;
         let name = format!("test_{}", uuid::Uuid::new_v4().simple());
         let mut admin = sqlx::PgConnection::connect(&self.url("postgres")).await?;
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await?;
         admin.close().await?;
         Ok(self.url(&name))
     }

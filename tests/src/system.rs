@@ -79,16 +79,26 @@ impl System {
         let [ingest_port, classify_port, dispatch_port, notify_port] = options.ports;
 
         let ingest_config = closedloop_ingest::Config::try_parse_from(args(options, ingest_port, false))?;
-        let classify_config = closedloop_classify::Config::try_parse_from(args(options, classify_port, false))?;
-        let dispatch_config = closedloop_dispatch::Config::try_parse_from(args(options, dispatch_port, true))?;
+        let classify_config =
+            closedloop_classify::Config::try_parse_from(args(options, classify_port, false))?;
+        let dispatch_config =
+            closedloop_dispatch::Config::try_parse_from(args(options, dispatch_port, true))?;
         let mut notify_args = args(options, notify_port, true);
         notify_args.extend(["--gateways".to_owned(), options.gateways.clone()]);
         let notify_config = closedloop_notify::Config::try_parse_from(notify_args)?;
 
-        let ingest = closedloop_ingest::Ingest::build(ingest_config, &cancel).await.context("ingest")?;
-        let classify = closedloop_classify::Classify::build(classify_config, &cancel).await.context("classify")?;
-        let dispatch = closedloop_dispatch::Dispatch::build(dispatch_config, &cancel).await.context("dispatch")?;
-        let notify = closedloop_notify::Notify::build(notify_config, &cancel).await.context("notify")?;
+        let ingest = closedloop_ingest::Ingest::build(ingest_config, &cancel)
+            .await
+            .context("ingest")?;
+        let classify = closedloop_classify::Classify::build(classify_config, &cancel)
+            .await
+            .context("classify")?;
+        let dispatch = closedloop_dispatch::Dispatch::build(dispatch_config, &cancel)
+            .await
+            .context("dispatch")?;
+        let notify = closedloop_notify::Notify::build(notify_config, &cancel)
+            .await
+            .context("notify")?;
 
         let system = Self {
             ingest: ingest.grpc_addr()?,
@@ -114,7 +124,9 @@ impl System {
             let js = js.clone();
             async move {
                 for (stream, durable) in CONSUMERS {
-                    let Ok(stream) = js.get_stream(stream).await else { return false };
+                    let Ok(stream) = js.get_stream(stream).await else {
+                        return false;
+                    };
                     if stream.consumer_info(durable).await.is_err() {
                         return false;
                     }
@@ -170,8 +182,13 @@ impl TestEnv {
         let nats = NatsServer::start()?;
         let database_url = Postgres::shared()?.create_database().await?;
         let receiver_stop = CancellationToken::new();
-        let webhook =
-            WebhookReceiver::start("127.0.0.1:0".parse()?, "test-gateway-secret", false, receiver_stop.clone()).await?;
+        let webhook = WebhookReceiver::start(
+            "127.0.0.1:0".parse()?,
+            "test-gateway-secret",
+            false,
+            receiver_stop.clone(),
+        )
+        .await?;
         let tokens = TestTokens {
             gateway: format!("gw-{}", uuid::Uuid::new_v4()),
             agent: format!("agent-{}", uuid::Uuid::new_v4()),
@@ -193,7 +210,14 @@ impl TestEnv {
         };
         let system = System::start(&options).await?;
         system.wait_ready(&nats.url()).await?;
-        Ok(Self { nats, database_url, webhook, system, tokens, receiver_stop })
+        Ok(Self {
+            nats,
+            database_url,
+            webhook,
+            system,
+            tokens,
+            receiver_stop,
+        })
     }
 
     async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
@@ -204,13 +228,19 @@ impl TestEnv {
         Ok(IngestServiceClient::new(Self::channel(self.system.ingest).await?))
     }
     pub async fn classify(&self) -> anyhow::Result<ClassifyServiceClient<Channel>> {
-        Ok(ClassifyServiceClient::new(Self::channel(self.system.classify).await?))
+        Ok(ClassifyServiceClient::new(
+            Self::channel(self.system.classify).await?,
+        ))
     }
     pub async fn work_orders(&self) -> anyhow::Result<WorkOrderServiceClient<Channel>> {
-        Ok(WorkOrderServiceClient::new(Self::channel(self.system.dispatch).await?))
+        Ok(WorkOrderServiceClient::new(
+            Self::channel(self.system.dispatch).await?,
+        ))
     }
     pub async fn notifications(&self) -> anyhow::Result<NotificationServiceClient<Channel>> {
-        Ok(NotificationServiceClient::new(Self::channel(self.system.notify).await?))
+        Ok(NotificationServiceClient::new(
+            Self::channel(self.system.notify).await?,
+        ))
     }
 
     /// Waits until nothing is in flight: every consumer has nothing pending or unacked and
@@ -222,7 +252,9 @@ impl TestEnv {
         let pool = sqlx::PgPool::connect(&self.database_url).await?;
         let idle_once = || async {
             for (stream, durable) in CONSUMERS {
-                let Ok(stream) = js.get_stream(stream).await else { return false };
+                let Ok(stream) = js.get_stream(stream).await else {
+                    return false;
+                };
                 match stream.consumer_info(durable).await {
                     Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => {}
                     _ => return false,

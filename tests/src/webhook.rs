@@ -43,7 +43,13 @@ pub struct WebhookReceiver {
 }
 
 async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
     let expected = format!("sha256={}", sign(state.secret.as_bytes(), &body));
     let message = ReceivedMessage {
         idempotency_key: header(IDEMPOTENCY_HEADER),
@@ -52,10 +58,15 @@ async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: B
     };
     if state.print {
         println!(
-            "gateway <- {} to {} on {}: {}",
+            "gateway <- {} to {} on {} (signature {}): {}",
             message.field("kind"),
             message.field("recipient"),
             message.field("channel"),
+            if message.signature_valid {
+                "valid"
+            } else {
+                "INVALID"
+            },
             message.field("text")
         );
     }
@@ -67,19 +78,34 @@ async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: B
 
 impl WebhookReceiver {
     /// Listens on `addr` (port 0 for any) until `cancel` fires.
-    pub async fn start(addr: SocketAddr, secret: &str, print: bool, cancel: CancellationToken) -> anyhow::Result<Self> {
+    pub async fn start(
+        addr: SocketAddr,
+        secret: &str,
+        print: bool,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let received = Arc::new(Mutex::new(Vec::new()));
-        let state = ReceiverState { secret: secret.to_owned(), received: received.clone(), print };
+        let state = ReceiverState {
+            secret: secret.to_owned(),
+            received: received.clone(),
+            print,
+        };
         let app = Router::new().route("/hook", post(receive)).with_state(state);
         tokio::spawn(async move {
-            let served = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(cancel.cancelled_owned())
+                .await;
             if let Err(error) = served {
                 eprintln!("webhook receiver failed: {error}");
             }
         });
-        Ok(Self { addr, secret: secret.to_owned(), received })
+        Ok(Self {
+            addr,
+            secret: secret.to_owned(),
+            received,
+        })
     }
 
     pub fn url(&self) -> String {

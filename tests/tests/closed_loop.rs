@@ -17,7 +17,11 @@ fn outage_post(message_id: &str) -> ComplaintSubmission {
     ComplaintSubmission {
         channel: Channel::WeiboPost as i32,
         channel_message_id: message_id.to_owned(),
-        poster: Some(Poster { poster_id: "weibo-uid-42".into(), followers: 1200, ..Default::default() }),
+        poster: Some(Poster {
+            poster_id: "weibo-uid-42".into(),
+            followers: 1200,
+            ..Default::default()
+        }),
         text: "家里宽带又断网了，已经三天了还没解决！".into(),
         locale: "zh-CN".into(),
         ..Default::default()
@@ -26,16 +30,32 @@ fn outage_post(message_id: &str) -> ComplaintSubmission {
 
 async fn submit(env: &TestEnv, submission: ComplaintSubmission) -> anyhow::Result<SubmitComplaintResponse> {
     let mut ingest = env.ingest().await?;
-    let request = SubmitComplaintRequest { complaint: Some(submission) };
-    Ok(ingest.submit_complaint(authed(&env.tokens.gateway, request)).await?.into_inner())
+    let request = SubmitComplaintRequest {
+        complaint: Some(submission),
+    };
+    Ok(ingest
+        .submit_complaint(authed(&env.tokens.gateway, request))
+        .await?
+        .into_inner())
 }
 
 async fn work_order_for(env: &TestEnv, complaint_id: &str) -> anyhow::Result<WorkOrder> {
     let work_orders = env.work_orders().await?;
     wait_for("the work order to exist", WAIT, || {
         let mut client = work_orders.clone();
-        let request = authed(&env.tokens.agent, GetComplaintStatusRequest { complaint_id: complaint_id.into() });
-        async move { client.get_complaint_status(request).await.ok().and_then(|r| r.into_inner().work_order) }
+        let request = authed(
+            &env.tokens.agent,
+            GetComplaintStatusRequest {
+                complaint_id: complaint_id.into(),
+            },
+        );
+        async move {
+            client
+                .get_complaint_status(request)
+                .await
+                .ok()
+                .and_then(|r| r.into_inner().work_order)
+        }
     })
     .await
 }
@@ -45,8 +65,15 @@ async fn list_all(env: &TestEnv, token: &str) -> anyhow::Result<Vec<WorkOrder>> 
     let mut all = Vec::new();
     let mut page_token = String::new();
     loop {
-        let request = ListWorkOrdersRequest { page_size: 2, page_token: page_token.clone(), ..Default::default() };
-        let page = client.list_work_orders(authed(token, request)).await?.into_inner();
+        let request = ListWorkOrdersRequest {
+            page_size: 2,
+            page_token: page_token.clone(),
+            ..Default::default()
+        };
+        let page = client
+            .list_work_orders(authed(token, request))
+            .await?
+            .into_inner();
         all.extend(page.work_orders);
         if page.next_page_token.is_empty() {
             return Ok(all);
@@ -64,10 +91,15 @@ async fn a_complaint_travels_the_whole_loop() -> anyhow::Result<()> {
     let complaint_id = submitted.complaint_id;
 
     // Acknowledged on the customer's channel through the signed webhook.
-    wait_until("the acknowledgement", WAIT, || async { !env.webhook.about(&complaint_id, "acknowledgement").is_empty() })
-        .await?;
+    wait_until("the acknowledgement", WAIT, || async {
+        !env.webhook.about(&complaint_id, "acknowledgement").is_empty()
+    })
+    .await?;
     let ack = &env.webhook.about(&complaint_id, "acknowledgement")[0];
-    assert!(ack.signature_valid, "signature must verify with the gateway secret");
+    assert!(
+        ack.signature_valid,
+        "signature must verify with the gateway secret"
+    );
     assert_eq!(ack.field("delivery_id"), ack.idempotency_key);
     assert_eq!(ack.field("channel"), "weibo_post");
     assert_eq!(ack.field("recipient"), "weibo-uid-42");
@@ -102,7 +134,10 @@ async fn a_complaint_travels_the_whole_loop() -> anyhow::Result<()> {
     assert_eq!(resolved.state(), WorkOrderState::Resolved);
     assert_eq!(resolved.version, 2);
 
-    wait_until("the closure message", WAIT, || async { !env.webhook.about(&complaint_id, "closure").is_empty() }).await?;
+    wait_until("the closure message", WAIT, || async {
+        !env.webhook.about(&complaint_id, "closure").is_empty()
+    })
+    .await?;
     let closure = &env.webhook.about(&complaint_id, "closure")[0];
     assert!(closure.signature_valid);
     assert_eq!(closure.field("work_order_id"), work_order.work_order_id);
@@ -113,7 +148,10 @@ async fn a_complaint_travels_the_whole_loop() -> anyhow::Result<()> {
     let again = work_orders
         .resolve_work_order(authed(
             &env.tokens.agent,
-            ResolveWorkOrderRequest { work_order_id: work_order.work_order_id.clone(), ..Default::default() },
+            ResolveWorkOrderRequest {
+                work_order_id: work_order.work_order_id.clone(),
+                ..Default::default()
+            },
         ))
         .await
         .expect_err("already resolved");
@@ -125,7 +163,10 @@ async fn a_complaint_travels_the_whole_loop() -> anyhow::Result<()> {
     let log = notifications
         .list_deliveries(authed(
             &env.tokens.agent,
-            ListDeliveriesRequest { complaint_id: complaint_id.clone(), ..Default::default() },
+            ListDeliveriesRequest {
+                complaint_id: complaint_id.clone(),
+                ..Default::default()
+            },
         ))
         .await?
         .into_inner()
@@ -160,7 +201,10 @@ async fn duplicates_create_one_work_order_and_one_message() -> anyhow::Result<()
         tenant: "acme".into(),
         channel: Channel::WeiboPost as i32,
         channel_message_id: "weibo-dup".into(),
-        poster: Some(Poster { poster_id: "weibo-uid-42".into(), ..Default::default() }),
+        poster: Some(Poster {
+            poster_id: "weibo-uid-42".into(),
+            ..Default::default()
+        }),
         text: "家里宽带又断网了".into(),
         ..Default::default()
     };
@@ -171,7 +215,11 @@ async fn duplicates_create_one_work_order_and_one_message() -> anyhow::Result<()
     js.publish_with_headers(
         bus::COMPLAINT_RECEIVED.subject("acme"),
         headers,
-        ComplaintReceived { complaint: Some(complaint) }.encode_to_vec().into(),
+        ComplaintReceived {
+            complaint: Some(complaint),
+        }
+        .encode_to_vec()
+        .into(),
     )
     .await?
     .await?;
@@ -179,7 +227,11 @@ async fn duplicates_create_one_work_order_and_one_message() -> anyhow::Result<()
 
     let work_orders = list_all(&env, &env.tokens.agent).await?;
     assert_eq!(work_orders.len(), 1, "one work order for one complaint");
-    assert_eq!(env.webhook.about(&first.complaint_id, "acknowledgement").len(), 1, "one acknowledgement");
+    assert_eq!(
+        env.webhook.about(&first.complaint_id, "acknowledgement").len(),
+        1,
+        "one acknowledgement"
+    );
     env.shutdown().await
 }
 
@@ -187,13 +239,24 @@ async fn duplicates_create_one_work_order_and_one_message() -> anyhow::Result<()
 async fn calls_without_a_valid_token_are_unauthenticated() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
     let mut ingest = env.ingest().await?;
-    let request = SubmitComplaintRequest { complaint: Some(outage_post("no-token")) };
-    let status = ingest.submit_complaint(request.clone()).await.expect_err("no token");
+    let request = SubmitComplaintRequest {
+        complaint: Some(outage_post("no-token")),
+    };
+    let status = ingest
+        .submit_complaint(request.clone())
+        .await
+        .expect_err("no token");
     assert_eq!(status.code(), Code::Unauthenticated);
-    let status = ingest.submit_complaint(authed("not-a-token", request.clone())).await.expect_err("bad token");
+    let status = ingest
+        .submit_complaint(authed("not-a-token", request.clone()))
+        .await
+        .expect_err("bad token");
     assert_eq!(status.code(), Code::Unauthenticated);
     // An agent token may not submit as a gateway.
-    let status = ingest.submit_complaint(authed(&env.tokens.agent, request)).await.expect_err("wrong role");
+    let status = ingest
+        .submit_complaint(authed(&env.tokens.agent, request))
+        .await
+        .expect_err("wrong role");
     assert_eq!(status.code(), Code::PermissionDenied);
 
     let mut work_orders = env.work_orders().await?;
@@ -204,7 +267,10 @@ async fn calls_without_a_valid_token_are_unauthenticated() -> anyhow::Result<()>
     assert_eq!(status.code(), Code::Unauthenticated);
     let mut classify = env.classify().await?;
     let status = classify
-        .classify(ClassifyRequest { text: "断网了".into(), ..Default::default() })
+        .classify(ClassifyRequest {
+            text: "断网了".into(),
+            ..Default::default()
+        })
         .await
         .expect_err("no token");
     assert_eq!(status.code(), Code::Unauthenticated);
@@ -220,19 +286,32 @@ async fn another_tenants_work_orders_are_invisible() -> anyhow::Result<()> {
     let mut work_orders = env.work_orders().await?;
     let beta = &env.tokens.other_tenant;
     let status = work_orders
-        .get_work_order(authed(beta, GetWorkOrderRequest { work_order_id: work_order.work_order_id.clone() }))
+        .get_work_order(authed(
+            beta,
+            GetWorkOrderRequest {
+                work_order_id: work_order.work_order_id.clone(),
+            },
+        ))
         .await
         .expect_err("other tenant");
     assert_eq!(status.code(), Code::NotFound);
     let status = work_orders
-        .get_complaint_status(authed(beta, GetComplaintStatusRequest { complaint_id: submitted.complaint_id.clone() }))
+        .get_complaint_status(authed(
+            beta,
+            GetComplaintStatusRequest {
+                complaint_id: submitted.complaint_id.clone(),
+            },
+        ))
         .await
         .expect_err("other tenant");
     assert_eq!(status.code(), Code::NotFound);
     let status = work_orders
         .resolve_work_order(authed(
             beta,
-            ResolveWorkOrderRequest { work_order_id: work_order.work_order_id.clone(), ..Default::default() },
+            ResolveWorkOrderRequest {
+                work_order_id: work_order.work_order_id.clone(),
+                ..Default::default()
+            },
         ))
         .await
         .expect_err("other tenant");
@@ -263,7 +342,10 @@ async fn malformed_requests_are_rejected_and_change_nothing() -> anyhow::Result<
         ..Default::default()
     };
     let status = ingest
-        .submit_complaint(authed(&env.tokens.gateway, SubmitComplaintRequest { complaint: Some(bad) }))
+        .submit_complaint(authed(
+            &env.tokens.gateway,
+            SubmitComplaintRequest { complaint: Some(bad) },
+        ))
         .await
         .expect_err("invalid");
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -283,7 +365,10 @@ async fn malformed_requests_are_rejected_and_change_nothing() -> anyhow::Result<
         assert!(fields.contains(&expected), "{expected} missing from {fields:?}");
     }
     let status = ingest
-        .submit_complaint(authed(&env.tokens.gateway, SubmitComplaintRequest { complaint: None }))
+        .submit_complaint(authed(
+            &env.tokens.gateway,
+            SubmitComplaintRequest { complaint: None },
+        ))
         .await
         .expect_err("missing complaint");
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -293,7 +378,12 @@ async fn malformed_requests_are_rejected_and_change_nothing() -> anyhow::Result<
     let mut huge = outage_post("huge");
     huge.text = "断".repeat(2_000_000);
     let status = ingest
-        .submit_complaint(authed(&env.tokens.gateway, SubmitComplaintRequest { complaint: Some(huge) }))
+        .submit_complaint(authed(
+            &env.tokens.gateway,
+            SubmitComplaintRequest {
+                complaint: Some(huge),
+            },
+        ))
         .await
         .expect_err("too large");
     assert_eq!(status.code(), Code::OutOfRange);
@@ -315,14 +405,20 @@ async fn a_poison_event_is_dead_lettered_with_its_reason() -> anyhow::Result<()>
     let env = TestEnv::start().await?;
     let client = async_nats::connect(env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
-    js.publish(bus::COMPLAINT_RECEIVED.subject("acme"), vec![0xff, 0xff, 0xff].into())
-        .await?
-        .await?;
+    js.publish(
+        bus::COMPLAINT_RECEIVED.subject("acme"),
+        vec![0xff, 0xff, 0xff].into(),
+    )
+    .await?
+    .await?;
     let dead = wait_for("the dead letter", WAIT, || {
         let js = js.clone();
         async move {
             let stream = js.get_stream(bus::DEAD_LETTER_STREAM).await.ok()?;
-            stream.get_last_raw_message_by_subject("closedloop.deadletter.classify").await.ok()
+            stream
+                .get_last_raw_message_by_subject("closedloop.deadletter.classify")
+                .await
+                .ok()
         }
     })
     .await?;
@@ -336,7 +432,9 @@ async fn a_poison_event_is_dead_lettered_with_its_reason() -> anyhow::Result<()>
     // The pipeline is not blocked: a good complaint still goes through.
     let submitted = submit(&env, outage_post("after-poison")).await?;
     wait_until("the acknowledgement", WAIT, || async {
-        !env.webhook.about(&submitted.complaint_id, "acknowledgement").is_empty()
+        !env.webhook
+            .about(&submitted.complaint_id, "acknowledgement")
+            .is_empty()
     })
     .await?;
     env.shutdown().await
@@ -349,16 +447,27 @@ async fn classify_dry_run_explains_and_publishes_nothing() -> anyhow::Result<()>
     let response = classify
         .classify(authed(
             &env.tokens.agent,
-            ClassifyRequest { text: "话费乱扣，再不处理就去12315投诉".into(), ..Default::default() },
+            ClassifyRequest {
+                text: "话费乱扣，再不处理就去12315投诉".into(),
+                ..Default::default()
+            },
         ))
         .await?
         .into_inner();
-    let classification = response.classification.ok_or_else(|| anyhow::anyhow!("no classification"))?;
+    let classification = response
+        .classification
+        .ok_or_else(|| anyhow::anyhow!("no classification"))?;
     assert_eq!(classification.category, "billing");
     assert_eq!(classification.priority(), Priority::P1);
     assert!(!classification.reasons.is_empty());
     let status = classify
-        .classify(authed(&env.tokens.agent, ClassifyRequest { text: " ".into(), ..Default::default() }))
+        .classify(authed(
+            &env.tokens.agent,
+            ClassifyRequest {
+                text: " ".into(),
+                ..Default::default()
+            },
+        ))
         .await
         .expect_err("empty");
     assert_eq!(status.code(), Code::InvalidArgument);

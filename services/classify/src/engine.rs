@@ -13,12 +13,19 @@ pub struct Contact<'a> {
 }
 
 fn hits<'w>(text: &str, words: &'w [String]) -> Vec<&'w str> {
-    words.iter().filter(|w| text.contains(w.as_str())).map(String::as_str).collect()
+    words
+        .iter()
+        .filter(|w| text.contains(w.as_str()))
+        .map(String::as_str)
+        .collect()
 }
 
 /// Public channels, where personal data must never be discussed.
 fn is_public(channel: Channel) -> bool {
-    matches!(channel, Channel::WeiboPost | Channel::WeiboComment | Channel::ComplaintPlatform)
+    matches!(
+        channel,
+        Channel::WeiboPost | Channel::WeiboComment | Channel::ComplaintPlatform
+    )
 }
 
 /// Masks digit runs that look like phone, id or card numbers (7+ digits), keeping at most
@@ -40,7 +47,11 @@ pub fn mask_personal_data(text: &str) -> (String, bool) {
                 masked = true;
                 let keep_head = if run.len() >= 11 { 3 } else { 0 };
                 for (k, c) in run.iter().enumerate() {
-                    out.push(if k < keep_head || k + 4 >= run.len() { *c } else { '*' });
+                    out.push(if k < keep_head || k + 4 >= run.len() {
+                        *c
+                    } else {
+                        '*'
+                    });
                 }
             } else {
                 out.extend(run);
@@ -91,7 +102,10 @@ pub fn classify(rules: &Rules, contact: &Contact<'_>) -> Classification {
             (name.to_string(), found.len() as f64 / total_hits.max(1) as f64)
         }
         None => {
-            reasons.push(format!("category {}: no keyword matched", rules.fallback_category));
+            reasons.push(format!(
+                "category {}: no keyword matched",
+                rules.fallback_category
+            ));
             (rules.fallback_category.clone(), 0.3)
         }
     };
@@ -99,7 +113,11 @@ pub fn classify(rules: &Rules, contact: &Contact<'_>) -> Classification {
     let negative = hits(&text, &rules.negative_words);
     let positive = hits(&text, &rules.positive_words);
     let polar = (negative.len() + positive.len()) as f64;
-    let score = if polar == 0.0 { 0.0 } else { (positive.len() as f64 - negative.len() as f64) / polar };
+    let score = if polar == 0.0 {
+        0.0
+    } else {
+        (positive.len() as f64 - negative.len() as f64) / polar
+    };
     let sentiment = if score < -0.2 {
         Sentiment::Negative
     } else if score > 0.2 {
@@ -108,7 +126,9 @@ pub fn classify(rules: &Rules, contact: &Contact<'_>) -> Classification {
         Sentiment::Neutral
     };
     if !negative.is_empty() || !positive.is_empty() {
-        reasons.push(format!("sentiment {score:.2}: negative {negative:?}, positive {positive:?}"));
+        reasons.push(format!(
+            "sentiment {score:.2}: negative {negative:?}, positive {positive:?}"
+        ));
     }
 
     let questions = hits(&text, &rules.question_words);
@@ -131,7 +151,7 @@ pub fn classify(rules: &Rules, contact: &Contact<'_>) -> Classification {
         _ => Priority::P3,
     };
     if matches!(intent, Intent::Complaint | Intent::Inquiry) {
-        if rules.urgent_categories.iter().any(|c| *c == category) {
+        if rules.urgent_categories.contains(&category) {
             priority = raise(priority);
             reasons.push(format!("priority raised: {category} is urgent"));
         }
@@ -177,8 +197,18 @@ mod tests {
 
     fn run(text: &str, followers: i64) -> Classification {
         let rules = Rules::builtin().expect("builtin rules");
-        let poster = Poster { followers, ..Default::default() };
-        classify(&rules, &Contact { text, channel: Channel::WeiboPost, poster: Some(&poster) })
+        let poster = Poster {
+            followers,
+            ..Default::default()
+        };
+        classify(
+            &rules,
+            &Contact {
+                text,
+                channel: Channel::WeiboPost,
+                poster: Some(&poster),
+            },
+        )
     }
 
     #[test]
@@ -208,7 +238,10 @@ mod tests {
 
     #[test]
     fn media_threat_and_reach_raise_priority() {
-        assert_eq!(run("多扣我话费，再不处理我就找媒体曝光", 10).priority(), Priority::P1);
+        assert_eq!(
+            run("多扣我话费，再不处理我就找媒体曝光", 10).priority(),
+            Priority::P1
+        );
         assert_eq!(run("账单好像不对", 10).priority(), Priority::P3);
         assert_eq!(run("账单好像不对", 2_000_000).priority(), Priority::P2);
     }
@@ -216,7 +249,10 @@ mod tests {
     #[test]
     fn personal_data_is_masked_and_moves_public_posts_private() {
         let c = run("我的号码13812345678一直没信号，邮箱 zhang.san@example.com", 10);
-        assert_eq!(c.masked_text, "我的号码138****5678一直没信号，邮箱 *********@example.com");
+        assert_eq!(
+            c.masked_text,
+            "我的号码138****5678一直没信号，邮箱 *********@example.com"
+        );
         assert!(c.needs_private_channel);
         let (masked, found) = mask_personal_data("订单 12345 已收到");
         assert_eq!((masked.as_str(), found), ("订单 12345 已收到", false));

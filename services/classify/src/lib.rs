@@ -33,7 +33,10 @@ pub const SERVICE_NAME: &str = "closedloop.v1.ClassifyService";
 pub const CONSUMER: &str = "classify";
 
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "closedloop-classify", about = "Closedloop classify: what each contact is and how urgent")]
+#[command(
+    name = "closedloop-classify",
+    about = "Closedloop classify: what each contact is and how urgent"
+)]
 pub struct Config {
     /// gRPC listen address.
     #[arg(long, env = "CLOSEDLOOP_CLASSIFY_LISTEN", default_value = "0.0.0.0:50052")]
@@ -100,7 +103,10 @@ struct ClassifyApi {
 
 #[tonic::async_trait]
 impl ClassifyService for ClassifyApi {
-    async fn classify(&self, request: Request<ClassifyRequest>) -> Result<Response<ClassifyResponse>, Status> {
+    async fn classify(
+        &self,
+        request: Request<ClassifyRequest>,
+    ) -> Result<Response<ClassifyResponse>, Status> {
         principal(&request)?;
         let request = request.into_inner();
         if request.text.trim().is_empty() {
@@ -120,7 +126,9 @@ impl ClassifyService for ClassifyApi {
                 poster: request.poster.as_ref(),
             },
         );
-        Ok(Response::new(ClassifyResponse { classification: Some(classification) }))
+        Ok(Response::new(ClassifyResponse {
+            classification: Some(classification),
+        }))
     }
 }
 
@@ -138,7 +146,12 @@ impl Classify {
         let bus = Bus::connect(&config.nats.nats_url, "classify", cancel).await?;
         bus.provision(&StreamSettings::from(&config.nats)).await?;
         let listener = grpc::bind(config.listen).await?;
-        Ok(Self { listener, bus, rules, config })
+        Ok(Self {
+            listener,
+            bus,
+            rules,
+            config,
+        })
     }
 
     pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
@@ -153,11 +166,18 @@ impl Classify {
             vec![bus::COMPLAINT_RECEIVED.all_tenants()],
             &self.config.nats,
         );
-        let handler = Arc::new(ReceivedHandler { bus: self.bus.clone(), rules: self.rules.clone() });
+        let handler = Arc::new(ReceivedHandler {
+            bus: self.bus.clone(),
+            rules: self.rules.clone(),
+        });
         let consuming = tokio::spawn(consumer::run(self.bus.clone(), spec, handler, cancel.clone()));
 
-        let api = ClassifyApi { rules: self.rules, max_text_chars: self.config.max_text_chars };
-        let server = ClassifyServiceServer::new(api).max_decoding_message_size(self.config.grpc.max_request_bytes);
+        let api = ClassifyApi {
+            rules: self.rules,
+            max_text_chars: self.config.max_text_chars,
+        };
+        let server =
+            ClassifyServiceServer::new(api).max_decoding_message_size(self.config.grpc.max_request_bytes);
         let routes = Routes::new(InterceptedService::new(
             server,
             Authenticator::new(self.config.grpc.auth_tokens.clone()),

@@ -29,7 +29,9 @@ fn status(error: StoreError) -> Status {
         StoreError::NotFound => Status::not_found("no such work order for this tenant"),
         StoreError::VersionConflict { .. } => Status::aborted(error.to_string()),
         StoreError::InvalidTransition(e) => Status::failed_precondition(e.to_string()),
-        StoreError::BadPageToken => invalid_argument(&[Violation::new("page_token", "is not a token this API issued")]),
+        StoreError::BadPageToken => {
+            invalid_argument(&[Violation::new("page_token", "is not a token this API issued")])
+        }
         StoreError::Database(e) => {
             tracing::error!(error = %e, "database error");
             Status::unavailable("work order store unavailable; retry")
@@ -62,7 +64,10 @@ fn check_note(field: &str, value: &str, required: bool) -> Result<(), Status> {
         return Err(invalid_argument(&[Violation::new(field, "must not be empty")]));
     }
     if value.chars().count() > MAX_NOTE_CHARS {
-        return Err(invalid_argument(&[Violation::new(field, format!("at most {MAX_NOTE_CHARS} characters"))]));
+        return Err(invalid_argument(&[Violation::new(
+            field,
+            format!("at most {MAX_NOTE_CHARS} characters"),
+        )]));
     }
     Ok(())
 }
@@ -101,8 +106,12 @@ impl WorkOrderService for WorkOrderApi {
         let caller = reader(&request)?;
         let id = request.into_inner().work_order_id;
         require_id("work_order_id", &id)?;
-        let work_order = store::get(&self.pool, &caller.tenant, &id).await.map_err(status)?;
-        Ok(Response::new(GetWorkOrderResponse { work_order: Some(work_order) }))
+        let work_order = store::get(&self.pool, &caller.tenant, &id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(GetWorkOrderResponse {
+            work_order: Some(work_order),
+        }))
     }
 
     async fn list_work_orders(
@@ -121,10 +130,14 @@ impl WorkOrderService for WorkOrderApi {
             created_before: r.created_before.as_ref().and_then(time::from_timestamp),
         };
         let size = page_size(r.page_size, 50, 500);
-        let (work_orders, next_page_token) = store::list(&self.pool, &caller.tenant, &filter, size, &r.page_token)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(ListWorkOrdersResponse { work_orders, next_page_token }))
+        let (work_orders, next_page_token) =
+            store::list(&self.pool, &caller.tenant, &filter, size, &r.page_token)
+                .await
+                .map_err(status)?;
+        Ok(Response::new(ListWorkOrdersResponse {
+            work_orders,
+            next_page_token,
+        }))
     }
 
     async fn get_complaint_status(
@@ -140,7 +153,10 @@ impl WorkOrderService for WorkOrderApi {
                 StoreError::NotFound => Status::not_found("no work order for this complaint (yet)"),
                 other => status(other),
             })?;
-        Ok(Response::new(GetComplaintStatusResponse { complaint_id, work_order: Some(work_order) }))
+        Ok(Response::new(GetComplaintStatusResponse {
+            complaint_id,
+            work_order: Some(work_order),
+        }))
     }
 
     async fn accept_work_order(
@@ -149,11 +165,20 @@ impl WorkOrderService for WorkOrderApi {
     ) -> Result<Response<AcceptWorkOrderResponse>, Status> {
         let caller = worker(&request)?;
         let r = request.into_inner();
-        let change = Change { action: Action::Accept, expected_version: r.expected_version, actor: &caller.name, note: "" };
+        let change = Change {
+            action: Action::Accept,
+            expected_version: r.expected_version,
+            actor: &caller.name,
+            note: "",
+        };
         let work_order = self
-            .change(&caller, &r.work_order_id, change, |wo| wo.assignee = caller.name.clone())
+            .change(&caller, &r.work_order_id, change, |wo| {
+                wo.assignee = caller.name.clone()
+            })
             .await?;
-        Ok(Response::new(AcceptWorkOrderResponse { work_order: Some(work_order) }))
+        Ok(Response::new(AcceptWorkOrderResponse {
+            work_order: Some(work_order),
+        }))
     }
 
     async fn reply_to_customer(
@@ -163,9 +188,16 @@ impl WorkOrderService for WorkOrderApi {
         let caller = worker(&request)?;
         let r = request.into_inner();
         check_note("text", &r.text, true)?;
-        let change = Change { action: Action::Reply, expected_version: r.expected_version, actor: &caller.name, note: &r.text };
+        let change = Change {
+            action: Action::Reply,
+            expected_version: r.expected_version,
+            actor: &caller.name,
+            note: &r.text,
+        };
         let work_order = self.change(&caller, &r.work_order_id, change, |_| {}).await?;
-        Ok(Response::new(ReplyToCustomerResponse { work_order: Some(work_order) }))
+        Ok(Response::new(ReplyToCustomerResponse {
+            work_order: Some(work_order),
+        }))
     }
 
     async fn resolve_work_order(
@@ -183,7 +215,9 @@ impl WorkOrderService for WorkOrderApi {
         };
         let work_order = self.change(&caller, &r.work_order_id, change, |_| {}).await?;
         tracing::info!(work_order_id = %work_order.work_order_id, "work order resolved");
-        Ok(Response::new(ResolveWorkOrderResponse { work_order: Some(work_order) }))
+        Ok(Response::new(ResolveWorkOrderResponse {
+            work_order: Some(work_order),
+        }))
     }
 
     async fn escalate_work_order(
@@ -193,14 +227,21 @@ impl WorkOrderService for WorkOrderApi {
         let caller = worker(&request)?;
         let r = request.into_inner();
         check_note("reason", &r.reason, true)?;
-        let change = Change { action: Action::Escalate, expected_version: r.expected_version, actor: &caller.name, note: &r.reason };
+        let change = Change {
+            action: Action::Escalate,
+            expected_version: r.expected_version,
+            actor: &caller.name,
+            note: &r.reason,
+        };
         let work_order = self
             .change(&caller, &r.work_order_id, change, |wo| {
                 // One step more urgent, P1 stays P1.
                 wo.priority = (wo.priority - 1).max(Priority::P1 as i32);
             })
             .await?;
-        Ok(Response::new(EscalateWorkOrderResponse { work_order: Some(work_order) }))
+        Ok(Response::new(EscalateWorkOrderResponse {
+            work_order: Some(work_order),
+        }))
     }
 
     async fn reassign_work_order(
@@ -210,9 +251,17 @@ impl WorkOrderService for WorkOrderApi {
         let caller = worker(&request)?;
         let r = request.into_inner();
         if r.team.trim().is_empty() && r.assignee.trim().is_empty() {
-            return Err(invalid_argument(&[Violation::new("team", "team or assignee must be set")]));
+            return Err(invalid_argument(&[Violation::new(
+                "team",
+                "team or assignee must be set",
+            )]));
         }
-        let change = Change { action: Action::Reassign, expected_version: r.expected_version, actor: &caller.name, note: "" };
+        let change = Change {
+            action: Action::Reassign,
+            expected_version: r.expected_version,
+            actor: &caller.name,
+            note: "",
+        };
         let work_order = self
             .change(&caller, &r.work_order_id, change, |wo| {
                 if !r.team.trim().is_empty() {
@@ -221,7 +270,9 @@ impl WorkOrderService for WorkOrderApi {
                 wo.assignee = r.assignee.trim().to_owned();
             })
             .await?;
-        Ok(Response::new(ReassignWorkOrderResponse { work_order: Some(work_order) }))
+        Ok(Response::new(ReassignWorkOrderResponse {
+            work_order: Some(work_order),
+        }))
     }
 
     async fn reopen_work_order(
@@ -231,13 +282,20 @@ impl WorkOrderService for WorkOrderApi {
         let caller = worker(&request)?;
         let r = request.into_inner();
         check_note("reason", &r.reason, false)?;
-        let change = Change { action: Action::Reopen, expected_version: r.expected_version, actor: &caller.name, note: &r.reason };
+        let change = Change {
+            action: Action::Reopen,
+            expected_version: r.expected_version,
+            actor: &caller.name,
+            note: &r.reason,
+        };
         let work_order = self
             .change(&caller, &r.work_order_id, change, |wo| {
                 wo.resolved_at = None;
             })
             .await?;
-        Ok(Response::new(ReopenWorkOrderResponse { work_order: Some(work_order) }))
+        Ok(Response::new(ReopenWorkOrderResponse {
+            work_order: Some(work_order),
+        }))
     }
 
     type WatchWorkOrdersStream =
@@ -248,6 +306,8 @@ impl WorkOrderService for WorkOrderApi {
         request: Request<WatchWorkOrdersRequest>,
     ) -> Result<Response<Self::WatchWorkOrdersStream>, Status> {
         reader(&request)?;
-        Err(Status::unimplemented("WatchWorkOrders arrives with the dispatch issue"))
+        Err(Status::unimplemented(
+            "WatchWorkOrders arrives with the dispatch issue",
+        ))
     }
 }

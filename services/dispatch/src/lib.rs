@@ -38,7 +38,10 @@ pub const SCHEMA: &str = "dispatch";
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "closedloop-dispatch", about = "Closedloop dispatch: work orders, routing and deadlines")]
+#[command(
+    name = "closedloop-dispatch",
+    about = "Closedloop dispatch: work orders, routing and deadlines"
+)]
 pub struct Config {
     /// gRPC listen address.
     #[arg(long, env = "CLOSEDLOOP_DISPATCH_LISTEN", default_value = "0.0.0.0:50053")]
@@ -78,7 +81,9 @@ impl MessageHandler for ClassifiedHandler {
     async fn handle(&self, message: &jetstream::Message) -> Result<(), HandleError> {
         let event: ComplaintClassified = consumer::decode(message)?;
         let (Some(complaint), Some(classification)) = (event.complaint, event.classification) else {
-            return Err(HandleError::reject("complaint.classified without complaint or classification"));
+            return Err(HandleError::reject(
+                "complaint.classified without complaint or classification",
+            ));
         };
         if !store::needs_work_order(classification.intent()) {
             tracing::info!(complaint_id = %complaint.complaint_id, intent = ?classification.intent(), "no work order needed");
@@ -88,10 +93,12 @@ impl MessageHandler for ClassifiedHandler {
         let team = self.routing.team_for(&classification.category);
         let due = self.sla.due_times(classification.priority(), now);
         let work_order = store::new_work_order(&complaint, &classification, team, due, now);
-        let created = store::create(&self.pool, &work_order).await.map_err(|e| match e {
-            store::StoreError::Database(db) => HandleError::retry(db),
-            other => HandleError::reject(other.to_string()),
-        })?;
+        let created = store::create(&self.pool, &work_order)
+            .await
+            .map_err(|e| match e {
+                store::StoreError::Database(db) => HandleError::retry(db),
+                other => HandleError::reject(other.to_string()),
+            })?;
         if created {
             self.relay_wake.notify_one();
             tracing::info!(work_order_id = %work_order.work_order_id, %team, "work order created");
@@ -120,7 +127,14 @@ impl Dispatch {
         let bus = Bus::connect(&config.nats.nats_url, "dispatch", cancel).await?;
         bus.provision(&StreamSettings::from(&config.nats)).await?;
         let listener = grpc::bind(config.listen).await?;
-        Ok(Self { listener, bus, pool, routing, sla, config })
+        Ok(Self {
+            listener,
+            bus,
+            pool,
+            routing,
+            sla,
+            config,
+        })
     }
 
     pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
@@ -146,10 +160,19 @@ impl Dispatch {
         let consuming = tokio::spawn(consumer::run(self.bus.clone(), spec, handler, cancel.clone()));
         // The relay outlives the consumer and the API so their last commits get published.
         let relay_stop = CancellationToken::new();
-        let relaying = tokio::spawn(relay::run(self.pool.clone(), self.bus.clone(), relay_wake.clone(), relay_stop.clone()));
+        let relaying = tokio::spawn(relay::run(
+            self.pool.clone(),
+            self.bus.clone(),
+            relay_wake.clone(),
+            relay_stop.clone(),
+        ));
 
-        let api = api::WorkOrderApi { pool: self.pool.clone(), relay_wake };
-        let server = WorkOrderServiceServer::new(api).max_decoding_message_size(self.config.grpc.max_request_bytes);
+        let api = api::WorkOrderApi {
+            pool: self.pool.clone(),
+            relay_wake,
+        };
+        let server =
+            WorkOrderServiceServer::new(api).max_decoding_message_size(self.config.grpc.max_request_bytes);
         let routes = Routes::new(InterceptedService::new(
             server,
             Authenticator::new(self.config.grpc.auth_tokens.clone()),

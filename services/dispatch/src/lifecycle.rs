@@ -93,13 +93,22 @@ mod tests {
 
     #[test]
     fn closed_work_cannot_be_worked_on() {
-        for action in [Action::Accept, Action::Reply, Action::Resolve, Action::Escalate, Action::Reassign] {
+        for action in [
+            Action::Accept,
+            Action::Reply,
+            Action::Resolve,
+            Action::Escalate,
+            Action::Reassign,
+        ] {
             assert!(next_state(Closed, action).is_err(), "{action:?} on closed");
             assert!(next_state(Resolved, action).is_err(), "{action:?} on resolved");
         }
         assert_eq!(
             next_state(New, Action::Close),
-            Err(InvalidTransition { from: New, action: Action::Close })
+            Err(InvalidTransition {
+                from: New,
+                action: Action::Close
+            })
         );
         assert!(next_state(InProgress, Action::Reopen).is_err());
     }

@@ -94,6 +94,9 @@ pub async fn run(pool: PgPool, bus: Bus, wake: Arc<Notify>, cancel: Cancellation
     }
     // Publish what was committed before stopping, so a clean shutdown leaves nothing behind.
     if let Err(error) = relay_once(&pool, &bus).await {
-        tracing::warn!(error = format!("{error:#}"), "final outbox relay failed; the next start publishes it");
+        tracing::warn!(
+            error = format!("{error:#}"),
+            "final outbox relay failed; the next start publishes it"
+        );
     }
 }

@@ -28,11 +28,16 @@ impl RoutingTable {
                 .ok_or_else(|| RoutingTableError(entry.to_owned()))?;
             by_category.insert(category.trim().to_owned(), team.trim().to_owned());
         }
-        Ok(Self { by_category, default_team: default_team.to_owned() })
+        Ok(Self {
+            by_category,
+            default_team: default_team.to_owned(),
+        })
     }
 
     pub fn team_for(&self, category: &str) -> &str {
-        self.by_category.get(category).map_or(&self.default_team, String::as_str)
+        self.by_category
+            .get(category)
+            .map_or(&self.default_team, String::as_str)
     }
 }
 
@@ -55,7 +60,9 @@ impl Default for SlaPolicy {
             first_response: Duration::minutes(response_minutes),
             resolution: Duration::hours(resolution_hours),
         };
-        Self { targets: [t(15, 4), t(30, 24), t(120, 72), t(480, 168)] }
+        Self {
+            targets: [t(15, 4), t(30, 24), t(120, 72), t(480, 168)],
+        }
     }
 }
 
@@ -79,8 +86,16 @@ impl FromStr for SlaPolicy {
                 _ => return Err(bad()),
             };
             let (response, resolution) = targets.split_once('/').ok_or_else(bad)?;
-            let minutes: i64 = response.trim().strip_suffix('m').and_then(|m| m.parse().ok()).ok_or_else(bad)?;
-            let hours: i64 = resolution.trim().strip_suffix('h').and_then(|h| h.parse().ok()).ok_or_else(bad)?;
+            let minutes: i64 = response
+                .trim()
+                .strip_suffix('m')
+                .and_then(|m| m.parse().ok())
+                .ok_or_else(bad)?;
+            let hours: i64 = resolution
+                .trim()
+                .strip_suffix('h')
+                .and_then(|h| h.parse().ok())
+                .ok_or_else(bad)?;
             if minutes <= 0 || hours <= 0 {
                 return Err(bad());
             }
@@ -117,7 +132,8 @@ mod tests {
 
     #[test]
     fn routes_by_category_with_a_default() {
-        let table = RoutingTable::parse("billing=billing-desk, outage = network-ops", "front-desk").expect("valid");
+        let table =
+            RoutingTable::parse("billing=billing-desk, outage = network-ops", "front-desk").expect("valid");
         assert_eq!(table.team_for("billing"), "billing-desk");
         assert_eq!(table.team_for("outage"), "network-ops");
         assert_eq!(table.team_for("refund"), "front-desk");
@@ -139,7 +155,10 @@ mod tests {
     fn sla_policy_parses_overrides() {
         let policy: SlaPolicy = "P1=5m/2h".parse().expect("valid");
         assert_eq!(policy.target(Priority::P1).first_response, Duration::minutes(5));
-        assert_eq!(policy.target(Priority::P2), SlaPolicy::default().target(Priority::P2));
+        assert_eq!(
+            policy.target(Priority::P2),
+            SlaPolicy::default().target(Priority::P2)
+        );
         assert!("P9=5m/2h".parse::<SlaPolicy>().is_err());
         assert!("P1=5/2h".parse::<SlaPolicy>().is_err());
     }

@@ -83,8 +83,16 @@ fn to_time(ts: &Option<prost_types::Timestamp>) -> Option<DateTime<Utc>> {
 }
 
 /// The event for a work order at its current version, ready for the outbox.
-pub fn work_order_event(work_order: &WorkOrder, kind: WorkOrderEventKind, actor: &str, note: &str) -> OutgoingEvent {
-    let event_id = ids::derive("workorder-event", &[&work_order.work_order_id, &work_order.version.to_string()]);
+pub fn work_order_event(
+    work_order: &WorkOrder,
+    kind: WorkOrderEventKind,
+    actor: &str,
+    note: &str,
+) -> OutgoingEvent {
+    let event_id = ids::derive(
+        "workorder-event",
+        &[&work_order.work_order_id, &work_order.version.to_string()],
+    );
     let event = WorkOrderEvent {
         event_id: event_id.to_string(),
         kind: kind as i32,
@@ -187,22 +195,30 @@ pub async fn create(pool: &PgPool, work_order: &WorkOrder) -> Result<bool, Store
 }
 
 pub async fn get(pool: &PgPool, tenant: &str, work_order_id: &str) -> Result<WorkOrder, StoreError> {
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM work_orders WHERE tenant = $1 AND work_order_id = $2"))
-        .bind(tenant)
-        .bind(parse_uuid(work_order_id)?)
-        .fetch_optional(pool)
-        .await?
-        .ok_or(StoreError::NotFound)?;
+    let row = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM work_orders WHERE tenant = $1 AND work_order_id = $2"
+    ))
+    .bind(tenant)
+    .bind(parse_uuid(work_order_id)?)
+    .fetch_optional(pool)
+    .await?
+    .ok_or(StoreError::NotFound)?;
     Ok(from_row(&row)?)
 }
 
-pub async fn get_by_complaint(pool: &PgPool, tenant: &str, complaint_id: &str) -> Result<WorkOrder, StoreError> {
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM work_orders WHERE tenant = $1 AND complaint_id = $2"))
-        .bind(tenant)
-        .bind(parse_uuid(complaint_id)?)
-        .fetch_optional(pool)
-        .await?
-        .ok_or(StoreError::NotFound)?;
+pub async fn get_by_complaint(
+    pool: &PgPool,
+    tenant: &str,
+    complaint_id: &str,
+) -> Result<WorkOrder, StoreError> {
+    let row = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM work_orders WHERE tenant = $1 AND complaint_id = $2"
+    ))
+    .bind(tenant)
+    .bind(parse_uuid(complaint_id)?)
+    .fetch_optional(pool)
+    .await?
+    .ok_or(StoreError::NotFound)?;
     Ok(from_row(&row)?)
 }
 
@@ -243,7 +259,11 @@ pub async fn list(
     page_size: u32,
     page_token: &str,
 ) -> Result<(Vec<WorkOrder>, String), StoreError> {
-    let after = if page_token.is_empty() { None } else { Some(decode_page_token(page_token)?) };
+    let after = if page_token.is_empty() {
+        None
+    } else {
+        Some(decode_page_token(page_token)?)
+    };
     let rows = sqlx::query(&format!(
         "SELECT {COLUMNS} FROM work_orders WHERE tenant = $1 \
            AND ($2::smallint IS NULL OR state = $2) \
@@ -310,7 +330,10 @@ pub async fn apply(
     .ok_or(StoreError::NotFound)?;
     let mut work_order = from_row(&row)?;
     if change.expected_version != 0 && change.expected_version != work_order.version {
-        return Err(StoreError::VersionConflict { expected: change.expected_version, actual: work_order.version });
+        return Err(StoreError::VersionConflict {
+            expected: change.expected_version,
+            actual: work_order.version,
+        });
     }
     let next = lifecycle::next_state(work_order.state(), change.action)?;
     let now = Utc::now();
@@ -337,7 +360,14 @@ pub async fn apply(
     .bind(work_order.priority as i16)
     .execute(&mut *tx)
     .await?;
-    append_history_and_outbox(&mut tx, &work_order, change.action.event_kind(), change.actor, change.note).await?;
+    append_history_and_outbox(
+        &mut tx,
+        &work_order,
+        change.action.event_kind(),
+        change.actor,
+        change.note,
+    )
+    .await?;
     tx.commit().await?;
     Ok(work_order)
 }
@@ -393,7 +423,13 @@ mod tests {
         let token = encode_page_token(at, id);
         let (back_at, back_id) = decode_page_token(&token).expect("round trip");
         assert_eq!((back_at, back_id), (at, id));
-        assert!(matches!(decode_page_token("not base64!"), Err(StoreError::BadPageToken)));
-        assert!(matches!(decode_page_token("bm9wZQ"), Err(StoreError::BadPageToken)));
+        assert!(matches!(
+            decode_page_token("not base64!"),
+            Err(StoreError::BadPageToken)
+        ));
+        assert!(matches!(
+            decode_page_token("bm9wZQ"),
+            Err(StoreError::BadPageToken)
+        ));
     }
 }

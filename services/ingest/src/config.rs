@@ -7,7 +7,10 @@ use closedloop_runtime::config::{GrpcArgs, NatsArgs, TelemetryArgs};
 use crate::validate::Limits;
 
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "closedloop-ingest", about = "Closedloop ingest: the front door for channel gateways")]
+#[command(
+    name = "closedloop-ingest",
+    about = "Closedloop ingest: the front door for channel gateways"
+)]
 pub struct Config {
     /// gRPC listen address.
     #[arg(long, env = "CLOSEDLOOP_INGEST_LISTEN", default_value = "0.0.0.0:50051")]

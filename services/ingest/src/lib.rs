@@ -33,7 +33,11 @@ impl Ingest {
         bus.provision(&StreamSettings::from(&config.nats)).await?;
         let listener = grpc::bind(config.listen).await?;
         let service = service::IngestApi::new(bus, config.limits());
-        Ok(Self { listener, service, config })
+        Ok(Self {
+            listener,
+            service,
+            config,
+        })
     }
 
     /// The bound gRPC address (useful when configured with port 0).

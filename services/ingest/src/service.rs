@@ -35,7 +35,9 @@ fn received_event(complaint: &closedloop_proto::v1::Complaint) -> OutgoingEvent 
         bus::COMPLAINT_RECEIVED,
         &complaint.tenant,
         id,
-        &ComplaintReceived { complaint: Some(complaint.clone()) },
+        &ComplaintReceived {
+            complaint: Some(complaint.clone()),
+        },
     )
 }
 
@@ -66,8 +68,9 @@ impl IngestService for IngestApi {
             .into_inner()
             .complaint
             .ok_or_else(|| invalid_argument(&[Violation::new("complaint", "must be set")]))?;
-        let complaint = validate_submission(&submission, &caller.tenant, &self.limits, Utc::now(), "complaint")
-            .map_err(|violations| invalid_argument(&violations))?;
+        let complaint =
+            validate_submission(&submission, &caller.tenant, &self.limits, Utc::now(), "complaint")
+                .map_err(|violations| invalid_argument(&violations))?;
         let ack = self
             .bus
             .publish(received_event(&complaint))
@@ -141,18 +144,30 @@ impl IngestService for IngestApi {
             violations.push(Violation::new("tenant", "does not match the caller's tenant"));
         }
         if feedback.complaint_id.is_empty() && feedback.work_order_id.is_empty() {
-            violations.push(Violation::new("complaint_id", "complaint_id or work_order_id must be set"));
+            violations.push(Violation::new(
+                "complaint_id",
+                "complaint_id or work_order_id must be set",
+            ));
         }
-        for (field, value) in [("complaint_id", &feedback.complaint_id), ("work_order_id", &feedback.work_order_id)] {
+        for (field, value) in [
+            ("complaint_id", &feedback.complaint_id),
+            ("work_order_id", &feedback.work_order_id),
+        ] {
             if !value.is_empty() && uuid::Uuid::parse_str(value).is_err() {
                 violations.push(Violation::new(field, "must be an id Closedloop issued"));
             }
         }
         if !(0..=5).contains(&feedback.satisfaction) {
-            violations.push(Violation::new("satisfaction", "must be 1 to 5, or 0 for a follow-up"));
+            violations.push(Violation::new(
+                "satisfaction",
+                "must be 1 to 5, or 0 for a follow-up",
+            ));
         }
         if feedback.satisfaction == 0 && feedback.comment.trim().is_empty() {
-            violations.push(Violation::new("comment", "a follow-up without a rating needs a comment"));
+            violations.push(Violation::new(
+                "comment",
+                "a follow-up without a rating needs a comment",
+            ));
         }
         if feedback.comment.chars().count() > self.limits.max_text_chars {
             violations.push(Violation::new("comment", "is too long"));
@@ -163,7 +178,13 @@ impl IngestService for IngestApi {
         let satisfaction = feedback.satisfaction.to_string();
         let feedback_id = ids::derive(
             "feedback",
-            &[&caller.tenant, &feedback.complaint_id, &feedback.work_order_id, &satisfaction, &feedback.comment],
+            &[
+                &caller.tenant,
+                &feedback.complaint_id,
+                &feedback.work_order_id,
+                &satisfaction,
+                &feedback.comment,
+            ],
         )
         .to_string();
         let event = FeedbackReceived {

@@ -56,7 +56,10 @@ fn check_id(violations: &mut Vec<Violation>, field: &str, value: &str, required:
     if required && value.trim().is_empty() {
         violations.push(Violation::new(field, "must not be empty"));
     } else if value.chars().count() > limits.max_id_chars {
-        violations.push(Violation::new(field, format!("must be at most {} characters", limits.max_id_chars)));
+        violations.push(Violation::new(
+            field,
+            format!("must be at most {} characters", limits.max_id_chars),
+        ));
     }
 }
 
@@ -73,18 +76,45 @@ pub fn validate_submission(
     let field = |name: &str| format!("{prefix}.{name}");
 
     if !submission.tenant.is_empty() && submission.tenant != caller_tenant {
-        violations.push(Violation::new(field("tenant"), "does not match the caller's tenant"));
+        violations.push(Violation::new(
+            field("tenant"),
+            "does not match the caller's tenant",
+        ));
     }
     let channel = Channel::try_from(submission.channel).unwrap_or(Channel::Unspecified);
     if channel == Channel::Unspecified {
         violations.push(Violation::new(field("channel"), "must name a known channel"));
     }
-    check_id(&mut violations, &field("channel_message_id"), &submission.channel_message_id, true, limits);
-    check_id(&mut violations, &field("thread_id"), &submission.thread_id, false, limits);
-    check_id(&mut violations, &field("in_reply_to"), &submission.in_reply_to, false, limits);
+    check_id(
+        &mut violations,
+        &field("channel_message_id"),
+        &submission.channel_message_id,
+        true,
+        limits,
+    );
+    check_id(
+        &mut violations,
+        &field("thread_id"),
+        &submission.thread_id,
+        false,
+        limits,
+    );
+    check_id(
+        &mut violations,
+        &field("in_reply_to"),
+        &submission.in_reply_to,
+        false,
+        limits,
+    );
     let default_poster = Poster::default();
     let poster = submission.poster.as_ref().unwrap_or(&default_poster);
-    check_id(&mut violations, &field("poster.poster_id"), &poster.poster_id, true, limits);
+    check_id(
+        &mut violations,
+        &field("poster.poster_id"),
+        &poster.poster_id,
+        true,
+        limits,
+    );
     if poster.followers < 0 {
         violations.push(Violation::new(field("poster.followers"), "must not be negative"));
     }
@@ -105,7 +135,10 @@ pub fn validate_submission(
     }
     for (i, url) in submission.attachment_urls.iter().enumerate() {
         if !url.starts_with("https://") || url.len() > 2048 || url.chars().any(char::is_whitespace) {
-            violations.push(Violation::new(format!("{prefix}.attachment_urls[{i}]"), "must be an https URL"));
+            violations.push(Violation::new(
+                format!("{prefix}.attachment_urls[{i}]"),
+                "must be an https URL",
+            ));
         }
     }
     let posted_at = match &submission.posted_at {
@@ -126,7 +159,10 @@ pub fn validate_submission(
         violations.push(Violation::new(field("locale"), "must be a BCP 47 tag"));
     }
     if submission.region_hint.chars().count() > 128 {
-        violations.push(Violation::new(field("region_hint"), "must be at most 128 characters"));
+        violations.push(Violation::new(
+            field("region_hint"),
+            "must be at most 128 characters",
+        ));
     }
     if !violations.is_empty() {
         return Err(violations);
@@ -168,17 +204,25 @@ mod tests {
     }
 
     fn fields(result: Result<Complaint, Vec<Violation>>) -> Vec<String> {
-        result.expect_err("should be invalid").into_iter().map(|v| v.field).collect()
+        result
+            .expect_err("should be invalid")
+            .into_iter()
+            .map(|v| v.field)
+            .collect()
     }
 
     #[test]
     fn accepts_and_normalises_a_valid_submission() {
-        let complaint = validate_submission(&submission(), "acme", &Limits::default(), Utc::now(), "complaint")
-            .expect("valid");
+        let complaint =
+            validate_submission(&submission(), "acme", &Limits::default(), Utc::now(), "complaint")
+                .expect("valid");
         assert_eq!(complaint.text, "宽带 又断网了 三天了");
         assert_eq!(complaint.original_text, submission().text);
         assert_eq!(complaint.tenant, "acme");
-        assert_eq!(complaint.complaint_id, complaint_id("acme", Channel::WeiboPost, "m-1"));
+        assert_eq!(
+            complaint.complaint_id,
+            complaint_id("acme", Channel::WeiboPost, "m-1")
+        );
     }
 
     #[test]
@@ -197,7 +241,13 @@ mod tests {
             attachment_urls: vec!["http://x".into()],
             ..Default::default()
         };
-        let got = fields(validate_submission(&bad, "acme", &Limits::default(), Utc::now(), "complaint"));
+        let got = fields(validate_submission(
+            &bad,
+            "acme",
+            &Limits::default(),
+            Utc::now(),
+            "complaint",
+        ));
         for expected in [
             "complaint.tenant",
             "complaint.channel",
@@ -212,7 +262,10 @@ mod tests {
 
     #[test]
     fn rejects_long_text_future_times_and_negative_followers() {
-        let limits = Limits { max_text_chars: 5, ..Limits::default() };
+        let limits = Limits {
+            max_text_chars: 5,
+            ..Limits::default()
+        };
         let mut s = submission();
         s.text = "一二三四五六".into();
         s.posted_at = Some(time::to_timestamp(Utc::now() + Duration::hours(1)));

@@ -33,21 +33,33 @@ impl NotificationService for NotificationApi {
             work_order_id: some(r.work_order_id),
             recipient: some(r.recipient),
             kind: if r.kind == 0 { None } else { r.kind.try_into().ok() },
-            state: if r.state == 0 { None } else { r.state.try_into().ok() },
+            state: if r.state == 0 {
+                None
+            } else {
+                r.state.try_into().ok()
+            },
         };
-        let (deliveries, next_page_token) =
-            store::list(&self.pool, &caller.tenant, &filter, page_size(r.page_size, 50, 500), &r.page_token)
-                .await
-                .map_err(|e| match e {
-                    StoreError::BadPageToken => {
-                        invalid_argument(&[Violation::new("page_token", "is not a token this API issued")])
-                    }
-                    StoreError::Database(e) => {
-                        tracing::error!(error = %e, "database error");
-                        Status::unavailable("delivery log unavailable; retry")
-                    }
-                    StoreError::BadId(id) => Status::internal(format!("stored delivery id {id} is invalid")),
-                })?;
-        Ok(Response::new(ListDeliveriesResponse { deliveries, next_page_token }))
+        let (deliveries, next_page_token) = store::list(
+            &self.pool,
+            &caller.tenant,
+            &filter,
+            page_size(r.page_size, 50, 500),
+            &r.page_token,
+        )
+        .await
+        .map_err(|e| match e {
+            StoreError::BadPageToken => {
+                invalid_argument(&[Violation::new("page_token", "is not a token this API issued")])
+            }
+            StoreError::Database(e) => {
+                tracing::error!(error = %e, "database error");
+                Status::unavailable("delivery log unavailable; retry")
+            }
+            StoreError::BadId(id) => Status::internal(format!("stored delivery id {id} is invalid")),
+        })?;
+        Ok(Response::new(ListDeliveriesResponse {
+            deliveries,
+            next_page_token,
+        }))
     }
 }

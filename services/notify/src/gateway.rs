@@ -41,7 +41,9 @@ impl FromStr for GatewayTable {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut by_channel = HashMap::new();
         for entry in s.split([';', '\n']).map(str::trim).filter(|e| !e.is_empty()) {
-            let (channel, rest) = entry.split_once('=').ok_or_else(|| GatewayTableError::Malformed(entry.into()))?;
+            let (channel, rest) = entry
+                .split_once('=')
+                .ok_or_else(|| GatewayTableError::Malformed(entry.into()))?;
             let channel = channel.trim().to_ascii_lowercase();
             let (url, secret) = rest
                 .split_once('|')
@@ -50,7 +52,13 @@ impl FromStr for GatewayTable {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(GatewayTableError::Url(channel));
             }
-            by_channel.insert(channel, Gateway { url: url.trim().to_owned(), secret: secret.as_bytes().to_vec() });
+            by_channel.insert(
+                channel,
+                Gateway {
+                    url: url.trim().to_owned(),
+                    secret: secret.as_bytes().to_vec(),
+                },
+            );
         }
         Ok(Self { by_channel })
     }
@@ -58,12 +66,17 @@ impl FromStr for GatewayTable {
 
 /// The configuration name of a channel: `CHANNEL_WEIBO_POST` → `weibo_post`.
 pub fn channel_key(channel: Channel) -> String {
-    channel.as_str_name().trim_start_matches("CHANNEL_").to_ascii_lowercase()
+    channel
+        .as_str_name()
+        .trim_start_matches("CHANNEL_")
+        .to_ascii_lowercase()
 }
 
 impl GatewayTable {
     pub fn for_channel(&self, channel: Channel) -> Option<&Gateway> {
-        self.by_channel.get(&channel_key(channel)).or_else(|| self.by_channel.get("default"))
+        self.by_channel
+            .get(&channel_key(channel))
+            .or_else(|| self.by_channel.get("default"))
     }
     pub fn len(&self) -> usize {
         self.by_channel.len()
@@ -150,8 +163,17 @@ impl WebhookClient {
         if status.is_success() {
             return Ok(());
         }
-        let body: String = response.text().await.unwrap_or_default().chars().take(200).collect();
-        Err(DeliveryError::Rejected { status: status.as_u16(), body })
+        let body: String = response
+            .text()
+            .await
+            .unwrap_or_default()
+            .chars()
+            .take(200)
+            .collect();
+        Err(DeliveryError::Rejected {
+            status: status.as_u16(),
+            body,
+        })
     }
 }
 
@@ -161,12 +183,26 @@ mod tests {
 
     #[test]
     fn gateway_table_picks_channel_then_default() {
-        let table: GatewayTable = "default=http://gw/hook|s1; wechat=https://wx/hook|s2".parse().expect("valid");
-        assert_eq!(table.for_channel(Channel::Wechat).map(|g| g.url.as_str()), Some("https://wx/hook"));
-        assert_eq!(table.for_channel(Channel::WeiboPost).map(|g| g.url.as_str()), Some("http://gw/hook"));
+        let table: GatewayTable = "default=http://gw/hook|s1; wechat=https://wx/hook|s2"
+            .parse()
+            .expect("valid");
+        assert_eq!(
+            table.for_channel(Channel::Wechat).map(|g| g.url.as_str()),
+            Some("https://wx/hook")
+        );
+        assert_eq!(
+            table.for_channel(Channel::WeiboPost).map(|g| g.url.as_str()),
+            Some("http://gw/hook")
+        );
         assert!(GatewayTable::default().for_channel(Channel::Wechat).is_none());
-        assert!(matches!("wechat=ftp://x|s".parse::<GatewayTable>(), Err(GatewayTableError::Url(_))));
-        assert!(matches!("wechat=http://x".parse::<GatewayTable>(), Err(GatewayTableError::Malformed(_))));
+        assert!(matches!(
+            "wechat=ftp://x|s".parse::<GatewayTable>(),
+            Err(GatewayTableError::Url(_))
+        ));
+        assert!(matches!(
+            "wechat=http://x".parse::<GatewayTable>(),
+            Err(GatewayTableError::Malformed(_))
+        ));
     }
 
     #[test]

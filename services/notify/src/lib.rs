@@ -40,7 +40,10 @@ pub const SCHEMA: &str = "notify";
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "closedloop-notify", about = "Closedloop notify: replies to customers on their own channel")]
+#[command(
+    name = "closedloop-notify",
+    about = "Closedloop notify: replies to customers on their own channel"
+)]
 pub struct Config {
     /// gRPC listen address.
     #[arg(long, env = "CLOSEDLOOP_NOTIFY_LISTEN", default_value = "0.0.0.0:50054")]
@@ -93,7 +96,11 @@ impl Courier {
             }
             DeliveryState::Pending | DeliveryState::Unspecified => {}
         }
-        let kind = delivery.kind().as_str_name().trim_start_matches("NOTIFICATION_KIND_").to_ascii_lowercase();
+        let kind = delivery
+            .kind()
+            .as_str_name()
+            .trim_start_matches("NOTIFICATION_KIND_")
+            .to_ascii_lowercase();
         let channel = channel_key(addressing.channel);
         let webhook = WebhookMessage {
             delivery_id: &delivery.delivery_id,
@@ -109,15 +116,18 @@ impl Courier {
         };
         match self.webhooks.send(addressing.channel, &webhook).await {
             Ok(()) => {
-                let logged = store::record_attempt(&self.pool, &delivery.delivery_id, DeliveryState::Delivered, "")
-                    .await
-                    .map_err(db_error)?;
+                let logged =
+                    store::record_attempt(&self.pool, &delivery.delivery_id, DeliveryState::Delivered, "")
+                        .await
+                        .map_err(db_error)?;
                 tracing::info!(delivery_id = %delivery.delivery_id, %kind, "delivered");
                 let event = OutgoingEvent::new(
                     bus::NOTIFICATION_DELIVERED,
                     &delivery.tenant,
                     format!("delivered:{}", delivery.delivery_id),
-                    &NotificationDelivered { delivery: Some(logged) },
+                    &NotificationDelivered {
+                        delivery: Some(logged),
+                    },
                 );
                 self.bus.publish(event).await.map_err(HandleError::retry)?;
                 Ok(())
@@ -125,7 +135,11 @@ impl Courier {
             Err(error) => {
                 let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
                 let last_try = delivered >= self.max_deliver;
-                let state = if last_try { DeliveryState::Failed } else { DeliveryState::Pending };
+                let state = if last_try {
+                    DeliveryState::Failed
+                } else {
+                    DeliveryState::Pending
+                };
                 let reason = error.to_string();
                 let logged = store::record_attempt(&self.pool, &delivery.delivery_id, state, &reason)
                     .await
@@ -137,10 +151,16 @@ impl Courier {
                     bus::NOTIFICATION_FAILED,
                     &delivery.tenant,
                     format!("failed:{}", delivery.delivery_id),
-                    &NotificationFailed { delivery: Some(logged), reason: reason.clone() },
+                    &NotificationFailed {
+                        delivery: Some(logged),
+                        reason: reason.clone(),
+                    },
                 );
                 self.bus.publish(event).await.map_err(HandleError::retry)?;
-                Err(HandleError::reject(format!("delivery {} gave up: {reason}", delivery.delivery_id)))
+                Err(HandleError::reject(format!(
+                    "delivery {} gave up: {reason}",
+                    delivery.delivery_id
+                )))
             }
         }
     }
@@ -157,7 +177,9 @@ impl MessageHandler for ClassifiedHandler {
     async fn handle(&self, message: &jetstream::Message) -> Result<(), HandleError> {
         let event: ComplaintClassified = consumer::decode(message)?;
         let (Some(complaint), Some(classification)) = (event.complaint, event.classification) else {
-            return Err(HandleError::reject("complaint.classified without complaint or classification"));
+            return Err(HandleError::reject(
+                "complaint.classified without complaint or classification",
+            ));
         };
         let kind = if classification.needs_private_channel {
             NotificationKind::PrivateChannelInvitation
@@ -172,12 +194,19 @@ impl MessageHandler for ClassifiedHandler {
         };
         let delivery = Delivery {
             // One first reply per complaint, whichever kind it is.
-            delivery_id: ids::derive("delivery", &["first-reply", &complaint.tenant, &complaint.complaint_id])
-                .to_string(),
+            delivery_id: ids::derive(
+                "delivery",
+                &["first-reply", &complaint.tenant, &complaint.complaint_id],
+            )
+            .to_string(),
             tenant: complaint.tenant.clone(),
             kind: kind as i32,
             channel: complaint.channel,
-            recipient: complaint.poster.as_ref().map(|p| p.poster_id.clone()).unwrap_or_default(),
+            recipient: complaint
+                .poster
+                .as_ref()
+                .map(|p| p.poster_id.clone())
+                .unwrap_or_default(),
             complaint_id: complaint.complaint_id.clone(),
             body: templates::render(kind, &context),
             ..Default::default()
@@ -217,13 +246,21 @@ impl MessageHandler for WorkOrderHandler {
             // Per version: a work order reopened and resolved again earns a new closure.
             delivery_id: ids::derive(
                 "delivery",
-                &["closure", &work_order.work_order_id, &work_order.version.to_string()],
+                &[
+                    "closure",
+                    &work_order.work_order_id,
+                    &work_order.version.to_string(),
+                ],
             )
             .to_string(),
             tenant: work_order.tenant.clone(),
             kind: NotificationKind::Closure as i32,
             channel: work_order.channel,
-            recipient: work_order.poster.as_ref().map(|p| p.poster_id.clone()).unwrap_or_default(),
+            recipient: work_order
+                .poster
+                .as_ref()
+                .map(|p| p.poster_id.clone())
+                .unwrap_or_default(),
             complaint_id: work_order.complaint_id.clone(),
             work_order_id: work_order.work_order_id.clone(),
             body: templates::render(NotificationKind::Closure, &context),
@@ -260,7 +297,13 @@ impl Notify {
         let bus = Bus::connect(&config.nats.nats_url, "notify", cancel).await?;
         bus.provision(&StreamSettings::from(&config.nats)).await?;
         let listener = grpc::bind(config.listen).await?;
-        Ok(Self { listener, bus, pool, webhooks, config })
+        Ok(Self {
+            listener,
+            bus,
+            pool,
+            webhooks,
+            config,
+        })
     }
 
     pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
@@ -300,8 +343,10 @@ impl Notify {
                 cancel.clone(),
             )),
         ];
-        let server = NotificationServiceServer::new(api::NotificationApi { pool: self.pool.clone() })
-            .max_decoding_message_size(self.config.grpc.max_request_bytes);
+        let server = NotificationServiceServer::new(api::NotificationApi {
+            pool: self.pool.clone(),
+        })
+        .max_decoding_message_size(self.config.grpc.max_request_bytes);
         let routes = Routes::new(InterceptedService::new(
             server,
             Authenticator::new(self.config.grpc.auth_tokens.clone()),

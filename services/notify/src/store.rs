@@ -19,7 +19,8 @@ pub enum StoreError {
 
 /// Records a delivery as pending unless it is already known; returns the stored state.
 pub async fn register(pool: &PgPool, delivery: &Delivery) -> Result<DeliveryState, StoreError> {
-    let id = Uuid::parse_str(&delivery.delivery_id).map_err(|_| StoreError::BadId(delivery.delivery_id.clone()))?;
+    let id = Uuid::parse_str(&delivery.delivery_id)
+        .map_err(|_| StoreError::BadId(delivery.delivery_id.clone()))?;
     let row = sqlx::query(
         "WITH inserted AS ( \
            INSERT INTO deliveries (delivery_id, tenant, kind, state, channel, recipient, complaint_id, work_order_id, body) \
@@ -118,7 +119,11 @@ pub async fn list(
     page_size: u32,
     page_token: &str,
 ) -> Result<(Vec<Delivery>, String), StoreError> {
-    let before = if page_token.is_empty() { None } else { Some(decode_token(page_token)?) };
+    let before = if page_token.is_empty() {
+        None
+    } else {
+        Some(decode_token(page_token)?)
+    };
     let rows = sqlx::query(
         "SELECT * FROM deliveries WHERE tenant = $1 \
            AND ($2::text IS NULL OR complaint_id = $2) \

@@ -19,10 +19,16 @@ fn english(locale: &str) -> bool {
 
 pub fn render(kind: NotificationKind, ctx: &MessageContext<'_>) -> String {
     let r = ctx.reference;
-    let note = if ctx.private_channel { ctx.resolution_note.trim() } else { "" };
+    let note = if ctx.private_channel {
+        ctx.resolution_note.trim()
+    } else {
+        ""
+    };
     match (kind, english(ctx.locale)) {
         (NotificationKind::PrivateChannelInvitation, false) => {
-            format!("您好，我们已收到您的反馈（编号 {r}）。为保护您的隐私，请通过私信联系我们，我们会尽快为您处理。")
+            format!(
+                "您好，我们已收到您的反馈（编号 {r}）。为保护您的隐私，请通过私信联系我们，我们会尽快为您处理。"
+            )
         }
         (NotificationKind::PrivateChannelInvitation, true) => format!(
             "Thanks for reaching out (ref {r}). To protect your privacy, please send us a direct message and we will take it from there."
@@ -34,13 +40,17 @@ pub fn render(kind: NotificationKind, ctx: &MessageContext<'_>) -> String {
             format!("您好，您反馈的问题（编号 {r}）已处理完毕。如仍有问题，欢迎随时联系我们。")
         }
         (NotificationKind::Closure, true) if !note.is_empty() => {
-            format!("Your issue (ref {r}) has been resolved: {note}. If anything is still wrong, just reply here.")
+            format!(
+                "Your issue (ref {r}) has been resolved: {note}. If anything is still wrong, just reply here."
+            )
         }
         (NotificationKind::Closure, true) => {
             format!("Your issue (ref {r}) has been resolved. If anything is still wrong, just reply here.")
         }
         (_, false) => format!("您好，我们已收到您的反馈（编号 {r}），正在为您处理，请留意后续消息。"),
-        (_, true) => format!("Thanks for reaching out. We have received your message (ref {r}) and are on it."),
+        (_, true) => {
+            format!("Thanks for reaching out. We have received your message (ref {r}) and are on it.")
+        }
     }
 }
 
@@ -49,7 +59,12 @@ mod tests {
     use super::*;
 
     fn ctx<'a>(locale: &'a str, note: &'a str, private_channel: bool) -> MessageContext<'a> {
-        MessageContext { reference: "ab12cd34", locale, resolution_note: note, private_channel }
+        MessageContext {
+            reference: "ab12cd34",
+            locale,
+            resolution_note: note,
+            private_channel,
+        }
     }
 
     #[test]
@@ -68,6 +83,9 @@ mod tests {
 
     #[test]
     fn invitation_asks_for_a_direct_message() {
-        assert!(render(NotificationKind::PrivateChannelInvitation, &ctx("en", "", false)).contains("direct message"));
+        assert!(
+            render(NotificationKind::PrivateChannelInvitation, &ctx("en", "", false))
+                .contains("direct message")
+        );
     }
 }

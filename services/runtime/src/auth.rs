@@ -222,7 +222,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_entries() {
-        assert!(matches!("acme:agent".parse::<TokenTable>(), Err(TokenTableError::Malformed(_))));
+        assert!(matches!(
+            "acme:agent".parse::<TokenTable>(),
+            Err(TokenTableError::Malformed(_))
+        ));
         assert!(matches!(
             "ACME:agent:00".parse::<TokenTable>(),
             Err(TokenTableError::BadTenant(_))
@@ -231,7 +234,10 @@ mod tests {
             "acme:chef:00".parse::<TokenTable>(),
             Err(TokenTableError::UnknownRole(_))
         ));
-        assert!(matches!("acme:agent:zz".parse::<TokenTable>(), Err(TokenTableError::BadHash(_))));
+        assert!(matches!(
+            "acme:agent:zz".parse::<TokenTable>(),
+            Err(TokenTableError::BadHash(_))
+        ));
     }
 
     #[test]
@@ -244,7 +250,10 @@ mod tests {
         request
             .metadata_mut()
             .insert("authorization", "Bearer nope".parse().expect("ascii"));
-        assert_eq!(auth.call(request).expect_err("unknown").code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            auth.call(request).expect_err("unknown").code(),
+            tonic::Code::Unauthenticated
+        );
 
         let mut request = Request::new(());
         request
@@ -255,7 +264,10 @@ mod tests {
         assert_eq!(caller.tenant, "acme");
         assert!(caller.require_any(&[Role::Agent]).is_ok());
         assert_eq!(
-            caller.require_any(&[Role::Supervisor]).expect_err("not a supervisor").code(),
+            caller
+                .require_any(&[Role::Supervisor])
+                .expect_err("not a supervisor")
+                .code(),
             tonic::Code::PermissionDenied
         );
     }

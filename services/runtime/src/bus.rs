@@ -217,7 +217,10 @@ impl Bus {
             self.jetstream
                 .create_or_update_stream(config)
                 .await
-                .map_err(|source| BusError::Provision { stream: name.to_owned(), source })?;
+                .map_err(|source| BusError::Provision {
+                    stream: name.to_owned(),
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -250,7 +253,10 @@ impl Bus {
         let headers = self.headers(&event);
         let ack = self
             .jetstream
-            .send_publish(event.subject, PublishMessage::build().payload(event.payload).headers(headers))
+            .send_publish(
+                event.subject,
+                PublishMessage::build().payload(event.payload).headers(headers),
+            )
             .await?;
         Ok(ack.await?)
     }
@@ -263,7 +269,10 @@ impl Bus {
             let headers = self.headers(&event);
             let sent = self
                 .jetstream
-                .send_publish(event.subject, PublishMessage::build().payload(event.payload).headers(headers))
+                .send_publish(
+                    event.subject,
+                    PublishMessage::build().payload(event.payload).headers(headers),
+                )
                 .await;
             pending.push(sent);
         }
@@ -290,7 +299,10 @@ impl Bus {
             .map(|info| (info.stream_sequence, info.delivered))
             .unwrap_or_default();
         let mut headers = message.headers.clone().unwrap_or_default();
-        headers.insert("Nats-Msg-Id", format!("deadletter-{consumer}-{sequence}").as_str());
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("deadletter-{consumer}-{sequence}").as_str(),
+        );
         headers.insert(h::REASON, reason);
         headers.insert(h::SUBJECT, message.subject.as_str());
         headers.insert(h::STREAM_SEQUENCE, sequence.to_string().as_str());
@@ -300,7 +312,9 @@ impl Bus {
             .jetstream
             .send_publish(
                 format!("closedloop.deadletter.{consumer}"),
-                PublishMessage::build().payload(message.payload.clone()).headers(headers),
+                PublishMessage::build()
+                    .payload(message.payload.clone())
+                    .headers(headers),
             )
             .await?;
         Ok(ack.await?)
@@ -313,8 +327,17 @@ mod tests {
 
     #[test]
     fn subjects_follow_the_naming_scheme() {
-        assert_eq!(COMPLAINT_RECEIVED.subject("acme"), "closedloop.complaint.received.acme");
-        assert_eq!(COMPLAINT_RECEIVED.all_tenants(), "closedloop.complaint.received.*");
-        assert_eq!(work_order_topic("resolved").cloudevents_type(), "closedloop.workorder.resolved.v1");
+        assert_eq!(
+            COMPLAINT_RECEIVED.subject("acme"),
+            "closedloop.complaint.received.acme"
+        );
+        assert_eq!(
+            COMPLAINT_RECEIVED.all_tenants(),
+            "closedloop.complaint.received.*"
+        );
+        assert_eq!(
+            work_order_topic("resolved").cloudevents_type(),
+            "closedloop.workorder.resolved.v1"
+        );
     }
 }

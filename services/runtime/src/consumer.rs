@@ -103,7 +103,12 @@ pub fn retry_delay(base: Duration, delivered: i64) -> Duration {
 
 /// Runs until `cancel` fires, then drains in-flight messages. Rebuilds the consumer with
 /// backoff when NATS or the stream is unavailable.
-pub async fn run<H: MessageHandler>(bus: Bus, spec: ConsumerSpec, handler: Arc<H>, cancel: CancellationToken) {
+pub async fn run<H: MessageHandler>(
+    bus: Bus,
+    spec: ConsumerSpec,
+    handler: Arc<H>,
+    cancel: CancellationToken,
+) {
     let permits = Arc::new(Semaphore::new(spec.concurrency));
     let mut in_flight = JoinSet::new();
     let mut backoff = Duration::from_millis(100);
@@ -172,7 +177,12 @@ async fn open(bus: &Bus, spec: &ConsumerSpec) -> anyhow::Result<pull::Stream> {
     Ok(messages)
 }
 
-async fn process<H: MessageHandler>(bus: &Bus, spec: &ConsumerSpec, handler: &H, message: jetstream::Message) {
+async fn process<H: MessageHandler>(
+    bus: &Bus,
+    spec: &ConsumerSpec,
+    handler: &H,
+    message: jetstream::Message,
+) {
     let span = tracing::info_span!("consume", consumer = %spec.durable, subject = %message.subject);
     crate::telemetry::follow_from_nats(&span, message.headers.as_ref());
     async {
@@ -182,7 +192,12 @@ async fn process<H: MessageHandler>(bus: &Bus, spec: &ConsumerSpec, handler: &H,
             Ok(()) => AckKind::Ack,
             Err(HandleError::Retry(error)) if delivered < spec.max_deliver => {
                 let delay = retry_delay(spec.retry_base, delivered);
-                tracing::warn!(error = format!("{error:#}"), delivered, ?delay, "handler failed; will retry");
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    delivered,
+                    ?delay,
+                    "handler failed; will retry"
+                );
                 AckKind::Nak(Some(delay))
             }
             Err(error) => {

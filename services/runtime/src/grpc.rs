@@ -18,6 +18,8 @@ use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 pub use crate::auth::Authenticator;
 
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
 #[derive(Debug, thiserror::Error)]
 pub enum GrpcError {
     #[error("cannot bind {addr}: {source}")]
@@ -51,11 +53,21 @@ pub async fn serve(
     for name in service_names.iter().copied().chain([""]) {
         health.set_service_status(name, ServingStatus::Serving).await;
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(closedloop_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let routes = routes.add_service(health_service).add_service(reflection);
+    // Both reflection versions: many clients (older grpcurl, Postman, Python tools) still
+    // ask v1alpha.
+    // Advertise only what this port serves, though the descriptor set holds every service.
+    let reflection = || {
+        service_names.iter().copied().chain([HEALTH_SERVICE]).fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(closedloop_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |builder, name| builder.with_service_name(name),
+        )
+    };
+    let routes = routes
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?);
 
     let names: Vec<String> = service_names.iter().map(|n| (*n).to_owned()).collect();
     let shutdown = async move {
@@ -102,7 +114,11 @@ pub fn invalid_argument(violations: &[Violation]) -> Status {
             .map(|v| FieldViolation::new(v.field.clone(), v.description.clone()))
             .collect::<Vec<_>>(),
     );
-    Status::with_error_details(Code::InvalidArgument, format!("invalid request: {summary}"), details)
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("invalid request: {summary}"),
+        details,
+    )
 }
 
 /// Clamps a requested page size: 0 means the default, larger than `max` means `max`.

@@ -38,15 +38,13 @@ impl Drop for TelemetryGuard {
     }
 }
 
-fn tracer_provider(
-    service: &'static str,
-    args: &TelemetryArgs,
-) -> Result<SdkTracerProvider, TelemetryError> {
+fn tracer_provider(service: &'static str, args: &TelemetryArgs) -> Result<SdkTracerProvider, TelemetryError> {
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(service)
         .build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
-    if let Some(endpoint) = &args.otlp_endpoint {
+    // An empty value (as compose files often pass) means "not set".
+    if let Some(endpoint) = args.otlp_endpoint.as_deref().filter(|e| !e.trim().is_empty()) {
         use opentelemetry_otlp::WithExportConfig;
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
@@ -109,9 +107,7 @@ impl Extractor for NatsHeadersRef<'_> {
 /// Writes the current span's trace context (`traceparent`, `tracestate`) into NATS headers.
 pub fn inject_into_nats(headers: &mut async_nats::HeaderMap) {
     let context = tracing::Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|p| {
-        p.inject_context(&context, &mut NatsHeaders(headers))
-    });
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&context, &mut NatsHeaders(headers)));
 }
 
 /// The current span's trace context as plain pairs, to store beside an outbox row.
@@ -125,8 +121,7 @@ pub fn current_trace_headers() -> HashMap<String, String> {
 /// Makes `span` a child of the trace context found in NATS headers, if any.
 pub fn follow_from_nats(span: &tracing::Span, headers: Option<&async_nats::HeaderMap>) {
     if let Some(headers) = headers {
-        let parent =
-            opentelemetry::global::get_text_map_propagator(|p| p.extract(&NatsHeadersRef(headers)));
+        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&NatsHeadersRef(headers)));
         let _ = span.set_parent(parent);
     }
 }

@@ -25,6 +25,12 @@ mod tests {
         let at = Utc.timestamp_opt(1_700_000_000, 123_456_789).single();
         let at = at.expect("valid time");
         assert_eq!(from_timestamp(&to_timestamp(at)), Some(at));
-        assert_eq!(from_timestamp(&Timestamp { seconds: 0, nanos: -1 }), None);
+        assert_eq!(
+            from_timestamp(&Timestamp {
+                seconds: 0,
+                nanos: -1
+            }),
+            None
+        );
     }
 }

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: installs nats-server and PostgreSQL if missing, then runs every test
+# (unit tests and the end-to-end tests, which start their own servers on free ports).
+# Extra arguments go to `cargo test`, e.g. `scripts/test.sh -p closedloop-dispatch`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/install-deps.sh
+cargo test --workspace --locked "$@"
