@@ -178,7 +178,7 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn start() -> anyhow::Result<Self> {
-        closedloop_runtime::telemetry::init_propagation();
+        install_telemetry();
         let nats = NatsServer::start()?;
         let database_url = Postgres::shared()?.create_database().await?;
         let receiver_stop = CancellationToken::new();
@@ -282,6 +282,26 @@ impl TestEnv {
         self.receiver_stop.cancel();
         stopped
     }
+}
+
+/// The services' telemetry, once per test process: spans carry trace context (so tests can
+/// check `traceparent` crosses NATS); logs are off unless `CLOSEDLOOP_TEST_LOG` gives a
+/// filter, e.g. `CLOSEDLOOP_TEST_LOG=info`.
+fn install_telemetry() {
+    use closedloop_runtime::config::{LogFormat, TelemetryArgs};
+    static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let args = TelemetryArgs {
+            log_format: LogFormat::Pretty,
+            log_filter: std::env::var("CLOSEDLOOP_TEST_LOG").unwrap_or_else(|_| "off".into()),
+            otlp_endpoint: None,
+        };
+        match closedloop_runtime::telemetry::init("tests", &args) {
+            // No exporter: nothing to flush, so the guard may live for the whole process.
+            Ok(guard) => std::mem::forget(guard),
+            Err(error) => eprintln!("telemetry not installed: {error}"),
+        }
+    });
 }
 
 /// A request carrying `authorization: Bearer <token>`.

@@ -2,6 +2,7 @@
 //! keeps them for tests to inspect (or prints them, for the local launcher).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -15,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 /// One message a gateway received.
 #[derive(Debug, Clone)]
 pub struct ReceivedMessage {
+    /// The HTTP status the receiver answered.
+    pub answered: u16,
     pub idempotency_key: String,
     /// Whether the signature header matched the body under the shared secret.
     pub signature_valid: bool,
@@ -31,6 +34,8 @@ impl ReceivedMessage {
 struct ReceiverState {
     secret: String,
     received: Arc<Mutex<Vec<ReceivedMessage>>>,
+    /// How many of the next requests to answer with HTTP 500.
+    failures_left: Arc<AtomicUsize>,
     print: bool,
 }
 
@@ -40,6 +45,7 @@ pub struct WebhookReceiver {
     pub addr: SocketAddr,
     pub secret: String,
     received: Arc<Mutex<Vec<ReceivedMessage>>>,
+    failures_left: Arc<AtomicUsize>,
 }
 
 async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: Bytes) -> StatusCode {
@@ -51,7 +57,17 @@ async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: B
             .to_owned()
     };
     let expected = format!("sha256={}", sign(state.secret.as_bytes(), &body));
+    let failing = state
+        .failures_left
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    let status = if failing {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::OK
+    };
     let message = ReceivedMessage {
+        answered: status.as_u16(),
         idempotency_key: header(IDEMPOTENCY_HEADER),
         signature_valid: header(SIGNATURE_HEADER) == expected,
         body: serde_json::from_slice(&body).unwrap_or_default(),
@@ -73,7 +89,7 @@ async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: B
     if let Ok(mut received) = state.received.lock() {
         received.push(message);
     }
-    StatusCode::OK
+    status
 }
 
 impl WebhookReceiver {
@@ -87,9 +103,11 @@ impl WebhookReceiver {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let received = Arc::new(Mutex::new(Vec::new()));
+        let failures_left = Arc::new(AtomicUsize::new(0));
         let state = ReceiverState {
             secret: secret.to_owned(),
             received: received.clone(),
+            failures_left: failures_left.clone(),
             print,
         };
         let app = Router::new().route("/hook", post(receive)).with_state(state);
@@ -105,19 +123,33 @@ impl WebhookReceiver {
             addr,
             secret: secret.to_owned(),
             received,
+            failures_left,
         })
+    }
+
+    /// Answers the next `n` requests with HTTP 500 (`usize::MAX`: until told otherwise).
+    pub fn fail_next(&self, n: usize) {
+        self.failures_left.store(n, Ordering::SeqCst);
     }
 
     pub fn url(&self) -> String {
         format!("http://{}/hook", self.addr)
     }
 
-    /// Everything received so far.
-    pub fn messages(&self) -> Vec<ReceivedMessage> {
+    /// Every request received so far, accepted or failed on purpose.
+    pub fn attempts(&self) -> Vec<ReceivedMessage> {
         self.received.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
-    /// Messages of one kind (`acknowledgement`, `closure`, ...) about one complaint.
+    /// The messages the gateway accepted (answered 200).
+    pub fn messages(&self) -> Vec<ReceivedMessage> {
+        self.attempts()
+            .into_iter()
+            .filter(|m| m.answered == 200)
+            .collect()
+    }
+
+    /// Accepted messages of one kind (`acknowledgement`, `closure`, ...) about one complaint.
     pub fn about(&self, complaint_id: &str, kind: &str) -> Vec<ReceivedMessage> {
         self.messages()
             .into_iter()

@@ -478,3 +478,206 @@ async fn classify_dry_run_explains_and_publishes_nothing() -> anyhow::Result<()>
     assert_eq!(stream.state.messages, 0, "a dry run publishes nothing");
     env.shutdown().await
 }
+
+async fn deliveries_of(env: &TestEnv, complaint_id: &str) -> anyhow::Result<Vec<Delivery>> {
+    let mut notifications = env.notifications().await?;
+    let request = ListDeliveriesRequest {
+        complaint_id: complaint_id.to_owned(),
+        ..Default::default()
+    };
+    Ok(notifications
+        .list_deliveries(authed(&env.tokens.agent, request))
+        .await?
+        .into_inner()
+        .deliveries)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_gateway_is_retried_and_the_customer_gets_one_message() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    env.webhook.fail_next(2);
+    let submitted = submit(&env, outage_post("weibo-flaky")).await?;
+    wait_until("the acknowledgement", WAIT, || async {
+        !env.webhook
+            .about(&submitted.complaint_id, "acknowledgement")
+            .is_empty()
+    })
+    .await?;
+    env.wait_idle().await?;
+
+    let attempts: Vec<_> = env
+        .webhook
+        .attempts()
+        .into_iter()
+        .filter(|m| m.field("complaint_id") == submitted.complaint_id)
+        .collect();
+    let answers: Vec<u16> = attempts.iter().map(|m| m.answered).collect();
+    assert_eq!(answers, vec![500, 500, 200], "two failures, then delivered");
+    assert!(
+        attempts
+            .iter()
+            .all(|m| m.idempotency_key == attempts[0].idempotency_key),
+        "one key for all tries"
+    );
+    assert_eq!(
+        env.webhook
+            .about(&submitted.complaint_id, "acknowledgement")
+            .len(),
+        1
+    );
+
+    let log = deliveries_of(&env, &submitted.complaint_id).await?;
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].state(), DeliveryState::Delivered);
+    assert_eq!(log[0].attempts, 3);
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_that_keeps_failing_is_given_up_with_its_reason() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    env.webhook.fail_next(usize::MAX);
+    let submitted = submit(&env, outage_post("weibo-gateway-down")).await?;
+
+    let client = async_nats::connect(env.nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    let dead = wait_for("the dead letter", WAIT, || {
+        let js = js.clone();
+        async move {
+            let stream = js.get_stream(bus::DEAD_LETTER_STREAM).await.ok()?;
+            stream
+                .get_last_raw_message_by_subject("closedloop.deadletter.notify-classified")
+                .await
+                .ok()
+        }
+    })
+    .await?;
+    let header = |name: &str| {
+        dead.headers
+            .get(name)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default()
+    };
+    assert!(
+        header(bus::dead_letter_headers::REASON).contains("HTTP 500"),
+        "{}",
+        header(bus::dead_letter_headers::REASON)
+    );
+    assert_eq!(header(bus::dead_letter_headers::DELIVERIES), "5");
+    assert_eq!(
+        header(bus::dead_letter_headers::SUBJECT),
+        bus::COMPLAINT_CLASSIFIED.subject("acme")
+    );
+
+    env.wait_idle().await?;
+    assert_eq!(
+        env.webhook.attempts().len(),
+        5,
+        "bounded: max_deliver attempts, no more"
+    );
+    let log = deliveries_of(&env, &submitted.complaint_id).await?;
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].state(), DeliveryState::Failed);
+    assert_eq!(log[0].attempts, 5);
+    assert!(log[0].last_error.contains("HTTP 500"), "{}", log[0].last_error);
+    let failed = js
+        .get_stream(bus::NOTIFICATIONS_STREAM)
+        .await?
+        .get_last_raw_message_by_subject(&bus::NOTIFICATION_FAILED.subject("acme"))
+        .await?;
+    let failed = NotificationFailed::decode(failed.payload.as_ref())?;
+    assert!(failed.reason.contains("HTTP 500"));
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_follows_a_complaint_across_the_bus() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let submitted = submit(&env, outage_post("weibo-traced")).await?;
+    work_order_for(&env, &submitted.complaint_id).await?;
+    env.wait_idle().await?;
+
+    let client = async_nats::connect(env.nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    let trace_id = |message: &async_nats::jetstream::message::StreamMessage| {
+        let header = message
+            .headers
+            .get("traceparent")
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        // traceparent = version-traceid-spanid-flags
+        header.split('-').nth(1).unwrap_or_default().to_owned()
+    };
+    let complaints = js.get_stream(bus::COMPLAINTS_STREAM).await?;
+    let received = complaints
+        .get_last_raw_message_by_subject(&bus::COMPLAINT_RECEIVED.subject("acme"))
+        .await?;
+    let classified = complaints
+        .get_last_raw_message_by_subject(&bus::COMPLAINT_CLASSIFIED.subject("acme"))
+        .await?;
+    let created = js
+        .get_stream(bus::WORK_ORDERS_STREAM)
+        .await?
+        .get_last_raw_message_by_subject(&bus::work_order_topic("created").subject("acme"))
+        .await?;
+    let trace = trace_id(&received);
+    assert_eq!(trace.len(), 32, "ingest published a traceparent");
+    assert_eq!(trace_id(&classified), trace, "classify continued the trace");
+    assert_eq!(
+        trace_id(&created),
+        trace,
+        "dispatch's outbox event continued the trace"
+    );
+
+    // The CloudEvents headers ride along.
+    let header = |name: &str| {
+        received
+            .headers
+            .get(name)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(header("ce-specversion"), "1.0");
+    assert_eq!(header("ce-type"), "closedloop.complaint.received.v1");
+    assert_eq!(header("ce-source"), "closedloop/ingest");
+    assert_eq!(header("content-type"), "application/protobuf");
+    assert_eq!(
+        header("Nats-Msg-Id"),
+        format!("received:{}", submitted.complaint_id)
+    );
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_reports_each_item() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    submit(&env, outage_post("weibo-b1")).await?;
+    let mut bad = outage_post("weibo-b3");
+    bad.text = String::new();
+    let mut ingest = env.ingest().await?;
+    let request = SubmitComplaintsRequest {
+        complaints: vec![outage_post("weibo-b1"), outage_post("weibo-b2"), bad],
+    };
+    let results = ingest
+        .submit_complaints(authed(&env.tokens.gateway, request))
+        .await?
+        .into_inner()
+        .results;
+    let outcomes: Vec<_> = results.iter().map(|r| r.outcome()).collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            SubmissionOutcome::Duplicate,
+            SubmissionOutcome::Accepted,
+            SubmissionOutcome::Rejected
+        ]
+    );
+    assert!(
+        results[2].reason.contains("complaints[2].text"),
+        "{}",
+        results[2].reason
+    );
+    env.wait_idle().await?;
+    assert_eq!(list_all(&env, &env.tokens.agent).await?.len(), 2);
+    env.shutdown().await
+}

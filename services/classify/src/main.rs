@@ -9,8 +9,9 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     let _telemetry = telemetry::init("classify", &config.telemetry)?;
     tracing::info!(?config, "starting classify");
+    let grace = std::time::Duration::from_secs(config.grpc.shutdown_grace_secs);
     let cancel = shutdown::on_signal();
     let classify = Classify::build(config, &cancel).await?;
     tracing::info!(grpc = %classify.grpc_addr()?, "classify listening");
-    classify.run(cancel).await
+    shutdown::run_with_grace(classify.run(cancel.clone()), cancel, grace).await
 }

@@ -9,8 +9,9 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     let _telemetry = telemetry::init("dispatch", &config.telemetry)?;
     tracing::info!(?config, "starting dispatch");
+    let grace = std::time::Duration::from_secs(config.grpc.shutdown_grace_secs);
     let cancel = shutdown::on_signal();
     let dispatch = Dispatch::build(config, &cancel).await?;
     tracing::info!(grpc = %dispatch.grpc_addr()?, "dispatch listening");
-    dispatch.run(cancel).await
+    shutdown::run_with_grace(dispatch.run(cancel.clone()), cancel, grace).await
 }

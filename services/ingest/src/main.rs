@@ -9,8 +9,9 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     let _telemetry = telemetry::init("ingest", &config.telemetry)?;
     tracing::info!(?config, "starting ingest");
+    let grace = std::time::Duration::from_secs(config.grpc.shutdown_grace_secs);
     let cancel = shutdown::on_signal();
     let ingest = Ingest::build(config, &cancel).await?;
     tracing::info!(grpc = %ingest.grpc_addr()?, "ingest listening");
-    ingest.run(cancel).await
+    shutdown::run_with_grace(ingest.run(cancel.clone()), cancel, grace).await
 }

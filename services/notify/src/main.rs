@@ -9,8 +9,9 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     let _telemetry = telemetry::init("notify", &config.telemetry)?;
     tracing::info!(?config, "starting notify");
+    let grace = std::time::Duration::from_secs(config.grpc.shutdown_grace_secs);
     let cancel = shutdown::on_signal();
     let notify = Notify::build(config, &cancel).await?;
     tracing::info!(grpc = %notify.grpc_addr()?, "notify listening");
-    notify.run(cancel).await
+    shutdown::run_with_grace(notify.run(cancel.clone()), cancel, grace).await
 }

@@ -9,6 +9,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -60,7 +61,11 @@ fn tracer_provider(service: &'static str, args: &TelemetryArgs) -> Result<SdkTra
 pub fn init(service: &'static str, args: &TelemetryArgs) -> Result<TelemetryGuard, TelemetryError> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let provider = tracer_provider(service, args)?;
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service));
+    // Spans at info and above feed trace context even when logs are filtered out, so
+    // `traceparent` keeps flowing whatever the log level.
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer(service))
+        .with_filter(LevelFilter::INFO);
     let filter = EnvFilter::try_new(&args.log_filter)?;
     let fmt = match args.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
@@ -71,17 +76,10 @@ pub fn init(service: &'static str, args: &TelemetryArgs) -> Result<TelemetryGuar
         LogFormat::Pretty => tracing_subscriber::fmt::layer().compact().boxed(),
     };
     tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
+        .with(fmt.with_filter(filter))
         .with(otel)
         .try_init()?;
     Ok(TelemetryGuard { provider })
-}
-
-/// Installs only the propagator: for tests and the local launcher, which run services in
-/// one process and set up logging themselves.
-pub fn init_propagation() {
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
 }
 
 struct NatsHeaders<'a>(&'a mut async_nats::HeaderMap);
