@@ -16,7 +16,7 @@ use closedloop_proto::v1::{
 };
 use closedloop_runtime::auth::{Authenticator, principal};
 use closedloop_runtime::bus::{self, Bus, OutgoingEvent, StreamSettings};
-use closedloop_runtime::config::{GrpcArgs, NatsArgs, TelemetryArgs};
+use closedloop_runtime::config::ServiceArgs;
 use closedloop_runtime::consumer::{self, ConsumerSpec, HandleError, MessageHandler};
 use closedloop_runtime::grpc::{self, Violation, invalid_argument};
 use tokio::net::TcpListener;
@@ -48,11 +48,7 @@ pub struct Config {
     #[arg(long, env = "CLOSEDLOOP_MAX_TEXT_CHARS", default_value_t = 20_000)]
     pub max_text_chars: usize,
     #[command(flatten)]
-    pub nats: NatsArgs,
-    #[command(flatten)]
-    pub grpc: GrpcArgs,
-    #[command(flatten)]
-    pub telemetry: TelemetryArgs,
+    pub service: ServiceArgs,
 }
 
 /// Classifies received complaints and publishes the verdict.
@@ -143,8 +139,8 @@ pub struct Classify {
 impl Classify {
     pub async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
         let rules = Arc::new(Rules::load(config.rules_file.as_deref())?);
-        let bus = Bus::connect(&config.nats.nats_url, "classify", cancel).await?;
-        bus.provision(&StreamSettings::from(&config.nats)).await?;
+        let bus = Bus::connect(&config.service.nats.nats_url, "classify", cancel).await?;
+        bus.provision(&StreamSettings::from(&config.service.nats)).await?;
         let listener = grpc::bind(config.listen).await?;
         Ok(Self {
             listener,
@@ -164,7 +160,7 @@ impl Classify {
             bus::COMPLAINTS_STREAM,
             CONSUMER,
             vec![bus::COMPLAINT_RECEIVED.all_tenants()],
-            &self.config.nats,
+            &self.config.service.nats,
         );
         let handler = Arc::new(ReceivedHandler {
             bus: self.bus.clone(),
@@ -176,11 +172,11 @@ impl Classify {
             rules: self.rules,
             max_text_chars: self.config.max_text_chars,
         };
-        let server =
-            ClassifyServiceServer::new(api).max_decoding_message_size(self.config.grpc.max_request_bytes);
+        let server = ClassifyServiceServer::new(api)
+            .max_decoding_message_size(self.config.service.grpc.max_request_bytes);
         let routes = Routes::new(InterceptedService::new(
             server,
-            Authenticator::new(self.config.grpc.auth_tokens.clone()),
+            Authenticator::new(self.config.service.grpc.auth_tokens.clone()),
         ));
         let served = grpc::serve(self.listener, routes, &[SERVICE_NAME], cancel.clone()).await;
         cancel.cancel();

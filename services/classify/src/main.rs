@@ -7,9 +7,9 @@ use closedloop_runtime::{shutdown, telemetry};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    let _telemetry = telemetry::init("classify", &config.telemetry)?;
+    let _telemetry = telemetry::init("classify", &config.service.telemetry)?;
     tracing::info!(?config, "starting classify");
-    let grace = std::time::Duration::from_secs(config.grpc.shutdown_grace_secs);
+    let grace = std::time::Duration::from_secs(config.service.grpc.shutdown_grace_secs);
     let cancel = shutdown::on_signal();
     let classify = Classify::build(config, &cancel).await?;
     tracing::info!(grpc = %classify.grpc_addr()?, "classify listening");

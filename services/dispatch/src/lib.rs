@@ -18,7 +18,7 @@ use closedloop_proto::v1::ComplaintClassified;
 use closedloop_proto::v1::work_order_service_server::WorkOrderServiceServer;
 use closedloop_runtime::auth::Authenticator;
 use closedloop_runtime::bus::{self, Bus, StreamSettings};
-use closedloop_runtime::config::{DatabaseArgs, GrpcArgs, NatsArgs, TelemetryArgs};
+use closedloop_runtime::config::{DatabaseArgs, ServiceArgs};
 use closedloop_runtime::consumer::{self, ConsumerSpec, HandleError, MessageHandler};
 use closedloop_runtime::{db, grpc};
 use sqlx::PgPool;
@@ -62,11 +62,7 @@ pub struct Config {
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
-    pub nats: NatsArgs,
-    #[command(flatten)]
-    pub grpc: GrpcArgs,
-    #[command(flatten)]
-    pub telemetry: TelemetryArgs,
+    pub service: ServiceArgs,
 }
 
 /// Turns classified complaints into work orders.
@@ -124,8 +120,8 @@ impl Dispatch {
         let routing = RoutingTable::parse(&config.routes, &config.default_team)?;
         let sla: SlaPolicy = config.sla.parse()?;
         let pool = db::connect(&config.database, SCHEMA, &MIGRATOR, cancel).await?;
-        let bus = Bus::connect(&config.nats.nats_url, "dispatch", cancel).await?;
-        bus.provision(&StreamSettings::from(&config.nats)).await?;
+        let bus = Bus::connect(&config.service.nats.nats_url, "dispatch", cancel).await?;
+        bus.provision(&StreamSettings::from(&config.service.nats)).await?;
         let listener = grpc::bind(config.listen).await?;
         Ok(Self {
             listener,
@@ -149,7 +145,7 @@ impl Dispatch {
             bus::COMPLAINTS_STREAM,
             CLASSIFIED_CONSUMER,
             vec![bus::COMPLAINT_CLASSIFIED.all_tenants()],
-            &self.config.nats,
+            &self.config.service.nats,
         );
         let handler = Arc::new(ClassifiedHandler {
             pool: self.pool.clone(),
@@ -171,11 +167,11 @@ impl Dispatch {
             pool: self.pool.clone(),
             relay_wake,
         };
-        let server =
-            WorkOrderServiceServer::new(api).max_decoding_message_size(self.config.grpc.max_request_bytes);
+        let server = WorkOrderServiceServer::new(api)
+            .max_decoding_message_size(self.config.service.grpc.max_request_bytes);
         let routes = Routes::new(InterceptedService::new(
             server,
-            Authenticator::new(self.config.grpc.auth_tokens.clone()),
+            Authenticator::new(self.config.service.grpc.auth_tokens.clone()),
         ));
         let served = grpc::serve(self.listener, routes, &[api::SERVICE_NAME], cancel.clone()).await;
         cancel.cancel();

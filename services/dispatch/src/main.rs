@@ -7,9 +7,9 @@ use closedloop_runtime::{shutdown, telemetry};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    let _telemetry = telemetry::init("dispatch", &config.telemetry)?;
+    let _telemetry = telemetry::init("dispatch", &config.service.telemetry)?;
     tracing::info!(?config, "starting dispatch");
-    let grace = std::time::Duration::from_secs(config.grpc.shutdown_grace_secs);
+    let grace = std::time::Duration::from_secs(config.service.grpc.shutdown_grace_secs);
     let cancel = shutdown::on_signal();
     let dispatch = Dispatch::build(config, &cancel).await?;
     tracing::info!(grpc = %dispatch.grpc_addr()?, "dispatch listening");

@@ -1,13 +1,12 @@
 //! Work orders in PostgreSQL. Every change writes the work order, its history row and the
 //! outbox event in one transaction, so an event exists exactly when its change does.
 
-use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use closedloop_proto::v1::{
     Channel, Intent, Poster, Priority, WorkOrder, WorkOrderEvent, WorkOrderEventKind, WorkOrderState,
 };
 use closedloop_runtime::bus::{OutgoingEvent, work_order_topic};
-use closedloop_runtime::{ids, telemetry, time};
+use closedloop_runtime::{grpc, ids, telemetry, time};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
@@ -236,16 +235,12 @@ pub struct ListFilter {
 
 /// Where the previous page ended: newest first, so the next page starts below this key.
 fn encode_page_token(created_at: DateTime<Utc>, id: Uuid) -> String {
-    let raw = format!("{}:{}", created_at.timestamp_micros(), id);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    grpc::encode_page_token(&format!("{}:{}", created_at.timestamp_micros(), id))
 }
 
 fn decode_page_token(token: &str) -> Result<(DateTime<Utc>, Uuid), StoreError> {
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|_| StoreError::BadPageToken)?;
-    let raw = String::from_utf8(raw).map_err(|_| StoreError::BadPageToken)?;
-    let (micros, id) = raw.split_once(':').ok_or(StoreError::BadPageToken)?;
+    let position = grpc::decode_page_token(token).ok_or(StoreError::BadPageToken)?;
+    let (micros, id) = position.split_once(':').ok_or(StoreError::BadPageToken)?;
     let micros: i64 = micros.parse().map_err(|_| StoreError::BadPageToken)?;
     let at = DateTime::from_timestamp_micros(micros).ok_or(StoreError::BadPageToken)?;
     Ok((at, Uuid::parse_str(id).map_err(|_| StoreError::BadPageToken)?))

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use closedloop_runtime::config::{GrpcArgs, NatsArgs, TelemetryArgs};
+use closedloop_runtime::config::ServiceArgs;
 
 use crate::validate::Limits;
 
@@ -22,11 +22,7 @@ pub struct Config {
     #[arg(long, env = "CLOSEDLOOP_MAX_BATCH", default_value_t = 500)]
     pub max_batch: usize,
     #[command(flatten)]
-    pub nats: NatsArgs,
-    #[command(flatten)]
-    pub grpc: GrpcArgs,
-    #[command(flatten)]
-    pub telemetry: TelemetryArgs,
+    pub service: ServiceArgs,
 }
 
 impl Config {

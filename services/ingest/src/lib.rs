@@ -29,8 +29,8 @@ pub struct Ingest {
 
 impl Ingest {
     pub async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
-        let bus = Bus::connect(&config.nats.nats_url, "ingest", cancel).await?;
-        bus.provision(&StreamSettings::from(&config.nats)).await?;
+        let bus = Bus::connect(&config.service.nats.nats_url, "ingest", cancel).await?;
+        bus.provision(&StreamSettings::from(&config.service.nats)).await?;
         let listener = grpc::bind(config.listen).await?;
         let service = service::IngestApi::new(bus, config.limits());
         Ok(Self {
@@ -48,10 +48,10 @@ impl Ingest {
     /// Serves until `cancel` fires, then finishes in-flight calls.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let server = IngestServiceServer::new(self.service)
-            .max_decoding_message_size(self.config.grpc.max_request_bytes);
+            .max_decoding_message_size(self.config.service.grpc.max_request_bytes);
         let routes = Routes::new(InterceptedService::new(
             server,
-            Authenticator::new(self.config.grpc.auth_tokens.clone()),
+            Authenticator::new(self.config.service.grpc.auth_tokens.clone()),
         ));
         grpc::serve(self.listener, routes, &[service::SERVICE_NAME], cancel).await?;
         Ok(())

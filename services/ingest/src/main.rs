@@ -7,9 +7,9 @@ use closedloop_runtime::{shutdown, telemetry};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    let _telemetry = telemetry::init("ingest", &config.telemetry)?;
+    let _telemetry = telemetry::init("ingest", &config.service.telemetry)?;
     tracing::info!(?config, "starting ingest");
-    let grace = std::time::Duration::from_secs(config.grpc.shutdown_grace_secs);
+    let grace = std::time::Duration::from_secs(config.service.grpc.shutdown_grace_secs);
     let cancel = shutdown::on_signal();
     let ingest = Ingest::build(config, &cancel).await?;
     tracing::info!(grpc = %ingest.grpc_addr()?, "ingest listening");

@@ -21,7 +21,7 @@ use closedloop_proto::v1::{
 };
 use closedloop_runtime::auth::Authenticator;
 use closedloop_runtime::bus::{self, Bus, OutgoingEvent, StreamSettings};
-use closedloop_runtime::config::{DatabaseArgs, GrpcArgs, NatsArgs, TelemetryArgs};
+use closedloop_runtime::config::{DatabaseArgs, ServiceArgs};
 use closedloop_runtime::consumer::{self, ConsumerSpec, HandleError, MessageHandler};
 use closedloop_runtime::{Secret, db, grpc, ids};
 use sqlx::PgPool;
@@ -58,11 +58,7 @@ pub struct Config {
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
-    pub nats: NatsArgs,
-    #[command(flatten)]
-    pub grpc: GrpcArgs,
-    #[command(flatten)]
-    pub telemetry: TelemetryArgs,
+    pub service: ServiceArgs,
 }
 
 /// Delivers messages and keeps the log. Shared by both consumers.
@@ -294,8 +290,8 @@ impl Notify {
             Duration::from_secs(config.gateway_timeout_secs.max(1)),
         )?;
         let pool = db::connect(&config.database, SCHEMA, &MIGRATOR, cancel).await?;
-        let bus = Bus::connect(&config.nats.nats_url, "notify", cancel).await?;
-        bus.provision(&StreamSettings::from(&config.nats)).await?;
+        let bus = Bus::connect(&config.service.nats.nats_url, "notify", cancel).await?;
+        bus.provision(&StreamSettings::from(&config.service.nats)).await?;
         let listener = grpc::bind(config.listen).await?;
         Ok(Self {
             listener,
@@ -315,19 +311,19 @@ impl Notify {
             pool: self.pool.clone(),
             bus: self.bus.clone(),
             webhooks: self.webhooks,
-            max_deliver: self.config.nats.max_deliver.max(1),
+            max_deliver: self.config.service.nats.max_deliver.max(1),
         });
         let classified = ConsumerSpec::new(
             bus::COMPLAINTS_STREAM,
             CLASSIFIED_CONSUMER,
             vec![bus::COMPLAINT_CLASSIFIED.all_tenants()],
-            &self.config.nats,
+            &self.config.service.nats,
         );
         let work_orders = ConsumerSpec::new(
             bus::WORK_ORDERS_STREAM,
             WORK_ORDER_CONSUMER,
             vec![bus::work_order_topic("resolved").all_tenants()],
-            &self.config.nats,
+            &self.config.service.nats,
         );
         let consumers = [
             tokio::spawn(consumer::run(
@@ -346,10 +342,10 @@ impl Notify {
         let server = NotificationServiceServer::new(api::NotificationApi {
             pool: self.pool.clone(),
         })
-        .max_decoding_message_size(self.config.grpc.max_request_bytes);
+        .max_decoding_message_size(self.config.service.grpc.max_request_bytes);
         let routes = Routes::new(InterceptedService::new(
             server,
-            Authenticator::new(self.config.grpc.auth_tokens.clone()),
+            Authenticator::new(self.config.service.grpc.auth_tokens.clone()),
         ));
         let served = grpc::serve(self.listener, routes, &[api::SERVICE_NAME], cancel.clone()).await;
         cancel.cancel();

@@ -1,9 +1,8 @@
 //! The delivery log in PostgreSQL.
 
-use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use closedloop_proto::v1::{Delivery, DeliveryState, NotificationKind};
-use closedloop_runtime::time;
+use closedloop_runtime::{grpc, time};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
@@ -98,16 +97,12 @@ pub struct ListFilter {
 }
 
 fn encode_token(seq: i64) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(seq.to_string())
+    grpc::encode_page_token(&seq.to_string())
 }
 
 fn decode_token(token: &str) -> Result<i64, StoreError> {
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|_| StoreError::BadPageToken)?;
-    std::str::from_utf8(&raw)
-        .ok()
-        .and_then(|s| s.parse().ok())
+    grpc::decode_page_token(token)
+        .and_then(|position| position.parse().ok())
         .ok_or(StoreError::BadPageToken)
 }
 

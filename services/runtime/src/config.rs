@@ -37,6 +37,17 @@ impl<T: FromStr> FromStr for Secret<T> {
     }
 }
 
+/// What every service takes: NATS, its gRPC front, telemetry.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    #[command(flatten)]
+    pub grpc: GrpcArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
 /// Where NATS is and how the streams are provisioned.
 #[derive(Debug, Clone, clap::Args)]
 pub struct NatsArgs {

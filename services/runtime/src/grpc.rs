@@ -121,6 +121,22 @@ pub fn invalid_argument(violations: &[Violation]) -> Status {
     )
 }
 
+/// An opaque page token for a listing position (URL-safe base64, so callers do not read
+/// meaning into it).
+pub fn encode_page_token(position: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(position)
+}
+
+/// The position inside a page token, or `None` for a token this API did not issue.
+pub fn decode_page_token(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()?;
+    String::from_utf8(raw).ok()
+}
+
 /// Clamps a requested page size: 0 means the default, larger than `max` means `max`.
 pub fn page_size(requested: i32, default: u32, max: u32) -> u32 {
     match u32::try_from(requested) {
@@ -145,6 +161,14 @@ mod tests {
         let bad = details.bad_request().expect("bad request details");
         assert_eq!(bad.field_violations.len(), 2);
         assert_eq!(bad.field_violations[1].field, "complaint.channel");
+    }
+
+    #[test]
+    fn page_tokens_are_opaque_and_round_trip() {
+        let token = encode_page_token("1700000000:abc");
+        assert!(!token.contains(':'));
+        assert_eq!(decode_page_token(&token).as_deref(), Some("1700000000:abc"));
+        assert_eq!(decode_page_token("not base64!"), None);
     }
 
     #[test]
