@@ -42,11 +42,19 @@ pub struct SystemOptions {
     pub ports: [u16; 4],
     /// First redelivery delay after a transient failure.
     pub retry_base_ms: u64,
+    /// Port of ingest's HTTP listener (JSON and WeChat); 0 picks a free one.
+    pub ingest_http_port: u16,
+    /// `CLOSEDLOOP_WECHAT_ACCOUNTS` syntax.
+    pub wechat_accounts: String,
+    /// Further flags for every service (e.g. `--stream-max-bytes`).
+    pub extra_args: Vec<String>,
 }
 
 /// The four services running in this process.
 pub struct System {
     pub ingest: SocketAddr,
+    /// Ingest's HTTP listener.
+    pub ingest_http: SocketAddr,
     pub classify: SocketAddr,
     pub dispatch: SocketAddr,
     pub notify: SocketAddr,
@@ -69,6 +77,7 @@ fn args(options: &SystemOptions, port: u16, with_database: bool) -> Vec<String> 
     if with_database {
         args.extend(["--database-url".to_owned(), options.database_url.clone()]);
     }
+    args.extend(options.extra_args.iter().cloned());
     args
 }
 
@@ -78,7 +87,14 @@ impl System {
         let cancel = CancellationToken::new();
         let [ingest_port, classify_port, dispatch_port, notify_port] = options.ports;
 
-        let ingest_config = closedloop_ingest::Config::try_parse_from(args(options, ingest_port, false))?;
+        let mut ingest_args = args(options, ingest_port, false);
+        ingest_args.extend([
+            "--http-listen".to_owned(),
+            SocketAddr::new(options.host, options.ingest_http_port).to_string(),
+            "--wechat-accounts".to_owned(),
+            options.wechat_accounts.clone(),
+        ]);
+        let ingest_config = closedloop_ingest::Config::try_parse_from(ingest_args)?;
         let classify_config =
             closedloop_classify::Config::try_parse_from(args(options, classify_port, false))?;
         let dispatch_config =
@@ -102,6 +118,7 @@ impl System {
 
         let system = Self {
             ingest: ingest.grpc_addr()?,
+            ingest_http: ingest.http_addr()?,
             classify: classify.grpc_addr()?,
             dispatch: dispatch.grpc_addr()?,
             notify: notify.grpc_addr()?,
@@ -156,6 +173,9 @@ impl System {
     }
 }
 
+/// The WeChat callback token of tenant `acme` in the test environment.
+pub const WECHAT_TOKEN: &str = "wechat-callback-token";
+
 /// Tokens the test environment configures.
 pub struct TestTokens {
     /// Tenant `acme`, a channel gateway.
@@ -178,6 +198,11 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Like [`TestEnv::start`], with the options adjusted by `adjust` first.
+    pub async fn start_with(adjust: impl FnOnce(&mut SystemOptions)) -> anyhow::Result<Self> {
         install_telemetry();
         let nats = NatsServer::start()?;
         let database_url = Postgres::shared()?.create_database().await?;
@@ -194,7 +219,7 @@ impl TestEnv {
             agent: format!("agent-{}", uuid::Uuid::new_v4()),
             other_tenant: format!("beta-{}", uuid::Uuid::new_v4()),
         };
-        let options = SystemOptions {
+        let mut options = SystemOptions {
             nats_url: nats.url(),
             database_url: database_url.clone(),
             auth_tokens: format!(
@@ -207,7 +232,11 @@ impl TestEnv {
             host: "127.0.0.1".parse()?,
             ports: [0; 4],
             retry_base_ms: 100,
+            ingest_http_port: 0,
+            wechat_accounts: format!("acme={WECHAT_TOKEN}"),
+            extra_args: Vec::new(),
         };
+        adjust(&mut options);
         let system = System::start(&options).await?;
         system.wait_ready(&nats.url()).await?;
         Ok(Self {

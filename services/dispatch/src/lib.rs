@@ -89,17 +89,26 @@ impl MessageHandler for ClassifiedHandler {
         let team = self.routing.team_for(&classification.category);
         let due = self.sla.due_times(classification.priority(), now);
         let work_order = store::new_work_order(&complaint, &classification, team, due, now);
-        let created = store::create(&self.pool, &work_order)
-            .await
-            .map_err(|e| match e {
-                store::StoreError::Database(db) => HandleError::retry(db),
-                other => HandleError::reject(other.to_string()),
-            })?;
-        if created {
-            self.relay_wake.notify_one();
-            tracing::info!(work_order_id = %work_order.work_order_id, %team, "work order created");
-        } else {
-            tracing::info!(complaint_id = %complaint.complaint_id, "work order already exists; redelivery ignored");
+        let placement = store::place(&self.pool, &work_order).await.map_err(|e| match e {
+            store::StoreError::Database(db) => HandleError::retry(db),
+            other => HandleError::reject(other.to_string()),
+        })?;
+        match placement {
+            store::Placement::Created(created) => {
+                self.relay_wake.notify_one();
+                tracing::info!(work_order_id = %created.work_order_id, %team, "work order created");
+            }
+            store::Placement::Attached(open) => {
+                self.relay_wake.notify_one();
+                tracing::info!(
+                    work_order_id = %open.work_order_id,
+                    complaint_id = %complaint.complaint_id,
+                    "follow-up attached to the thread's open work order"
+                );
+            }
+            store::Placement::AlreadyHandled => {
+                tracing::info!(complaint_id = %complaint.complaint_id, "already placed; redelivery ignored");
+            }
         }
         Ok(())
     }

@@ -145,16 +145,98 @@ async fn append_history_and_outbox(
     Ok(())
 }
 
-/// Inserts a new work order with its `created` event. Returns false (and changes nothing)
-/// when the complaint already has one: that is how redelivery stays harmless.
-pub async fn create(pool: &PgPool, work_order: &WorkOrder) -> Result<bool, StoreError> {
+/// What became of a classified complaint.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Placement {
+    /// A new work order was opened for it.
+    Created(WorkOrder),
+    /// A follow-up on a thread with an open work order: attached to that one.
+    Attached(WorkOrder),
+    /// Handled before (a redelivery): nothing changed.
+    AlreadyHandled,
+}
+
+/// Opens a work order for a complaint, or attaches the complaint to the open work order of
+/// its thread. Idempotent: a complaint already placed changes nothing. Complaints of one
+/// thread are placed one at a time (an advisory lock on the thread), across replicas.
+pub async fn place(pool: &PgPool, work_order: &WorkOrder) -> Result<Placement, StoreError> {
+    let tenant = &work_order.tenant;
+    let complaint_id = parse_uuid(&work_order.complaint_id)?;
     let mut tx = pool.begin().await?;
+    if !work_order.thread_id.is_empty() {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(format!("{tenant}\u{1f}{}", work_order.thread_id))
+            .execute(&mut *tx)
+            .await?;
+    }
+    let placed: Option<Uuid> = sqlx::query_scalar(
+        "SELECT work_order_id FROM work_orders WHERE tenant = $1 AND complaint_id = $2 \
+         UNION ALL SELECT work_order_id FROM complaint_links WHERE tenant = $1 AND complaint_id = $2 LIMIT 1",
+    )
+    .bind(tenant)
+    .bind(complaint_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if placed.is_some() {
+        return Ok(Placement::AlreadyHandled);
+    }
+    if !work_order.thread_id.is_empty() {
+        let open = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM work_orders WHERE tenant = $1 AND thread_id = $2 AND state = ANY($3) \
+             ORDER BY created_at DESC LIMIT 1 FOR UPDATE"
+        ))
+        .bind(tenant)
+        .bind(&work_order.thread_id)
+        .bind(OPEN_STATES.map(|s| s as i16).to_vec())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = open {
+            let mut open = from_row(&row)?;
+            let open_id = parse_uuid(&open.work_order_id)?;
+            sqlx::query(
+                "INSERT INTO complaint_links (tenant, complaint_id, work_order_id) VALUES ($1, $2, $3)",
+            )
+            .bind(tenant)
+            .bind(complaint_id)
+            .bind(open_id)
+            .execute(&mut *tx)
+            .await?;
+            let now = Utc::now();
+            open.version += 1;
+            open.updated_at = ts(now);
+            sqlx::query("UPDATE work_orders SET version = $2, updated_at = $3 WHERE work_order_id = $1")
+                .bind(open_id)
+                .bind(open.version)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            let note = format!("follow-up {} attached", work_order.complaint_id);
+            append_history_and_outbox(&mut tx, &open, WorkOrderEventKind::Merged, "system", &note).await?;
+            tx.commit().await?;
+            return Ok(Placement::Attached(open));
+        }
+    }
+    insert_new(&mut tx, work_order).await?;
+    append_history_and_outbox(&mut tx, work_order, WorkOrderEventKind::Created, "system", "").await?;
+    tx.commit().await?;
+    Ok(Placement::Created(work_order.clone()))
+}
+
+/// States in which a work order is still being worked on.
+const OPEN_STATES: [WorkOrderState; 5] = [
+    WorkOrderState::New,
+    WorkOrderState::Assigned,
+    WorkOrderState::InProgress,
+    WorkOrderState::PendingCustomer,
+    WorkOrderState::Reopened,
+];
+
+async fn insert_new(tx: &mut Transaction<'_, Postgres>, work_order: &WorkOrder) -> Result<(), StoreError> {
     let poster = work_order.poster.clone().unwrap_or_default();
     let now = to_time(&work_order.created_at).unwrap_or_else(Utc::now);
-    let inserted = sqlx::query(&format!(
+    sqlx::query(&format!(
         "INSERT INTO work_orders ({COLUMNS}) VALUES \
-         ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23,$24,$25,$26) \
-         ON CONFLICT DO NOTHING"
+         ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23,$24,$25,$26)"
     ))
     .bind(parse_uuid(&work_order.work_order_id)?)
     .bind(&work_order.tenant)
@@ -182,15 +264,9 @@ pub async fn create(pool: &PgPool, work_order: &WorkOrder) -> Result<bool, Store
     .bind(to_time(&work_order.resolution_due).unwrap_or(now))
     .bind(to_time(&work_order.resolved_at))
     .bind(&work_order.resolution_note)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if inserted {
-        append_history_and_outbox(&mut tx, work_order, WorkOrderEventKind::Created, "system", "").await?;
-    }
-    tx.commit().await?;
-    Ok(inserted)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 pub async fn get(pool: &PgPool, tenant: &str, work_order_id: &str) -> Result<WorkOrder, StoreError> {
@@ -205,13 +281,15 @@ pub async fn get(pool: &PgPool, tenant: &str, work_order_id: &str) -> Result<Wor
     Ok(from_row(&row)?)
 }
 
+/// The work order handling a complaint: the one it opened, or the one it was attached to.
 pub async fn get_by_complaint(
     pool: &PgPool,
     tenant: &str,
     complaint_id: &str,
 ) -> Result<WorkOrder, StoreError> {
     let row = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM work_orders WHERE tenant = $1 AND complaint_id = $2"
+        "SELECT {COLUMNS} FROM work_orders WHERE tenant = $1 AND (complaint_id = $2 OR work_order_id = \
+           (SELECT work_order_id FROM complaint_links WHERE tenant = $1 AND complaint_id = $2)) LIMIT 1"
     ))
     .bind(tenant)
     .bind(parse_uuid(complaint_id)?)

@@ -1,11 +1,15 @@
 //! Ingest: the front door. Validates and normalises what channel gateways send, gives each
 //! contact a deterministic id, publishes `complaint.received` and answers only after
-//! JetStream acknowledged it, so an OK means the complaint is stored. Stateless: run as
-//! many replicas as the traffic needs.
+//! JetStream acknowledged it, so an OK means the complaint is stored. Serves gRPC, an
+//! HTTP+JSON form of the same calls, and the WeChat official-account callback, all through
+//! one code path ([`intake::Intake`]). Stateless: run as many replicas as traffic needs.
 
 pub mod config;
+pub mod http;
+pub mod intake;
 pub mod service;
 pub mod validate;
+pub mod wechat;
 
 use std::net::SocketAddr;
 
@@ -20,10 +24,11 @@ use tonic::service::interceptor::InterceptedService;
 
 pub use config::Config;
 
-/// A built ingest service: connected, streams provisioned, listener bound.
+/// A built ingest service: connected, streams provisioned, listeners bound.
 pub struct Ingest {
     listener: TcpListener,
-    service: service::IngestApi,
+    http_listener: TcpListener,
+    intake: intake::Intake,
     config: Config,
 }
 
@@ -32,10 +37,12 @@ impl Ingest {
         let bus = Bus::connect(&config.service.nats.nats_url, "ingest", cancel).await?;
         bus.provision(&StreamSettings::from(&config.service.nats)).await?;
         let listener = grpc::bind(config.listen).await?;
-        let service = service::IngestApi::new(bus, config.limits());
+        let http_listener = grpc::bind(config.http_listen).await?;
+        let intake = intake::Intake::new(bus, config.limits());
         Ok(Self {
             listener,
-            service,
+            http_listener,
+            intake,
             config,
         })
     }
@@ -45,15 +52,33 @@ impl Ingest {
         self.listener.local_addr()
     }
 
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
+        self.http_listener.local_addr()
+    }
+
     /// Serves until `cancel` fires, then finishes in-flight calls.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let server = IngestServiceServer::new(self.service)
+        let auth = Authenticator::new(self.config.service.grpc.auth_tokens.clone());
+        let app = http::router(
+            self.intake.clone(),
+            auth.clone(),
+            self.config.wechat_accounts.expose().clone(),
+            self.config.service.grpc.max_request_bytes,
+        );
+        let http_cancel = cancel.clone();
+        let http = tokio::spawn(async move {
+            axum::serve(self.http_listener, app)
+                .with_graceful_shutdown(http_cancel.cancelled_owned())
+                .await
+        });
+        let server = IngestServiceServer::new(service::IngestApi { intake: self.intake })
             .max_decoding_message_size(self.config.service.grpc.max_request_bytes);
-        let routes = Routes::new(InterceptedService::new(
-            server,
-            Authenticator::new(self.config.service.grpc.auth_tokens.clone()),
-        ));
-        grpc::serve(self.listener, routes, &[service::SERVICE_NAME], cancel).await?;
+        let routes = Routes::new(InterceptedService::new(server, auth));
+        let served = grpc::serve(self.listener, routes, &[service::SERVICE_NAME], cancel.clone()).await;
+        cancel.cancel();
+        http.await??;
+        served?;
         Ok(())
     }
 }

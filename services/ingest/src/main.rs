@@ -12,6 +12,6 @@ async fn main() -> anyhow::Result<()> {
     let grace = std::time::Duration::from_secs(config.service.grpc.shutdown_grace_secs);
     let cancel = shutdown::on_signal();
     let ingest = Ingest::build(config, &cancel).await?;
-    tracing::info!(grpc = %ingest.grpc_addr()?, "ingest listening");
+    tracing::info!(grpc = %ingest.grpc_addr()?, http = %ingest.http_addr()?, "ingest listening");
     shutdown::run_with_grace(ingest.run(cancel.clone()), cancel, grace).await
 }

@@ -3,12 +3,16 @@
 use chrono::{DateTime, Duration, Utc};
 use closedloop_proto::v1::{Channel, Complaint, ComplaintSubmission, Poster};
 use closedloop_runtime::grpc::Violation;
-use closedloop_runtime::{ids, time};
+use closedloop_runtime::{chinese, ids, time};
+use unicode_normalization::UnicodeNormalization;
 
 /// Bounds on what a gateway may send.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Longest text on social and messaging channels (a Weibo post is up to 2,000).
     pub max_text_chars: usize,
+    /// Longest text on transcript channels (hotline, e-mail), which run longer.
+    pub max_transcript_chars: usize,
     pub max_id_chars: usize,
     pub max_batch: usize,
     pub max_attachments: usize,
@@ -19,7 +23,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_text_chars: 20_000,
+            max_text_chars: 5_000,
+            max_transcript_chars: 100_000,
             max_id_chars: 128,
             max_batch: 500,
             max_attachments: 9,
@@ -28,12 +33,16 @@ impl Default for Limits {
     }
 }
 
-/// Collapses whitespace runs to one space and drops control characters, so the same words
-/// compare equal whatever the channel did to layout.
+/// The most followers any account has; more is a gateway bug.
+pub const MAX_FOLLOWERS: i64 = 10_000_000_000;
+
+/// Unicode NFKC (which also turns full-width letters, digits and punctuation into their
+/// half-width forms), control characters dropped, whitespace runs collapsed to one space:
+/// the same words compare equal whatever the channel or input method did to them.
 pub fn normalise_text(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut pending_space = false;
-    for c in text.chars() {
+    for c in text.nfkc() {
         if c.is_whitespace() {
             pending_space = !out.is_empty();
         } else if !c.is_control() {
@@ -50,6 +59,26 @@ pub fn normalise_text(text: &str) -> String {
 /// The stable id of a contact: retries of one channel message get the same id.
 pub fn complaint_id(tenant: &str, channel: Channel, channel_message_id: &str) -> String {
     ids::derive("complaint", &[tenant, channel.as_str_name(), channel_message_id]).to_string()
+}
+
+/// Channels whose texts are transcripts rather than posts.
+fn is_transcript(channel: Channel) -> bool {
+    matches!(channel, Channel::Hotline | Channel::Email)
+}
+
+/// An absolute https URL with a host, no whitespace, at most 2 KiB.
+fn valid_attachment_url(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("https://") else {
+        return false;
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    url.len() <= 2048
+        && !host.is_empty()
+        && !host.starts_with(['.', '-', ':'])
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+        && !url.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 fn check_id(violations: &mut Vec<Violation>, field: &str, value: &str, required: bool, limits: &Limits) {
@@ -115,17 +144,37 @@ pub fn validate_submission(
         true,
         limits,
     );
-    if poster.followers < 0 {
-        violations.push(Violation::new(field("poster.followers"), "must not be negative"));
+    if !(0..=MAX_FOLLOWERS).contains(&poster.followers) {
+        violations.push(Violation::new(
+            field("poster.followers"),
+            format!("must be 0 to {MAX_FOLLOWERS}"),
+        ));
     }
-    let text = normalise_text(&submission.text);
-    if text.is_empty() {
-        violations.push(Violation::new(field("text"), "must not be empty"));
-    } else if submission.text.chars().count() > limits.max_text_chars {
+    if poster.display_name.chars().count() > limits.max_id_chars {
+        violations.push(Violation::new(
+            field("poster.display_name"),
+            format!("must be at most {} characters", limits.max_id_chars),
+        ));
+    }
+    let max_chars = if is_transcript(channel) {
+        limits.max_transcript_chars
+    } else {
+        limits.max_text_chars
+    };
+    // Count before normalising, so nobody pays to normalise an oversized text.
+    let too_long = submission.text.chars().count() > max_chars;
+    let text = if too_long {
+        String::new()
+    } else {
+        normalise_text(&submission.text)
+    };
+    if too_long {
         violations.push(Violation::new(
             field("text"),
-            format!("must be at most {} characters", limits.max_text_chars),
+            format!("must be at most {max_chars} characters"),
         ));
+    } else if text.is_empty() {
+        violations.push(Violation::new(field("text"), "must not be empty"));
     }
     if submission.attachment_urls.len() > limits.max_attachments {
         violations.push(Violation::new(
@@ -134,7 +183,7 @@ pub fn validate_submission(
         ));
     }
     for (i, url) in submission.attachment_urls.iter().enumerate() {
-        if !url.starts_with("https://") || url.len() > 2048 || url.chars().any(char::is_whitespace) {
+        if !valid_attachment_url(url) {
             violations.push(Violation::new(
                 format!("{prefix}.attachment_urls[{i}]"),
                 "must be an https URL",
@@ -168,6 +217,7 @@ pub fn validate_submission(
         return Err(violations);
     }
     Ok(Complaint {
+        script: chinese::detect_script(&text) as i32,
         complaint_id: complaint_id(caller_tenant, channel, &submission.channel_message_id),
         tenant: caller_tenant.to_owned(),
         channel: channel as i32,
@@ -217,12 +267,65 @@ mod tests {
             validate_submission(&submission(), "acme", &Limits::default(), Utc::now(), "complaint")
                 .expect("valid");
         assert_eq!(complaint.text, "宽带 又断网了 三天了");
+        assert_eq!(complaint.script(), closedloop_proto::v1::Script::Simplified);
         assert_eq!(complaint.original_text, submission().text);
         assert_eq!(complaint.tenant, "acme");
         assert_eq!(
             complaint.complaint_id,
             complaint_id("acme", Channel::WeiboPost, "m-1")
         );
+    }
+
+    #[test]
+    fn normalisation_folds_width_and_compatibility_forms() {
+        assert_eq!(normalise_text("ＡＢＣ１２３！　网速"), "ABC123! 网速");
+        assert_eq!(normalise_text("a\u{0007}b\r\n\tc"), "ab c");
+        assert_eq!(normalise_text("①号楼"), "1号楼");
+    }
+
+    #[test]
+    fn attachment_urls_must_be_https_with_a_host() {
+        assert!(valid_attachment_url("https://wx.qlogo.cn/a/b.png?x=1"));
+        for bad in [
+            "http://x.cn/a.png",
+            "https:///a.png",
+            "https://a b.cn/",
+            "https://",
+            "ftp://x",
+        ] {
+            assert!(!valid_attachment_url(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn transcripts_may_be_longer_than_posts() {
+        let limits = Limits {
+            max_text_chars: 10,
+            max_transcript_chars: 50,
+            ..Limits::default()
+        };
+        let mut s = submission();
+        s.text = "字".repeat(20);
+        assert!(validate_submission(&s, "acme", &limits, Utc::now(), "c").is_err());
+        s.channel = Channel::Hotline as i32;
+        assert!(validate_submission(&s, "acme", &limits, Utc::now(), "c").is_ok());
+    }
+
+    #[test]
+    fn at_most_nine_attachments_and_sane_followers() {
+        let mut s = submission();
+        s.attachment_urls = vec!["https://img.example.cn/1.png".into(); 10];
+        if let Some(p) = s.poster.as_mut() {
+            p.followers = MAX_FOLLOWERS + 1;
+        }
+        let got = fields(validate_submission(
+            &s,
+            "acme",
+            &Limits::default(),
+            Utc::now(),
+            "c",
+        ));
+        assert_eq!(got, vec!["c.poster.followers", "c.attachment_urls"]);
     }
 
     #[test]

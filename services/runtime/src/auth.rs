@@ -163,22 +163,32 @@ impl Authenticator {
     }
 }
 
-impl tonic::service::Interceptor for Authenticator {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
+impl Authenticator {
+    /// The caller behind an `authorization` header value (`Bearer <token>`); used by the
+    /// gRPC interceptor and by HTTP endpoints alike.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, Status> {
+        let header = authorization
             .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>`"))?;
         let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
             .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
-        let principal = self
-            .tokens
+        self.tokens
             .lookup(token.trim())
             .cloned()
-            .ok_or_else(|| Status::unauthenticated("unknown token"))?;
+            .ok_or_else(|| Status::unauthenticated("unknown token"))
+    }
+}
+
+impl tonic::service::Interceptor for Authenticator {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let header = request.metadata().get("authorization").map(|v| v.to_str());
+        let header = match header {
+            Some(Err(_)) => return Err(Status::unauthenticated("authorization header is not ASCII")),
+            Some(Ok(value)) => Some(value),
+            None => None,
+        };
+        let principal = self.authenticate(header)?;
         request.extensions_mut().insert(principal);
         Ok(request)
     }

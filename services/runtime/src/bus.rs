@@ -96,10 +96,17 @@ pub enum BusError {
 }
 
 impl BusError {
-    /// True when JetStream refused for lack of room (stream limits), rather than being away.
-    pub fn is_storage_full(&self) -> bool {
-        let text = self.to_string().to_ascii_lowercase();
-        text.contains("maximum") || text.contains("insufficient") || text.contains("limit")
+    /// True when JetStream answered but refused to store (a stream at its limits), as
+    /// opposed to being unreachable or slow.
+    pub fn is_refused(&self) -> bool {
+        match self {
+            BusError::Publish(error) => {
+                error.kind() == jetstream::context::PublishErrorKind::Other
+                    && std::error::Error::source(error)
+                        .is_some_and(|source| source.downcast_ref::<jetstream::Error>().is_some())
+            }
+            _ => false,
+        }
     }
 }
 
@@ -137,6 +144,8 @@ impl OutgoingEvent {
 #[derive(Debug, Clone)]
 pub struct StreamSettings {
     pub max_age: Duration,
+    /// Bytes a stream may hold; -1 for no limit. A full stream refuses new events.
+    pub max_bytes: i64,
     pub duplicate_window: Duration,
     pub replicas: usize,
 }
@@ -145,6 +154,7 @@ impl From<&NatsArgs> for StreamSettings {
     fn from(args: &NatsArgs) -> Self {
         Self {
             max_age: Duration::from_secs(args.stream_max_age_hours * 3600),
+            max_bytes: args.stream_max_bytes,
             duplicate_window: Duration::from_secs(args.duplicate_window_secs),
             replicas: args.stream_replicas,
         }
@@ -199,6 +209,12 @@ impl Bus {
         &self.client
     }
 
+    /// Whether the connection to NATS is up right now; callers that answer users fail
+    /// fast instead of waiting for an ack timeout while it is down.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     /// Creates the streams, or updates them to the configured settings. Every service
     /// calls this at start; it is idempotent, so replicas may race.
     pub async fn provision(&self, settings: &StreamSettings) -> Result<(), BusError> {
@@ -211,7 +227,10 @@ impl Bus {
                 max_age: settings.max_age,
                 duplicate_window: settings.duplicate_window,
                 num_replicas: settings.replicas,
-                discard: stream::DiscardPolicy::Old,
+                max_bytes: settings.max_bytes,
+                // A full stream refuses new events (publishers see the refusal and back off)
+                // rather than silently dropping old ones nobody has handled yet.
+                discard: stream::DiscardPolicy::New,
                 ..Default::default()
             };
             self.jetstream

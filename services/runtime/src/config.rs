@@ -57,6 +57,10 @@ pub struct NatsArgs {
     /// How long streams keep events (hours).
     #[arg(long, env = "CLOSEDLOOP_STREAM_MAX_AGE_HOURS", default_value_t = 168)]
     pub stream_max_age_hours: u64,
+    /// Bytes each stream may hold (-1: no limit). A full stream refuses new events, and
+    /// ingest answers RESOURCE_EXHAUSTED, instead of dropping events not yet handled.
+    #[arg(long, env = "CLOSEDLOOP_STREAM_MAX_BYTES", default_value_t = -1, allow_hyphen_values = true)]
+    pub stream_max_bytes: i64,
     /// Window in which JetStream drops a re-published event with the same Nats-Msg-Id
     /// (seconds). Beyond it, idempotency is the database's job.
     #[arg(long, env = "CLOSEDLOOP_DUPLICATE_WINDOW_SECS", default_value_t = 600)]

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod bus;
+pub mod chinese;
 pub mod config;
 pub mod consumer;
 pub mod db;

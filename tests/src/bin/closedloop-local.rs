@@ -30,6 +30,12 @@ struct Args {
     nats_port: u16,
     #[arg(long, default_value_t = 55432)]
     postgres_port: u16,
+    /// Port of ingest's HTTP listener (JSON submissions, WeChat callback).
+    #[arg(long, default_value_t = 8080)]
+    http_port: u16,
+    /// Callback token of the tenant's WeChat account (`/wechat/<tenant>`).
+    #[arg(long, env = "CLOSEDLOOP_DEV_WECHAT_TOKEN", default_value = "dev-wechat-token")]
+    wechat_token: String,
     /// Port of the demo gateway that receives notify's webhooks.
     #[arg(long, default_value_t = 8088)]
     gateway_port: u16,
@@ -109,6 +115,9 @@ async fn main() -> anyhow::Result<()> {
         host: args.host,
         ports: [0, 1, 2, 3].map(|i| args.base_port + i),
         retry_base_ms: 500,
+        ingest_http_port: args.http_port,
+        wechat_accounts: format!("{}={}", args.tenant, args.wechat_token),
+        extra_args: Vec::new(),
     };
     let system = System::start(&options).await?;
     system.wait_ready(&nats_url).await?;

@@ -1,0 +1,341 @@
+//! HTTP for callers that cannot speak gRPC: JSON forms of `SubmitComplaint(s)` and the
+//! WeChat official-account callback. Both go through [`Intake`], like gRPC does.
+//!
+//! - `POST /v1/complaints` with `{"complaint": {...}}` → `{"complaint_id", "duplicate"}`
+//! - `POST /v1/complaints:batch` with `{"complaints": [...]}` → `{"results": [...]}`
+//! - `GET|POST /wechat/{tenant}`: WeChat's verification handshake and message pushes
+//! - `GET /healthz`: 200 while JetStream is reachable
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use closedloop_proto::v1::{Channel, ComplaintSubmission, Poster, SubmissionOutcome};
+use closedloop_runtime::auth::{Authenticator, Principal, Role};
+use closedloop_runtime::grpc::Violation;
+use closedloop_runtime::time;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::intake::{IngestError, Intake, RETRY_AFTER};
+use crate::wechat::{self, WechatAccounts};
+
+/// WeChat gives up on a push after 5 s; answer well before.
+const WECHAT_DEADLINE: Duration = Duration::from_millis(4_000);
+/// WeChat pushes are small; refuse anything larger before reading it.
+const WECHAT_MAX_BODY: usize = 64 * 1024;
+
+struct HttpState {
+    intake: Intake,
+    auth: Authenticator,
+    wechat: WechatAccounts,
+}
+
+pub fn router(intake: Intake, auth: Authenticator, wechat: WechatAccounts, max_body: usize) -> Router {
+    let state = Arc::new(HttpState { intake, auth, wechat });
+    let json_api = Router::new()
+        .route("/v1/complaints", post(submit_one))
+        .route("/v1/complaints:batch", post(submit_many))
+        .layer(DefaultBodyLimit::max(max_body));
+    let wechat = Router::new()
+        .route("/wechat/{tenant}", get(wechat_handshake).post(wechat_push))
+        .layer(DefaultBodyLimit::max(WECHAT_MAX_BODY));
+    json_api
+        .merge(wechat)
+        .route("/healthz", get(healthz))
+        .with_state(state)
+}
+
+/// A complaint in JSON, the same fields as the protobuf `ComplaintSubmission`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JsonComplaint {
+    pub tenant: String,
+    /// `weibo_post` or `CHANNEL_WEIBO_POST`.
+    pub channel: String,
+    pub channel_message_id: String,
+    pub poster: Option<JsonPoster>,
+    pub text: String,
+    /// RFC 3339, e.g. `2026-11-23T08:00:00+08:00`.
+    pub posted_at: Option<String>,
+    pub thread_id: String,
+    pub in_reply_to: String,
+    pub attachment_urls: Vec<String>,
+    pub locale: String,
+    pub region_hint: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JsonPoster {
+    pub poster_id: String,
+    pub display_name: String,
+    pub followers: i64,
+    pub verified: bool,
+}
+
+fn channel_from_name(name: &str) -> Channel {
+    let upper = name.trim().to_ascii_uppercase();
+    Channel::from_str_name(&upper)
+        .or_else(|| Channel::from_str_name(&format!("CHANNEL_{upper}")))
+        .unwrap_or(Channel::Unspecified)
+}
+
+impl From<JsonComplaint> for ComplaintSubmission {
+    fn from(json: JsonComplaint) -> Self {
+        let posted_at = json
+            .posted_at
+            .map(|text| match chrono::DateTime::parse_from_rfc3339(&text) {
+                Ok(at) => time::to_timestamp(at.to_utc()),
+                // Negative nanos are invalid, so validation reports the field like any bad time.
+                Err(_) => prost_types::Timestamp {
+                    seconds: 0,
+                    nanos: -1,
+                },
+            });
+        ComplaintSubmission {
+            tenant: json.tenant,
+            channel: channel_from_name(&json.channel) as i32,
+            channel_message_id: json.channel_message_id,
+            poster: json.poster.map(|p| Poster {
+                poster_id: p.poster_id,
+                display_name: p.display_name,
+                followers: p.followers,
+                verified: p.verified,
+            }),
+            text: json.text,
+            posted_at,
+            thread_id: json.thread_id,
+            in_reply_to: json.in_reply_to,
+            attachment_urls: json.attachment_urls,
+            locale: json.locale,
+            region_hint: json.region_hint,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitOneBody {
+    complaint: Option<JsonComplaint>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitManyBody {
+    #[serde(default)]
+    complaints: Vec<JsonComplaint>,
+}
+
+#[derive(Serialize)]
+struct ItemResult {
+    outcome: &'static str,
+    complaint_id: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    reason: String,
+}
+
+/// Everything an HTTP caller can get wrong or run into; mapped to a response in one place.
+#[derive(Debug, thiserror::Error)]
+enum HttpError {
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("no WeChat account configured for this tenant")]
+    UnknownWechatAccount,
+    #[error("bad signature")]
+    BadSignature,
+    #[error("{0}")]
+    BadMessage(String),
+    #[error("not stored in time; retry")]
+    NotInTime,
+}
+
+impl IntoResponse for HttpError {
+    /// JSON API errors are `{"code", "message", "field_violations"}` with the matching HTTP
+    /// status and, for storage failures, `Retry-After`; WeChat errors are plain text.
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            HttpError::Ingest(IngestError::Invalid(_)) => (StatusCode::BAD_REQUEST, "INVALID_ARGUMENT"),
+            HttpError::Ingest(IngestError::PermissionDenied) => (StatusCode::FORBIDDEN, "PERMISSION_DENIED"),
+            HttpError::Ingest(IngestError::Unavailable) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            HttpError::Ingest(IngestError::StoreFull) => {
+                (StatusCode::TOO_MANY_REQUESTS, "RESOURCE_EXHAUSTED")
+            }
+            HttpError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
+            HttpError::UnknownWechatAccount => {
+                return (StatusCode::NOT_FOUND, self.to_string()).into_response();
+            }
+            HttpError::BadSignature => return (StatusCode::FORBIDDEN, self.to_string()).into_response(),
+            HttpError::BadMessage(_) => return (StatusCode::BAD_REQUEST, self.to_string()).into_response(),
+            HttpError::NotInTime => {
+                return (StatusCode::SERVICE_UNAVAILABLE, self.to_string()).into_response();
+            }
+        };
+        let violations: Vec<_> = match &self {
+            HttpError::Ingest(IngestError::Invalid(v)) => v
+                .iter()
+                .map(|v| json!({"field": v.field, "description": v.description}))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let retry = matches!(
+            self,
+            HttpError::Ingest(IngestError::Unavailable | IngestError::StoreFull)
+        );
+        let body = json!({"code": code, "message": self.to_string(), "field_violations": violations});
+        let mut response = (status, axum::Json(body)).into_response();
+        if retry {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER.as_secs()));
+        }
+        response
+    }
+}
+
+fn authenticate(state: &HttpState, headers: &HeaderMap) -> Result<Principal, HttpError> {
+    let header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    state
+        .auth
+        .authenticate(header)
+        .map_err(|status| HttpError::Unauthenticated(status.message().to_owned()))
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, HttpError> {
+    serde_json::from_slice(body).map_err(|e| {
+        IngestError::Invalid(vec![Violation::new("body", format!("is not valid JSON: {e}"))]).into()
+    })
+}
+
+async fn submit_one(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    let caller = authenticate(&state, &headers)?;
+    let request: SubmitOneBody = parse_json(&body)?;
+    let complaint = request
+        .complaint
+        .ok_or_else(|| IngestError::Invalid(vec![Violation::new("complaint", "must be set")]))?;
+    let accepted = state
+        .intake
+        .submit_one(&caller, &complaint.into(), "complaint")
+        .await?;
+    Ok(
+        axum::Json(json!({"complaint_id": accepted.complaint_id, "duplicate": accepted.duplicate}))
+            .into_response(),
+    )
+}
+
+async fn submit_many(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    let caller = authenticate(&state, &headers)?;
+    let request: SubmitManyBody = parse_json(&body)?;
+    let submissions: Vec<ComplaintSubmission> = request.complaints.into_iter().map(Into::into).collect();
+    let results: Vec<ItemResult> = state
+        .intake
+        .submit_many(&caller, &submissions)
+        .await?
+        .into_iter()
+        .map(|r| ItemResult {
+            outcome: match r.outcome() {
+                SubmissionOutcome::Accepted => "accepted",
+                SubmissionOutcome::Duplicate => "duplicate",
+                _ => "rejected",
+            },
+            complaint_id: r.complaint_id,
+            reason: r.reason,
+        })
+        .collect();
+    Ok(axum::Json(json!({ "results": results })).into_response())
+}
+
+#[derive(Deserialize)]
+struct WechatQuery {
+    #[serde(default)]
+    signature: String,
+    #[serde(default)]
+    timestamp: String,
+    #[serde(default)]
+    nonce: String,
+    #[serde(default)]
+    echostr: String,
+}
+
+/// Checks that the query carries a valid WeChat signature for `tenant`'s account.
+fn verify_account(state: &HttpState, tenant: &str, query: &WechatQuery) -> Result<(), HttpError> {
+    let token = state
+        .wechat
+        .token(tenant)
+        .ok_or(HttpError::UnknownWechatAccount)?;
+    if wechat::verify(token, &query.timestamp, &query.nonce, &query.signature) {
+        Ok(())
+    } else {
+        tracing::warn!(%tenant, "WeChat callback with a bad signature");
+        Err(HttpError::BadSignature)
+    }
+}
+
+/// WeChat's server verification: echo `echostr` when the signature checks out.
+async fn wechat_handshake(
+    State(state): State<Arc<HttpState>>,
+    Path(tenant): Path<String>,
+    Query(query): Query<WechatQuery>,
+) -> Result<String, HttpError> {
+    verify_account(&state, &tenant, &query)?;
+    Ok(query.echostr)
+}
+
+/// A pushed message. Answers `success` (WeChat's "received, no reply") once the complaint
+/// is stored; a 503 makes WeChat retry, and the message id makes its retries harmless.
+async fn wechat_push(
+    State(state): State<Arc<HttpState>>,
+    Path(tenant): Path<String>,
+    Query(query): Query<WechatQuery>,
+    body: Bytes,
+) -> Result<&'static str, HttpError> {
+    verify_account(&state, &tenant, &query)?;
+    let xml = std::str::from_utf8(&body).map_err(|e| HttpError::BadMessage(e.to_string()))?;
+    let message = wechat::parse_message(xml).map_err(|e| HttpError::BadMessage(e.to_string()))?;
+    let Some(submission) = wechat::to_submission(&message) else {
+        return Ok("success");
+    };
+    let caller = Principal {
+        tenant: tenant.clone(),
+        roles: vec![Role::Gateway],
+        name: "wechat".into(),
+    };
+    let stored = tokio::time::timeout(
+        WECHAT_DEADLINE,
+        state.intake.submit_one(&caller, &submission, "message"),
+    )
+    .await
+    .map_err(|_| HttpError::NotInTime)?;
+    match stored {
+        Ok(_) => Ok("success"),
+        Err(IngestError::Invalid(violations)) => {
+            // Retrying cannot fix it; tell WeChat we have it so it stops, and say why here.
+            tracing::warn!(%tenant, ?violations, "WeChat message rejected");
+            Ok("success")
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+async fn healthz(State(state): State<Arc<HttpState>>) -> StatusCode {
+    if state.intake.is_connected() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}

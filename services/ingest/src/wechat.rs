@@ -1,0 +1,165 @@
+//! The WeChat official-account callback, plain-text mode: the signature WeChat puts on
+//! every push (SHA-1 over the sorted token, timestamp and nonce), the XML of a pushed
+//! message, and how a text message becomes a submission. Plain functions; the HTTP side is
+//! in `http.rs`.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use closedloop_proto::v1::{Channel, ComplaintSubmission, Poster};
+use prost_types::Timestamp;
+use serde::Deserialize;
+use sha1::{Digest, Sha1};
+
+/// The callback token each tenant configured in the WeChat admin console.
+#[derive(Clone, Default)]
+pub struct WechatAccounts {
+    token_by_tenant: HashMap<String, String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WechatError {
+    #[error("WeChat account entry {0:?} is not `tenant=token`")]
+    Malformed(String),
+    #[error("message XML is invalid: {0}")]
+    Xml(String),
+}
+
+impl FromStr for WechatAccounts {
+    type Err = WechatError;
+    /// `acme=token1;beta=token2`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut token_by_tenant = HashMap::new();
+        for entry in s.split([';', '\n']).map(str::trim).filter(|e| !e.is_empty()) {
+            let (tenant, token) = entry
+                .split_once('=')
+                .filter(|(t, k)| closedloop_runtime::auth::valid_tenant(t.trim()) && !k.trim().is_empty())
+                .ok_or_else(|| {
+                    WechatError::Malformed(entry.split('=').next().unwrap_or_default().to_owned())
+                })?;
+            token_by_tenant.insert(tenant.trim().to_owned(), token.trim().to_owned());
+        }
+        Ok(Self { token_by_tenant })
+    }
+}
+
+impl WechatAccounts {
+    pub fn token(&self, tenant: &str) -> Option<&str> {
+        self.token_by_tenant.get(tenant).map(String::as_str)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.token_by_tenant.is_empty()
+    }
+}
+
+/// The signature WeChat computes: hex SHA-1 of token, timestamp and nonce, sorted and joined.
+pub fn signature(token: &str, timestamp: &str, nonce: &str) -> String {
+    let mut parts = [token, timestamp, nonce];
+    parts.sort_unstable();
+    hex::encode(Sha1::digest(parts.concat().as_bytes()))
+}
+
+/// Whether a push really comes from WeChat for the account with `token`.
+pub fn verify(token: &str, timestamp: &str, nonce: &str, claimed: &str) -> bool {
+    // Not secret-dependent in a way timing could leak usefully: the attacker chooses all
+    // inputs but the token, and SHA-1 hides it.
+    signature(token, timestamp, nonce).eq_ignore_ascii_case(claimed)
+}
+
+/// A pushed message, as far as Closedloop reads it.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct WechatMessage {
+    /// The official account's id.
+    pub to_user_name: String,
+    /// The customer's openid.
+    pub from_user_name: String,
+    /// Seconds since the epoch.
+    pub create_time: i64,
+    /// `text`, `image`, `voice`, `event`, ...
+    pub msg_type: String,
+    #[serde(default)]
+    pub content: String,
+    /// Absent on events; WeChat's retries of one message share it.
+    #[serde(default)]
+    pub msg_id: Option<String>,
+}
+
+pub fn parse_message(xml: &str) -> Result<WechatMessage, WechatError> {
+    quick_xml::de::from_str(xml).map_err(|e| WechatError::Xml(e.to_string()))
+}
+
+/// A text message as a submission; `None` for other kinds (images, events), which are
+/// acknowledged to WeChat and not ingested.
+pub fn to_submission(message: &WechatMessage) -> Option<ComplaintSubmission> {
+    if message.msg_type != "text" {
+        return None;
+    }
+    Some(ComplaintSubmission {
+        channel: Channel::Wechat as i32,
+        channel_message_id: message.msg_id.clone().unwrap_or_default(),
+        poster: Some(Poster {
+            poster_id: message.from_user_name.clone(),
+            ..Default::default()
+        }),
+        text: message.content.clone(),
+        posted_at: Some(Timestamp {
+            seconds: message.create_time,
+            nanos: 0,
+        }),
+        // A customer's chat with one account is one conversation.
+        thread_id: format!("wechat:{}:{}", message.to_user_name, message.from_user_name),
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT_PUSH: &str = "<xml><ToUserName><![CDATA[gh_0123456789ab]]></ToUserName>\
+        <FromUserName><![CDATA[oUser-openid]]></FromUserName><CreateTime>1700000000</CreateTime>\
+        <MsgType><![CDATA[text]]></MsgType><Content><![CDATA[宽带断网了 <急>]]></Content>\
+        <MsgId>23456789012345678</MsgId></xml>";
+
+    #[test]
+    fn signature_sorts_then_hashes() {
+        // sha1("1700000000" + "nonce" + "token"), the parts in byte order.
+        let expected = hex::encode(Sha1::digest(b"1700000000noncetoken"));
+        assert_eq!(signature("token", "1700000000", "nonce"), expected);
+        assert!(verify("token", "1700000000", "nonce", &expected.to_uppercase()));
+        assert!(!verify("other", "1700000000", "nonce", &expected));
+    }
+
+    #[test]
+    fn parses_a_text_push_into_a_submission() {
+        let message = parse_message(TEXT_PUSH).expect("valid XML");
+        assert_eq!(message.msg_id.as_deref(), Some("23456789012345678"));
+        let submission = to_submission(&message).expect("text message");
+        assert_eq!(submission.text, "宽带断网了 <急>");
+        assert_eq!(submission.channel(), Channel::Wechat);
+        assert_eq!(submission.channel_message_id, "23456789012345678");
+        assert_eq!(
+            submission.poster.map(|p| p.poster_id).as_deref(),
+            Some("oUser-openid")
+        );
+        assert_eq!(submission.thread_id, "wechat:gh_0123456789ab:oUser-openid");
+    }
+
+    #[test]
+    fn events_are_not_submissions_and_garbage_is_an_error() {
+        let event = "<xml><ToUserName>a</ToUserName><FromUserName>b</FromUserName>\
+            <CreateTime>1</CreateTime><MsgType>event</MsgType><Event>subscribe</Event></xml>";
+        let message = parse_message(event).expect("valid XML");
+        assert!(to_submission(&message).is_none());
+        assert!(parse_message("<xml><oops").is_err());
+    }
+
+    #[test]
+    fn accounts_parse() {
+        let accounts: WechatAccounts = "acme=tok1; beta=tok2".parse().expect("valid");
+        assert_eq!(accounts.token("beta"), Some("tok2"));
+        assert!("acme".parse::<WechatAccounts>().is_err());
+        assert!("ACME=x".parse::<WechatAccounts>().is_err());
+    }
+}

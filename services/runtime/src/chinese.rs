@@ -1,0 +1,104 @@
+//! Simplified and Traditional Chinese: which script a text is written in, and folding
+//! Traditional characters to Simplified so rules and models match both. Character pairs
+//! come from fast2s (MIT, 2,700+ pairs derived from OpenCC).
+
+use std::collections::HashSet;
+use std::sync::LazyLock;
+
+use closedloop_proto::v1::Script;
+
+/// Characters that only the Traditional script uses, and those only Simplified uses,
+/// derived once from the Traditional→Simplified pairs.
+struct ScriptTables {
+    traditional: HashSet<char>,
+    simplified: HashSet<char>,
+}
+
+static TABLES: LazyLock<ScriptTables> = LazyLock::new(|| {
+    let mut traditional = HashSet::new();
+    let mut targets = HashSet::new();
+    let han = ('\u{3400}'..='\u{4DBF}')
+        .chain('\u{4E00}'..='\u{9FFF}')
+        .chain('\u{F900}'..='\u{FAFF}');
+    let mut buffer = [0u8; 4];
+    for c in han {
+        let folded = fast2s::convert(c.encode_utf8(&mut buffer));
+        let mut chars = folded.chars();
+        if let (Some(s), None) = (chars.next(), chars.next())
+            && s != c
+        {
+            traditional.insert(c);
+            targets.insert(s);
+        }
+    }
+    // Fold targets that Traditional text uses too (了 is the target of 瞭, 干 of 乾, ...)
+    // say nothing about the script.
+    let shared: HashSet<char> = SHARED_CHARACTERS.chars().collect();
+    let simplified = targets
+        .difference(&traditional)
+        .filter(|c| !shared.contains(c))
+        .copied()
+        .collect();
+    ScriptTables {
+        traditional,
+        simplified,
+    }
+});
+
+/// Characters that are fold targets but also standard in Traditional text.
+const SHARED_CHARACTERS: &str = "了干后里面只台云谷出范制系松板表丑斗几家卷克困曲舍沈千秋向须余占才万御致准征症借吁岳涂术胜咸蒙梁累蔑凄冲伙划";
+
+fn is_han(c: char) -> bool {
+    matches!(c, '\u{3400}'..='\u{4DBF}' | '\u{4E00}'..='\u{9FFF}' | '\u{F900}'..='\u{FAFF}')
+}
+
+/// The script of `text`: `None` without Han characters. Otherwise the script whose
+/// distinctive characters dominate; `Mixed` when the minority has at least two distinctive
+/// characters and a quarter of them (a stray character, or a name, does not make a text
+/// mixed). Han text without distinctive characters counts as Simplified, the common case
+/// on the mainland channels this serves.
+pub fn detect_script(text: &str) -> Script {
+    let tables = &*TABLES;
+    let (mut han, mut traditional, mut simplified) = (false, 0usize, 0usize);
+    for c in text.chars().filter(|c| is_han(*c)) {
+        han = true;
+        traditional += usize::from(tables.traditional.contains(&c));
+        simplified += usize::from(tables.simplified.contains(&c));
+    }
+    let minority = traditional.min(simplified);
+    if !han {
+        Script::None
+    } else if minority >= 2 && minority * 4 >= traditional + simplified {
+        Script::Mixed
+    } else if traditional > simplified {
+        Script::Traditional
+    } else {
+        Script::Simplified
+    }
+}
+
+/// `text` with Traditional characters replaced by their Simplified forms.
+pub fn fold_to_simplified(text: &str) -> String {
+    fast2s::convert(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_each_script() {
+        assert_eq!(detect_script("宽带断网了，请尽快处理"), Script::Simplified);
+        assert_eq!(detect_script("寬頻斷網了，請盡快處理"), Script::Traditional);
+        assert_eq!(detect_script("宽带斷網了，还没修好"), Script::Mixed);
+        assert_eq!(detect_script("這個網路，一直斷線，后来更糟"), Script::Traditional);
+        assert_eq!(detect_script("my broadband is down"), Script::None);
+        assert_eq!(detect_script("中文"), Script::Simplified);
+    }
+
+    #[test]
+    fn folds_traditional_to_simplified() {
+        assert_eq!(fold_to_simplified("寬頻斷網了"), "宽频断网了");
+        assert_eq!(fold_to_simplified("already simple 网"), "already simple 网");
+    }
+}
