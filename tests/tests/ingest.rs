@@ -175,6 +175,15 @@ async fn json_and_grpc_share_one_path_and_one_id() -> anyhow::Result<()> {
         fields,
         vec!["complaint.channel", "complaint.text", "complaint.posted_at"]
     );
+    // Bodies over the request limit (4 MiB by default) are refused unread.
+    let huge = format!(
+        r#"{{"complaint": {{"text": "{}"}}}}"#,
+        "x".repeat(5 * 1024 * 1024)
+    );
+    let (status, _) = http
+        .post_json("/v1/complaints", Some(&env.tokens.gateway), &huge)
+        .await?;
+    assert_eq!(status, 413);
     for broken in ["{not json", r#"{"complaint": {"surprise": 1}}"#] {
         let (status, error) = http
             .post_json("/v1/complaints", Some(&env.tokens.gateway), broken)
