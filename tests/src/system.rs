@@ -21,8 +21,9 @@ use crate::wait_until;
 use crate::webhook::WebhookReceiver;
 
 /// Durable consumers in pipeline order, as (stream, durable).
-pub const CONSUMERS: [(&str, &str); 4] = [
+pub const CONSUMERS: [(&str, &str); 5] = [
     (bus::COMPLAINTS_STREAM, closedloop_classify::CONSUMER),
+    (bus::COMPLAINTS_STREAM, closedloop_notify::WATCHDOG_CONSUMER),
     (bus::COMPLAINTS_STREAM, closedloop_dispatch::CLASSIFIED_CONSUMER),
     (bus::COMPLAINTS_STREAM, closedloop_notify::CLASSIFIED_CONSUMER),
     (bus::WORK_ORDERS_STREAM, closedloop_notify::WORK_ORDER_CONSUMER),
@@ -48,6 +49,10 @@ pub struct SystemOptions {
     pub wechat_accounts: String,
     /// Further flags for every service (e.g. `--stream-max-bytes`).
     pub extra_args: Vec<String>,
+    /// Further flags for notify only (e.g. `--first-response-secs`).
+    pub notify_args: Vec<String>,
+    /// Leave classify out (start it later with [`System::start_classify`]).
+    pub without_classify: bool,
 }
 
 /// The four services running in this process.
@@ -60,6 +65,7 @@ pub struct System {
     pub notify: SocketAddr,
     cancel: CancellationToken,
     tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
+    options: SystemOptions,
 }
 
 fn args(options: &SystemOptions, port: u16, with_database: bool) -> Vec<String> {
@@ -95,20 +101,16 @@ impl System {
             options.wechat_accounts.clone(),
         ]);
         let ingest_config = closedloop_ingest::Config::try_parse_from(ingest_args)?;
-        let classify_config =
-            closedloop_classify::Config::try_parse_from(args(options, classify_port, false))?;
         let dispatch_config =
             closedloop_dispatch::Config::try_parse_from(args(options, dispatch_port, true))?;
         let mut notify_args = args(options, notify_port, true);
         notify_args.extend(["--gateways".to_owned(), options.gateways.clone()]);
+        notify_args.extend(options.notify_args.iter().cloned());
         let notify_config = closedloop_notify::Config::try_parse_from(notify_args)?;
 
         let ingest = closedloop_ingest::Ingest::build(ingest_config, &cancel)
             .await
             .context("ingest")?;
-        let classify = closedloop_classify::Classify::build(classify_config, &cancel)
-            .await
-            .context("classify")?;
         let dispatch = closedloop_dispatch::Dispatch::build(dispatch_config, &cancel)
             .await
             .context("dispatch")?;
@@ -116,31 +118,58 @@ impl System {
             .await
             .context("notify")?;
 
-        let system = Self {
+        let mut system = Self {
             ingest: ingest.grpc_addr()?,
             ingest_http: ingest.http_addr()?,
-            classify: classify.grpc_addr()?,
+            classify: SocketAddr::new(options.host, classify_port),
             dispatch: dispatch.grpc_addr()?,
             notify: notify.grpc_addr()?,
             tasks: vec![
                 ("ingest", tokio::spawn(ingest.run(cancel.clone()))),
-                ("classify", tokio::spawn(classify.run(cancel.clone()))),
                 ("dispatch", tokio::spawn(dispatch.run(cancel.clone()))),
                 ("notify", tokio::spawn(notify.run(cancel.clone()))),
             ],
             cancel,
+            options: options.clone(),
         };
+        if !options.without_classify {
+            system.start_classify().await?;
+        }
         Ok(system)
+    }
+
+    /// Starts classify (when the system was started without it).
+    pub async fn start_classify(&mut self) -> anyhow::Result<()> {
+        let port = self.options.ports[1];
+        let config = closedloop_classify::Config::try_parse_from(args(&self.options, port, false))?;
+        let classify = closedloop_classify::Classify::build(config, &self.cancel)
+            .await
+            .context("classify")?;
+        self.classify = classify.grpc_addr()?;
+        self.tasks
+            .push(("classify", tokio::spawn(classify.run(self.cancel.clone()))));
+        Ok(())
+    }
+
+    /// The durable consumers of the services that run.
+    pub fn consumers(&self) -> Vec<(&'static str, &'static str)> {
+        let classify_runs = self.tasks.iter().any(|(name, _)| *name == "classify");
+        CONSUMERS
+            .into_iter()
+            .filter(|(_, durable)| classify_runs || *durable != closedloop_classify::CONSUMER)
+            .collect()
     }
 
     /// Waits until every service's durable consumers exist, so the pipeline is complete.
     pub async fn wait_ready(&self, nats_url: &str) -> anyhow::Result<()> {
         let client = async_nats::connect(nats_url).await?;
         let js = async_nats::jetstream::new(client);
+        let consumers = self.consumers();
         wait_until("durable consumers to exist", Duration::from_secs(30), || {
             let js = js.clone();
+            let consumers = consumers.clone();
             async move {
-                for (stream, durable) in CONSUMERS {
+                for (stream, durable) in consumers {
                     let Ok(stream) = js.get_stream(stream).await else {
                         return false;
                     };
@@ -228,13 +257,21 @@ impl TestEnv {
                 hash_token(&tokens.agent),
                 hash_token(&tokens.other_tenant)
             ),
-            gateways: format!("default={}|{}", webhook.url(), webhook.secret),
+            gateways: format!(
+                "default={url}|{secret};staff={url}|{secret}",
+                url = webhook.url(),
+                secret = webhook.secret
+            ),
             host: "127.0.0.1".parse()?,
             ports: [0; 4],
             retry_base_ms: 100,
             ingest_http_port: 0,
             wechat_accounts: format!("acme={WECHAT_TOKEN}"),
             extra_args: Vec::new(),
+            // The watchdog runs in every test (shortened), so every test also shows it never
+            // sends a second first reply.
+            notify_args: vec!["--first-response-secs".into(), "1".into()],
+            without_classify: false,
         };
         adjust(&mut options);
         let system = System::start(&options).await?;
@@ -280,7 +317,7 @@ impl TestEnv {
         let js = async_nats::jetstream::new(client);
         let pool = sqlx::PgPool::connect(&self.database_url).await?;
         let idle_once = || async {
-            for (stream, durable) in CONSUMERS {
+            for (stream, durable) in self.system.consumers() {
                 let Ok(stream) = js.get_stream(stream).await else {
                     return false;
                 };

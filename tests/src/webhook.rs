@@ -36,6 +36,9 @@ struct ReceiverState {
     received: Arc<Mutex<Vec<ReceivedMessage>>>,
     /// How many of the next requests to answer with HTTP 500.
     failures_left: Arc<AtomicUsize>,
+    /// How many of the next requests to answer only after `slow_delay`.
+    slow_left: Arc<AtomicUsize>,
+    slow_delay_ms: Arc<AtomicUsize>,
     print: bool,
 }
 
@@ -46,6 +49,8 @@ pub struct WebhookReceiver {
     pub secret: String,
     received: Arc<Mutex<Vec<ReceivedMessage>>>,
     failures_left: Arc<AtomicUsize>,
+    slow_left: Arc<AtomicUsize>,
+    slow_delay_ms: Arc<AtomicUsize>,
 }
 
 async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: Bytes) -> StatusCode {
@@ -89,6 +94,16 @@ async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: B
     if let Ok(mut received) = state.received.lock() {
         received.push(message);
     }
+    let slow = state
+        .slow_left
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    if slow {
+        // The gateway has taken the message (recorded above) but answers late, as an
+        // overloaded one does; the caller may give up waiting first.
+        let delay = state.slow_delay_ms.load(Ordering::SeqCst) as u64;
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
     status
 }
 
@@ -104,10 +119,14 @@ impl WebhookReceiver {
         let addr = listener.local_addr()?;
         let received = Arc::new(Mutex::new(Vec::new()));
         let failures_left = Arc::new(AtomicUsize::new(0));
+        let slow_left = Arc::new(AtomicUsize::new(0));
+        let slow_delay_ms = Arc::new(AtomicUsize::new(0));
         let state = ReceiverState {
             secret: secret.to_owned(),
             received: received.clone(),
             failures_left: failures_left.clone(),
+            slow_left: slow_left.clone(),
+            slow_delay_ms: slow_delay_ms.clone(),
             print,
         };
         let app = Router::new().route("/hook", post(receive)).with_state(state);
@@ -124,7 +143,26 @@ impl WebhookReceiver {
             secret: secret.to_owned(),
             received,
             failures_left,
+            slow_left,
+            slow_delay_ms,
         })
+    }
+
+    /// Answers the next `n` requests (successfully) only after `delay`.
+    pub fn slow_next(&self, n: usize, delay: std::time::Duration) {
+        self.slow_delay_ms
+            .store(delay.as_millis() as usize, Ordering::SeqCst);
+        self.slow_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Accepted messages counted once per Idempotency-Key, as a gateway that honours the key
+    /// shows them to customers.
+    pub fn unique_messages(&self) -> Vec<ReceivedMessage> {
+        let mut seen = std::collections::HashSet::new();
+        self.messages()
+            .into_iter()
+            .filter(|m| seen.insert(m.idempotency_key.clone()))
+            .collect()
     }
 
     /// Answers the next `n` requests with HTTP 500 (`usize::MAX`: until told otherwise).

@@ -157,7 +157,7 @@ async fn a_complaint_travels_the_whole_loop() -> anyhow::Result<()> {
         .expect_err("already resolved");
     assert_eq!(again.code(), Code::FailedPrecondition);
 
-    // The delivery log has both messages, delivered.
+    // The delivery log has the three messages, delivered.
     env.wait_idle().await?;
     let mut notifications = env.notifications().await?;
     let log = notifications
@@ -177,7 +177,8 @@ async fn a_complaint_travels_the_whole_loop() -> anyhow::Result<()> {
         kinds,
         vec![
             (NotificationKind::Acknowledgement, DeliveryState::Delivered),
-            (NotificationKind::Closure, DeliveryState::Delivered)
+            (NotificationKind::Closure, DeliveryState::Delivered),
+            (NotificationKind::SatisfactionSurvey, DeliveryState::Delivered)
         ]
     );
     env.shutdown().await

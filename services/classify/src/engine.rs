@@ -3,6 +3,8 @@
 
 use closedloop_proto::v1::{Channel, Classification, Intent, Poster, Priority, Sentiment};
 
+use closedloop_runtime::pii;
+
 use crate::rules::Rules;
 
 /// What classify needs to know about a contact.
@@ -26,53 +28,6 @@ fn is_public(channel: Channel) -> bool {
         channel,
         Channel::WeiboPost | Channel::WeiboComment | Channel::ComplaintPlatform
     )
-}
-
-/// Masks digit runs that look like phone, id or card numbers (7+ digits), keeping at most
-/// the first 3 and last 4 digits, and the local part of e-mail addresses.
-/// Returns the masked text and whether anything was masked.
-pub fn mask_personal_data(text: &str) -> (String, bool) {
-    let chars: Vec<char> = text.chars().collect();
-    let mut out = String::with_capacity(text.len());
-    let mut masked = false;
-    let mut i = 0;
-    while i < chars.len() {
-        if chars[i].is_ascii_digit() {
-            let start = i;
-            while i < chars.len() && (chars[i].is_ascii_digit() || chars[i] == 'X' || chars[i] == 'x') {
-                i += 1;
-            }
-            let run = &chars[start..i];
-            if run.len() >= 7 {
-                masked = true;
-                let keep_head = if run.len() >= 11 { 3 } else { 0 };
-                for (k, c) in run.iter().enumerate() {
-                    out.push(if k < keep_head || k + 4 >= run.len() {
-                        *c
-                    } else {
-                        '*'
-                    });
-                }
-            } else {
-                out.extend(run);
-            }
-        } else if chars[i] == '@' && i > 0 && chars[i - 1].is_ascii_alphanumeric() {
-            // Replace the local part already written with asterisks.
-            let mut local = 0;
-            while out.ends_with(|c: char| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-') {
-                out.pop();
-                local += 1;
-            }
-            out.extend(std::iter::repeat_n('*', local.max(1)));
-            out.push('@');
-            masked = true;
-            i += 1;
-        } else {
-            out.push(chars[i]);
-            i += 1;
-        }
-    }
-    (out, masked)
 }
 
 fn raise(priority: Priority) -> Priority {
@@ -171,7 +126,7 @@ pub fn classify(rules: &Rules, contact: &Contact<'_>) -> Classification {
         }
     }
 
-    let (masked_text, has_personal_data) = mask_personal_data(contact.text);
+    let (masked_text, has_personal_data) = pii::mask(contact.text);
     let needs_private_channel = has_personal_data && is_public(contact.channel);
     if needs_private_channel {
         reasons.push("personal data on a public channel: move to a private channel".into());
@@ -254,7 +209,5 @@ mod tests {
             "我的号码138****5678一直没信号，邮箱 *********@example.com"
         );
         assert!(c.needs_private_channel);
-        let (masked, found) = mask_personal_data("订单 12345 已收到");
-        assert_eq!((masked.as_str(), found), ("订单 12345 已收到", false));
     }
 }

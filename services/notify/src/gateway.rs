@@ -4,14 +4,19 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use closedloop_proto::v1::Channel;
 use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::Sha256;
 
+use crate::guard::{CircuitBreaker, RateLimiter};
+
 pub const SIGNATURE_HEADER: &str = "x-closedloop-signature";
+/// Gateway-table name and webhook `channel` of staff alerts.
+pub const STAFF: &str = "staff";
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
 /// One gateway: where to POST and the secret to sign with.
@@ -78,6 +83,13 @@ impl GatewayTable {
             .get(&channel_key(channel))
             .or_else(|| self.by_channel.get("default"))
     }
+
+    /// The staff webhook (entry `staff`), for alerts to agents and supervisors. No fallback:
+    /// internal alerts must never reach a customer gateway.
+    pub fn staff(&self) -> Option<&Gateway> {
+        self.by_channel.get(STAFF)
+    }
+
     pub fn len(&self) -> usize {
         self.by_channel.len()
     }
@@ -115,7 +127,7 @@ pub struct WebhookMessage<'a> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
-    #[error("no gateway configured for channel {0}")]
+    #[error("no gateway configured for {0}")]
     NoGateway(String),
     #[error("gateway unreachable: {0}")]
     Transport(#[from] reqwest::Error),
@@ -123,31 +135,141 @@ pub enum DeliveryError {
     Rejected { status: u16, body: String },
     #[error("cannot encode the message: {0}")]
     Encode(#[from] serde_json::Error),
+    /// The gateway failed repeatedly; calls are paused for a while.
+    #[error("circuit open for {url}; next try in {retry_after:?}")]
+    CircuitOpen { url: String, retry_after: Duration },
+    /// The channel's rate limit would be exceeded for longer than is worth waiting.
+    #[error("rate limit of channel {channel}; next slot in {retry_after:?}")]
+    RateLimited { channel: String, retry_after: Duration },
 }
 
-/// Posts signed messages to gateways.
+impl DeliveryError {
+    /// When a retry makes sense, if the error knows.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            DeliveryError::CircuitOpen { retry_after, .. }
+            | DeliveryError::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
+/// Where a message goes.
+#[derive(Debug, Clone, Copy)]
+pub enum Destination {
+    /// The customer, through the gateway of this channel.
+    Customer(Channel),
+    /// Staff, through the `staff` webhook.
+    Staff,
+}
+
+/// Longest a delivery waits in line for its channel's rate limit before handing the event
+/// back for redelivery (well inside the consumer's ack wait).
+const MAX_RATE_WAIT: Duration = Duration::from_secs(5);
+
+/// Posts signed messages to gateways, behind a circuit breaker per gateway and a rate
+/// limit per channel.
 #[derive(Clone)]
 pub struct WebhookClient {
     http: reqwest::Client,
     gateways: GatewayTable,
+    breakers: Arc<HashMap<String, CircuitBreaker>>,
+    limits: Arc<HashMap<String, RateLimiter>>,
+}
+
+/// Guard settings.
+#[derive(Debug, Clone)]
+pub struct GuardSettings {
+    pub timeout: Duration,
+    pub breaker_threshold: u32,
+    pub breaker_cooldown: Duration,
+    /// Calls per second by channel key (`wechat`, `weibo_post`, ...).
+    pub rate_limits: HashMap<String, f64>,
 }
 
 impl WebhookClient {
-    pub fn new(gateways: GatewayTable, timeout: Duration) -> Result<Self, reqwest::Error> {
+    pub fn new(gateways: GatewayTable, settings: &GuardSettings) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout)
             .user_agent("closedloop-notify")
             .build()?;
-        Ok(Self { http, gateways })
+        let breakers = gateways
+            .by_channel
+            .values()
+            .map(|g| {
+                (
+                    g.url.clone(),
+                    CircuitBreaker::new(settings.breaker_threshold, settings.breaker_cooldown),
+                )
+            })
+            .collect();
+        let now = Instant::now();
+        let limits = settings
+            .rate_limits
+            .iter()
+            .map(|(channel, rate)| (channel.clone(), RateLimiter::new(*rate, now)))
+            .collect();
+        Ok(Self {
+            http,
+            gateways,
+            breakers: Arc::new(breakers),
+            limits: Arc::new(limits),
+        })
+    }
+
+    pub fn has_staff_gateway(&self) -> bool {
+        self.gateways.staff().is_some()
+    }
+
+    /// Waits for the channel's rate limit, up to [`MAX_RATE_WAIT`].
+    async fn pace(&self, channel: &str) -> Result<(), DeliveryError> {
+        let Some(limiter) = self.limits.get(channel) else {
+            return Ok(());
+        };
+        loop {
+            match limiter.try_acquire(Instant::now()) {
+                Ok(()) => return Ok(()),
+                Err(wait) if wait <= MAX_RATE_WAIT => tokio::time::sleep(wait).await,
+                Err(wait) => {
+                    return Err(DeliveryError::RateLimited {
+                        channel: channel.to_owned(),
+                        retry_after: wait,
+                    });
+                }
+            }
+        }
     }
 
     /// Sends one message; success means the gateway answered 2xx.
-    pub async fn send(&self, channel: Channel, message: &WebhookMessage<'_>) -> Result<(), DeliveryError> {
-        let gateway = self
-            .gateways
-            .for_channel(channel)
-            .ok_or_else(|| DeliveryError::NoGateway(channel_key(channel)))?;
+    pub async fn send(
+        &self,
+        destination: Destination,
+        message: &WebhookMessage<'_>,
+    ) -> Result<(), DeliveryError> {
+        let (gateway, limit_key) = match destination {
+            Destination::Customer(channel) => (self.gateways.for_channel(channel), channel_key(channel)),
+            Destination::Staff => (self.gateways.staff(), STAFF.to_owned()),
+        };
+        let gateway = gateway.ok_or_else(|| DeliveryError::NoGateway(limit_key.clone()))?;
+        let breaker = self.breakers.get(&gateway.url);
+        if let Some(breaker) = breaker {
+            breaker
+                .allow(Instant::now())
+                .map_err(|retry_after| DeliveryError::CircuitOpen {
+                    url: gateway.url.clone(),
+                    retry_after,
+                })?;
+        }
+        self.pace(&limit_key).await?;
+        let result = self.post(gateway, message).await;
+        if let Some(breaker) = breaker {
+            breaker.record(result.is_ok(), Instant::now());
+        }
+        result
+    }
+
+    async fn post(&self, gateway: &Gateway, message: &WebhookMessage<'_>) -> Result<(), DeliveryError> {
         let body = serde_json::to_vec(message)?;
         let signature = sign(&gateway.secret, &body);
         let response = self
@@ -177,6 +299,27 @@ impl WebhookClient {
     }
 }
 
+/// Parses `wechat=10;weibo_post=5` (calls per second by channel).
+pub fn parse_rate_limits(text: &str) -> Result<HashMap<String, f64>, String> {
+    text.split([';', ','])
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|entry| {
+            let (channel, rate) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("{entry:?} is not channel=rate"))?;
+            let rate: f64 = rate
+                .trim()
+                .parse()
+                .map_err(|_| format!("{entry:?}: rate is not a number"))?;
+            if rate <= 0.0 {
+                return Err(format!("{entry:?}: rate must be positive"));
+            }
+            Ok((channel.trim().to_ascii_lowercase(), rate))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +346,25 @@ mod tests {
             "wechat=http://x".parse::<GatewayTable>(),
             Err(GatewayTableError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn rate_limits_parse() {
+        let limits = parse_rate_limits("wechat=10; weibo_post=2.5").expect("valid");
+        assert_eq!(limits.get("weibo_post"), Some(&2.5));
+        assert!(parse_rate_limits("wechat").is_err());
+        assert!(parse_rate_limits("wechat=-1").is_err());
+        assert!(parse_rate_limits("").expect("empty is fine").is_empty());
+    }
+
+    #[test]
+    fn staff_alerts_never_fall_back_to_a_customer_gateway() {
+        let table: GatewayTable = "default=http://gw/hook|s1".parse().expect("valid");
+        assert!(table.staff().is_none());
+        let table: GatewayTable = "default=http://gw/hook|s1;staff=http://desk/hook|s2"
+            .parse()
+            .expect("valid");
+        assert_eq!(table.staff().map(|g| g.url.as_str()), Some("http://desk/hook"));
     }
 
     #[test]

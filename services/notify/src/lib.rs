@@ -1,11 +1,17 @@
-//! Notify: speaks to customers. Acknowledges every classified complaint on the channel it
-//! came from (or invites the customer to a private channel when the post carried personal
-//! data), and sends the closure message when a work order is resolved — through signed
-//! channel-gateway webhooks, recording every delivery so a redelivered event sends nothing
-//! twice. Serves the delivery log as `ListDeliveries`.
+//! Notify: speaks to people. To customers, on the channel they used: the first reply to every
+//! complaint (an acknowledgement, or an invitation to a private channel when a public post
+//! carried personal data), status updates, agents' replies, the closure message with a
+//! satisfaction survey, and word of a reopening. To staff: assignment and escalation alerts.
+//! Messages come from templates and go through signed channel-gateway webhooks, each
+//! recorded in a delivery log so a redelivered event sends nothing twice.
+//!
+//! A first-response watchdog keeps the reply promise when classify lags: a complaint not
+//! acknowledged within `CLOSEDLOOP_FIRST_RESPONSE_SECS` gets a generic acknowledgement, and
+//! since both paths share one delivery id, never a second one.
 
 pub mod api;
 pub mod gateway;
+pub mod guard;
 pub mod store;
 pub mod templates;
 
@@ -14,27 +20,33 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use chrono::Utc;
 use closedloop_proto::v1::notification_service_server::NotificationServiceServer;
 use closedloop_proto::v1::{
-    Channel, ComplaintClassified, Delivery, DeliveryState, NotificationDelivered, NotificationFailed,
-    NotificationKind, WorkOrderEvent, WorkOrderEventKind,
+    Channel, ComplaintClassified, ComplaintReceived, Delivery, NotificationDelivered, NotificationFailed,
+    NotificationKind, WorkOrder, WorkOrderEvent, WorkOrderEventKind,
 };
 use closedloop_runtime::auth::Authenticator;
 use closedloop_runtime::bus::{self, Bus, OutgoingEvent, StreamSettings};
 use closedloop_runtime::config::{DatabaseArgs, ServiceArgs};
 use closedloop_runtime::consumer::{self, ConsumerSpec, HandleError, MessageHandler};
-use closedloop_runtime::{Secret, db, grpc, ids};
+use closedloop_runtime::{Secret, db, grpc, ids, time};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 
-use crate::gateway::{GatewayTable, WebhookClient, WebhookMessage, channel_key};
-use crate::templates::MessageContext;
+use crate::gateway::{
+    Destination, GatewayTable, GuardSettings, STAFF, WebhookClient, WebhookMessage, channel_key,
+    parse_rate_limits,
+};
+use crate::store::Claim;
+use crate::templates::{TemplateKey, Templates, is_public, kind_key};
 
 pub const CLASSIFIED_CONSUMER: &str = "notify-classified";
 pub const WORK_ORDER_CONSUMER: &str = "notify-workorders";
+pub const WATCHDOG_CONSUMER: &str = "notify-watchdog";
 pub const SCHEMA: &str = "notify";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -49,74 +61,126 @@ pub struct Config {
     #[arg(long, env = "CLOSEDLOOP_NOTIFY_LISTEN", default_value = "0.0.0.0:50054")]
     pub listen: SocketAddr,
     /// Channel-gateway webhooks: `channel=url|secret` entries separated by `;`, with
-    /// `default` for channels not named, e.g. `default=https://gw.example/hook|s3cret`.
+    /// `default` for channels not named and `staff` for alerts to staff.
     #[arg(long, env = "CLOSEDLOOP_GATEWAYS", default_value = "")]
     pub gateways: Secret<GatewayTable>,
     /// Seconds to wait for a gateway to answer.
     #[arg(long, env = "CLOSEDLOOP_GATEWAY_TIMEOUT_SECS", default_value_t = 5)]
     pub gateway_timeout_secs: u64,
+    /// Consecutive failures after which calls to a gateway pause.
+    #[arg(long, env = "CLOSEDLOOP_BREAKER_THRESHOLD", default_value_t = 5)]
+    pub breaker_threshold: u32,
+    /// Seconds a failing gateway is left alone before one trial call.
+    #[arg(long, env = "CLOSEDLOOP_BREAKER_COOLDOWN_SECS", default_value_t = 30)]
+    pub breaker_cooldown_secs: u64,
+    /// Calls per second by channel, e.g. `wechat=50;weibo_post=10` (per replica).
+    #[arg(long, env = "CLOSEDLOOP_CHANNEL_RATE_LIMITS", default_value = "")]
+    pub channel_rate_limits: String,
+    /// JSON file of templates overriding and extending the built-in ones.
+    #[arg(long, env = "CLOSEDLOOP_TEMPLATES")]
+    pub templates: Option<String>,
+    /// Seconds after receipt when a complaint not yet acknowledged gets a generic
+    /// acknowledgement (0 turns the watchdog off).
+    #[arg(long, env = "CLOSEDLOOP_FIRST_RESPONSE_SECS", default_value_t = 10)]
+    pub first_response_secs: u64,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub service: ServiceArgs,
 }
 
-/// Delivers messages and keeps the log. Shared by both consumers.
+/// One message to send.
+struct Outgoing<'a> {
+    delivery: Delivery,
+    destination: Destination,
+    reply_to_message_id: &'a str,
+    thread_id: &'a str,
+    /// For customer messages about a work order: the version they tell about.
+    work_order_version: Option<i64>,
+    /// Send only if no one registered this delivery before (the watchdog's rule: whoever
+    /// started the first reply owns it).
+    only_if_new: bool,
+}
+
+/// Renders, delivers and logs messages. Shared by every consumer.
 struct Courier {
     pool: PgPool,
     bus: Bus,
     webhooks: WebhookClient,
+    templates: Templates,
     max_deliver: i64,
+    /// How long a sender holds a delivery: longer than a gateway call can take.
+    lease: Duration,
 }
 
-/// What a message is about, beyond its text.
-struct Addressing<'a> {
-    channel: Channel,
-    reply_to_message_id: &'a str,
-    thread_id: &'a str,
+fn db_error(error: store::StoreError) -> HandleError {
+    HandleError::retry(error)
 }
 
 impl Courier {
-    /// Sends `delivery` unless the log says it was already sent (or given up on).
-    async fn deliver(
-        &self,
-        delivery: Delivery,
-        addressing: Addressing<'_>,
-        message: &jetstream::Message,
-    ) -> Result<(), HandleError> {
-        let db_error = |e: store::StoreError| HandleError::retry(e);
-        match store::register(&self.pool, &delivery).await.map_err(db_error)? {
-            DeliveryState::Delivered | DeliveryState::Failed => {
+    fn render(&self, key: &TemplateKey<'_>, values: &[(&str, &str)]) -> Result<String, HandleError> {
+        // A broken template is a configuration fault, not something a retry fixes.
+        self.templates
+            .render(key, values)
+            .map_err(|e| HandleError::reject(e.to_string()))
+    }
+
+    /// Sends `out` unless the log says it was already sent, given up on, or is being sent.
+    async fn deliver(&self, out: Outgoing<'_>, message: &jetstream::Message) -> Result<(), HandleError> {
+        let delivery = out.delivery;
+        let created = store::register(&self.pool, &delivery).await.map_err(db_error)?;
+        if out.only_if_new && !created {
+            tracing::debug!(delivery_id = %delivery.delivery_id, "already started elsewhere; not ours to send");
+            return Ok(());
+        }
+        match store::claim(&self.pool, &delivery.delivery_id, self.lease)
+            .await
+            .map_err(db_error)?
+        {
+            Claim::Done => {
                 tracing::info!(delivery_id = %delivery.delivery_id, "already handled; nothing sent");
                 return Ok(());
             }
-            DeliveryState::Pending | DeliveryState::Unspecified => {}
+            Claim::Busy => {
+                return Err(HandleError::RetryAfter(
+                    Duration::from_secs(1),
+                    anyhow::anyhow!(
+                        "delivery {} is being sent by another worker",
+                        delivery.delivery_id
+                    ),
+                ));
+            }
+            Claim::Mine => {}
         }
-        let kind = delivery
-            .kind()
-            .as_str_name()
-            .trim_start_matches("NOTIFICATION_KIND_")
-            .to_ascii_lowercase();
-        let channel = channel_key(addressing.channel);
+        let kind = kind_key(delivery.kind());
+        let channel = match out.destination {
+            Destination::Customer(channel) => channel_key(channel),
+            Destination::Staff => STAFF.to_owned(),
+        };
         let webhook = WebhookMessage {
             delivery_id: &delivery.delivery_id,
             tenant: &delivery.tenant,
             kind: &kind,
             channel: &channel,
             recipient: &delivery.recipient,
-            reply_to_message_id: addressing.reply_to_message_id,
-            thread_id: addressing.thread_id,
+            reply_to_message_id: out.reply_to_message_id,
+            thread_id: out.thread_id,
             complaint_id: &delivery.complaint_id,
             work_order_id: &delivery.work_order_id,
             text: &delivery.body,
         };
-        match self.webhooks.send(addressing.channel, &webhook).await {
+        match self.webhooks.send(out.destination, &webhook).await {
             Ok(()) => {
                 let logged =
                     store::record_attempt(&self.pool, &delivery.delivery_id, DeliveryState::Delivered, "")
                         .await
                         .map_err(db_error)?;
-                tracing::info!(delivery_id = %delivery.delivery_id, %kind, "delivered");
+                if let Some(version) = out.work_order_version {
+                    store::advance_customer_progress(&self.pool, &delivery.work_order_id, version)
+                        .await
+                        .map_err(db_error)?;
+                }
+                tracing::info!(delivery_id = %delivery.delivery_id, %kind, %channel, "delivered");
                 let event = OutgoingEvent::new(
                     bus::NOTIFICATION_DELIVERED,
                     &delivery.tenant,
@@ -141,7 +205,10 @@ impl Courier {
                     .await
                     .map_err(db_error)?;
                 if !last_try {
-                    return Err(HandleError::retry(error));
+                    return Err(match error.retry_after() {
+                        Some(wait) => HandleError::RetryAfter(wait, error.into()),
+                        None => HandleError::retry(error),
+                    });
                 }
                 let event = OutgoingEvent::new(
                     bus::NOTIFICATION_FAILED,
@@ -162,11 +229,23 @@ impl Courier {
     }
 }
 
+use closedloop_proto::v1::DeliveryState;
+
+/// Short reference the customer can quote: the first 8 characters of the complaint id.
 fn reference(complaint_id: &str) -> &str {
     complaint_id.get(..8).unwrap_or(complaint_id)
 }
 
-/// Acknowledges each classified complaint.
+/// The first reply to a complaint, whichever path sends it: one id per complaint.
+fn first_reply_id(tenant: &str, complaint_id: &str) -> String {
+    ids::derive("delivery", &["first-reply", tenant, complaint_id]).to_string()
+}
+
+fn poster_id(poster: Option<&closedloop_proto::v1::Poster>) -> String {
+    poster.map(|p| p.poster_id.clone()).unwrap_or_default()
+}
+
+/// Acknowledges each classified complaint (or invites the customer to a private channel).
 struct ClassifiedHandler(Arc<Courier>);
 
 impl MessageHandler for ClassifiedHandler {
@@ -182,92 +261,281 @@ impl MessageHandler for ClassifiedHandler {
         } else {
             NotificationKind::Acknowledgement
         };
-        let context = MessageContext {
-            reference: reference(&complaint.complaint_id),
+        let key = TemplateKey {
+            tenant: &complaint.tenant,
+            kind,
+            channel: complaint.channel(),
+            category: &classification.category,
             locale: &complaint.locale,
-            resolution_note: "",
-            private_channel: false,
         };
+        let body = self
+            .0
+            .render(&key, &[("reference", reference(&complaint.complaint_id))])?;
         let delivery = Delivery {
-            // One first reply per complaint, whichever kind it is.
-            delivery_id: ids::derive(
-                "delivery",
-                &["first-reply", &complaint.tenant, &complaint.complaint_id],
-            )
-            .to_string(),
+            delivery_id: first_reply_id(&complaint.tenant, &complaint.complaint_id),
             tenant: complaint.tenant.clone(),
             kind: kind as i32,
             channel: complaint.channel,
-            recipient: complaint
-                .poster
-                .as_ref()
-                .map(|p| p.poster_id.clone())
-                .unwrap_or_default(),
+            recipient: poster_id(complaint.poster.as_ref()),
             complaint_id: complaint.complaint_id.clone(),
-            body: templates::render(kind, &context),
+            body,
             ..Default::default()
         };
-        let addressing = Addressing {
-            channel: complaint.channel(),
+        let out = Outgoing {
+            delivery,
+            destination: Destination::Customer(complaint.channel()),
             reply_to_message_id: &complaint.channel_message_id,
             thread_id: &complaint.thread_id,
+            work_order_version: None,
+            only_if_new: false,
         };
-        self.0.deliver(delivery, addressing, message).await
+        self.0.deliver(out, message).await
     }
 }
 
-/// Sends the closure message when a work order is resolved.
+/// The first-response watchdog: holds each received complaint until its deadline (by handing
+/// it back to JetStream with a delay), then acknowledges it unless the classified path did.
+struct WatchdogHandler {
+    courier: Arc<Courier>,
+    deadline: Duration,
+}
+
+impl MessageHandler for WatchdogHandler {
+    async fn handle(&self, message: &jetstream::Message) -> Result<(), HandleError> {
+        let event: ComplaintReceived = consumer::decode(message)?;
+        let complaint = event
+            .complaint
+            .ok_or_else(|| HandleError::reject("complaint.received without a complaint"))?;
+        let received = complaint
+            .received_at
+            .as_ref()
+            .and_then(time::from_timestamp)
+            .unwrap_or_else(Utc::now);
+        let due = received + chrono::Duration::from_std(self.deadline).unwrap_or_default();
+        if let Ok(wait) = (due - Utc::now()).to_std()
+            && !wait.is_zero()
+        {
+            return Err(HandleError::RetryAfter(
+                wait,
+                anyhow::anyhow!("first-response deadline not reached"),
+            ));
+        }
+        let key = TemplateKey {
+            tenant: &complaint.tenant,
+            kind: NotificationKind::Acknowledgement,
+            channel: complaint.channel(),
+            category: "*",
+            locale: &complaint.locale,
+        };
+        let body = self
+            .courier
+            .render(&key, &[("reference", reference(&complaint.complaint_id))])?;
+        let delivery = Delivery {
+            delivery_id: first_reply_id(&complaint.tenant, &complaint.complaint_id),
+            tenant: complaint.tenant.clone(),
+            kind: NotificationKind::Acknowledgement as i32,
+            channel: complaint.channel,
+            recipient: poster_id(complaint.poster.as_ref()),
+            complaint_id: complaint.complaint_id.clone(),
+            body,
+            ..Default::default()
+        };
+        let out = Outgoing {
+            delivery,
+            destination: Destination::Customer(complaint.channel()),
+            reply_to_message_id: &complaint.channel_message_id,
+            thread_id: &complaint.thread_id,
+            work_order_version: None,
+            only_if_new: true,
+        };
+        self.courier.deliver(out, message).await
+    }
+}
+
+/// Customer messages and staff alerts for work-order changes.
 struct WorkOrderHandler(Arc<Courier>);
+
+fn priority_label(work_order: &WorkOrder) -> String {
+    work_order
+        .priority()
+        .as_str_name()
+        .trim_start_matches("PRIORITY_")
+        .to_owned()
+}
+
+impl WorkOrderHandler {
+    /// A message to the customer about `work_order` at its current version.
+    async fn tell_customer(
+        &self,
+        message: &jetstream::Message,
+        work_order: &WorkOrder,
+        kind: NotificationKind,
+        values: &[(&str, &str)],
+    ) -> Result<(), HandleError> {
+        let channel = work_order.channel();
+        let key = TemplateKey {
+            tenant: &work_order.tenant,
+            kind,
+            channel,
+            category: &work_order.category,
+            locale: &work_order.locale,
+        };
+        let mut values = values.to_vec();
+        values.push(("reference", reference(&work_order.complaint_id)));
+        let body = self.0.render(&key, &values)?;
+        let version = work_order.version.to_string();
+        let delivery = Delivery {
+            delivery_id: ids::derive(
+                "delivery",
+                &[&kind_key(kind), &work_order.work_order_id, &version],
+            )
+            .to_string(),
+            tenant: work_order.tenant.clone(),
+            kind: kind as i32,
+            channel: work_order.channel,
+            recipient: poster_id(work_order.poster.as_ref()),
+            complaint_id: work_order.complaint_id.clone(),
+            work_order_id: work_order.work_order_id.clone(),
+            body,
+            ..Default::default()
+        };
+        let out = Outgoing {
+            delivery,
+            destination: Destination::Customer(channel),
+            reply_to_message_id: &work_order.channel_message_id,
+            thread_id: &work_order.thread_id,
+            work_order_version: Some(work_order.version),
+            only_if_new: false,
+        };
+        self.0.deliver(out, message).await
+    }
+
+    /// A status update, unless the customer already heard of a newer version.
+    async fn status_update(
+        &self,
+        message: &jetstream::Message,
+        work_order: &WorkOrder,
+        status: &str,
+    ) -> Result<(), HandleError> {
+        let told = store::customer_progress(&self.0.pool, &work_order.work_order_id)
+            .await
+            .map_err(db_error)?;
+        if told >= work_order.version {
+            tracing::info!(work_order_id = %work_order.work_order_id, version = work_order.version, told, "stale status update not sent");
+            return Ok(());
+        }
+        self.tell_customer(
+            message,
+            work_order,
+            NotificationKind::StatusUpdate,
+            &[("status", status)],
+        )
+        .await
+    }
+
+    /// An alert to the staff webhook, if one is configured.
+    async fn alert_staff(
+        &self,
+        message: &jetstream::Message,
+        work_order: &WorkOrder,
+        event: &str,
+        detail: &str,
+    ) -> Result<(), HandleError> {
+        if !self.0.webhooks.has_staff_gateway() {
+            tracing::debug!(event, "no staff gateway configured; alert not sent");
+            return Ok(());
+        }
+        let key = TemplateKey {
+            tenant: &work_order.tenant,
+            kind: NotificationKind::StaffAlert,
+            channel: Channel::Unspecified,
+            category: &work_order.category,
+            locale: "zh",
+        };
+        let priority = priority_label(work_order);
+        let values = [
+            ("event", event),
+            ("work_order", work_order.work_order_id.as_str()),
+            ("priority", priority.as_str()),
+            ("category", work_order.category.as_str()),
+            ("team", work_order.team.as_str()),
+            ("assignee", work_order.assignee.as_str()),
+            ("detail", detail),
+        ];
+        let body = self.0.render(&key, &values)?;
+        let version = work_order.version.to_string();
+        let delivery = Delivery {
+            delivery_id: ids::derive("delivery", &["staff", event, &work_order.work_order_id, &version])
+                .to_string(),
+            tenant: work_order.tenant.clone(),
+            kind: NotificationKind::StaffAlert as i32,
+            recipient: if work_order.assignee.is_empty() {
+                work_order.team.clone()
+            } else {
+                work_order.assignee.clone()
+            },
+            complaint_id: work_order.complaint_id.clone(),
+            work_order_id: work_order.work_order_id.clone(),
+            body,
+            ..Default::default()
+        };
+        let out = Outgoing {
+            delivery,
+            destination: Destination::Staff,
+            reply_to_message_id: "",
+            thread_id: "",
+            work_order_version: None,
+            only_if_new: false,
+        };
+        self.0.deliver(out, message).await
+    }
+}
 
 impl MessageHandler for WorkOrderHandler {
     async fn handle(&self, message: &jetstream::Message) -> Result<(), HandleError> {
         let event: WorkOrderEvent = consumer::decode(message)?;
-        if event.kind() != WorkOrderEventKind::Resolved {
-            return Ok(());
-        }
         let work_order = event
             .work_order
+            .as_ref()
             .ok_or_else(|| HandleError::reject("workorder event without a work order"))?;
-        let private_channel = matches!(
-            work_order.channel(),
-            Channel::WeiboDirectMessage | Channel::Wechat | Channel::Hotline | Channel::Email | Channel::App
-        );
-        let context = MessageContext {
-            reference: reference(&work_order.complaint_id),
-            locale: &work_order.locale,
-            resolution_note: &work_order.resolution_note,
-            private_channel,
-        };
-        let delivery = Delivery {
-            // Per version: a work order reopened and resolved again earns a new closure.
-            delivery_id: ids::derive(
-                "delivery",
-                &[
-                    "closure",
-                    &work_order.work_order_id,
-                    &work_order.version.to_string(),
-                ],
-            )
-            .to_string(),
-            tenant: work_order.tenant.clone(),
-            kind: NotificationKind::Closure as i32,
-            channel: work_order.channel,
-            recipient: work_order
-                .poster
-                .as_ref()
-                .map(|p| p.poster_id.clone())
-                .unwrap_or_default(),
-            complaint_id: work_order.complaint_id.clone(),
-            work_order_id: work_order.work_order_id.clone(),
-            body: templates::render(NotificationKind::Closure, &context),
-            ..Default::default()
-        };
-        let addressing = Addressing {
-            channel: work_order.channel(),
-            reply_to_message_id: &work_order.channel_message_id,
-            thread_id: &work_order.thread_id,
-        };
-        self.0.deliver(delivery, addressing, message).await
+        match event.kind() {
+            WorkOrderEventKind::Assigned | WorkOrderEventKind::Reassigned => {
+                self.alert_staff(message, work_order, "assigned", &event.note)
+                    .await?;
+                self.status_update(message, work_order, "assigned").await
+            }
+            WorkOrderEventKind::Accepted => self.status_update(message, work_order, "in_progress").await,
+            WorkOrderEventKind::Replied => {
+                self.tell_customer(
+                    message,
+                    work_order,
+                    NotificationKind::AgentReply,
+                    &[("reply", &event.note)],
+                )
+                .await
+            }
+            WorkOrderEventKind::Resolved => {
+                // The agent's note only on private channels: it may name the customer's case.
+                let note = if is_public(work_order.channel()) {
+                    ""
+                } else {
+                    work_order.resolution_note.as_str()
+                };
+                self.tell_customer(message, work_order, NotificationKind::Closure, &[("note", note)])
+                    .await?;
+                self.tell_customer(message, work_order, NotificationKind::SatisfactionSurvey, &[])
+                    .await
+            }
+            WorkOrderEventKind::Reopened => {
+                self.tell_customer(message, work_order, NotificationKind::Reopened, &[])
+                    .await
+            }
+            WorkOrderEventKind::Escalated => {
+                self.alert_staff(message, work_order, "escalated", &event.note)
+                    .await
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -277,6 +545,7 @@ pub struct Notify {
     bus: Bus,
     pool: PgPool,
     webhooks: WebhookClient,
+    templates: Templates,
     config: Config,
 }
 
@@ -285,10 +554,14 @@ impl Notify {
         if config.gateways.expose().is_empty() {
             tracing::warn!("no channel gateways configured (CLOSEDLOOP_GATEWAYS); every delivery will fail");
         }
-        let webhooks = WebhookClient::new(
-            config.gateways.expose().clone(),
-            Duration::from_secs(config.gateway_timeout_secs.max(1)),
-        )?;
+        let templates = Templates::load(config.templates.as_deref())?;
+        let settings = GuardSettings {
+            timeout: Duration::from_secs(config.gateway_timeout_secs.max(1)),
+            breaker_threshold: config.breaker_threshold,
+            breaker_cooldown: Duration::from_secs(config.breaker_cooldown_secs),
+            rate_limits: parse_rate_limits(&config.channel_rate_limits).map_err(anyhow::Error::msg)?,
+        };
+        let webhooks = WebhookClient::new(config.gateways.expose().clone(), &settings)?;
         let pool = db::connect(&config.database, SCHEMA, &MIGRATOR, cancel).await?;
         let bus = Bus::connect(&config.service.nats.nats_url, "notify", cancel).await?;
         bus.provision(&StreamSettings::from(&config.service.nats)).await?;
@@ -298,6 +571,7 @@ impl Notify {
             bus,
             pool,
             webhooks,
+            templates,
             config,
         })
     }
@@ -307,38 +581,56 @@ impl Notify {
     }
 
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let nats = &self.config.service.nats;
         let courier = Arc::new(Courier {
             pool: self.pool.clone(),
             bus: self.bus.clone(),
             webhooks: self.webhooks,
-            max_deliver: self.config.service.nats.max_deliver.max(1),
+            templates: self.templates,
+            max_deliver: nats.max_deliver.max(1),
+            lease: Duration::from_secs(self.config.gateway_timeout_secs.max(1) * 2 + 5),
         });
-        let classified = ConsumerSpec::new(
-            bus::COMPLAINTS_STREAM,
-            CLASSIFIED_CONSUMER,
-            vec![bus::COMPLAINT_CLASSIFIED.all_tenants()],
-            &self.config.service.nats,
-        );
-        let work_orders = ConsumerSpec::new(
-            bus::WORK_ORDERS_STREAM,
-            WORK_ORDER_CONSUMER,
-            vec![bus::work_order_topic("resolved").all_tenants()],
-            &self.config.service.nats,
-        );
-        let consumers = [
+        let spec = |stream, durable, filter: String| ConsumerSpec::new(stream, durable, vec![filter], nats);
+        let mut consumers = vec![
             tokio::spawn(consumer::run(
                 self.bus.clone(),
-                classified,
+                spec(
+                    bus::COMPLAINTS_STREAM,
+                    CLASSIFIED_CONSUMER,
+                    bus::COMPLAINT_CLASSIFIED.all_tenants(),
+                ),
                 Arc::new(ClassifiedHandler(courier.clone())),
                 cancel.clone(),
             )),
             tokio::spawn(consumer::run(
                 self.bus.clone(),
-                work_orders,
-                Arc::new(WorkOrderHandler(courier)),
+                spec(
+                    bus::WORK_ORDERS_STREAM,
+                    WORK_ORDER_CONSUMER,
+                    bus::ALL_WORK_ORDER_EVENTS.to_owned(),
+                ),
+                Arc::new(WorkOrderHandler(courier.clone())),
                 cancel.clone(),
             )),
         ];
+        if self.config.first_response_secs > 0 {
+            let mut watchdog = spec(
+                bus::COMPLAINTS_STREAM,
+                WATCHDOG_CONSUMER,
+                bus::COMPLAINT_RECEIVED.all_tenants(),
+            );
+            // The first delivery only waits for the deadline; it is not a sending attempt.
+            watchdog.max_deliver += 1;
+            consumers.push(tokio::spawn(consumer::run(
+                self.bus.clone(),
+                watchdog,
+                Arc::new(WatchdogHandler {
+                    courier,
+                    deadline: Duration::from_secs(self.config.first_response_secs),
+                }),
+                cancel.clone(),
+            )));
+        }
         let server = NotificationServiceServer::new(api::NotificationApi {
             pool: self.pool.clone(),
         })

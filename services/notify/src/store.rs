@@ -16,15 +16,14 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
 }
 
-/// Records a delivery as pending unless it is already known; returns the stored state.
-pub async fn register(pool: &PgPool, delivery: &Delivery) -> Result<DeliveryState, StoreError> {
+/// Records a delivery as pending unless it is already known. Returns whether this call
+/// created it.
+pub async fn register(pool: &PgPool, delivery: &Delivery) -> Result<bool, StoreError> {
     let id = Uuid::parse_str(&delivery.delivery_id)
         .map_err(|_| StoreError::BadId(delivery.delivery_id.clone()))?;
-    let row = sqlx::query(
-        "WITH inserted AS ( \
-           INSERT INTO deliveries (delivery_id, tenant, kind, state, channel, recipient, complaint_id, work_order_id, body) \
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (delivery_id) DO NOTHING RETURNING state) \
-         SELECT state FROM inserted UNION ALL SELECT state FROM deliveries WHERE delivery_id = $1 LIMIT 1",
+    let created = sqlx::query(
+        "INSERT INTO deliveries (delivery_id, tenant, kind, state, channel, recipient, complaint_id, work_order_id, body) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (delivery_id) DO NOTHING",
     )
     .bind(id)
     .bind(&delivery.tenant)
@@ -35,13 +34,83 @@ pub async fn register(pool: &PgPool, delivery: &Delivery) -> Result<DeliveryStat
     .bind(&delivery.complaint_id)
     .bind(&delivery.work_order_id)
     .bind(&delivery.body)
-    .fetch_one(pool)
-    .await?;
-    let state: i16 = row.try_get("state")?;
-    Ok(DeliveryState::try_from(i32::from(state)).unwrap_or(DeliveryState::Pending))
+    .execute(pool)
+    .await?
+    .rows_affected()
+        == 1;
+    Ok(created)
 }
 
-/// Records the outcome of one attempt. Returns the updated delivery.
+/// Whether this sender may call the gateway for a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Leased to us: send, then record the attempt.
+    Mine,
+    /// Already delivered or given up: nothing to do.
+    Done,
+    /// Another sender holds the lease right now.
+    Busy,
+}
+
+/// Leases a pending delivery for `lease` (longer than a gateway call may take).
+pub async fn claim(
+    pool: &PgPool,
+    delivery_id: &str,
+    lease: std::time::Duration,
+) -> Result<Claim, StoreError> {
+    let id = Uuid::parse_str(delivery_id).map_err(|_| StoreError::BadId(delivery_id.to_owned()))?;
+    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+    let leased = sqlx::query(
+        "UPDATE deliveries SET lease_until = now() + make_interval(secs => $2::double precision / 1000) \
+         WHERE delivery_id = $1 AND state = $3 AND (lease_until IS NULL OR lease_until < now()) RETURNING 1",
+    )
+    .bind(id)
+    .bind(lease_ms)
+    .bind(DeliveryState::Pending as i16)
+    .fetch_optional(pool)
+    .await?;
+    if leased.is_some() {
+        return Ok(Claim::Mine);
+    }
+    let state: i16 = sqlx::query_scalar("SELECT state FROM deliveries WHERE delivery_id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await?;
+    Ok(if state == DeliveryState::Pending as i16 {
+        Claim::Busy
+    } else {
+        Claim::Done
+    })
+}
+
+/// The newest work-order version the customer has been told about (0 if none).
+pub async fn customer_progress(pool: &PgPool, work_order_id: &str) -> Result<i64, StoreError> {
+    let version: Option<i64> =
+        sqlx::query_scalar("SELECT last_version FROM customer_progress WHERE work_order_id = $1")
+            .bind(work_order_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(version.unwrap_or(0))
+}
+
+/// Records that the customer has been told about `version` (never moves backwards).
+pub async fn advance_customer_progress(
+    pool: &PgPool,
+    work_order_id: &str,
+    version: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO customer_progress (work_order_id, last_version) VALUES ($1, $2) \
+         ON CONFLICT (work_order_id) DO UPDATE SET last_version = GREATEST(customer_progress.last_version, $2)",
+    )
+    .bind(work_order_id)
+    .bind(version)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Records the outcome of one attempt and releases the lease. Returns the updated delivery.
 pub async fn record_attempt(
     pool: &PgPool,
     delivery_id: &str,
@@ -50,7 +119,7 @@ pub async fn record_attempt(
 ) -> Result<Delivery, StoreError> {
     let id = Uuid::parse_str(delivery_id).map_err(|_| StoreError::BadId(delivery_id.to_owned()))?;
     let row = sqlx::query(
-        "UPDATE deliveries SET attempts = attempts + 1, state = $2, last_error = $3, \
+        "UPDATE deliveries SET attempts = attempts + 1, state = $2, last_error = $3, lease_until = NULL, \
            delivered_at = CASE WHEN $2 = $4 THEN now() ELSE delivered_at END \
          WHERE delivery_id = $1 RETURNING *",
     )

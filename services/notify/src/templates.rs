@@ -1,56 +1,164 @@
-//! Message texts. Rendering is a plain function of what the message is about; public
-//! replies never quote the customer or carry personal data.
+//! Message texts, from minijinja templates. Built-in defaults in Simplified Chinese and
+//! English (`default_templates.json`); operators add or override templates with a JSON file
+//! (`CLOSEDLOOP_TEMPLATES`) of the same shape.
+//!
+//! A template is named `tenant:kind:channel:category:locale`, where tenant, channel and
+//! category may be `*`. Rendering tries the most specific name first — this tenant, this
+//! channel and category, the full locale — and falls back step by step to `*` and to the
+//! language alone, then to Chinese. Public replies are checked for personal data after
+//! rendering and masked if any slipped in (from an agent's reply, say).
 
-use closedloop_proto::v1::NotificationKind;
+use std::collections::BTreeMap;
 
-/// What a message may mention.
-pub struct MessageContext<'a> {
-    /// Short reference the customer can quote (first 8 characters of the complaint id).
-    pub reference: &'a str,
+use closedloop_proto::v1::{Channel, NotificationKind};
+use closedloop_runtime::pii;
+use minijinja::{Environment, UndefinedBehavior, Value};
+
+use crate::gateway::channel_key;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("cannot read templates file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("templates file is not a JSON object of name → template: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("template {name} is invalid: {source}")]
+    Invalid {
+        name: String,
+        #[source]
+        source: minijinja::Error,
+    },
+    #[error("no template for {0}")]
+    Missing(String),
+    #[error("rendering {name} failed: {source}")]
+    Render {
+        name: String,
+        #[source]
+        source: minijinja::Error,
+    },
+}
+
+/// What a message is, for choosing its template.
+#[derive(Debug, Clone)]
+pub struct TemplateKey<'a> {
+    pub tenant: &'a str,
+    pub kind: NotificationKind,
+    pub channel: Channel,
+    pub category: &'a str,
+    /// BCP 47 tag, e.g. `zh-CN`, `en-GB`; empty means Chinese.
     pub locale: &'a str,
-    /// The agent's resolution note; shown only on private channels.
-    pub resolution_note: &'a str,
-    pub private_channel: bool,
 }
 
-fn english(locale: &str) -> bool {
-    locale.to_ascii_lowercase().starts_with("en")
+/// Whether messages on a channel are public (visible to anyone, not just the customer).
+pub fn is_public(channel: Channel) -> bool {
+    matches!(
+        channel,
+        Channel::WeiboPost | Channel::WeiboComment | Channel::ComplaintPlatform
+    )
 }
 
-pub fn render(kind: NotificationKind, ctx: &MessageContext<'_>) -> String {
-    let r = ctx.reference;
-    let note = if ctx.private_channel {
-        ctx.resolution_note.trim()
-    } else {
-        ""
-    };
-    match (kind, english(ctx.locale)) {
-        (NotificationKind::PrivateChannelInvitation, false) => {
-            format!(
-                "您好，我们已收到您的反馈（编号 {r}）。为保护您的隐私，请通过私信联系我们，我们会尽快为您处理。"
-            )
+/// Template names in the order they are tried.
+pub fn candidates(key: &TemplateKey<'_>) -> Vec<String> {
+    let kind = kind_key(key.kind);
+    let channel = channel_key(key.channel);
+    let locale = key.locale.trim().to_ascii_lowercase();
+    let mut locales = Vec::new();
+    if !locale.is_empty() {
+        locales.push(locale.clone());
+        if let Some((language, _)) = locale.split_once('-') {
+            locales.push(language.to_owned());
         }
-        (NotificationKind::PrivateChannelInvitation, true) => format!(
-            "Thanks for reaching out (ref {r}). To protect your privacy, please send us a direct message and we will take it from there."
-        ),
-        (NotificationKind::Closure, false) if !note.is_empty() => {
-            format!("您好，您反馈的问题（编号 {r}）已处理完毕：{note}。如仍有问题，欢迎随时联系我们。")
+    }
+    if !locales.iter().any(|l| l == "zh") {
+        locales.push("zh".to_owned());
+    }
+    let mut names = Vec::new();
+    for locale in &locales {
+        for tenant in [key.tenant, "*"] {
+            for (channel, category) in [
+                (channel.as_str(), key.category),
+                (channel.as_str(), "*"),
+                ("*", key.category),
+                ("*", "*"),
+            ] {
+                let name = format!("{tenant}:{kind}:{channel}:{category}:{locale}");
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
         }
-        (NotificationKind::Closure, false) => {
-            format!("您好，您反馈的问题（编号 {r}）已处理完毕。如仍有问题，欢迎随时联系我们。")
+    }
+    names
+}
+
+/// `NOTIFICATION_KIND_STATUS_UPDATE` → `status_update`.
+pub fn kind_key(kind: NotificationKind) -> String {
+    kind.as_str_name()
+        .trim_start_matches("NOTIFICATION_KIND_")
+        .to_ascii_lowercase()
+}
+
+pub struct Templates {
+    env: Environment<'static>,
+}
+
+impl Templates {
+    /// The built-in templates, overridden and extended by the JSON file at `path`.
+    pub fn load(path: Option<&str>) -> Result<Self, TemplateError> {
+        let mut sources: BTreeMap<String, String> =
+            serde_json::from_str(include_str!("default_templates.json"))?;
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path).map_err(|source| TemplateError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            sources.extend(serde_json::from_str::<BTreeMap<String, String>>(&text)?);
         }
-        (NotificationKind::Closure, true) if !note.is_empty() => {
-            format!(
-                "Your issue (ref {r}) has been resolved: {note}. If anything is still wrong, just reply here."
-            )
+        Self::from_sources(sources)
+    }
+
+    pub fn from_sources(sources: BTreeMap<String, String>) -> Result<Self, TemplateError> {
+        let mut env = Environment::new();
+        // A variable a template names but the message does not have is a bug to surface,
+        // not an empty string to send to a customer.
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        for (name, source) in sources {
+            env.add_template_owned(name.clone(), source)
+                .map_err(|source| TemplateError::Invalid { name, source })?;
         }
-        (NotificationKind::Closure, true) => {
-            format!("Your issue (ref {r}) has been resolved. If anything is still wrong, just reply here.")
+        Ok(Self { env })
+    }
+
+    /// Renders the most specific template for `key` with `values`. On public channels the
+    /// result never carries personal data.
+    pub fn render(&self, key: &TemplateKey<'_>, values: &[(&str, &str)]) -> Result<String, TemplateError> {
+        let names = candidates(key);
+        let (name, template) = names
+            .iter()
+            .find_map(|name| self.env.get_template(name).ok().map(|t| (name, t)))
+            .ok_or_else(|| TemplateError::Missing(names.first().cloned().unwrap_or_default()))?;
+        let context: BTreeMap<String, Value> = values
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
+            .collect();
+        let text = template
+            .render(Value::from(context))
+            .map_err(|source| TemplateError::Render {
+                name: name.clone(),
+                source,
+            })?;
+        if is_public(key.channel) {
+            let (masked, found) = pii::mask(&text);
+            if found {
+                tracing::warn!(template = %name, "personal data masked out of a public reply");
+                return Ok(masked);
+            }
         }
-        (_, false) => format!("您好，我们已收到您的反馈（编号 {r}），正在为您处理，请留意后续消息。"),
-        (_, true) => {
-            format!("Thanks for reaching out. We have received your message (ref {r}) and are on it.")
-        }
+        Ok(text)
     }
 }
 
@@ -58,34 +166,125 @@ pub fn render(kind: NotificationKind, ctx: &MessageContext<'_>) -> String {
 mod tests {
     use super::*;
 
-    fn ctx<'a>(locale: &'a str, note: &'a str, private_channel: bool) -> MessageContext<'a> {
-        MessageContext {
-            reference: "ab12cd34",
+    fn key(kind: NotificationKind, channel: Channel, locale: &'static str) -> TemplateKey<'static> {
+        TemplateKey {
+            tenant: "acme",
+            kind,
+            channel,
+            category: "billing",
             locale,
-            resolution_note: note,
-            private_channel,
         }
     }
 
     #[test]
-    fn acknowledges_in_the_customers_language() {
-        assert!(render(NotificationKind::Acknowledgement, &ctx("zh-CN", "", false)).contains("已收到"));
-        assert!(render(NotificationKind::Acknowledgement, &ctx("en-GB", "", false)).contains("ab12cd34"));
-        assert!(render(NotificationKind::Acknowledgement, &ctx("", "", false)).starts_with("您好"));
+    fn the_fallback_chain_goes_from_specific_to_general() {
+        let names = candidates(&key(NotificationKind::Closure, Channel::Wechat, "en-GB"));
+        assert_eq!(names[0], "acme:closure:wechat:billing:en-gb");
+        assert_eq!(names[3], "acme:closure:*:*:en-gb");
+        assert_eq!(names[4], "*:closure:wechat:billing:en-gb");
+        assert!(names.contains(&"*:closure:*:*:en".to_owned()));
+        assert_eq!(names.last().map(String::as_str), Some("*:closure:*:*:zh"));
+        let position = |n: &str| names.iter().position(|x| x == n);
+        assert!(position("*:closure:*:*:en-gb") < position("acme:closure:wechat:billing:en"));
     }
 
     #[test]
-    fn public_closures_do_not_repeat_the_note() {
-        let note = "已为手机 13812345678 退还话费";
-        assert!(!render(NotificationKind::Closure, &ctx("zh", note, false)).contains("138"));
-        assert!(render(NotificationKind::Closure, &ctx("zh", note, true)).contains(note));
-    }
-
-    #[test]
-    fn invitation_asks_for_a_direct_message() {
-        assert!(
-            render(NotificationKind::PrivateChannelInvitation, &ctx("en", "", false))
-                .contains("direct message")
+    fn overrides_win_and_defaults_fill_in() -> Result<(), TemplateError> {
+        let mut sources: BTreeMap<String, String> =
+            serde_json::from_str(include_str!("default_templates.json"))?;
+        sources.insert(
+            "acme:acknowledgement:wechat:*:zh".into(),
+            "微信专属：{{ reference }}".into(),
         );
+        let templates = Templates::from_sources(sources)?;
+        let values = [("reference", "ab12cd34")];
+        let wechat = templates.render(
+            &key(NotificationKind::Acknowledgement, Channel::Wechat, "zh-CN"),
+            &values,
+        )?;
+        assert_eq!(wechat, "微信专属：ab12cd34");
+        let weibo = templates.render(
+            &key(NotificationKind::Acknowledgement, Channel::WeiboPost, "zh-CN"),
+            &values,
+        )?;
+        assert!(weibo.starts_with("您好，我们已收到"), "{weibo}");
+        Ok(())
+    }
+
+    #[test]
+    fn both_locales_have_every_customer_message() -> Result<(), TemplateError> {
+        let templates = Templates::load(None)?;
+        let values = [
+            ("reference", "ab12cd34"),
+            ("note", ""),
+            ("reply", "我们已为您重置线路"),
+            ("status", "assigned"),
+            ("event", "assigned"),
+            ("work_order", "wo-1"),
+            ("priority", "P2"),
+            ("category", "billing"),
+            ("team", "billing"),
+            ("assignee", ""),
+            ("detail", ""),
+        ];
+        for kind in [
+            NotificationKind::Acknowledgement,
+            NotificationKind::PrivateChannelInvitation,
+            NotificationKind::StatusUpdate,
+            NotificationKind::AgentReply,
+            NotificationKind::Closure,
+            NotificationKind::SatisfactionSurvey,
+            NotificationKind::Reopened,
+            NotificationKind::StaffAlert,
+        ] {
+            let zh = templates.render(&key(kind, Channel::Wechat, "zh-CN"), &values)?;
+            let en = templates.render(&key(kind, Channel::Wechat, "en-US"), &values)?;
+            assert!(
+                zh.chars().any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c)),
+                "{kind:?}: {zh}"
+            );
+            assert!(
+                en.is_ascii() || kind == NotificationKind::AgentReply,
+                "{kind:?}: {en}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn public_replies_never_carry_personal_data() -> Result<(), TemplateError> {
+        let templates = Templates::load(None)?;
+        let reply = [
+            ("reference", "ab12cd34"),
+            (
+                "reply",
+                "已为手机 13812345678 退还话费，详情发至 li.si@example.com",
+            ),
+        ];
+        let public = templates.render(
+            &key(NotificationKind::AgentReply, Channel::WeiboPost, "zh"),
+            &reply,
+        )?;
+        assert!(
+            !public.contains("13812345678") && !public.contains("li.si"),
+            "{public}"
+        );
+        let private = templates.render(&key(NotificationKind::AgentReply, Channel::Wechat, "zh"), &reply)?;
+        assert!(
+            private.contains("13812345678"),
+            "private channels may carry it: {private}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_variable_is_an_error_not_a_blank() -> Result<(), TemplateError> {
+        let templates = Templates::load(None)?;
+        let result = templates.render(
+            &key(NotificationKind::Acknowledgement, Channel::Wechat, "zh"),
+            &[],
+        );
+        assert!(matches!(result, Err(TemplateError::Render { .. })));
+        Ok(())
     }
 }

@@ -27,6 +27,9 @@ pub enum HandleError {
     /// Might work later (database away, gateway down): redeliver with backoff.
     #[error("transient failure: {0:#}")]
     Retry(#[source] anyhow::Error),
+    /// Cannot proceed yet, and the handler knows when it can (a cool-down, a timer).
+    #[error("retry after {0:?}: {1:#}")]
+    RetryAfter(Duration, #[source] anyhow::Error),
     /// Can never work (undecodable, invalid): dead-letter it now.
     #[error("rejected: {0}")]
     Reject(String),
@@ -95,10 +98,27 @@ impl ConsumerSpec {
     }
 }
 
-/// Delay before redelivery after the `delivered`-th failed attempt.
+/// Delay before redelivery after the `delivered`-th failed attempt: doubling from `base`,
+/// capped at a minute, before jitter.
 pub fn retry_delay(base: Duration, delivered: i64) -> Duration {
     let exponent = u32::try_from(delivered.saturating_sub(1)).unwrap_or(0).min(16);
     base.saturating_mul(1 << exponent).min(Duration::from_secs(60))
+}
+
+/// `delay` spread by up to ±20%, so replicas and messages that failed together do not
+/// retry in lockstep.
+pub fn with_jitter(delay: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // A fresh randomly keyed hasher per call is random enough for spreading retries.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    let unit = (hasher.finish() % 10_001) as f64 / 10_000.0; // 0.0 ..= 1.0
+    delay.mul_f64(0.8 + 0.4 * unit)
 }
 
 /// Runs until `cancel` fires, then drains in-flight messages. Rebuilds the consumer with
@@ -191,7 +211,7 @@ async fn process<H: MessageHandler>(
         let ack = match outcome {
             Ok(()) => AckKind::Ack,
             Err(HandleError::Retry(error)) if delivered < spec.max_deliver => {
-                let delay = retry_delay(spec.retry_base, delivered);
+                let delay = with_jitter(retry_delay(spec.retry_base, delivered));
                 tracing::warn!(
                     error = format!("{error:#}"),
                     delivered,
@@ -200,9 +220,20 @@ async fn process<H: MessageHandler>(
                 );
                 AckKind::Nak(Some(delay))
             }
+            Err(HandleError::RetryAfter(delay, reason)) if delivered < spec.max_deliver => {
+                tracing::debug!(
+                    reason = format!("{reason:#}"),
+                    delivered,
+                    ?delay,
+                    "not yet; redelivery scheduled"
+                );
+                AckKind::Nak(Some(delay))
+            }
             Err(error) => {
                 let reason = match &error {
-                    HandleError::Retry(e) => format!("gave up after {delivered} deliveries: {e:#}"),
+                    HandleError::Retry(e) | HandleError::RetryAfter(_, e) => {
+                        format!("gave up after {delivered} deliveries: {e:#}")
+                    }
                     HandleError::Reject(reason) => reason.clone(),
                 };
                 tracing::error!(%reason, delivered, "parking event in the dead-letter stream");
@@ -236,5 +267,17 @@ mod tests {
         assert_eq!(retry_delay(base, 4), Duration::from_secs(4));
         assert_eq!(retry_delay(base, 40), Duration::from_secs(60));
         assert_eq!(retry_delay(base, 0), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn jitter_stays_within_a_fifth() {
+        let delay = Duration::from_secs(10);
+        for _ in 0..100 {
+            let jittered = with_jitter(delay);
+            assert!(
+                jittered >= Duration::from_secs(8) && jittered <= Duration::from_secs(12),
+                "{jittered:?}"
+            );
+        }
     }
 }

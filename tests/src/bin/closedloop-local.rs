@@ -118,6 +118,8 @@ async fn main() -> anyhow::Result<()> {
         ingest_http_port: args.http_port,
         wechat_accounts: format!("{}={}", args.tenant, args.wechat_token),
         extra_args: Vec::new(),
+        notify_args: Vec::new(),
+        without_classify: false,
     };
     let system = System::start(&options).await?;
     system.wait_ready(&nats_url).await?;

@@ -1,0 +1,311 @@
+//! Notify end to end on real NATS and PostgreSQL: every message kind reaches the customer
+//! (or staff) once, stale status updates are dropped, slow gateways cause no double
+//! messages, and the first-response watchdog keeps the reply promise while classify is down.
+
+use std::time::Duration;
+
+use closedloop_e2e::system::{TestEnv, authed};
+use closedloop_e2e::wait_until;
+use closedloop_e2e::webhook::ReceivedMessage;
+use closedloop_proto::v1::*;
+use closedloop_runtime::bus;
+use prost::Message as _;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn wechat_message(message_id: &str, locale: &str) -> ComplaintSubmission {
+    ComplaintSubmission {
+        channel: Channel::Wechat as i32,
+        channel_message_id: message_id.to_owned(),
+        poster: Some(Poster {
+            poster_id: "o-customer".into(),
+            ..Default::default()
+        }),
+        text: "My bill was charged twice this month, please refund".into(),
+        locale: locale.to_owned(),
+        ..Default::default()
+    }
+}
+
+async fn submit(env: &TestEnv, submission: ComplaintSubmission) -> anyhow::Result<String> {
+    let mut ingest = env.ingest().await?;
+    let request = SubmitComplaintRequest {
+        complaint: Some(submission),
+    };
+    Ok(ingest
+        .submit_complaint(authed(&env.tokens.gateway, request))
+        .await?
+        .into_inner()
+        .complaint_id)
+}
+
+async fn work_order_for(env: &TestEnv, complaint_id: &str) -> anyhow::Result<WorkOrder> {
+    env.wait_idle().await?;
+    let mut client = env.work_orders().await?;
+    let request = GetComplaintStatusRequest {
+        complaint_id: complaint_id.to_owned(),
+    };
+    client
+        .get_complaint_status(authed(&env.tokens.agent, request))
+        .await?
+        .into_inner()
+        .work_order
+        .ok_or_else(|| anyhow::anyhow!("no work order"))
+}
+
+fn kinds(messages: &[ReceivedMessage]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| format!("{}:{}", m.field("channel"), m.field("kind")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_kind_reaches_customer_and_staff_once() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let complaint_id = submit(&env, wechat_message("wx-kinds", "en-US")).await?;
+    let work_order = work_order_for(&env, &complaint_id).await?;
+    let id = work_order.work_order_id.clone();
+    let mut client = env.work_orders().await?;
+    let agent = &env.tokens.agent;
+
+    client
+        .accept_work_order(authed(
+            agent,
+            AcceptWorkOrderRequest {
+                work_order_id: id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await?;
+    client
+        .reply_to_customer(authed(
+            agent,
+            ReplyToCustomerRequest {
+                work_order_id: id.clone(),
+                text: "We found the double charge.".into(),
+                ..Default::default()
+            },
+        ))
+        .await?;
+    client
+        .escalate_work_order(authed(
+            agent,
+            EscalateWorkOrderRequest {
+                work_order_id: id.clone(),
+                reason: "refund above my limit".into(),
+                ..Default::default()
+            },
+        ))
+        .await?;
+    client
+        .resolve_work_order(authed(
+            agent,
+            ResolveWorkOrderRequest {
+                work_order_id: id.clone(),
+                resolution_note: "Refunded 20 yuan".into(),
+                ..Default::default()
+            },
+        ))
+        .await?;
+    client
+        .reopen_work_order(authed(
+            agent,
+            ReopenWorkOrderRequest {
+                work_order_id: id.clone(),
+                reason: "still charged".into(),
+                ..Default::default()
+            },
+        ))
+        .await?;
+    env.wait_idle().await?;
+
+    let messages = env.webhook.messages();
+    assert_eq!(
+        kinds(&messages),
+        vec![
+            "wechat:acknowledgement",
+            "wechat:status_update",
+            "wechat:agent_reply",
+            "staff:staff_alert",
+            "wechat:closure",
+            "wechat:satisfaction_survey",
+            "wechat:reopened",
+        ]
+    );
+    assert!(messages.iter().all(|m| m.signature_valid));
+    let text = |kind: &str| {
+        messages
+            .iter()
+            .find(|m| m.field("kind") == kind)
+            .map(|m| m.field("text").to_owned())
+    };
+    assert_eq!(
+        text("status_update").as_deref(),
+        Some(
+            format!(
+                "Your issue (ref {}) is being worked on. We will get back to you soon.",
+                &complaint_id[..8]
+            )
+            .as_str()
+        )
+    );
+    assert!(
+        text("agent_reply")
+            .unwrap_or_default()
+            .starts_with("We found the double charge.")
+    );
+    assert!(
+        text("closure").unwrap_or_default().contains("Refunded 20 yuan"),
+        "a private channel shows the note"
+    );
+    assert!(
+        text("staff_alert")
+            .unwrap_or_default()
+            .contains("refund above my limit")
+    );
+    let staff = messages
+        .iter()
+        .find(|m| m.field("kind") == "staff_alert")
+        .map(|m| m.field("recipient").to_owned());
+    assert_eq!(
+        staff.as_deref(),
+        Some("agent-7"),
+        "the alert names who holds the work order"
+    );
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_status_update_is_not_sent() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let complaint_id = submit(&env, wechat_message("wx-stale", "zh-CN")).await?;
+    let work_order = work_order_for(&env, &complaint_id).await?;
+    let mut client = env.work_orders().await?;
+    let id = work_order.work_order_id.clone();
+    client
+        .resolve_work_order(authed(
+            &env.tokens.agent,
+            ResolveWorkOrderRequest {
+                work_order_id: id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await?;
+    env.wait_idle().await?;
+
+    // An "accepted" for version 2 — older than the resolution the customer was told about —
+    // arrives late (say, from a lagging replica's outbox).
+    let mut stale = work_order.clone();
+    stale.version = 2;
+    stale.set_state(WorkOrderState::InProgress);
+    let event = WorkOrderEvent {
+        event_id: "late-accept".into(),
+        kind: WorkOrderEventKind::Accepted as i32,
+        work_order: Some(stale),
+        actor: "agent-7".into(),
+        ..Default::default()
+    };
+    let client = async_nats::connect(env.nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    js.publish(
+        bus::work_order_topic("accepted").subject("acme"),
+        event.encode_to_vec().into(),
+    )
+    .await?
+    .await?;
+    env.wait_idle().await?;
+
+    let messages = kinds(&env.webhook.messages());
+    assert_eq!(
+        messages,
+        vec![
+            "wechat:acknowledgement",
+            "wechat:closure",
+            "wechat:satisfaction_survey"
+        ]
+    );
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_gateway_is_retried_under_one_key_and_the_customer_sees_one_message() -> anyhow::Result<()> {
+    let env = TestEnv::start_with(|options| {
+        options
+            .notify_args
+            .extend(["--gateway-timeout-secs".into(), "1".into()]);
+    })
+    .await?;
+    // The gateway takes the first call but answers after notify gave up waiting.
+    env.webhook.slow_next(1, Duration::from_millis(2_500));
+    let complaint_id = submit(&env, wechat_message("wx-slow", "zh-CN")).await?;
+    wait_until("a second, answered attempt", WAIT, || async {
+        env.webhook.attempts().len() >= 2
+    })
+    .await?;
+    env.wait_idle().await?;
+
+    let attempts = env.webhook.attempts();
+    assert!(
+        attempts
+            .iter()
+            .all(|m| m.idempotency_key == attempts[0].idempotency_key),
+        "one key"
+    );
+    assert_eq!(
+        env.webhook.unique_messages().len(),
+        1,
+        "a gateway honouring the key shows it once"
+    );
+    let mut notifications = env.notifications().await?;
+    let log = notifications
+        .list_deliveries(authed(
+            &env.tokens.agent,
+            ListDeliveriesRequest {
+                complaint_id,
+                ..Default::default()
+            },
+        ))
+        .await?
+        .into_inner()
+        .deliveries;
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].state(), DeliveryState::Delivered);
+    assert!(log[0].last_error.is_empty());
+    assert!(
+        log[0].attempts >= 2,
+        "the timed-out call counted: {}",
+        log[0].attempts
+    );
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_acknowledges_when_classify_is_down_and_never_twice() -> anyhow::Result<()> {
+    let mut env = TestEnv::start_with(|options| options.without_classify = true).await?;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(submit(&env, wechat_message(&format!("wx-watchdog-{i}"), "zh-CN")).await?);
+    }
+    // The watchdog is set to 1 s in tests; allow for a slow machine, not for minutes.
+    wait_until(
+        "a first reply to every complaint",
+        Duration::from_secs(15),
+        || async {
+            ids.iter()
+                .all(|id| env.webhook.about(id, "acknowledgement").len() == 1)
+        },
+    )
+    .await?;
+
+    // Classify comes back and catches up: work orders appear, no second acknowledgement.
+    env.system.start_classify().await?;
+    env.system.wait_ready(&env.nats.url()).await?;
+    env.wait_idle().await?;
+    for id in &ids {
+        assert_eq!(env.webhook.about(id, "acknowledgement").len(), 1, "{id}");
+        work_order_for(&env, id).await?;
+    }
+    assert_eq!(env.webhook.messages().len(), 3);
+    env.shutdown().await
+}
