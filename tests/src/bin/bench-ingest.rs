@@ -1,8 +1,9 @@
 //! `bench-ingest`: how fast ingest accepts complaints, beside what JetStream itself takes
 //! on this machine in the same run. Starts its own nats-server; prints a table.
 //!
-//! - raw: JetStream publishes of the same encoded events (same headers, same size) with
-//!   acks pipelined `--window` deep — the bound ingest cannot beat;
+//! - raw: JetStream publishes of the same encoded events (same headers, same size) from
+//!   `--batch-callers` publishers, each with acks pipelined `--window` deep — the bound the
+//!   batched scenario cannot beat;
 //! - single: `SubmitComplaint` from `--concurrency` concurrent callers;
 //! - batched: `SubmitComplaints` of `--batch` complaints from `--batch-callers` callers.
 //!
@@ -70,7 +71,9 @@ fn rate(count: usize, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64()
 }
 
-async fn raw_baseline(bus: &Bus, n: usize, window: usize) -> anyhow::Result<f64> {
+/// `publishers` concurrent publishers, each sending windows of `window` events and awaiting
+/// their acks: the same concurrency and batch size as the batched scenario.
+async fn raw_baseline(bus: &Bus, n: usize, window: usize, publishers: usize) -> anyhow::Result<f64> {
     let now = chrono::Utc::now();
     let events: Vec<OutgoingEvent> = (0..n)
         .map(|i| {
@@ -92,16 +95,25 @@ async fn raw_baseline(bus: &Bus, n: usize, window: usize) -> anyhow::Result<f64>
             ))
         })
         .collect::<anyhow::Result<_>>()?;
+    let windows: Vec<Vec<OutgoingEvent>> = events.chunks(window).map(<[OutgoingEvent]>::to_vec).collect();
+    let queue = Arc::new(std::sync::Mutex::new(windows));
     let started = Instant::now();
-    let mut events = events.into_iter();
-    loop {
-        let chunk: Vec<_> = events.by_ref().take(window).collect();
-        if chunk.is_empty() {
-            break;
-        }
-        for result in bus.publish_all(chunk).await {
-            result?;
-        }
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..publishers.max(1) {
+        let queue = queue.clone();
+        let bus = bus.clone();
+        tasks.spawn(async move {
+            loop {
+                let next = queue.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.pop();
+                let Some(window) = next else { return anyhow::Ok(()) };
+                for result in bus.publish_all(window).await {
+                    result?;
+                }
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
     }
     Ok(rate(n, started.elapsed()))
 }
@@ -197,10 +209,10 @@ async fn main() -> anyhow::Result<()> {
     bus.provision(&settings).await?;
 
     eprintln!(
-        "raw JetStream publishes: {} events, window {}",
-        args.complaints, args.window
+        "raw JetStream publishes: {} events, windows of {}, {} publishers",
+        args.complaints, args.window, args.batch_callers
     );
-    let raw = raw_baseline(&bus, args.complaints, args.window).await?;
+    let raw = raw_baseline(&bus, args.complaints, args.window, args.batch_callers).await?;
 
     let token = "bench-token";
     let config = closedloop_ingest::Config::try_parse_from([
@@ -249,7 +261,10 @@ async fn main() -> anyhow::Result<()> {
     println!("{:<44} {:>12} {:>10}", "scenario", "complaints/s", "vs raw");
     println!(
         "{:<44} {:>12.0} {:>10}",
-        format!("raw JetStream publish (window {})", args.window),
+        format!(
+            "raw JetStream publish ({} x window {})",
+            args.batch_callers, args.window
+        ),
         raw,
         "1.00"
     );

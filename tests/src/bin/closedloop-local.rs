@@ -111,7 +111,11 @@ async fn main() -> anyhow::Result<()> {
             hash_token(&args.agent_token),
             t = args.tenant
         ),
-        gateways: format!("default={}|{}", gateway.url(), gateway.secret),
+        gateways: format!(
+            "default={url}|{secret};staff={url}|{secret}",
+            url = gateway.url(),
+            secret = gateway.secret
+        ),
         host: args.host,
         ports: [0, 1, 2, 3].map(|i| args.base_port + i),
         retry_base_ms: 500,
