@@ -41,6 +41,8 @@ pub struct SystemOptions {
     pub host: IpAddr,
     /// Ports for ingest, classify, dispatch, notify; 0 picks free ones.
     pub ports: [u16; 4],
+    /// `/metrics` ports for ingest, classify, dispatch, notify; 0 picks free ones.
+    pub metrics_ports: [u16; 4],
     /// First redelivery delay after a transient failure.
     pub retry_base_ms: u64,
     /// Port of ingest's HTTP listener (JSON and WeChat); 0 picks a free one.
@@ -60,6 +62,8 @@ pub struct System {
     pub ingest: SocketAddr,
     /// Ingest's HTTP listener.
     pub ingest_http: SocketAddr,
+    /// `/metrics` of each service, by name.
+    pub metrics: Vec<(&'static str, SocketAddr)>,
     pub classify: SocketAddr,
     pub dispatch: SocketAddr,
     pub notify: SocketAddr,
@@ -68,9 +72,12 @@ pub struct System {
     options: SystemOptions,
 }
 
-fn args(options: &SystemOptions, port: u16, with_database: bool) -> Vec<String> {
+fn args(options: &SystemOptions, service: usize, with_database: bool) -> Vec<String> {
+    let port = options.ports[service];
     let mut args = vec![
         "closedloop".to_owned(),
+        "--metrics-listen".to_owned(),
+        SocketAddr::new(options.host, options.metrics_ports[service]).to_string(),
         "--listen".to_owned(),
         SocketAddr::new(options.host, port).to_string(),
         "--nats-url".to_owned(),
@@ -91,9 +98,8 @@ impl System {
     /// Builds all four services (connect, migrate, bind) and runs them.
     pub async fn start(options: &SystemOptions) -> anyhow::Result<Self> {
         let cancel = CancellationToken::new();
-        let [ingest_port, classify_port, dispatch_port, notify_port] = options.ports;
 
-        let mut ingest_args = args(options, ingest_port, false);
+        let mut ingest_args = args(options, 0, false);
         ingest_args.extend([
             "--http-listen".to_owned(),
             SocketAddr::new(options.host, options.ingest_http_port).to_string(),
@@ -101,9 +107,8 @@ impl System {
             options.wechat_accounts.clone(),
         ]);
         let ingest_config = closedloop_ingest::Config::try_parse_from(ingest_args)?;
-        let dispatch_config =
-            closedloop_dispatch::Config::try_parse_from(args(options, dispatch_port, true))?;
-        let mut notify_args = args(options, notify_port, true);
+        let dispatch_config = closedloop_dispatch::Config::try_parse_from(args(options, 2, true))?;
+        let mut notify_args = args(options, 3, true);
         notify_args.extend(["--gateways".to_owned(), options.gateways.clone()]);
         notify_args.extend(options.notify_args.iter().cloned());
         let notify_config = closedloop_notify::Config::try_parse_from(notify_args)?;
@@ -121,9 +126,14 @@ impl System {
         let mut system = Self {
             ingest: ingest.grpc_addr()?,
             ingest_http: ingest.http_addr()?,
-            classify: SocketAddr::new(options.host, classify_port),
+            classify: SocketAddr::new(options.host, options.ports[1]),
             dispatch: dispatch.grpc_addr()?,
             notify: notify.grpc_addr()?,
+            metrics: vec![
+                ("ingest", ingest.metrics_addr()?),
+                ("dispatch", dispatch.metrics_addr()?),
+                ("notify", notify.metrics_addr()?),
+            ],
             tasks: vec![
                 ("ingest", tokio::spawn(ingest.run(cancel.clone()))),
                 ("dispatch", tokio::spawn(dispatch.run(cancel.clone()))),
@@ -140,12 +150,12 @@ impl System {
 
     /// Starts classify (when the system was started without it).
     pub async fn start_classify(&mut self) -> anyhow::Result<()> {
-        let port = self.options.ports[1];
-        let config = closedloop_classify::Config::try_parse_from(args(&self.options, port, false))?;
+        let config = closedloop_classify::Config::try_parse_from(args(&self.options, 1, false))?;
         let classify = closedloop_classify::Classify::build(config, &self.cancel)
             .await
             .context("classify")?;
         self.classify = classify.grpc_addr()?;
+        self.metrics.push(("classify", classify.metrics_addr()?));
         self.tasks
             .push(("classify", tokio::spawn(classify.run(self.cancel.clone()))));
         Ok(())
@@ -264,6 +274,7 @@ impl TestEnv {
             ),
             host: "127.0.0.1".parse()?,
             ports: [0; 4],
+            metrics_ports: [0; 4],
             retry_base_ms: 100,
             ingest_http_port: 0,
             wechat_accounts: format!("acme={WECHAT_TOKEN}"),

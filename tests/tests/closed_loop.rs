@@ -171,6 +171,36 @@ async fn a_complaint_travels_the_whole_loop() -> anyhow::Result<()> {
         .await?
         .into_inner()
         .deliveries;
+    // The pipeline's own figures are served on /metrics.
+    let notify_metrics = env
+        .system
+        .metrics
+        .iter()
+        .find(|(name, _)| *name == "notify")
+        .map(|(_, addr)| *addr)
+        .ok_or_else(|| anyhow::anyhow!("notify serves no metrics"))?;
+    let text = reqwest::get(format!("http://{notify_metrics}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let figure = |prefix: &str| -> f64 {
+        text.lines()
+            .find(|line| line.starts_with(prefix))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(figure("closedloop_first_response_seconds_count") >= 1.0, "{text}");
+    assert!(
+        figure(r#"closedloop_deliveries_total{kind="closure",outcome="delivered"}"#) >= 1.0,
+        "{text}"
+    );
+    assert!(figure(r#"closedloop_consumer_events_total{consumer="notify-workorders",outcome="ack"}"#) >= 1.0);
+    assert!(
+        text.contains("closedloop_complaints_received_total"),
+        "ingest's figures share the registry"
+    );
+
     let mut kinds: Vec<_> = log.iter().map(|d| (d.kind(), d.state())).collect();
     kinds.sort_by_key(|(k, _)| *k as i32);
     assert_eq!(

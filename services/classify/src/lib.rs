@@ -19,6 +19,10 @@ use closedloop_runtime::bus::{self, Bus, OutgoingEvent, StreamSettings};
 use closedloop_runtime::config::ServiceArgs;
 use closedloop_runtime::consumer::{self, ConsumerSpec, HandleError, MessageHandler};
 use closedloop_runtime::grpc::{self, Violation, invalid_argument};
+use closedloop_runtime::metrics;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
@@ -51,6 +55,22 @@ pub struct Config {
     pub service: ServiceArgs,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    intent: String,
+    priority: String,
+}
+
+static CLASSIFIED: std::sync::LazyLock<Family<VerdictLabels, Counter>> = std::sync::LazyLock::new(|| {
+    let family = Family::default();
+    metrics::register(
+        "complaints_classified",
+        "Complaints classified, by intent and priority",
+        family.clone(),
+    );
+    family
+});
+
 /// Classifies received complaints and publishes the verdict.
 struct ReceivedHandler {
     bus: Bus,
@@ -71,6 +91,18 @@ impl MessageHandler for ReceivedHandler {
                 poster: complaint.poster.as_ref(),
             },
         );
+        let labels = VerdictLabels {
+            intent: classification
+                .intent()
+                .as_str_name()
+                .trim_start_matches("INTENT_")
+                .to_ascii_lowercase(),
+            priority: classification
+                .priority()
+                .as_str_name()
+                .trim_start_matches("PRIORITY_")
+                .to_owned(),
+        };
         tracing::info!(
             complaint_id = %complaint.complaint_id,
             category = %classification.category,
@@ -87,6 +119,7 @@ impl MessageHandler for ReceivedHandler {
             },
         );
         self.bus.publish(event).await.map_err(HandleError::retry)?;
+        CLASSIFIED.get_or_create(&labels).inc();
         Ok(())
     }
 }
@@ -131,6 +164,7 @@ impl ClassifyService for ClassifyApi {
 /// A built classify service: connected, rules loaded, listener bound.
 pub struct Classify {
     listener: TcpListener,
+    metrics: metrics::Exporter,
     bus: Bus,
     rules: Arc<Rules>,
     config: Config,
@@ -142,8 +176,10 @@ impl Classify {
         let bus = Bus::connect(&config.service.nats.nats_url, "classify", cancel).await?;
         bus.provision(&StreamSettings::from(&config.service.nats)).await?;
         let listener = grpc::bind(config.listen).await?;
+        let metrics = metrics::Exporter::bind(config.service.metrics_listen).await?;
         Ok(Self {
             listener,
+            metrics,
             bus,
             rules,
             config,
@@ -152,6 +188,11 @@ impl Classify {
 
     pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Where `/metrics` is served.
+    pub fn metrics_addr(&self) -> std::io::Result<SocketAddr> {
+        self.metrics.addr()
     }
 
     /// Consumes and serves until `cancel` fires, then drains in-flight work.
@@ -167,6 +208,7 @@ impl Classify {
             rules: self.rules.clone(),
         });
         let consuming = tokio::spawn(consumer::run(self.bus.clone(), spec, handler, cancel.clone()));
+        let exporting = self.metrics.spawn(cancel.clone());
 
         let api = ClassifyApi {
             rules: self.rules,
@@ -181,6 +223,7 @@ impl Classify {
         let served = grpc::serve(self.listener, routes, &[SERVICE_NAME], cancel.clone()).await;
         cancel.cancel();
         consuming.await?;
+        exporting.await??;
         served?;
         Ok(())
     }

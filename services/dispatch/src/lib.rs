@@ -20,7 +20,7 @@ use closedloop_runtime::auth::Authenticator;
 use closedloop_runtime::bus::{self, Bus, StreamSettings};
 use closedloop_runtime::config::{DatabaseArgs, ServiceArgs};
 use closedloop_runtime::consumer::{self, ConsumerSpec, HandleError, MessageHandler};
-use closedloop_runtime::{db, grpc};
+use closedloop_runtime::{db, grpc, metrics};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -117,6 +117,7 @@ impl MessageHandler for ClassifiedHandler {
 /// A built dispatch service: connected, migrated, listener bound.
 pub struct Dispatch {
     listener: TcpListener,
+    metrics: metrics::Exporter,
     bus: Bus,
     pool: PgPool,
     routing: RoutingTable,
@@ -132,8 +133,10 @@ impl Dispatch {
         let bus = Bus::connect(&config.service.nats.nats_url, "dispatch", cancel).await?;
         bus.provision(&StreamSettings::from(&config.service.nats)).await?;
         let listener = grpc::bind(config.listen).await?;
+        let metrics = metrics::Exporter::bind(config.service.metrics_listen).await?;
         Ok(Self {
             listener,
+            metrics,
             bus,
             pool,
             routing,
@@ -144,6 +147,11 @@ impl Dispatch {
 
     pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Where `/metrics` is served.
+    pub fn metrics_addr(&self) -> std::io::Result<SocketAddr> {
+        self.metrics.addr()
     }
 
     /// Consumes, relays and serves until `cancel` fires; then drains in-flight work and
@@ -163,6 +171,7 @@ impl Dispatch {
             relay_wake: relay_wake.clone(),
         });
         let consuming = tokio::spawn(consumer::run(self.bus.clone(), spec, handler, cancel.clone()));
+        let exporting = self.metrics.spawn(cancel.clone());
         // The relay outlives the consumer and the API so their last commits get published.
         let relay_stop = CancellationToken::new();
         let relaying = tokio::spawn(relay::run(
@@ -187,6 +196,7 @@ impl Dispatch {
         consuming.await?;
         relay_stop.cancel();
         relaying.await?;
+        exporting.await??;
         self.pool.close().await;
         served?;
         Ok(())

@@ -81,6 +81,32 @@ fn to_time(ts: &Option<prost_types::Timestamp>) -> Option<DateTime<Utc>> {
     ts.as_ref().and_then(time::from_timestamp)
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct EventLabels {
+    kind: &'static str,
+}
+
+static EVENTS: std::sync::LazyLock<
+    prometheus_client::metrics::family::Family<EventLabels, prometheus_client::metrics::counter::Counter>,
+> = std::sync::LazyLock::new(|| {
+    let family = prometheus_client::metrics::family::Family::default();
+    closedloop_runtime::metrics::register(
+        "work_order_events",
+        "Committed work-order changes, by event kind",
+        family.clone(),
+    );
+    family
+});
+
+/// Counts a committed change.
+fn count(kind: WorkOrderEventKind) {
+    EVENTS
+        .get_or_create(&EventLabels {
+            kind: lifecycle::event_name(kind),
+        })
+        .inc();
+}
+
 /// The event for a work order at its current version, ready for the outbox.
 pub fn work_order_event(
     work_order: &WorkOrder,
@@ -213,12 +239,14 @@ pub async fn place(pool: &PgPool, work_order: &WorkOrder) -> Result<Placement, S
             let note = format!("follow-up {} attached", work_order.complaint_id);
             append_history_and_outbox(&mut tx, &open, WorkOrderEventKind::Merged, "system", &note).await?;
             tx.commit().await?;
+            count(WorkOrderEventKind::Merged);
             return Ok(Placement::Attached(open));
         }
     }
     insert_new(&mut tx, work_order).await?;
     append_history_and_outbox(&mut tx, work_order, WorkOrderEventKind::Created, "system", "").await?;
     tx.commit().await?;
+    count(WorkOrderEventKind::Created);
     Ok(Placement::Created(work_order.clone()))
 }
 
@@ -442,6 +470,7 @@ pub async fn apply(
     )
     .await?;
     tx.commit().await?;
+    count(change.action.event_kind());
     Ok(work_order)
 }
 

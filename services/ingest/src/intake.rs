@@ -12,9 +12,41 @@ use closedloop_proto::v1::{
 use closedloop_runtime::auth::{Principal, Role};
 use closedloop_runtime::bus::{self, Bus, BusError, OutgoingEvent};
 use closedloop_runtime::grpc::Violation;
-use closedloop_runtime::{ids, time};
+use closedloop_runtime::{ids, metrics, time};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use std::sync::LazyLock;
 
 use crate::validate::{Limits, validate_submission};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    /// `accepted`, `duplicate`, `rejected`, `unavailable` or `full`.
+    outcome: &'static str,
+}
+
+static RECEIVED: LazyLock<Family<OutcomeLabel, Counter>> = LazyLock::new(|| {
+    let family = Family::default();
+    metrics::register(
+        "complaints_received",
+        "Complaints submitted to ingest, by outcome",
+        family.clone(),
+    );
+    family
+});
+
+fn count(outcome: &'static str) {
+    RECEIVED.get_or_create(&OutcomeLabel { outcome }).inc();
+}
+
+fn count_error(error: &IngestError) {
+    count(match error {
+        IngestError::Invalid(_) | IngestError::PermissionDenied => "rejected",
+        IngestError::Unavailable => "unavailable",
+        IngestError::StoreFull => "full",
+    });
+}
 
 /// How long a caller should wait before retrying after a storage failure.
 pub const RETRY_AFTER: Duration = Duration::from_secs(2);
@@ -104,6 +136,24 @@ impl Intake {
         submission: &ComplaintSubmission,
         prefix: &str,
     ) -> Result<Accepted, IngestError> {
+        let result = self.accept_one(caller, submission, prefix).await;
+        match &result {
+            Ok(accepted) => count(if accepted.duplicate {
+                "duplicate"
+            } else {
+                "accepted"
+            }),
+            Err(error) => count_error(error),
+        }
+        result
+    }
+
+    async fn accept_one(
+        &self,
+        caller: &Principal,
+        submission: &ComplaintSubmission,
+        prefix: &str,
+    ) -> Result<Accepted, IngestError> {
         require_gateway(caller)?;
         let complaint = validate_submission(submission, &caller.tenant, &self.limits, Utc::now(), prefix)
             .map_err(IngestError::Invalid)?;
@@ -175,6 +225,13 @@ impl Intake {
             };
         }
         tracing::info!(items = results.len(), failures, "batch handled");
+        for result in &results {
+            count(match result.outcome() {
+                SubmissionOutcome::Accepted => "accepted",
+                SubmissionOutcome::Duplicate => "duplicate",
+                _ => "rejected",
+            });
+        }
         Ok(results)
     }
 

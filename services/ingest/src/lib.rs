@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use closedloop_proto::v1::ingest_service_server::IngestServiceServer;
 use closedloop_runtime::auth::Authenticator;
 use closedloop_runtime::bus::{Bus, StreamSettings};
-use closedloop_runtime::grpc;
+use closedloop_runtime::{grpc, metrics};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
@@ -28,6 +28,7 @@ pub use config::Config;
 pub struct Ingest {
     listener: TcpListener,
     http_listener: TcpListener,
+    metrics: metrics::Exporter,
     intake: intake::Intake,
     config: Config,
 }
@@ -38,10 +39,12 @@ impl Ingest {
         bus.provision(&StreamSettings::from(&config.service.nats)).await?;
         let listener = grpc::bind(config.listen).await?;
         let http_listener = grpc::bind(config.http_listen).await?;
+        let metrics = metrics::Exporter::bind(config.service.metrics_listen).await?;
         let intake = intake::Intake::new(bus, config.limits());
         Ok(Self {
             listener,
             http_listener,
+            metrics,
             intake,
             config,
         })
@@ -50,6 +53,11 @@ impl Ingest {
     /// The bound gRPC address (useful when configured with port 0).
     pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Where `/metrics` is served.
+    pub fn metrics_addr(&self) -> std::io::Result<SocketAddr> {
+        self.metrics.addr()
     }
 
     /// The bound HTTP address.
@@ -66,6 +74,7 @@ impl Ingest {
             self.config.wechat_accounts.expose().clone(),
             self.config.service.grpc.max_request_bytes,
         );
+        let exporting = self.metrics.spawn(cancel.clone());
         let http_cancel = cancel.clone();
         let http = tokio::spawn(async move {
             axum::serve(self.http_listener, app)
@@ -78,6 +87,7 @@ impl Ingest {
         let served = grpc::serve(self.listener, routes, &[service::SERVICE_NAME], cancel.clone()).await;
         cancel.cancel();
         http.await??;
+        exporting.await??;
         served?;
         Ok(())
     }

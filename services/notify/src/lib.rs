@@ -30,7 +30,11 @@ use closedloop_runtime::auth::Authenticator;
 use closedloop_runtime::bus::{self, Bus, OutgoingEvent, StreamSettings};
 use closedloop_runtime::config::{DatabaseArgs, ServiceArgs};
 use closedloop_runtime::consumer::{self, ConsumerSpec, HandleError, MessageHandler};
-use closedloop_runtime::{Secret, db, grpc, ids, time};
+use closedloop_runtime::{Secret, db, grpc, ids, metrics, time};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -97,9 +101,51 @@ struct Outgoing<'a> {
     thread_id: &'a str,
     /// For customer messages about a work order: the version they tell about.
     work_order_version: Option<i64>,
+    /// For a first reply: when the complaint was received, to measure first-response time.
+    received_at: Option<chrono::DateTime<Utc>>,
     /// Send only if no one registered this delivery before (the watchdog's rule: whoever
     /// started the first reply owns it).
     only_if_new: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabels {
+    kind: String,
+    /// `delivered`, `retry` or `failed`.
+    outcome: &'static str,
+}
+
+struct NotifyMetrics {
+    deliveries: Family<DeliveryLabels, Counter>,
+    first_response_seconds: Histogram,
+}
+
+static METRICS: std::sync::LazyLock<NotifyMetrics> = std::sync::LazyLock::new(|| {
+    let found = NotifyMetrics {
+        deliveries: Family::default(),
+        first_response_seconds: metrics::seconds_histogram(),
+    };
+    metrics::register(
+        "deliveries",
+        "Gateway calls by message kind and outcome",
+        found.deliveries.clone(),
+    );
+    metrics::register(
+        "first_response_seconds",
+        "From receipt of a complaint to its first reply delivered",
+        found.first_response_seconds.clone(),
+    );
+    found
+});
+
+fn count_delivery(kind: &str, outcome: &'static str) {
+    METRICS
+        .deliveries
+        .get_or_create(&DeliveryLabels {
+            kind: kind.to_owned(),
+            outcome,
+        })
+        .inc();
 }
 
 /// Renders, delivers and logs messages. Shared by every consumer.
@@ -181,6 +227,11 @@ impl Courier {
                         .map_err(db_error)?;
                 }
                 tracing::info!(delivery_id = %delivery.delivery_id, %kind, %channel, "delivered");
+                count_delivery(&kind, "delivered");
+                if let Some(received) = out.received_at {
+                    let waited = (Utc::now() - received).to_std().unwrap_or_default();
+                    METRICS.first_response_seconds.observe(waited.as_secs_f64());
+                }
                 let event = OutgoingEvent::new(
                     bus::NOTIFICATION_DELIVERED,
                     &delivery.tenant,
@@ -204,6 +255,7 @@ impl Courier {
                 let logged = store::record_attempt(&self.pool, &delivery.delivery_id, state, &reason)
                     .await
                     .map_err(db_error)?;
+                count_delivery(&kind, if last_try { "failed" } else { "retry" });
                 if !last_try {
                     return Err(match error.retry_after() {
                         Some(wait) => HandleError::RetryAfter(wait, error.into()),
@@ -287,6 +339,7 @@ impl MessageHandler for ClassifiedHandler {
             reply_to_message_id: &complaint.channel_message_id,
             thread_id: &complaint.thread_id,
             work_order_version: None,
+            received_at: complaint.received_at.as_ref().and_then(time::from_timestamp),
             only_if_new: false,
         };
         self.0.deliver(out, message).await
@@ -346,6 +399,7 @@ impl MessageHandler for WatchdogHandler {
             reply_to_message_id: &complaint.channel_message_id,
             thread_id: &complaint.thread_id,
             work_order_version: None,
+            received_at: Some(received),
             only_if_new: true,
         };
         self.courier.deliver(out, message).await
@@ -405,6 +459,7 @@ impl WorkOrderHandler {
             reply_to_message_id: &work_order.channel_message_id,
             thread_id: &work_order.thread_id,
             work_order_version: Some(work_order.version),
+            received_at: None,
             only_if_new: false,
         };
         self.0.deliver(out, message).await
@@ -485,6 +540,7 @@ impl WorkOrderHandler {
             reply_to_message_id: "",
             thread_id: "",
             work_order_version: None,
+            received_at: None,
             only_if_new: false,
         };
         self.0.deliver(out, message).await
@@ -542,6 +598,7 @@ impl MessageHandler for WorkOrderHandler {
 /// A built notify service: connected, migrated, listener bound.
 pub struct Notify {
     listener: TcpListener,
+    metrics: metrics::Exporter,
     bus: Bus,
     pool: PgPool,
     webhooks: WebhookClient,
@@ -566,8 +623,10 @@ impl Notify {
         let bus = Bus::connect(&config.service.nats.nats_url, "notify", cancel).await?;
         bus.provision(&StreamSettings::from(&config.service.nats)).await?;
         let listener = grpc::bind(config.listen).await?;
+        let metrics = metrics::Exporter::bind(config.service.metrics_listen).await?;
         Ok(Self {
             listener,
+            metrics,
             bus,
             pool,
             webhooks,
@@ -578,6 +637,11 @@ impl Notify {
 
     pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Where `/metrics` is served.
+    pub fn metrics_addr(&self) -> std::io::Result<SocketAddr> {
+        self.metrics.addr()
     }
 
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
@@ -639,11 +703,13 @@ impl Notify {
             server,
             Authenticator::new(self.config.service.grpc.auth_tokens.clone()),
         ));
+        let exporting = self.metrics.spawn(cancel.clone());
         let served = grpc::serve(self.listener, routes, &[api::SERVICE_NAME], cancel.clone()).await;
         cancel.cancel();
         for consuming in consumers {
             consuming.await?;
         }
+        exporting.await??;
         self.pool.close().await;
         served?;
         Ok(())

@@ -40,6 +40,9 @@ impl<T: FromStr> FromStr for Secret<T> {
 /// What every service takes: NATS, its gRPC front, telemetry.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServiceArgs {
+    /// Where Prometheus scrapes `/metrics`.
+    #[arg(long, env = "CLOSEDLOOP_METRICS_LISTEN", default_value = "0.0.0.0:9464")]
+    pub metrics_listen: std::net::SocketAddr,
     #[command(flatten)]
     pub nats: NatsArgs,
     #[command(flatten)]

@@ -206,8 +206,25 @@ async fn process<H: MessageHandler>(
     let span = tracing::info_span!("consume", consumer = %spec.durable, subject = %message.subject);
     crate::telemetry::follow_from_nats(&span, message.headers.as_ref());
     async {
-        let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+        let (delivered, pending) = message
+            .info()
+            .map(|info| (info.delivered, info.pending))
+            .unwrap_or((1, 0));
+        let metrics = &*crate::metrics::CONSUMERS;
+        let consumer = crate::metrics::ConsumerLabels {
+            consumer: spec.durable.clone(),
+        };
+        metrics
+            .pending
+            .get_or_create(&consumer)
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        let started = std::time::Instant::now();
         let outcome = handler.handle(&message).await;
+        let later = matches!(outcome, Err(HandleError::RetryAfter(..)));
+        metrics
+            .handle_seconds
+            .get_or_create(&consumer)
+            .observe(started.elapsed().as_secs_f64());
         let ack = match outcome {
             Ok(()) => AckKind::Ack,
             Err(HandleError::Retry(error)) if delivered < spec.max_deliver => {
@@ -246,6 +263,17 @@ async fn process<H: MessageHandler>(
                 }
             }
         };
+        let counted = match ack {
+            AckKind::Ack => "ack",
+            AckKind::Term => "dead_letter",
+            _ if later => "later",
+            _ => "retry",
+        };
+        let labels = crate::metrics::OutcomeLabels {
+            consumer: spec.durable.clone(),
+            outcome: counted,
+        };
+        metrics.events.get_or_create(&labels).inc();
         if let Err(error) = message.ack_with(ack).await {
             // The event will be redelivered after ack_wait; handlers are idempotent.
             tracing::warn!(%error, "acknowledgement failed");

@@ -12,6 +12,7 @@ pub mod consumer;
 pub mod db;
 pub mod grpc;
 pub mod ids;
+pub mod metrics;
 pub mod pii;
 pub mod shutdown;
 pub mod telemetry;

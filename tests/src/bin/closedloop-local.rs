@@ -30,6 +30,9 @@ struct Args {
     nats_port: u16,
     #[arg(long, default_value_t = 55432)]
     postgres_port: u16,
+    /// `/metrics` of ingest; classify, dispatch and notify on the next three ports.
+    #[arg(long, default_value_t = 9464)]
+    metrics_port: u16,
     /// Port of ingest's HTTP listener (JSON submissions, WeChat callback).
     #[arg(long, default_value_t = 8080)]
     http_port: u16,
@@ -118,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
         ),
         host: args.host,
         ports: [0, 1, 2, 3].map(|i| args.base_port + i),
+        metrics_ports: [0, 1, 2, 3].map(|i| args.metrics_port + i),
         retry_base_ms: 500,
         ingest_http_port: args.http_port,
         wechat_accounts: format!("{}={}", args.tenant, args.wechat_token),
@@ -149,6 +153,9 @@ async fn main() -> anyhow::Result<()> {
         "  notify    grpc://{}   closedloop.v1.NotificationService",
         system.notify
     );
+    for (name, addr) in &system.metrics {
+        println!("  metrics   http://{addr}/metrics   {name}");
+    }
     println!("  nats      {nats_url}");
     println!(
         "  gateway   {} (demo: prints every message a customer would get)",
