@@ -21,12 +21,13 @@ use crate::wait_until;
 use crate::webhook::WebhookReceiver;
 
 /// Durable consumers in pipeline order, as (stream, durable).
-pub const CONSUMERS: [(&str, &str); 5] = [
+pub const CONSUMERS: [(&str, &str); 6] = [
     (bus::COMPLAINTS_STREAM, closedloop_classify::CONSUMER),
     (bus::COMPLAINTS_STREAM, closedloop_notify::WATCHDOG_CONSUMER),
     (bus::COMPLAINTS_STREAM, closedloop_dispatch::CLASSIFIED_CONSUMER),
     (bus::COMPLAINTS_STREAM, closedloop_notify::CLASSIFIED_CONSUMER),
     (bus::WORK_ORDERS_STREAM, closedloop_notify::WORK_ORDER_CONSUMER),
+    (bus::INCIDENTS_STREAM, closedloop_notify::INCIDENT_CONSUMER),
 ];
 
 /// Where the services connect and listen.

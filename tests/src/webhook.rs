@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 /// One message a gateway received.
 #[derive(Debug, Clone)]
 pub struct ReceivedMessage {
+    /// When it arrived.
+    pub at: std::time::Instant,
     /// The HTTP status the receiver answered.
     pub answered: u16,
     pub idempotency_key: String,
@@ -72,6 +74,7 @@ async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: B
         StatusCode::OK
     };
     let message = ReceivedMessage {
+        at: std::time::Instant::now(),
         answered: status.as_u16(),
         idempotency_key: header(IDEMPOTENCY_HEADER),
         signature_valid: header(SIGNATURE_HEADER) == expected,

@@ -309,3 +309,84 @@ async fn the_watchdog_acknowledges_when_classify_is_down_and_never_twice() -> an
     assert_eq!(env.webhook.messages().len(), 3);
     env.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sla_and_incident_alerts_reach_staff_once() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let complaint_id = submit(&env, wechat_message("wx-sla", "zh-CN")).await?;
+    let work_order = work_order_for(&env, &complaint_id).await?;
+    let client = async_nats::connect(env.nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+
+    // Dispatch's SLA watcher and incident detector publish these; here the test does, each
+    // twice under different message ids, as a redelivery past the dedup window would.
+    for (kind, version, name) in [
+        (WorkOrderEventKind::SlaAtRisk, 2, "sla_at_risk"),
+        (WorkOrderEventKind::SlaBreached, 3, "sla_breached"),
+    ] {
+        let mut at = work_order.clone();
+        at.version = version;
+        let event = WorkOrderEvent {
+            event_id: format!("{name}-1"),
+            kind: kind as i32,
+            work_order: Some(at),
+            note: "first response due in 3 min".into(),
+            ..Default::default()
+        };
+        for copy in 0..2 {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("{name}-copy-{copy}").as_str());
+            let subject = bus::work_order_topic(name).subject("acme");
+            js.publish_with_headers(subject, headers, event.encode_to_vec().into())
+                .await?
+                .await?;
+        }
+    }
+    let incident = IncidentOpened {
+        incident_id: "incident-1".into(),
+        tenant: "acme".into(),
+        category: "outage".into(),
+        region: "广东 深圳".into(),
+        complaint_count: 42,
+        summary: "10 分钟内 42 条，平时 3 条".into(),
+        ..Default::default()
+    };
+    for copy in 0..2 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("incident-copy-{copy}").as_str());
+        js.publish_with_headers(
+            bus::INCIDENT_OPENED.subject("acme"),
+            headers,
+            incident.encode_to_vec().into(),
+        )
+        .await?
+        .await?;
+    }
+    env.wait_idle().await?;
+
+    let alerts: Vec<String> = env
+        .webhook
+        .messages()
+        .into_iter()
+        .filter(|m| m.field("channel") == "staff")
+        .map(|m| m.field("text").to_owned())
+        .collect();
+    assert_eq!(alerts.len(), 3, "{alerts:?}");
+    assert!(
+        alerts
+            .iter()
+            .any(|t| t.starts_with("【sla_at_risk】") && t.contains("first response due")),
+        "{alerts:?}"
+    );
+    assert!(
+        alerts.iter().any(|t| t.starts_with("【sla_breached】")),
+        "{alerts:?}"
+    );
+    assert!(
+        alerts
+            .iter()
+            .any(|t| t == "【突发事件】广东 深圳 outage：10 分钟内 42 条，平时 3 条"),
+        "{alerts:?}"
+    );
+    env.shutdown().await
+}

@@ -72,6 +72,8 @@ pub fn event_name(kind: WorkOrderEventKind) -> &'static str {
         WorkOrderEventKind::Escalated => "escalated",
         WorkOrderEventKind::Reassigned => "reassigned",
         WorkOrderEventKind::Merged => "merged",
+        WorkOrderEventKind::SlaAtRisk => "sla_at_risk",
+        WorkOrderEventKind::SlaBreached => "sla_breached",
     }
 }
 

@@ -23,8 +23,8 @@ use async_nats::jetstream;
 use chrono::Utc;
 use closedloop_proto::v1::notification_service_server::NotificationServiceServer;
 use closedloop_proto::v1::{
-    Channel, ComplaintClassified, ComplaintReceived, Delivery, NotificationDelivered, NotificationFailed,
-    NotificationKind, WorkOrder, WorkOrderEvent, WorkOrderEventKind,
+    Channel, ComplaintClassified, ComplaintReceived, Delivery, IncidentOpened, NotificationDelivered,
+    NotificationFailed, NotificationKind, WorkOrder, WorkOrderEvent, WorkOrderEventKind,
 };
 use closedloop_runtime::auth::Authenticator;
 use closedloop_runtime::bus::{self, Bus, OutgoingEvent, StreamSettings};
@@ -51,6 +51,7 @@ use crate::templates::{TemplateKey, Templates, is_public, kind_key};
 pub const CLASSIFIED_CONSUMER: &str = "notify-classified";
 pub const WORK_ORDER_CONSUMER: &str = "notify-workorders";
 pub const WATCHDOG_CONSUMER: &str = "notify-watchdog";
+pub const INCIDENT_CONSUMER: &str = "notify-incidents";
 pub const SCHEMA: &str = "notify";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -488,49 +489,87 @@ impl WorkOrderHandler {
         .await
     }
 
-    /// An alert to the staff webhook, if one is configured.
-    async fn alert_staff(
+    async fn alert_about(
         &self,
         message: &jetstream::Message,
         work_order: &WorkOrder,
         event: &str,
         detail: &str,
     ) -> Result<(), HandleError> {
-        if !self.0.webhooks.has_staff_gateway() {
-            tracing::debug!(event, "no staff gateway configured; alert not sent");
+        let priority = priority_label(work_order);
+        let alert = StaffAlert {
+            tenant: &work_order.tenant,
+            event,
+            subject_id: &work_order.work_order_id,
+            version: work_order.version,
+            values: [
+                ("work_order", work_order.work_order_id.as_str()),
+                ("priority", priority.as_str()),
+                ("category", work_order.category.as_str()),
+                ("team", work_order.team.as_str()),
+                ("assignee", work_order.assignee.as_str()),
+                ("region", ""),
+                ("detail", detail),
+            ],
+            recipient: if work_order.assignee.is_empty() {
+                &work_order.team
+            } else {
+                &work_order.assignee
+            },
+            complaint_id: &work_order.complaint_id,
+        };
+        self.0.alert_staff(message, alert).await
+    }
+}
+
+/// An alert for staff: what happened and about what.
+struct StaffAlert<'a> {
+    tenant: &'a str,
+    /// `assigned`, `escalated`, `sla_at_risk`, `sla_breached`, `incident`.
+    event: &'a str,
+    /// The work order or incident it is about; with `version`, makes the delivery id.
+    subject_id: &'a str,
+    version: i64,
+    /// Template variables besides `event`.
+    values: [(&'a str, &'a str); 7],
+    recipient: &'a str,
+    complaint_id: &'a str,
+}
+
+impl Courier {
+    /// Sends an alert to the staff webhook, if one is configured.
+    async fn alert_staff(
+        &self,
+        message: &jetstream::Message,
+        alert: StaffAlert<'_>,
+    ) -> Result<(), HandleError> {
+        if !self.webhooks.has_staff_gateway() {
+            tracing::debug!(event = alert.event, "no staff gateway configured; alert not sent");
             return Ok(());
         }
         let key = TemplateKey {
-            tenant: &work_order.tenant,
+            tenant: alert.tenant,
             kind: NotificationKind::StaffAlert,
             channel: Channel::Unspecified,
-            category: &work_order.category,
+            category: "*",
             locale: "zh",
         };
-        let priority = priority_label(work_order);
-        let values = [
-            ("event", event),
-            ("work_order", work_order.work_order_id.as_str()),
-            ("priority", priority.as_str()),
-            ("category", work_order.category.as_str()),
-            ("team", work_order.team.as_str()),
-            ("assignee", work_order.assignee.as_str()),
-            ("detail", detail),
-        ];
-        let body = self.0.render(&key, &values)?;
-        let version = work_order.version.to_string();
+        let mut values = alert.values.to_vec();
+        values.push(("event", alert.event));
+        let body = self.render(&key, &values)?;
+        let version = alert.version.to_string();
         let delivery = Delivery {
-            delivery_id: ids::derive("delivery", &["staff", event, &work_order.work_order_id, &version])
+            delivery_id: ids::derive("delivery", &["staff", alert.event, alert.subject_id, &version])
                 .to_string(),
-            tenant: work_order.tenant.clone(),
+            tenant: alert.tenant.to_owned(),
             kind: NotificationKind::StaffAlert as i32,
-            recipient: if work_order.assignee.is_empty() {
-                work_order.team.clone()
+            recipient: alert.recipient.to_owned(),
+            complaint_id: alert.complaint_id.to_owned(),
+            work_order_id: if alert.event == "incident" {
+                String::new()
             } else {
-                work_order.assignee.clone()
+                alert.subject_id.to_owned()
             },
-            complaint_id: work_order.complaint_id.clone(),
-            work_order_id: work_order.work_order_id.clone(),
             body,
             ..Default::default()
         };
@@ -543,7 +582,36 @@ impl WorkOrderHandler {
             received_at: None,
             only_if_new: false,
         };
-        self.0.deliver(out, message).await
+        self.deliver(out, message).await
+    }
+}
+
+/// Alerts staff to an incident (a spike of one category in one region).
+struct IncidentHandler(Arc<Courier>);
+
+impl MessageHandler for IncidentHandler {
+    async fn handle(&self, message: &jetstream::Message) -> Result<(), HandleError> {
+        let incident: IncidentOpened = consumer::decode(message)?;
+        let count = incident.complaint_count.to_string();
+        let alert = StaffAlert {
+            tenant: &incident.tenant,
+            event: "incident",
+            subject_id: &incident.incident_id,
+            version: 1,
+            values: [
+                ("work_order", ""),
+                ("priority", "P1"),
+                ("category", incident.category.as_str()),
+                ("team", ""),
+                ("assignee", ""),
+                ("region", incident.region.as_str()),
+                ("detail", incident.summary.as_str()),
+            ],
+            recipient: "supervisors",
+            complaint_id: "",
+        };
+        tracing::info!(incident_id = %incident.incident_id, %count, "incident alert");
+        self.0.alert_staff(message, alert).await
     }
 }
 
@@ -556,7 +624,7 @@ impl MessageHandler for WorkOrderHandler {
             .ok_or_else(|| HandleError::reject("workorder event without a work order"))?;
         match event.kind() {
             WorkOrderEventKind::Assigned | WorkOrderEventKind::Reassigned => {
-                self.alert_staff(message, work_order, "assigned", &event.note)
+                self.alert_about(message, work_order, "assigned", &event.note)
                     .await?;
                 self.status_update(message, work_order, "assigned").await
             }
@@ -587,7 +655,15 @@ impl MessageHandler for WorkOrderHandler {
                     .await
             }
             WorkOrderEventKind::Escalated => {
-                self.alert_staff(message, work_order, "escalated", &event.note)
+                self.alert_about(message, work_order, "escalated", &event.note)
+                    .await
+            }
+            WorkOrderEventKind::SlaAtRisk => {
+                self.alert_about(message, work_order, "sla_at_risk", &event.note)
+                    .await
+            }
+            WorkOrderEventKind::SlaBreached => {
+                self.alert_about(message, work_order, "sla_breached", &event.note)
                     .await
             }
             _ => Ok(()),
@@ -674,6 +750,16 @@ impl Notify {
                     bus::ALL_WORK_ORDER_EVENTS.to_owned(),
                 ),
                 Arc::new(WorkOrderHandler(courier.clone())),
+                cancel.clone(),
+            )),
+            tokio::spawn(consumer::run(
+                self.bus.clone(),
+                spec(
+                    bus::INCIDENTS_STREAM,
+                    INCIDENT_CONSUMER,
+                    bus::INCIDENT_OPENED.all_tenants(),
+                ),
+                Arc::new(IncidentHandler(courier.clone())),
                 cancel.clone(),
             )),
         ];

@@ -225,6 +225,7 @@ mod tests {
             ("category", "billing"),
             ("team", "billing"),
             ("assignee", ""),
+            ("region", ""),
             ("detail", ""),
         ];
         for kind in [

@@ -45,6 +45,7 @@ pub const COMPLAINT_CLASSIFIED: Topic = Topic::new("complaint", "classified");
 pub const NOTIFICATION_DELIVERED: Topic = Topic::new("notification", "delivered");
 pub const NOTIFICATION_FAILED: Topic = Topic::new("notification", "failed");
 pub const FEEDBACK_RECEIVED: Topic = Topic::new("feedback", "received");
+pub const INCIDENT_OPENED: Topic = Topic::new("incident", "opened");
 
 /// Work-order events: `event` is the lower-case kind (`created`, `resolved`, ...).
 pub const fn work_order_topic(event: &'static str) -> Topic {
@@ -55,17 +56,19 @@ pub const fn work_order_topic(event: &'static str) -> Topic {
 pub const ALL_WORK_ORDER_EVENTS: &str = "closedloop.workorder.>";
 
 /// The streams Closedloop provisions, each owning one entity's subjects.
-pub const STREAMS: [(&str, &str); 5] = [
+pub const STREAMS: [(&str, &str); 6] = [
     (COMPLAINTS_STREAM, "closedloop.complaint.>"),
     (WORK_ORDERS_STREAM, "closedloop.workorder.>"),
     (NOTIFICATIONS_STREAM, "closedloop.notification.>"),
     (FEEDBACK_STREAM, "closedloop.feedback.>"),
+    (INCIDENTS_STREAM, "closedloop.incident.>"),
     (DEAD_LETTER_STREAM, "closedloop.deadletter.>"),
 ];
 pub const COMPLAINTS_STREAM: &str = "CLOSEDLOOP_COMPLAINTS";
 pub const WORK_ORDERS_STREAM: &str = "CLOSEDLOOP_WORKORDERS";
 pub const NOTIFICATIONS_STREAM: &str = "CLOSEDLOOP_NOTIFICATIONS";
 pub const FEEDBACK_STREAM: &str = "CLOSEDLOOP_FEEDBACK";
+pub const INCIDENTS_STREAM: &str = "CLOSEDLOOP_INCIDENTS";
 pub const DEAD_LETTER_STREAM: &str = "CLOSEDLOOP_DEADLETTER";
 
 /// Headers of a dead-lettered event.
