@@ -355,6 +355,49 @@ impl TestEnv {
         .await
     }
 
+    /// Submits a complaint as tenant `acme`'s gateway.
+    pub async fn submit(
+        &self,
+        submission: closedloop_proto::v1::ComplaintSubmission,
+    ) -> Result<closedloop_proto::v1::SubmitComplaintResponse, tonic::Status> {
+        let mut ingest = self
+            .ingest()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let request = closedloop_proto::v1::SubmitComplaintRequest {
+            complaint: Some(submission),
+        };
+        Ok(ingest
+            .submit_complaint(authed(&self.tokens.gateway, request))
+            .await?
+            .into_inner())
+    }
+
+    /// The work order handling a complaint, waiting until dispatch has one.
+    pub async fn work_order_for(
+        &self,
+        complaint_id: &str,
+    ) -> anyhow::Result<closedloop_proto::v1::WorkOrder> {
+        let work_orders = self.work_orders().await?;
+        crate::wait_for("the work order to exist", Duration::from_secs(30), || {
+            let mut client = work_orders.clone();
+            let request = authed(
+                &self.tokens.agent,
+                closedloop_proto::v1::GetComplaintStatusRequest {
+                    complaint_id: complaint_id.into(),
+                },
+            );
+            async move {
+                client
+                    .get_complaint_status(request)
+                    .await
+                    .ok()
+                    .and_then(|r| r.into_inner().work_order)
+            }
+        })
+        .await
+    }
+
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let stopped = self.system.stop().await;
         self.receiver_stop.cancel();

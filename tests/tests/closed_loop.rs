@@ -28,38 +28,6 @@ fn outage_post(message_id: &str) -> ComplaintSubmission {
     }
 }
 
-async fn submit(env: &TestEnv, submission: ComplaintSubmission) -> anyhow::Result<SubmitComplaintResponse> {
-    let mut ingest = env.ingest().await?;
-    let request = SubmitComplaintRequest {
-        complaint: Some(submission),
-    };
-    Ok(ingest
-        .submit_complaint(authed(&env.tokens.gateway, request))
-        .await?
-        .into_inner())
-}
-
-async fn work_order_for(env: &TestEnv, complaint_id: &str) -> anyhow::Result<WorkOrder> {
-    let work_orders = env.work_orders().await?;
-    wait_for("the work order to exist", WAIT, || {
-        let mut client = work_orders.clone();
-        let request = authed(
-            &env.tokens.agent,
-            GetComplaintStatusRequest {
-                complaint_id: complaint_id.into(),
-            },
-        );
-        async move {
-            client
-                .get_complaint_status(request)
-                .await
-                .ok()
-                .and_then(|r| r.into_inner().work_order)
-        }
-    })
-    .await
-}
-
 async fn list_all(env: &TestEnv, token: &str) -> anyhow::Result<Vec<WorkOrder>> {
     let mut client = env.work_orders().await?;
     let mut all = Vec::new();
@@ -86,7 +54,7 @@ async fn list_all(env: &TestEnv, token: &str) -> anyhow::Result<Vec<WorkOrder>> 
 async fn a_complaint_travels_the_whole_loop() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
 
-    let submitted = submit(&env, outage_post("weibo-1001")).await?;
+    let submitted = env.submit(outage_post("weibo-1001")).await?;
     assert!(!submitted.duplicate);
     let complaint_id = submitted.complaint_id;
 
@@ -107,7 +75,7 @@ async fn a_complaint_travels_the_whole_loop() -> anyhow::Result<()> {
     assert!(ack.field("text").contains("已收到"));
 
     // A work order was created and routed by category.
-    let work_order = work_order_for(&env, &complaint_id).await?;
+    let work_order = env.work_order_for(&complaint_id).await?;
     assert_eq!(work_order.state(), WorkOrderState::New);
     assert_eq!(work_order.category, "outage");
     assert_eq!(work_order.team, "network-ops");
@@ -218,8 +186,8 @@ async fn a_complaint_travels_the_whole_loop() -> anyhow::Result<()> {
 async fn duplicates_create_one_work_order_and_one_message() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
 
-    let first = submit(&env, outage_post("weibo-dup")).await?;
-    let second = submit(&env, outage_post("weibo-dup")).await?;
+    let first = env.submit(outage_post("weibo-dup")).await?;
+    let second = env.submit(outage_post("weibo-dup")).await?;
     assert_eq!(first.complaint_id, second.complaint_id);
     assert!(!first.duplicate);
     assert!(second.duplicate, "the stream recognised the retry");
@@ -311,8 +279,8 @@ async fn calls_without_a_valid_token_are_unauthenticated() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_tenants_work_orders_are_invisible() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
-    let submitted = submit(&env, outage_post("weibo-tenant")).await?;
-    let work_order = work_order_for(&env, &submitted.complaint_id).await?;
+    let submitted = env.submit(outage_post("weibo-tenant")).await?;
+    let work_order = env.work_order_for(&submitted.complaint_id).await?;
 
     let mut work_orders = env.work_orders().await?;
     let beta = &env.tokens.other_tenant;
@@ -461,7 +429,7 @@ async fn a_poison_event_is_dead_lettered_with_its_reason() -> anyhow::Result<()>
     assert!(reason.contains("undecodable"), "reason was {reason:?}");
     assert_eq!(dead.payload.as_ref(), &[0xff, 0xff, 0xff]);
     // The pipeline is not blocked: a good complaint still goes through.
-    let submitted = submit(&env, outage_post("after-poison")).await?;
+    let submitted = env.submit(outage_post("after-poison")).await?;
     wait_until("the acknowledgement", WAIT, || async {
         !env.webhook
             .about(&submitted.complaint_id, "acknowledgement")
@@ -527,7 +495,7 @@ async fn deliveries_of(env: &TestEnv, complaint_id: &str) -> anyhow::Result<Vec<
 async fn a_failing_gateway_is_retried_and_the_customer_gets_one_message() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
     env.webhook.fail_next(2);
-    let submitted = submit(&env, outage_post("weibo-flaky")).await?;
+    let submitted = env.submit(outage_post("weibo-flaky")).await?;
     wait_until("the acknowledgement", WAIT, || async {
         !env.webhook
             .about(&submitted.complaint_id, "acknowledgement")
@@ -568,7 +536,7 @@ async fn a_failing_gateway_is_retried_and_the_customer_gets_one_message() -> any
 async fn a_delivery_that_keeps_failing_is_given_up_with_its_reason() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
     env.webhook.fail_next(usize::MAX);
-    let submitted = submit(&env, outage_post("weibo-gateway-down")).await?;
+    let submitted = env.submit(outage_post("weibo-gateway-down")).await?;
 
     let client = async_nats::connect(env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
@@ -624,8 +592,8 @@ async fn a_delivery_that_keeps_failing_is_given_up_with_its_reason() -> anyhow::
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_follows_a_complaint_across_the_bus() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
-    let submitted = submit(&env, outage_post("weibo-traced")).await?;
-    work_order_for(&env, &submitted.complaint_id).await?;
+    let submitted = env.submit(outage_post("weibo-traced")).await?;
+    env.work_order_for(&submitted.complaint_id).await?;
     env.wait_idle().await?;
 
     let client = async_nats::connect(env.nats.url()).await?;
@@ -682,7 +650,7 @@ async fn one_trace_follows_a_complaint_across_the_bus() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_reports_each_item() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
-    submit(&env, outage_post("weibo-b1")).await?;
+    env.submit(outage_post("weibo-b1")).await?;
     let mut bad = outage_post("weibo-b3");
     bad.text = String::new();
     let mut ingest = env.ingest().await?;

@@ -31,23 +31,6 @@ fn post(message_id: &str, text: &str) -> ComplaintSubmission {
     }
 }
 
-async fn submit(
-    env: &TestEnv,
-    submission: ComplaintSubmission,
-) -> Result<SubmitComplaintResponse, tonic::Status> {
-    let mut ingest = env
-        .ingest()
-        .await
-        .map_err(|e| tonic::Status::internal(e.to_string()))?;
-    let request = SubmitComplaintRequest {
-        complaint: Some(submission),
-    };
-    Ok(ingest
-        .submit_complaint(authed(&env.tokens.gateway, request))
-        .await?
-        .into_inner())
-}
-
 /// Every `complaint.received` event in the stream, decoded.
 async fn received_events(env: &TestEnv) -> anyhow::Result<Vec<Complaint>> {
     let client = async_nats::connect(env.nats.url()).await?;
@@ -129,7 +112,7 @@ async fn json_and_grpc_share_one_path_and_one_id() -> anyhow::Result<()> {
     let id = first["complaint_id"].as_str().unwrap_or_default().to_owned();
 
     // The same message through gRPC, and JSON again: the same id, nothing new.
-    let grpc = submit(&env, post("json-1", "寬頻斷網了")).await?;
+    let grpc = env.submit(post("json-1", "寬頻斷網了")).await?;
     assert_eq!((grpc.complaint_id.as_str(), grpc.duplicate), (id.as_str(), true));
     let (_, again) = http
         .post_json("/v1/complaints", Some(&env.tokens.gateway), &body)
@@ -295,10 +278,11 @@ async fn the_wechat_callback_verifies_and_ingests_each_message_once() -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_nats_stopped_calls_fail_cleanly_and_nothing_is_falsely_accepted() -> anyhow::Result<()> {
     let mut env = TestEnv::start().await?;
-    let mut accepted = vec![submit(&env, post("outage-1", "停电了")).await?.complaint_id];
+    let mut accepted = vec![env.submit(post("outage-1", "停电了")).await?.complaint_id];
 
     env.nats.stop();
-    let status = submit(&env, post("outage-2", "停电了"))
+    let status = env
+        .submit(post("outage-2", "停电了"))
         .await
         .expect_err("NATS is down");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
@@ -323,7 +307,7 @@ async fn with_nats_stopped_calls_fail_cleanly_and_nothing_is_falsely_accepted() 
     // Back up: the gateway's retry goes through, and everything reported accepted is stored.
     env.nats.resume()?;
     let retried = wait_for("ingest to reconnect", WAIT, || async {
-        submit(&env, post("outage-2", "停电了")).await.ok()
+        env.submit(post("outage-2", "停电了")).await.ok()
     })
     .await?;
     accepted.push(retried.complaint_id);
@@ -350,7 +334,7 @@ async fn a_full_stream_refuses_with_resource_exhausted() -> anyhow::Result<()> {
     let mut accepted = 0;
     let mut refusal = None;
     for i in 0..50 {
-        match submit(&env, post(&format!("flood-{i}"), &"停电".repeat(200))).await {
+        match env.submit(post(&format!("flood-{i}"), &"停电".repeat(200))).await {
             Ok(_) => accepted += 1,
             Err(status) => {
                 refusal = Some(status);
@@ -368,7 +352,7 @@ async fn a_full_stream_refuses_with_resource_exhausted() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn feedback_is_published_and_bad_feedback_rejected() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
-    let complaint = submit(&env, post("fb-1", "网速太慢")).await?;
+    let complaint = env.submit(post("fb-1", "网速太慢")).await?;
     let mut ingest = env.ingest().await?;
     let request = SubmitFeedbackRequest {
         complaint_id: complaint.complaint_id.clone(),
@@ -437,9 +421,9 @@ async fn a_thread_follow_up_joins_the_open_work_order() -> anyhow::Result<()> {
         thread_id: "weibo-thread-9".into(),
         ..post(id, text)
     };
-    let first = submit(&env, threaded("t-1", "宽带断网了")).await?;
+    let first = env.submit(threaded("t-1", "宽带断网了")).await?;
     env.wait_idle().await?;
-    let follow_up = submit(&env, threaded("t-2", "还没修好，已经第三次了")).await?;
+    let follow_up = env.submit(threaded("t-2", "还没修好，已经第三次了")).await?;
     env.wait_idle().await?;
 
     let mut client = env.work_orders().await?;
@@ -472,7 +456,7 @@ async fn a_thread_follow_up_joins_the_open_work_order() -> anyhow::Result<()> {
             },
         ))
         .await?;
-    submit(&env, threaded("t-3", "又断网了")).await?;
+    env.submit(threaded("t-3", "又断网了")).await?;
     env.wait_idle().await?;
     wait_until("a second work order", WAIT, || async {
         work_orders(&env).await.map(|w| w.len() == 2).unwrap_or(false)

@@ -27,32 +27,6 @@ fn wechat_message(message_id: &str, locale: &str) -> ComplaintSubmission {
     }
 }
 
-async fn submit(env: &TestEnv, submission: ComplaintSubmission) -> anyhow::Result<String> {
-    let mut ingest = env.ingest().await?;
-    let request = SubmitComplaintRequest {
-        complaint: Some(submission),
-    };
-    Ok(ingest
-        .submit_complaint(authed(&env.tokens.gateway, request))
-        .await?
-        .into_inner()
-        .complaint_id)
-}
-
-async fn work_order_for(env: &TestEnv, complaint_id: &str) -> anyhow::Result<WorkOrder> {
-    env.wait_idle().await?;
-    let mut client = env.work_orders().await?;
-    let request = GetComplaintStatusRequest {
-        complaint_id: complaint_id.to_owned(),
-    };
-    client
-        .get_complaint_status(authed(&env.tokens.agent, request))
-        .await?
-        .into_inner()
-        .work_order
-        .ok_or_else(|| anyhow::anyhow!("no work order"))
-}
-
 fn kinds(messages: &[ReceivedMessage]) -> Vec<String> {
     messages
         .iter()
@@ -63,8 +37,11 @@ fn kinds(messages: &[ReceivedMessage]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_kind_reaches_customer_and_staff_once() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
-    let complaint_id = submit(&env, wechat_message("wx-kinds", "en-US")).await?;
-    let work_order = work_order_for(&env, &complaint_id).await?;
+    let complaint_id = env
+        .submit(wechat_message("wx-kinds", "en-US"))
+        .await?
+        .complaint_id;
+    let work_order = env.work_order_for(&complaint_id).await?;
     let id = work_order.work_order_id.clone();
     let mut client = env.work_orders().await?;
     let agent = &env.tokens.agent;
@@ -179,8 +156,11 @@ async fn every_message_kind_reaches_customer_and_staff_once() -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_status_update_is_not_sent() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
-    let complaint_id = submit(&env, wechat_message("wx-stale", "zh-CN")).await?;
-    let work_order = work_order_for(&env, &complaint_id).await?;
+    let complaint_id = env
+        .submit(wechat_message("wx-stale", "zh-CN"))
+        .await?
+        .complaint_id;
+    let work_order = env.work_order_for(&complaint_id).await?;
     let mut client = env.work_orders().await?;
     let id = work_order.work_order_id.clone();
     client
@@ -238,7 +218,7 @@ async fn a_slow_gateway_is_retried_under_one_key_and_the_customer_sees_one_messa
     .await?;
     // The gateway takes the first call but answers after notify gave up waiting.
     env.webhook.slow_next(1, Duration::from_millis(2_500));
-    let complaint_id = submit(&env, wechat_message("wx-slow", "zh-CN")).await?;
+    let complaint_id = env.submit(wechat_message("wx-slow", "zh-CN")).await?.complaint_id;
     wait_until("a second, answered attempt", WAIT, || async {
         env.webhook.attempts().len() >= 2
     })
@@ -285,7 +265,11 @@ async fn the_watchdog_acknowledges_when_classify_is_down_and_never_twice() -> an
     let mut env = TestEnv::start_with(|options| options.without_classify = true).await?;
     let mut ids = Vec::new();
     for i in 0..3 {
-        ids.push(submit(&env, wechat_message(&format!("wx-watchdog-{i}"), "zh-CN")).await?);
+        ids.push(
+            env.submit(wechat_message(&format!("wx-watchdog-{i}"), "zh-CN"))
+                .await?
+                .complaint_id,
+        );
     }
     // The watchdog is set to 1 s in tests; allow for a slow machine, not for minutes.
     wait_until(
@@ -304,7 +288,7 @@ async fn the_watchdog_acknowledges_when_classify_is_down_and_never_twice() -> an
     env.wait_idle().await?;
     for id in &ids {
         assert_eq!(env.webhook.about(id, "acknowledgement").len(), 1, "{id}");
-        work_order_for(&env, id).await?;
+        env.work_order_for(id).await?;
     }
     assert_eq!(env.webhook.messages().len(), 3);
     env.shutdown().await
@@ -313,8 +297,8 @@ async fn the_watchdog_acknowledges_when_classify_is_down_and_never_twice() -> an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sla_and_incident_alerts_reach_staff_once() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
-    let complaint_id = submit(&env, wechat_message("wx-sla", "zh-CN")).await?;
-    let work_order = work_order_for(&env, &complaint_id).await?;
+    let complaint_id = env.submit(wechat_message("wx-sla", "zh-CN")).await?.complaint_id;
+    let work_order = env.work_order_for(&complaint_id).await?;
     let client = async_nats::connect(env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
 

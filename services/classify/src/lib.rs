@@ -203,11 +203,11 @@ impl Classify {
             vec![bus::COMPLAINT_RECEIVED.all_tenants()],
             &self.config.service.nats,
         );
-        let handler = Arc::new(ReceivedHandler {
+        let handler = ReceivedHandler {
             bus: self.bus.clone(),
             rules: self.rules.clone(),
-        });
-        let consuming = tokio::spawn(consumer::run(self.bus.clone(), spec, handler, cancel.clone()));
+        };
+        let consuming = consumer::spawn(&self.bus, spec, handler, &cancel);
         let exporting = self.metrics.spawn(cancel.clone());
 
         let api = ClassifyApi {

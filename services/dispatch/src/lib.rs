@@ -164,13 +164,13 @@ impl Dispatch {
             vec![bus::COMPLAINT_CLASSIFIED.all_tenants()],
             &self.config.service.nats,
         );
-        let handler = Arc::new(ClassifiedHandler {
+        let handler = ClassifiedHandler {
             pool: self.pool.clone(),
             routing: self.routing,
             sla: self.sla,
             relay_wake: relay_wake.clone(),
-        });
-        let consuming = tokio::spawn(consumer::run(self.bus.clone(), spec, handler, cancel.clone()));
+        };
+        let consuming = consumer::spawn(&self.bus, spec, handler, &cancel);
         let exporting = self.metrics.spawn(cancel.clone());
         // The relay outlives the consumer and the API so their last commits get published.
         let relay_stop = CancellationToken::new();

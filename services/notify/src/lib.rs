@@ -732,36 +732,36 @@ impl Notify {
         });
         let spec = |stream, durable, filter: String| ConsumerSpec::new(stream, durable, vec![filter], nats);
         let mut consumers = vec![
-            tokio::spawn(consumer::run(
-                self.bus.clone(),
+            consumer::spawn(
+                &self.bus,
                 spec(
                     bus::COMPLAINTS_STREAM,
                     CLASSIFIED_CONSUMER,
                     bus::COMPLAINT_CLASSIFIED.all_tenants(),
                 ),
-                Arc::new(ClassifiedHandler(courier.clone())),
-                cancel.clone(),
-            )),
-            tokio::spawn(consumer::run(
-                self.bus.clone(),
+                ClassifiedHandler(courier.clone()),
+                &cancel,
+            ),
+            consumer::spawn(
+                &self.bus,
                 spec(
                     bus::WORK_ORDERS_STREAM,
                     WORK_ORDER_CONSUMER,
                     bus::ALL_WORK_ORDER_EVENTS.to_owned(),
                 ),
-                Arc::new(WorkOrderHandler(courier.clone())),
-                cancel.clone(),
-            )),
-            tokio::spawn(consumer::run(
-                self.bus.clone(),
+                WorkOrderHandler(courier.clone()),
+                &cancel,
+            ),
+            consumer::spawn(
+                &self.bus,
                 spec(
                     bus::INCIDENTS_STREAM,
                     INCIDENT_CONSUMER,
                     bus::INCIDENT_OPENED.all_tenants(),
                 ),
-                Arc::new(IncidentHandler(courier.clone())),
-                cancel.clone(),
-            )),
+                IncidentHandler(courier.clone()),
+                &cancel,
+            ),
         ];
         if self.config.first_response_secs > 0 {
             let mut watchdog = spec(
@@ -771,15 +771,13 @@ impl Notify {
             );
             // The first delivery only waits for the deadline; it is not a sending attempt.
             watchdog.max_deliver += 1;
-            consumers.push(tokio::spawn(consumer::run(
-                self.bus.clone(),
+            let deadline = Duration::from_secs(self.config.first_response_secs);
+            consumers.push(consumer::spawn(
+                &self.bus,
                 watchdog,
-                Arc::new(WatchdogHandler {
-                    courier,
-                    deadline: Duration::from_secs(self.config.first_response_secs),
-                }),
-                cancel.clone(),
-            )));
+                WatchdogHandler { courier, deadline },
+                &cancel,
+            ));
         }
         let server = NotificationServiceServer::new(api::NotificationApi {
             pool: self.pool.clone(),

@@ -183,6 +183,16 @@ pub async fn run<H: MessageHandler>(
     tracing::info!(consumer = %spec.durable, "consumer stopped");
 }
 
+/// Runs `handler` on the consumer `spec` as a task; see [`run`].
+pub fn spawn<H: MessageHandler>(
+    bus: &Bus,
+    spec: ConsumerSpec,
+    handler: H,
+    cancel: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(bus.clone(), spec, Arc::new(handler), cancel.clone()))
+}
+
 async fn open(bus: &Bus, spec: &ConsumerSpec) -> anyhow::Result<pull::Stream> {
     let consumer: jetstream::consumer::Consumer<pull::Config> = bus
         .jetstream()
