@@ -1,17 +1,45 @@
 //! The classification itself: a plain function from text and poster to a verdict with the
 //! reasons that produced it.
 
-use closedloop_proto::v1::{Channel, Classification, Intent, Poster, Priority, Sentiment};
+use closedloop_proto::v1::{
+    Channel, Classification, InfluenceTier, Intent, PersonalDataKind, Poster, Priority, Sentiment,
+};
+use closedloop_runtime::pii::PiiKind;
 
-use closedloop_runtime::pii;
-
-use crate::rules::Rules;
+use crate::region;
+use crate::rules::{Rules, fold};
 
 /// What classify needs to know about a contact.
 pub struct Contact<'a> {
     pub text: &'a str,
     pub channel: Channel,
     pub poster: Option<&'a Poster>,
+    /// The gateway's region hint, if any (e.g. "广东 深圳").
+    pub region_hint: &'a str,
+}
+
+/// A poster's reach, from followers and verification.
+pub fn influence_tier(rules: &Rules, poster: Option<&Poster>) -> InfluenceTier {
+    let (followers, verified) = poster.map_or((0, false), |p| (p.followers, p.verified));
+    if followers >= rules.key_opinion_leader_followers {
+        InfluenceTier::KeyOpinionLeader
+    } else if followers >= rules.influence_followers {
+        InfluenceTier::Influencer
+    } else if followers >= rules.notable_followers || verified {
+        InfluenceTier::Notable
+    } else {
+        InfluenceTier::Regular
+    }
+}
+
+fn personal_data_kind(kind: PiiKind) -> PersonalDataKind {
+    match kind {
+        PiiKind::Mobile => PersonalDataKind::Mobile,
+        PiiKind::Landline => PersonalDataKind::Landline,
+        PiiKind::IdNumber => PersonalDataKind::IdNumber,
+        PiiKind::BankCard => PersonalDataKind::BankCard,
+        PiiKind::Email => PersonalDataKind::Email,
+    }
 }
 
 fn hits<'w>(text: &str, words: &'w [String]) -> Vec<&'w str> {
@@ -39,7 +67,8 @@ fn raise(priority: Priority) -> Priority {
 }
 
 pub fn classify(rules: &Rules, contact: &Contact<'_>) -> Classification {
-    let text = contact.text.to_lowercase();
+    // Traditional and Simplified texts match the same rules.
+    let text = fold(contact.text);
     let mut reasons = Vec::new();
 
     let mut best: Option<(&str, Vec<&str>)> = None;
@@ -101,35 +130,73 @@ pub fn classify(rules: &Rules, contact: &Contact<'_>) -> Classification {
         Intent::Complaint
     };
 
+    let anger_hits = hits(&text, &rules.anger_words);
+    let exclamations = text.matches(['!', '！']).count();
+    let anger = !anger_hits.is_empty() || exclamations >= 3;
+    if anger {
+        reasons.push(format!("anger: {anger_hits:?}, {exclamations} exclamation marks"));
+    }
+    let abuse = hits(&text, &rules.abuse_words);
+    let abuse_without_problem = !abuse.is_empty() && best.is_none();
+    if abuse_without_problem {
+        reasons.push(format!("abuse without a concrete problem: {abuse:?}"));
+    }
+
+    let threats = hits(&text, &rules.escalation_words);
+    let repeated = hits(&text, &rules.repeat_contact_words);
+    let vulnerable = hits(&text, &rules.vulnerable_words);
+    let escalation_risk = !threats.is_empty() || !repeated.is_empty() || !vulnerable.is_empty();
+
+    let tier = influence_tier(rules, contact.poster);
     let mut priority = match intent {
         Intent::Praise | Intent::Noise => Priority::P4,
+        _ if abuse_without_problem => Priority::P4,
         _ => Priority::P3,
     };
-    if matches!(intent, Intent::Complaint | Intent::Inquiry) {
+    if matches!(intent, Intent::Complaint | Intent::Inquiry) && !abuse_without_problem {
         if rules.urgent_categories.contains(&category) {
             priority = raise(priority);
             reasons.push(format!("priority raised: {category} is urgent"));
         }
-        if sentiment == Sentiment::Negative {
+        if sentiment == Sentiment::Negative || anger {
             priority = raise(priority);
-            reasons.push("priority raised: negative sentiment".into());
+            reasons.push("priority raised: negative or angry".into());
         }
-        let followers = contact.poster.map_or(0, |p| p.followers);
-        if followers >= rules.influence_followers {
+        if !repeated.is_empty() {
             priority = raise(priority);
-            reasons.push(format!("priority raised: poster has {followers} followers"));
+            reasons.push(format!("priority raised: repeated contact {repeated:?}"));
         }
-        let threats = hits(&text, &rules.escalation_words);
+        if !vulnerable.is_empty() {
+            priority = raise(priority);
+            reasons.push(format!("priority raised: vulnerable customer {vulnerable:?}"));
+        }
+        match tier {
+            InfluenceTier::KeyOpinionLeader => {
+                priority = raise(raise(priority));
+                reasons.push("priority raised twice: key opinion leader".into());
+            }
+            InfluenceTier::Influencer => {
+                priority = raise(priority);
+                reasons.push("priority raised: influencer".into());
+            }
+            _ => {}
+        }
         if !threats.is_empty() {
             priority = Priority::P1;
             reasons.push(format!("priority P1: escalation risk {threats:?}"));
         }
     }
 
-    let (masked_text, has_personal_data) = pii::mask(contact.text);
-    let needs_private_channel = has_personal_data && is_public(contact.channel);
+    let (masked_text, found) = closedloop_runtime::pii::mask_all(contact.text);
+    let needs_private_channel = !found.is_empty() && is_public(contact.channel);
     if needs_private_channel {
-        reasons.push("personal data on a public channel: move to a private channel".into());
+        reasons.push(format!(
+            "personal data {found:?} on a public channel: move to a private channel"
+        ));
+    }
+    let (mut province, mut city) = region::locate(&text);
+    if province.is_empty() && !contact.region_hint.is_empty() {
+        (province, city) = region::locate(&fold(contact.region_hint));
     }
 
     Classification {
@@ -143,6 +210,13 @@ pub fn classify(rules: &Rules, contact: &Contact<'_>) -> Classification {
         masked_text,
         needs_private_channel,
         classifier_version: rules.version.clone(),
+        anger,
+        abuse_without_problem,
+        escalation_risk,
+        influence_tier: tier as i32,
+        province,
+        city,
+        personal_data: found.into_iter().map(|k| personal_data_kind(k) as i32).collect(),
     }
 }
 
@@ -162,6 +236,7 @@ mod tests {
                 text,
                 channel: Channel::WeiboPost,
                 poster: Some(&poster),
+                region_hint: "",
             },
         )
     }
@@ -198,7 +273,90 @@ mod tests {
             Priority::P1
         );
         assert_eq!(run("账单好像不对", 10).priority(), Priority::P3);
-        assert_eq!(run("账单好像不对", 2_000_000).priority(), Priority::P2);
+        assert_eq!(run("账单好像不对", 200_000).priority(), Priority::P2);
+        assert_eq!(
+            run("账单好像不对", 2_000_000).priority(),
+            Priority::P1,
+            "a key opinion leader"
+        );
+    }
+
+    #[test]
+    fn traditional_text_matches_the_same_rules() {
+        let simplified = run("家里宽带又断网了，太差了", 10);
+        let traditional = run("家裡寬頻又斷網了，太差了", 10);
+        assert_eq!(traditional.category, simplified.category);
+        assert_eq!(traditional.priority(), simplified.priority());
+        assert_eq!(run("話費帳單亂扣", 10).category, "billing");
+    }
+
+    #[test]
+    fn influence_tiers_follow_followers_and_verification() {
+        let rules = Rules::builtin().expect("builtin rules");
+        let tier = |followers, verified| {
+            influence_tier(
+                &rules,
+                Some(&Poster {
+                    followers,
+                    verified,
+                    ..Default::default()
+                }),
+            )
+        };
+        assert_eq!(tier(10, false), InfluenceTier::Regular);
+        assert_eq!(tier(10, true), InfluenceTier::Notable);
+        assert_eq!(tier(50_000, false), InfluenceTier::Notable);
+        assert_eq!(tier(500_000, false), InfluenceTier::Influencer);
+        assert_eq!(tier(3_000_000, false), InfluenceTier::KeyOpinionLeader);
+        assert_eq!(influence_tier(&rules, None), InfluenceTier::Regular);
+    }
+
+    #[test]
+    fn escalation_risk_anger_and_abuse() {
+        let repeated = run("第三次反映了，网速还是很慢", 10);
+        assert!(repeated.escalation_risk && !repeated.anger);
+        let elderly = run("家里老人一个人住，停电一天了", 10);
+        assert!(elderly.escalation_risk);
+        assert_eq!(elderly.priority(), Priority::P1, "outage, vulnerable: urgent");
+        let angry = run("气死了！！！话费又乱扣", 10);
+        assert!(angry.anger);
+        let abuse = run("你们这帮混蛋，滚", 10);
+        assert!(abuse.abuse_without_problem);
+        assert_eq!(
+            abuse.priority(),
+            Priority::P4,
+            "abuse without a problem is not urgent"
+        );
+        let abusive_fault = run("混蛋，宽带断网三天了", 10);
+        assert!(
+            !abusive_fault.abuse_without_problem,
+            "a concrete fault is a fault"
+        );
+    }
+
+    #[test]
+    fn region_from_text_or_hint() {
+        let rules = Rules::builtin().expect("builtin rules");
+        let found = classify(
+            &rules,
+            &Contact {
+                text: "深圳南山停电了",
+                channel: Channel::Wechat,
+                poster: None,
+                region_hint: "",
+            },
+        );
+        assert_eq!((found.province.as_str(), found.city.as_str()), ("广东", "深圳"));
+        let hinted = classify(
+            &rules,
+            &Contact {
+                text: "停电了",
+                channel: Channel::Wechat,
+                poster: None,
+                region_hint: "浙江 杭州",
+            },
+        );
+        assert_eq!((hinted.province.as_str(), hinted.city.as_str()), ("浙江", "杭州"));
     }
 
     #[test]
@@ -209,5 +367,9 @@ mod tests {
             "我的号码138****5678一直没信号，邮箱 *********@example.com"
         );
         assert!(c.needs_private_channel);
+        assert_eq!(
+            c.personal_data().collect::<Vec<_>>(),
+            vec![PersonalDataKind::Mobile, PersonalDataKind::Email]
+        );
     }
 }

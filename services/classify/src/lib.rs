@@ -4,6 +4,7 @@
 //! scale by replicas sharing one durable consumer.
 
 pub mod engine;
+pub mod region;
 pub mod rules;
 
 use std::net::SocketAddr;
@@ -89,6 +90,7 @@ impl MessageHandler for ReceivedHandler {
                 text: &complaint.text,
                 channel: complaint.channel(),
                 poster: complaint.poster.as_ref(),
+                region_hint: &complaint.region_hint,
             },
         );
         let labels = VerdictLabels {
@@ -153,6 +155,7 @@ impl ClassifyService for ClassifyApi {
                 text: &request.text,
                 channel: Channel::try_from(request.channel).unwrap_or(Channel::Unspecified),
                 poster: request.poster.as_ref(),
+                region_hint: &request.region_hint,
             },
         );
         Ok(Response::new(ClassifyResponse {

@@ -3,6 +3,11 @@
 
 use serde::Deserialize;
 
+/// How text and keywords are compared: Traditional folded to Simplified, lower case.
+pub fn fold(text: &str) -> String {
+    closedloop_runtime::chinese::fold_to_simplified(text).to_lowercase()
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct CategoryRule {
     pub name: String,
@@ -22,8 +27,23 @@ pub struct Rules {
     pub escalation_words: Vec<String>,
     /// Categories that start one priority higher.
     pub urgent_categories: Vec<String>,
-    /// Posters with at least this many followers are handled one priority higher.
+    /// "Third time", "still not fixed": the customer has been here before.
+    #[serde(default)]
+    pub repeat_contact_words: Vec<String>,
+    /// The elderly, the ill, the disabled: handled with more care and sooner.
+    #[serde(default)]
+    pub vulnerable_words: Vec<String>,
+    #[serde(default)]
+    pub anger_words: Vec<String>,
+    /// Insults; without a concrete problem named, the contact is abuse rather than a fault.
+    #[serde(default)]
+    pub abuse_words: Vec<String>,
+    /// Followers from which a poster is notable (verified accounts are too).
+    pub notable_followers: i64,
+    /// Followers from which a poster is an influencer: one priority higher.
     pub influence_followers: i64,
+    /// Followers from which a poster gets a named account manager: two priorities higher.
+    pub key_opinion_leader_followers: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,17 +70,22 @@ impl Rules {
         if rules.categories.is_empty() {
             return Err(RulesError::Invalid("no categories".into()));
         }
-        // Matching is case-insensitive for Latin script; store keywords lower-cased once.
+        // Matching folds Traditional to Simplified and Latin to lower case; fold the keywords
+        // the same way once.
         for list in [
             &mut rules.negative_words,
             &mut rules.positive_words,
             &mut rules.question_words,
             &mut rules.escalation_words,
+            &mut rules.repeat_contact_words,
+            &mut rules.vulnerable_words,
+            &mut rules.anger_words,
+            &mut rules.abuse_words,
         ] {
-            list.iter_mut().for_each(|w| *w = w.to_lowercase());
+            list.iter_mut().for_each(|w| *w = fold(w));
         }
         for category in &mut rules.categories {
-            category.keywords.iter_mut().for_each(|w| *w = w.to_lowercase());
+            category.keywords.iter_mut().for_each(|w| *w = fold(w));
         }
         Ok(rules)
     }

@@ -1,61 +1,288 @@
-//! Personal data in free text: finding and masking it, so it never reaches logs or public
-//! replies. Classify masks complaint texts; notify guards every public reply with it.
+//! Personal data in free text: finding it (by kind, with checksums where the format has
+//! one) and masking it, so it never reaches logs or public replies. Classify masks complaint
+//! texts and flags what it found; notify guards every public reply with [`mask`].
+//!
+//! Kinds: mainland mobile numbers (also written with +86 or separators), landline numbers
+//! with an area code, 18-digit resident ID numbers (ISO 7064 MOD 11-2 check digit), bank
+//! card numbers (13–19 digits passing the Luhn check) and e-mail addresses. A number that
+//! fails its check is not personal data of that kind (order and tracking numbers stay).
 
-/// Masks digit runs that look like phone, id or card numbers (7+ digits), keeping at most
-/// the first 3 and last 4 digits, and the local part of e-mail addresses.
-/// Returns the masked text and whether anything was masked.
-pub fn mask(text: &str) -> (String, bool) {
-    let chars: Vec<char> = text.chars().collect();
-    let mut out = String::with_capacity(text.len());
-    let mut masked = false;
-    let mut i = 0;
-    while i < chars.len() {
-        if chars[i].is_ascii_digit() {
-            let start = i;
-            while i < chars.len() && (chars[i].is_ascii_digit() || chars[i] == 'X' || chars[i] == 'x') {
-                i += 1;
-            }
-            let run = &chars[start..i];
-            if run.len() >= 7 {
-                masked = true;
-                let keep_head = if run.len() >= 11 { 3 } else { 0 };
-                for (k, c) in run.iter().enumerate() {
-                    out.push(if k < keep_head || k + 4 >= run.len() {
-                        *c
-                    } else {
-                        '*'
-                    });
-                }
+use std::ops::Range;
+
+/// What kind of personal data was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PiiKind {
+    Mobile,
+    Landline,
+    IdNumber,
+    BankCard,
+    Email,
+}
+
+/// One piece of personal data: its kind and byte range in the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub kind: PiiKind,
+    pub span: Range<usize>,
+}
+
+/// ISO 7064 MOD 11-2, the check of 18-digit resident ID numbers.
+pub fn valid_id_number(id: &[u8]) -> bool {
+    const WEIGHTS: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
+    const CHECK: &[u8; 11] = b"10X98765432";
+    if id.len() != 18 || !id[..17].iter().all(u8::is_ascii_digit) {
+        return false;
+    }
+    let sum: u32 = id[..17]
+        .iter()
+        .zip(WEIGHTS)
+        .map(|(d, w)| u32::from(d - b'0') * w)
+        .sum();
+    CHECK[(sum % 11) as usize] == id[17].to_ascii_uppercase()
+}
+
+/// The Luhn check of card numbers.
+pub fn luhn(digits: &[u8]) -> bool {
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return false;
+    }
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, d)| {
+            let d = u32::from(d - b'0');
+            if i % 2 == 1 {
+                if d * 2 > 9 { d * 2 - 9 } else { d * 2 }
             } else {
-                out.extend(run);
+                d
             }
-        } else if chars[i] == '@' && i > 0 && chars[i - 1].is_ascii_alphanumeric() {
-            // Replace the local part already written with asterisks.
-            let mut local = 0;
-            while out.ends_with(|c: char| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-') {
-                out.pop();
-                local += 1;
+        })
+        .sum();
+    sum.is_multiple_of(10)
+}
+
+fn is_mobile(digits: &[u8]) -> bool {
+    digits.len() == 11 && digits[0] == b'1' && (b'3'..=b'9').contains(&digits[1])
+}
+
+/// What a run of digits (separators removed) is, if personal data.
+fn classify_number(digits: &[u8], had_separator: bool) -> Option<PiiKind> {
+    let national = digits
+        .strip_prefix(b"86")
+        .filter(|rest| rest.len() == 11)
+        .unwrap_or(digits);
+    if is_mobile(national) {
+        return Some(PiiKind::Mobile);
+    }
+    if valid_id_number(digits) {
+        return Some(PiiKind::IdNumber);
+    }
+    if (13..=19).contains(&digits.len()) && luhn(digits) {
+        return Some(PiiKind::BankCard);
+    }
+    // Area code (0 + 2-3 digits) and a 7-8 digit number; written with a separator or as one
+    // 10-12 digit run starting with 0.
+    if digits[0] == b'0' && (10..=12).contains(&digits.len()) && (had_separator || digits.len() >= 11) {
+        return Some(PiiKind::Landline);
+    }
+    None
+}
+
+fn number_findings(text: &str, out: &mut Vec<Finding>) {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if !bytes[i].is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        // A run of digits, single separators (space, hyphen) between digits, and a final X.
+        let start = if i > 0 && bytes[i - 1] == b'+' { i - 1 } else { i };
+        let mut digits = Vec::with_capacity(20);
+        let mut had_separator = false;
+        let mut end = i;
+        let mut j = i;
+        while j < bytes.len() {
+            match bytes[j] {
+                b'0'..=b'9' => {
+                    digits.push(bytes[j]);
+                    end = j + 1;
+                    j += 1;
+                }
+                b'X' | b'x' if digits.len() == 17 => {
+                    digits.push(b'X');
+                    end = j + 1;
+                    break;
+                }
+                b' ' | b'-' if j + 1 < bytes.len() && bytes[j + 1].is_ascii_digit() && !digits.is_empty() => {
+                    had_separator = true;
+                    j += 1;
+                }
+                _ => break,
             }
-            out.extend(std::iter::repeat_n('*', local.max(1)));
-            out.push('@');
-            masked = true;
-            i += 1;
-        } else {
-            out.push(chars[i]);
-            i += 1;
+        }
+        if let Some(kind) = classify_number(&digits, had_separator) {
+            out.push(Finding {
+                kind,
+                span: start..end,
+            });
+        }
+        i = end.max(i + 1);
+    }
+}
+
+fn email_findings(text: &str, out: &mut Vec<Finding>) {
+    let bytes = text.as_bytes();
+    let local_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'%' | b'+' | b'-');
+    let domain_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-');
+    for (at, _) in text.match_indices('@') {
+        let mut start = at;
+        while start > 0 && local_char(bytes[start - 1]) {
+            start -= 1;
+        }
+        let mut end = at + 1;
+        while end < bytes.len() && domain_char(bytes[end]) {
+            end += 1;
+        }
+        while end > at + 1 && bytes[end - 1] == b'.' {
+            end -= 1;
+        }
+        let domain = &text[at + 1..end];
+        if start < at && domain.contains('.') && !domain.starts_with('.') {
+            out.push(Finding {
+                kind: PiiKind::Email,
+                span: start..end,
+            });
         }
     }
-    (out, masked)
+}
+
+/// Every piece of personal data in `text`, in order.
+pub fn find(text: &str) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    number_findings(text, &mut findings);
+    email_findings(text, &mut findings);
+    findings.sort_by_key(|f| f.span.start);
+    // An e-mail's local part may look like a number; the e-mail wins.
+    findings.dedup_by(|later, earlier| later.span.start < earlier.span.end);
+    findings
+}
+
+/// `text` with personal data masked — numbers keep their first 3 and last 4 digits, e-mail
+/// addresses their domain — and the kinds found (each once, in order of kind).
+pub fn mask_all(text: &str) -> (String, Vec<PiiKind>) {
+    let findings = find(text);
+    let mut out = String::with_capacity(text.len());
+    let mut kinds: Vec<PiiKind> = Vec::new();
+    let mut last = 0;
+    for finding in &findings {
+        out.push_str(&text[last..finding.span.start]);
+        let found = &text[finding.span.clone()];
+        match finding.kind {
+            PiiKind::Email => {
+                let at = found.find('@').unwrap_or(0);
+                out.extend(std::iter::repeat_n('*', at));
+                out.push_str(&found[at..]);
+            }
+            _ => {
+                let significant = found.chars().filter(|c| c.is_ascii_alphanumeric()).count();
+                let mut seen = 0;
+                for c in found.chars() {
+                    if c.is_ascii_alphanumeric() {
+                        seen += 1;
+                        out.push(if seen <= 3 || seen + 4 > significant {
+                            c
+                        } else {
+                            '*'
+                        });
+                    } else {
+                        out.push(c);
+                    }
+                }
+            }
+        }
+        last = finding.span.end;
+        if !kinds.contains(&finding.kind) {
+            kinds.push(finding.kind);
+        }
+    }
+    out.push_str(&text[last..]);
+    kinds.sort();
+    (out, kinds)
+}
+
+/// `text` with personal data masked, and whether there was any.
+pub fn mask(text: &str) -> (String, bool) {
+    let (masked, kinds) = mask_all(text);
+    (masked, !kinds.is_empty())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn kinds(text: &str) -> Vec<PiiKind> {
+        find(text).into_iter().map(|f| f.kind).collect()
+    }
+
     #[test]
-    fn masks_numbers_and_email_local_parts() {
+    fn mobile_numbers_in_any_common_form() {
+        assert_eq!(kinds("电话13812345678"), vec![PiiKind::Mobile]);
+        assert_eq!(kinds("call +86 138 1234 5678 now"), vec![PiiKind::Mobile]);
+        assert_eq!(kinds("138-1234-5678"), vec![PiiKind::Mobile]);
+        assert_eq!(kinds("12812345678"), vec![], "no mobile prefix 12");
         assert_eq!(mask("电话13812345678").0, "电话138****5678");
-        assert_eq!(mask("mail zhang.san@example.com").0, "mail *********@example.com");
-        assert_eq!(mask("订单 12345 已收到"), ("订单 12345 已收到".to_owned(), false));
+    }
+
+    #[test]
+    fn landlines_need_an_area_code() {
+        assert_eq!(kinds("座机 010-62345678"), vec![PiiKind::Landline]);
+        assert_eq!(kinds("0755 88889999"), vec![PiiKind::Landline]);
+        assert_eq!(
+            kinds("房间 62345678"),
+            vec![],
+            "no area code: not enough to be sure"
+        );
+    }
+
+    #[test]
+    fn id_numbers_must_pass_their_check_digit() {
+        // 11010519491231002X: the classic example number, valid check digit X.
+        assert_eq!(kinds("身份证11010519491231002X"), vec![PiiKind::IdNumber]);
+        assert_eq!(kinds("身份证110105194912310021"), vec![], "wrong check digit");
+        assert!(valid_id_number(b"11010519491231002x"));
+        assert_eq!(mask("11010519491231002X").0, "110***********002X");
+    }
+
+    #[test]
+    fn bank_cards_must_pass_luhn() {
+        assert_eq!(kinds("卡号 4111 1111 1111 1111"), vec![PiiKind::BankCard]);
+        assert_eq!(kinds("卡号 6222020200001234560"), vec![], "fails Luhn");
+        assert!(luhn(b"79927398713"));
+        assert!(!luhn(b"79927398710"));
+    }
+
+    #[test]
+    fn emails_keep_their_domain() {
+        assert_eq!(
+            mask("mail zhang.san@example.com.").0,
+            "mail *********@example.com."
+        );
+        assert_eq!(kinds("a@b"), vec![], "needs a dotted domain");
+        assert_eq!(kinds("@example.com"), vec![], "needs a local part");
+    }
+
+    #[test]
+    fn ordinary_numbers_stay() {
+        let text = "订单 12345 已收到，快递单号 SF1234567890，金额 99.50 元";
+        assert_eq!(mask(text), (text.to_owned(), false));
+    }
+
+    #[test]
+    fn several_kinds_are_reported_once_each() {
+        let (masked, found) = mask_all("13812345678 或 13912345678，邮箱 li@qq.com");
+        assert_eq!(found, vec![PiiKind::Mobile, PiiKind::Email]);
+        assert!(!masked.contains("12345678") && !masked.contains("li@"));
     }
 }
