@@ -6,6 +6,7 @@ use closedloop_proto::v1::{
 };
 use closedloop_runtime::pii::PiiKind;
 
+use crate::model::TextModels;
 use crate::region;
 use crate::rules::{Rules, fold};
 
@@ -66,7 +67,12 @@ fn raise(priority: Priority) -> Priority {
     }
 }
 
-pub fn classify(rules: &Rules, contact: &Contact<'_>) -> Classification {
+/// How sure the model must be to overrule the keyword rules.
+pub const MODEL_CONFIDENCE: f32 = 0.99;
+
+/// Classifies a contact with the keyword rules and, when given, the statistical models:
+/// the models decide intent and category when confident, the rules otherwise.
+pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_>) -> Classification {
     // Traditional and Simplified texts match the same rules.
     let text = fold(contact.text);
     let mut reasons = Vec::new();
@@ -92,6 +98,21 @@ pub fn classify(rules: &Rules, contact: &Contact<'_>) -> Classification {
             ));
             (rules.fallback_category.clone(), 0.3)
         }
+    };
+
+    let model_intent = models.map(|m| m.intent.predict(&text));
+    let model_category = models.map(|m| m.category.predict(&text));
+    // The model speaks only where the rules found nothing: with the labelled examples we
+    // have, it is weaker than the keywords where they match (see classify-eval).
+    let (category, confidence) = match &model_category {
+        Some(p) if best.is_none() && p.confidence >= MODEL_CONFIDENCE => {
+            reasons.push(format!(
+                "category {} by the model ({:.2}, evidence {:?}): no keyword matched",
+                p.class, p.confidence, p.evidence
+            ));
+            (p.class.clone(), f64::from(p.confidence))
+        }
+        _ => (category, confidence),
     };
 
     let negative = hits(&text, &rules.negative_words);
@@ -148,6 +169,25 @@ pub fn classify(rules: &Rules, contact: &Contact<'_>) -> Classification {
     let escalation_risk = !threats.is_empty() || !repeated.is_empty() || !vulnerable.is_empty();
 
     let tier = influence_tier(rules, contact.poster);
+    // Likewise for intent: only when the rules fell back to "complaint" without any signal.
+    let rules_had_signal =
+        best.is_some() || !negative.is_empty() || !positive.is_empty() || !questions.is_empty();
+    let intent = match &model_intent {
+        Some(p) if !rules_had_signal && intent == Intent::Complaint && p.confidence >= MODEL_CONFIDENCE => {
+            let by_model = match p.class.as_str() {
+                "inquiry" => Intent::Inquiry,
+                "praise" => Intent::Praise,
+                "noise" => Intent::Noise,
+                _ => Intent::Complaint,
+            };
+            reasons.push(format!(
+                "intent {} by the model ({:.2}, evidence {:?}): no rule signal",
+                p.class, p.confidence, p.evidence
+            ));
+            by_model
+        }
+        _ => intent,
+    };
     let mut priority = match intent {
         Intent::Praise | Intent::Noise => Priority::P4,
         _ if abuse_without_problem => Priority::P4,
@@ -232,6 +272,7 @@ mod tests {
         };
         classify(
             &rules,
+            None,
             &Contact {
                 text,
                 channel: Channel::WeiboPost,
@@ -339,6 +380,7 @@ mod tests {
         let rules = Rules::builtin().expect("builtin rules");
         let found = classify(
             &rules,
+            None,
             &Contact {
                 text: "深圳南山停电了",
                 channel: Channel::Wechat,
@@ -349,6 +391,7 @@ mod tests {
         assert_eq!((found.province.as_str(), found.city.as_str()), ("广东", "深圳"));
         let hinted = classify(
             &rules,
+            None,
             &Contact {
                 text: "停电了",
                 channel: Channel::Wechat,

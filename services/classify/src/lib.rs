@@ -4,6 +4,7 @@
 //! scale by replicas sharing one durable consumer.
 
 pub mod engine;
+pub mod model;
 pub mod region;
 pub mod rules;
 
@@ -31,6 +32,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::engine::Contact;
+use crate::model::TextModels;
 use crate::rules::Rules;
 
 pub const SERVICE_NAME: &str = "closedloop.v1.ClassifyService";
@@ -46,6 +48,9 @@ pub struct Config {
     /// gRPC listen address.
     #[arg(long, env = "CLOSEDLOOP_CLASSIFY_LISTEN", default_value = "0.0.0.0:50052")]
     pub listen: SocketAddr,
+    /// Trained model file replacing the shipped one (see classify-train).
+    #[arg(long, env = "CLOSEDLOOP_CLASSIFY_MODEL")]
+    pub model_file: Option<String>,
     /// JSON keyword table replacing the built-in rules.
     #[arg(long, env = "CLOSEDLOOP_CLASSIFY_RULES")]
     pub rules_file: Option<String>,
@@ -76,6 +81,7 @@ static CLASSIFIED: std::sync::LazyLock<Family<VerdictLabels, Counter>> = std::sy
 struct ReceivedHandler {
     bus: Bus,
     rules: Arc<Rules>,
+    models: Arc<TextModels>,
 }
 
 impl MessageHandler for ReceivedHandler {
@@ -86,6 +92,7 @@ impl MessageHandler for ReceivedHandler {
             .ok_or_else(|| HandleError::reject("complaint.received without a complaint"))?;
         let classification = engine::classify(
             &self.rules,
+            Some(&self.models),
             &Contact {
                 text: &complaint.text,
                 channel: complaint.channel(),
@@ -129,6 +136,7 @@ impl MessageHandler for ReceivedHandler {
 #[derive(Clone)]
 struct ClassifyApi {
     rules: Arc<Rules>,
+    models: Arc<TextModels>,
     max_text_chars: usize,
 }
 
@@ -151,6 +159,7 @@ impl ClassifyService for ClassifyApi {
         }
         let classification = engine::classify(
             &self.rules,
+            Some(&self.models),
             &Contact {
                 text: &request.text,
                 channel: Channel::try_from(request.channel).unwrap_or(Channel::Unspecified),
@@ -170,12 +179,14 @@ pub struct Classify {
     metrics: metrics::Exporter,
     bus: Bus,
     rules: Arc<Rules>,
+    models: Arc<TextModels>,
     config: Config,
 }
 
 impl Classify {
     pub async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
         let rules = Arc::new(Rules::load(config.rules_file.as_deref())?);
+        let models = Arc::new(TextModels::load(config.model_file.as_deref())?);
         let bus = Bus::connect(&config.service.nats.nats_url, "classify", cancel).await?;
         bus.provision(&StreamSettings::from(&config.service.nats)).await?;
         let listener = grpc::bind(config.listen).await?;
@@ -185,6 +196,7 @@ impl Classify {
             metrics,
             bus,
             rules,
+            models,
             config,
         })
     }
@@ -209,12 +221,14 @@ impl Classify {
         let handler = ReceivedHandler {
             bus: self.bus.clone(),
             rules: self.rules.clone(),
+            models: self.models.clone(),
         };
         let consuming = consumer::spawn(&self.bus, spec, handler, &cancel);
         let exporting = self.metrics.spawn(cancel.clone());
 
         let api = ClassifyApi {
             rules: self.rules,
+            models: self.models,
             max_text_chars: self.config.max_text_chars,
         };
         let server = ClassifyServiceServer::new(api)

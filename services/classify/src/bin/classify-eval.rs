@@ -1,0 +1,130 @@
+//! `classify-eval`: per-class precision, recall and F1 and a confusion matrix, on the
+//! held-out labelled examples, for the model alone, the rules alone and the engine (both).
+//!
+//! `cargo run -p closedloop-classify --bin classify-eval`
+
+use std::collections::BTreeSet;
+
+use clap::Parser;
+use closedloop_classify::engine::{self, Contact};
+use closedloop_classify::model::{TextModels, is_held_out, parse_examples};
+use closedloop_classify::rules::{Rules, fold};
+use closedloop_proto::v1::Channel;
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/labelled.tsv"))]
+    examples: String,
+    /// A model file other than the shipped one.
+    #[arg(long)]
+    model: Option<String>,
+}
+
+/// Per-class precision, recall, F1 and the confusion matrix of (truth, prediction) pairs.
+fn report(title: &str, pairs: &[(String, String)]) {
+    let classes: Vec<&str> = pairs
+        .iter()
+        .flat_map(|(t, p)| [t.as_str(), p.as_str()])
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let correct = pairs.iter().filter(|(t, p)| t == p).count();
+    println!(
+        "\n{title}: accuracy {:.3} ({correct}/{})",
+        correct as f64 / pairs.len().max(1) as f64,
+        pairs.len()
+    );
+    println!(
+        "  {:<18} {:>9} {:>7} {:>7} {:>7}",
+        "class", "precision", "recall", "f1", "support"
+    );
+    for class in &classes {
+        let tp = pairs.iter().filter(|(t, p)| t == class && p == class).count() as f64;
+        let predicted = pairs.iter().filter(|(_, p)| p == class).count() as f64;
+        let actual = pairs.iter().filter(|(t, _)| t == class).count() as f64;
+        let precision = if predicted > 0.0 { tp / predicted } else { 0.0 };
+        let recall = if actual > 0.0 { tp / actual } else { 0.0 };
+        let f1 = if precision + recall > 0.0 {
+            2.0 * precision * recall / (precision + recall)
+        } else {
+            0.0
+        };
+        println!("  {class:<18} {precision:>9.3} {recall:>7.3} {f1:>7.3} {actual:>7}");
+    }
+    println!("  confusion (rows: truth, columns: prediction)");
+    let short = |c: &str| c.chars().take(6).collect::<String>();
+    print!("  {:<18}", "");
+    for class in &classes {
+        print!(" {:>6}", short(class));
+    }
+    println!();
+    for truth in &classes {
+        print!("  {truth:<18}");
+        for predicted in &classes {
+            let n = pairs.iter().filter(|(t, p)| t == truth && p == predicted).count();
+            print!(" {n:>6}");
+        }
+        println!();
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let examples = parse_examples(&std::fs::read_to_string(&args.examples)?)?;
+    let held_out: Vec<_> = examples.iter().filter(|e| is_held_out(&e.text)).collect();
+    let models = TextModels::load(args.model.as_deref())?;
+    let rules = Rules::builtin()?;
+    println!(
+        "held-out examples: {} of {}; model {}",
+        held_out.len(),
+        examples.len(),
+        models.trained_on
+    );
+
+    let label = |intent: closedloop_proto::v1::Intent| {
+        intent
+            .as_str_name()
+            .trim_start_matches("INTENT_")
+            .to_ascii_lowercase()
+    };
+    let needs_category =
+        |e: &&&closedloop_classify::model::Example| e.intent == "complaint" || e.intent == "inquiry";
+    let mut model_intent = Vec::new();
+    let mut rules_intent = Vec::new();
+    let mut engine_intent = Vec::new();
+    let mut model_category = Vec::new();
+    let mut rules_category = Vec::new();
+    let mut engine_category = Vec::new();
+    for example in &held_out {
+        let folded = fold(&example.text);
+        let contact = Contact {
+            text: &example.text,
+            channel: Channel::Wechat,
+            poster: None,
+            region_hint: "",
+        };
+        let by_rules = engine::classify(&rules, None, &contact);
+        let by_engine = engine::classify(&rules, Some(&models), &contact);
+        model_intent.push((example.intent.clone(), models.intent.predict(&folded).class));
+        rules_intent.push((example.intent.clone(), label(by_rules.intent())));
+        engine_intent.push((example.intent.clone(), label(by_engine.intent())));
+        if needs_category(&example) {
+            model_category.push((example.category.clone(), models.category.predict(&folded).class));
+            rules_category.push((example.category.clone(), by_rules.category.clone()));
+            engine_category.push((example.category.clone(), by_engine.category.clone()));
+        }
+    }
+    report("intent — model", &model_intent);
+    report("intent — rules", &rules_intent);
+    report(
+        "intent — engine (model when confident, else rules)",
+        &engine_intent,
+    );
+    report("category — model", &model_category);
+    report("category — rules", &rules_category);
+    report(
+        "category — engine (model when confident, else rules)",
+        &engine_category,
+    );
+    Ok(())
+}
