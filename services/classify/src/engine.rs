@@ -8,7 +8,7 @@ use closedloop_runtime::pii::PiiKind;
 
 use crate::model::TextModels;
 use crate::region;
-use crate::rules::{Rules, fold};
+use crate::rules::{List, Rules, fold};
 
 /// What classify needs to know about a contact.
 pub struct Contact<'a> {
@@ -43,14 +43,6 @@ fn personal_data_kind(kind: PiiKind) -> PersonalDataKind {
     }
 }
 
-fn hits<'w>(text: &str, words: &'w [String]) -> Vec<&'w str> {
-    words
-        .iter()
-        .filter(|w| text.contains(w.as_str()))
-        .map(String::as_str)
-        .collect()
-}
-
 /// Public channels, where personal data must never be discussed.
 fn is_public(channel: Channel) -> bool {
     matches!(
@@ -75,15 +67,16 @@ pub const MODEL_CONFIDENCE: f32 = 0.99;
 pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_>) -> Classification {
     // Traditional and Simplified texts match the same rules.
     let text = fold(contact.text);
+    let found = rules.matcher.scan(&text);
     let mut reasons = Vec::new();
 
     let mut best: Option<(&str, Vec<&str>)> = None;
     let mut total_hits = 0usize;
-    for category in &rules.categories {
-        let found = hits(&text, &category.keywords);
-        total_hits += found.len();
-        if !found.is_empty() && best.as_ref().is_none_or(|(_, b)| found.len() > b.len()) {
-            best = Some((category.name.as_str(), found));
+    for (i, category) in rules.categories.iter().enumerate() {
+        let keywords = found.of(List::Category(i));
+        total_hits += keywords.len();
+        if !keywords.is_empty() && best.as_ref().is_none_or(|(_, b)| keywords.len() > b.len()) {
+            best = Some((category.name.as_str(), keywords));
         }
     }
     let (category, confidence) = match &best {
@@ -100,8 +93,13 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         }
     };
 
-    let model_intent = models.map(|m| m.intent.predict(&text));
-    let model_category = models.map(|m| m.category.predict(&text));
+    // The model is consulted only where it may decide (see below), which keeps it off the
+    // common path.
+    let model_category = if best.is_none() {
+        models.map(|m| m.category.predict(&text))
+    } else {
+        None
+    };
     // The model speaks only where the rules found nothing: with the labelled examples we
     // have, it is weaker than the keywords where they match (see classify-eval).
     let (category, confidence) = match &model_category {
@@ -115,8 +113,8 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         _ => (category, confidence),
     };
 
-    let negative = hits(&text, &rules.negative_words);
-    let positive = hits(&text, &rules.positive_words);
+    let negative = found.of(List::Negative);
+    let positive = found.of(List::Positive);
     let polar = (negative.len() + positive.len()) as f64;
     let score = if polar == 0.0 {
         0.0
@@ -136,7 +134,7 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         ));
     }
 
-    let questions = hits(&text, &rules.question_words);
+    let questions = found.of(List::Question);
     let intent = if best.is_none() && negative.is_empty() && !positive.is_empty() {
         reasons.push("intent praise: positive words, no problem named".into());
         Intent::Praise
@@ -151,27 +149,32 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         Intent::Complaint
     };
 
-    let anger_hits = hits(&text, &rules.anger_words);
+    let anger_hits = found.of(List::Anger);
     let exclamations = text.matches(['!', '！']).count();
     let anger = !anger_hits.is_empty() || exclamations >= 3;
     if anger {
         reasons.push(format!("anger: {anger_hits:?}, {exclamations} exclamation marks"));
     }
-    let abuse = hits(&text, &rules.abuse_words);
+    let abuse = found.of(List::Abuse);
     let abuse_without_problem = !abuse.is_empty() && best.is_none();
     if abuse_without_problem {
         reasons.push(format!("abuse without a concrete problem: {abuse:?}"));
     }
 
-    let threats = hits(&text, &rules.escalation_words);
-    let repeated = hits(&text, &rules.repeat_contact_words);
-    let vulnerable = hits(&text, &rules.vulnerable_words);
+    let threats = found.of(List::Escalation);
+    let repeated = found.of(List::Repeat);
+    let vulnerable = found.of(List::Vulnerable);
     let escalation_risk = !threats.is_empty() || !repeated.is_empty() || !vulnerable.is_empty();
 
     let tier = influence_tier(rules, contact.poster);
     // Likewise for intent: only when the rules fell back to "complaint" without any signal.
     let rules_had_signal =
         best.is_some() || !negative.is_empty() || !positive.is_empty() || !questions.is_empty();
+    let model_intent = if rules_had_signal {
+        None
+    } else {
+        models.map(|m| m.intent.predict(&text))
+    };
     let intent = match &model_intent {
         Some(p) if !rules_had_signal && intent == Intent::Complaint && p.confidence >= MODEL_CONFIDENCE => {
             let by_model = match p.class.as_str() {

@@ -6,6 +6,31 @@
 //! measures it on the held-out part.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// FNV-1a: n-gram keys are short and trusted (from our own model file), so a fast hash
+/// beats the DoS-resistant default here.
+#[derive(Default)]
+pub struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut hash = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            hash = (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = hash;
+    }
+}
+
+type FnvMap<V> = HashMap<String, V, BuildHasherDefault<Fnv>>;
 
 use serde::{Deserialize, Serialize};
 
@@ -86,7 +111,7 @@ pub struct NaiveBayes {
     /// Log probability of an n-gram never seen with a class.
     pub log_unseen: Vec<f32>,
     /// Log probability of each seen n-gram, per class.
-    pub log_likelihoods: HashMap<String, Vec<f32>>,
+    pub log_likelihoods: FnvMap<Vec<f32>>,
 }
 
 /// A model's verdict on a text.

@@ -47,29 +47,42 @@ const REGIONS: &[(&str, &[&str])] = &[
     ("台湾", &["台北", "高雄", "台中"]),
 ];
 
-/// (province, city) named in `text`; either may be empty. A city implies its province;
-/// the earliest mention wins.
-pub fn locate(text: &str) -> (String, String) {
-    let mut best: Option<(usize, &str, &str)> = None;
+/// One automaton over every city and province name, with what each pattern names.
+struct Places {
+    automaton: aho_corasick::AhoCorasick,
+    /// (province, city or "" for a province name) per pattern.
+    names: Vec<(&'static str, &'static str)>,
+}
+
+static PLACES: std::sync::LazyLock<Option<Places>> = std::sync::LazyLock::new(|| {
+    let mut names = Vec::new();
     for (province, cities) in REGIONS {
-        for city in *cities {
-            if let Some(at) = text.find(city)
-                && best.is_none_or(|(b, _, _)| at < b)
-            {
-                best = Some((at, province, city));
-            }
-        }
+        names.extend(cities.iter().map(|city| (*province, *city)));
+        names.push((*province, ""));
     }
-    if let Some((_, province, city)) = best {
-        return (province.to_owned(), city.trim_end_matches('市').to_owned());
-    }
-    let province = REGIONS
+    let patterns = names
         .iter()
-        .filter_map(|(province, _)| text.find(province).map(|at| (at, *province)))
-        .min_by_key(|(at, _)| *at)
-        .map(|(_, p)| p.to_owned())
-        .unwrap_or_default();
-    (province, String::new())
+        .map(|(province, city)| if city.is_empty() { *province } else { *city });
+    aho_corasick::AhoCorasick::new(patterns)
+        .ok()
+        .map(|automaton| Places { automaton, names })
+});
+
+/// (province, city) named in `text`; either may be empty. The first city mentioned wins,
+/// and implies its province; without a city, the first province mentioned.
+pub fn locate(text: &str) -> (String, String) {
+    let Some(places) = PLACES.as_ref() else {
+        return (String::new(), String::new());
+    };
+    let mut province_only: Option<&str> = None;
+    for hit in places.automaton.find_overlapping_iter(text) {
+        let (province, city) = places.names[hit.pattern().as_usize()];
+        if !city.is_empty() {
+            return (province.to_owned(), city.trim_end_matches('市').to_owned());
+        }
+        province_only.get_or_insert(province);
+    }
+    (province_only.unwrap_or_default().to_owned(), String::new())
 }
 
 #[cfg(test)]

@@ -16,6 +16,9 @@ pub struct CategoryRule {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Rules {
+    /// Every keyword of every list in one automaton, built at load.
+    #[serde(skip)]
+    pub matcher: Matcher,
     /// Reported as `classifier_version`, so a verdict can be traced to its rules.
     pub version: String,
     pub categories: Vec<CategoryRule>,
@@ -58,6 +61,91 @@ pub enum RulesError {
     Parse(#[from] serde_json::Error),
     #[error("rules are unusable: {0}")]
     Invalid(String),
+    #[error("cannot build the keyword matcher: {0}")]
+    Matcher(#[from] aho_corasick::BuildError),
+}
+
+/// Which list a keyword belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum List {
+    Category(usize),
+    Negative,
+    Positive,
+    Question,
+    Escalation,
+    Repeat,
+    Vulnerable,
+    Anger,
+    Abuse,
+}
+
+/// Finds the keywords of every list in one pass over the text.
+#[derive(Debug, Clone, Default)]
+pub struct Matcher {
+    automaton: Option<aho_corasick::AhoCorasick>,
+    /// For each pattern: its list and the keyword.
+    owners: Vec<(List, String)>,
+}
+
+/// The keywords found in a text, by list, each once, in list order.
+#[derive(Debug, Default)]
+pub struct Found<'r> {
+    hits: Vec<(List, &'r str)>,
+}
+
+impl Found<'_> {
+    pub fn of(&self, list: List) -> Vec<&str> {
+        self.hits
+            .iter()
+            .filter(|(l, _)| *l == list)
+            .map(|(_, w)| *w)
+            .collect()
+    }
+}
+
+impl Matcher {
+    fn build(rules: &Rules) -> Result<Self, aho_corasick::BuildError> {
+        let mut owners: Vec<(List, String)> = Vec::new();
+        for (i, category) in rules.categories.iter().enumerate() {
+            owners.extend(category.keywords.iter().map(|w| (List::Category(i), w.clone())));
+        }
+        for (list, words) in [
+            (List::Negative, &rules.negative_words),
+            (List::Positive, &rules.positive_words),
+            (List::Question, &rules.question_words),
+            (List::Escalation, &rules.escalation_words),
+            (List::Repeat, &rules.repeat_contact_words),
+            (List::Vulnerable, &rules.vulnerable_words),
+            (List::Anger, &rules.anger_words),
+            (List::Abuse, &rules.abuse_words),
+        ] {
+            owners.extend(words.iter().map(|w| (list, w.clone())));
+        }
+        owners.retain(|(_, w)| !w.is_empty());
+        let automaton = aho_corasick::AhoCorasick::new(owners.iter().map(|(_, w)| w.as_str()))?;
+        Ok(Self {
+            automaton: Some(automaton),
+            owners,
+        })
+    }
+
+    /// Every keyword occurring in the (folded) text; overlapping ones too.
+    pub fn scan(&self, text: &str) -> Found<'_> {
+        let Some(automaton) = &self.automaton else {
+            return Found::default();
+        };
+        let mut seen = vec![false; self.owners.len()];
+        for hit in automaton.find_overlapping_iter(text) {
+            seen[hit.pattern().as_usize()] = true;
+        }
+        let hits = seen
+            .iter()
+            .zip(&self.owners)
+            .filter(|(seen, _)| **seen)
+            .map(|(_, (list, word))| (*list, word.as_str()))
+            .collect();
+        Found { hits }
+    }
 }
 
 impl Rules {
@@ -87,6 +175,7 @@ impl Rules {
         for category in &mut rules.categories {
             category.keywords.iter_mut().for_each(|w| *w = fold(w));
         }
+        rules.matcher = Matcher::build(&rules)?;
         Ok(rules)
     }
 
