@@ -458,6 +458,13 @@ async fn classify_dry_run_explains_and_publishes_nothing() -> anyhow::Result<()>
         .ok_or_else(|| anyhow::anyhow!("no classification"))?;
     assert_eq!(classification.category, "billing");
     assert_eq!(classification.priority(), Priority::P1);
+    assert!(classification.escalation_risk, "12315 is a regulator");
+    assert_eq!(classification.influence_tier(), InfluenceTier::Regular);
+    assert!(
+        classification.reasons.iter().any(|r| r.contains("12315")),
+        "{:?}",
+        classification.reasons
+    );
     assert!(!classification.reasons.is_empty());
     let status = classify
         .classify(authed(
@@ -470,6 +477,20 @@ async fn classify_dry_run_explains_and_publishes_nothing() -> anyhow::Result<()>
         .await
         .expect_err("empty");
     assert_eq!(status.code(), Code::InvalidArgument);
+    let oversized = ClassifyRequest {
+        text: "断".repeat(20_001),
+        ..Default::default()
+    };
+    let status = classify
+        .classify(authed(&env.tokens.agent, oversized))
+        .await
+        .expect_err("too long");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("at most 20000 characters"),
+        "{}",
+        status.message()
+    );
 
     let client = async_nats::connect(env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);

@@ -43,14 +43,6 @@ fn personal_data_kind(kind: PiiKind) -> PersonalDataKind {
     }
 }
 
-/// Public channels, where personal data must never be discussed.
-fn is_public(channel: Channel) -> bool {
-    matches!(
-        channel,
-        Channel::WeiboPost | Channel::WeiboComment | Channel::ComplaintPlatform
-    )
-}
-
 fn raise(priority: Priority) -> Priority {
     match priority {
         Priority::P4 => Priority::P3,
@@ -231,7 +223,8 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
     }
 
     let (masked_text, found) = closedloop_runtime::pii::mask_all(contact.text);
-    let needs_private_channel = !found.is_empty() && is_public(contact.channel);
+    let needs_private_channel =
+        !found.is_empty() && closedloop_runtime::pii::is_public_channel(contact.channel);
     if needs_private_channel {
         reasons.push(format!(
             "personal data {found:?} on a public channel: move to a private channel"
@@ -332,6 +325,10 @@ mod tests {
         assert_eq!(traditional.category, simplified.category);
         assert_eq!(traditional.priority(), simplified.priority());
         assert_eq!(run("話費帳單亂扣", 10).category, "billing");
+        // Mixed script, as people type when their input method switches mid-sentence.
+        let mixed = run("宽带斷網了，第三次反映还没解决", 10);
+        assert_eq!(mixed.category, "outage");
+        assert!(mixed.escalation_risk);
     }
 
     #[test]

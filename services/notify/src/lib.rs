@@ -46,7 +46,7 @@ use crate::gateway::{
     parse_rate_limits,
 };
 use crate::store::Claim;
-use crate::templates::{TemplateKey, Templates, is_public, kind_key};
+use crate::templates::{TemplateKey, Templates, kind_key};
 
 pub const CLASSIFIED_CONSUMER: &str = "notify-classified";
 pub const WORK_ORDER_CONSUMER: &str = "notify-workorders";
@@ -640,7 +640,7 @@ impl MessageHandler for WorkOrderHandler {
             }
             WorkOrderEventKind::Resolved => {
                 // The agent's note only on private channels: it may name the customer's case.
-                let note = if is_public(work_order.channel()) {
+                let note = if closedloop_runtime::pii::is_public_channel(work_order.channel()) {
                     ""
                 } else {
                     work_order.resolution_note.as_str()

@@ -53,14 +53,6 @@ pub struct TemplateKey<'a> {
     pub locale: &'a str,
 }
 
-/// Whether messages on a channel are public (visible to anyone, not just the customer).
-pub fn is_public(channel: Channel) -> bool {
-    matches!(
-        channel,
-        Channel::WeiboPost | Channel::WeiboComment | Channel::ComplaintPlatform
-    )
-}
-
 /// Template names in the order they are tried.
 pub fn candidates(key: &TemplateKey<'_>) -> Vec<String> {
     let kind = kind_key(key.kind);
@@ -151,7 +143,7 @@ impl Templates {
                 name: name.clone(),
                 source,
             })?;
-        if is_public(key.channel) {
+        if closedloop_runtime::pii::is_public_channel(key.channel) {
             let (masked, found) = pii::mask(&text);
             if found {
                 tracing::warn!(template = %name, "personal data masked out of a public reply");

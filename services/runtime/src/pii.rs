@@ -9,6 +9,16 @@
 
 use std::ops::Range;
 
+/// Whether messages on a channel are public (visible to anyone, not just the customer):
+/// personal data must never appear there, and customers are moved to a private channel.
+pub fn is_public_channel(channel: closedloop_proto::v1::Channel) -> bool {
+    use closedloop_proto::v1::Channel;
+    matches!(
+        channel,
+        Channel::WeiboPost | Channel::WeiboComment | Channel::ComplaintPlatform
+    )
+}
+
 /// What kind of personal data was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PiiKind {
