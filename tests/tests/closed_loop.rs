@@ -590,10 +590,15 @@ async fn a_delivery_that_keeps_failing_is_given_up_with_its_reason() -> anyhow::
     );
 
     env.wait_idle().await?;
-    assert_eq!(
-        env.webhook.attempts().len(),
-        5,
-        "bounded: max_deliver attempts, no more"
+    let attempts = env.webhook.attempts();
+    assert_eq!(attempts.len(), 5, "bounded: max_deliver attempts, no more");
+    // Retries back off: each wait about doubles (base 100 ms in tests, +-20% jitter).
+    // Compared two apart (a 4x ratio), so scheduling noise on a busy machine cannot flip it.
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1].at - w[0].at).collect();
+    assert!(gaps[2] > gaps[0] && gaps[3] > gaps[1], "gaps must grow: {gaps:?}");
+    assert!(
+        gaps[3] >= Duration::from_millis(600),
+        "the fourth wait is ~800 ms: {gaps:?}"
     );
     let log = deliveries_of(&env, &submitted.complaint_id).await?;
     assert_eq!(log.len(), 1);
