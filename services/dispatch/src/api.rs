@@ -13,6 +13,8 @@ use tonic::{Request, Response, Status};
 
 use crate::lifecycle::Action;
 use crate::store::{self, Change, ListFilter, StoreError};
+use crate::{Policy, directory, placement};
+use prost::Message;
 
 pub const SERVICE_NAME: &str = "closedloop.v1.WorkOrderService";
 const MAX_NOTE_CHARS: usize = 4_000;
@@ -21,7 +23,14 @@ pub struct WorkOrderApi {
     pub pool: PgPool,
     /// Wakes the outbox relay after a change commits.
     pub relay_wake: Arc<Notify>,
+    pub policy: Arc<Policy>,
+    /// For WatchWorkOrders: a plain subscription to the work-order subjects.
+    pub nats: async_nats::Client,
 }
+
+/// Most remedy value an API call may carry (minor units): a typo guard, not a policy.
+const MAX_REMEDY_MINOR: i64 = 100_000_000;
+const MAX_WATCHERS_BUFFER: usize = 256;
 
 /// The one place store errors become gRPC statuses.
 fn status(error: StoreError) -> Status {
@@ -32,6 +41,7 @@ fn status(error: StoreError) -> Status {
         StoreError::BadPageToken => {
             invalid_argument(&[Violation::new("page_token", "is not a token this API issued")])
         }
+        StoreError::Invalid(message) => Status::invalid_argument(message),
         StoreError::Database(e) => {
             tracing::error!(error = %e, "database error");
             Status::unavailable("work order store unavailable; retry")
@@ -87,6 +97,59 @@ impl WorkOrderApi {
         self.relay_wake.notify_one();
         Ok(work_order)
     }
+
+    /// Capacity freed in `team`: queued work goes to whoever has room. A failure only delays
+    /// it (the watcher's round tries again).
+    async fn offer_queue(&self, tenant: &str, team: &str) {
+        match placement::assign_queued(&self.pool, tenant, team).await {
+            Ok(0) => {}
+            Ok(_) => self.relay_wake.notify_one(),
+            Err(error) => tracing::warn!(%error, %team, "assigning queued work failed; the watcher retries"),
+        }
+    }
+
+    /// Checks a remedy against the caller's authority: supervisors approve their own; an
+    /// agent's must be within their limit in the directory.
+    async fn authorise_remedy(&self, caller: &Principal, remedy: &mut Remedy) -> Result<(), Status> {
+        let mut violations = Vec::new();
+        if remedy.kind.trim().is_empty() || remedy.kind.chars().count() > 64 {
+            violations.push(Violation::new(
+                "remedy.kind",
+                "1 to 64 characters, e.g. fee_waiver",
+            ));
+        }
+        if !(0..=MAX_REMEDY_MINOR).contains(&remedy.amount_minor) {
+            violations.push(Violation::new(
+                "remedy.amount_minor",
+                format!("0 to {MAX_REMEDY_MINOR} (minor units)"),
+            ));
+        }
+        let currency_ok =
+            remedy.currency.len() == 3 && remedy.currency.chars().all(|c| c.is_ascii_uppercase());
+        if remedy.amount_minor > 0 && !currency_ok {
+            violations.push(Violation::new("remedy.currency", "an ISO 4217 code such as CNY"));
+        }
+        if !violations.is_empty() {
+            return Err(invalid_argument(&violations));
+        }
+        remedy.approved_by.clear();
+        if caller.require_any(&[Role::Supervisor]).is_ok() {
+            remedy.approved_by = caller.name.clone();
+            return Ok(());
+        }
+        let limit = directory::get_agent(&self.pool, &caller.tenant, &caller.name)
+            .await
+            .map_err(|e| status(StoreError::Database(e)))?
+            .map_or(0, |agent| agent.authority_limit_minor);
+        if remedy.amount_minor > limit {
+            return Err(Status::permission_denied(format!(
+                "a remedy of {} exceeds your authority limit of {limit}; a supervisor must approve it \
+                 (resolve it as a supervisor)",
+                remedy.amount_minor
+            )));
+        }
+        Ok(())
+    }
 }
 
 fn enum_filter<E: TryFrom<i32>>(value: i32) -> Option<E> {
@@ -128,6 +191,7 @@ impl WorkOrderService for WorkOrderApi {
             category: text_filter(r.category),
             created_after: r.created_after.as_ref().and_then(time::from_timestamp),
             created_before: r.created_before.as_ref().and_then(time::from_timestamp),
+            sla_state: enum_filter(r.sla_state),
         };
         let size = page_size(r.page_size, 50, 500);
         let (work_orders, next_page_token) =
@@ -207,14 +271,25 @@ impl WorkOrderService for WorkOrderApi {
         let caller = worker(&request)?;
         let r = request.into_inner();
         check_note("resolution_note", &r.resolution_note, false)?;
+        let mut remedy = r.remedy;
+        if let Some(remedy) = remedy.as_mut() {
+            self.authorise_remedy(&caller, remedy).await?;
+        }
         let change = Change {
             action: Action::Resolve,
             expected_version: r.expected_version,
             actor: &caller.name,
             note: &r.resolution_note,
         };
-        let work_order = self.change(&caller, &r.work_order_id, change, |_| {}).await?;
+        let work_order = self
+            .change(&caller, &r.work_order_id, change, |wo| {
+                if remedy.is_some() {
+                    wo.remedy = remedy;
+                }
+            })
+            .await?;
         tracing::info!(work_order_id = %work_order.work_order_id, "work order resolved");
+        self.offer_queue(&caller.tenant, &work_order.team).await;
         Ok(Response::new(ResolveWorkOrderResponse {
             work_order: Some(work_order),
         }))
@@ -268,8 +343,13 @@ impl WorkOrderService for WorkOrderApi {
                     wo.team = r.team.trim().to_owned();
                 }
                 wo.assignee = r.assignee.trim().to_owned();
+                if wo.assignee.is_empty() {
+                    // Nobody holds it: it waits in the team's queue.
+                    wo.set_state(WorkOrderState::New);
+                }
             })
             .await?;
+        self.offer_queue(&caller.tenant, &work_order.team).await;
         Ok(Response::new(ReassignWorkOrderResponse {
             work_order: Some(work_order),
         }))
@@ -288,11 +368,23 @@ impl WorkOrderService for WorkOrderApi {
             actor: &caller.name,
             note: &r.reason,
         };
-        let work_order = self
-            .change(&caller, &r.work_order_id, change, |wo| {
-                wo.resolved_at = None;
-            })
-            .await?;
+        require_id("work_order_id", &r.work_order_id)?;
+        let mut tx = self.pool.begin().await.map_err(|e| status(e.into()))?;
+        let mut work_order = store::lock(&mut tx, &caller.tenant, &r.work_order_id)
+            .await
+            .map_err(status)?;
+        let deadlines =
+            self.policy
+                .sla
+                .deadlines(&work_order.category, work_order.priority(), chrono::Utc::now());
+        store::restart_clock(&mut tx, &mut work_order, &deadlines)
+            .await
+            .map_err(status)?;
+        store::apply_locked(&mut tx, &mut work_order, change, |_| {})
+            .await
+            .map_err(status)?;
+        tx.commit().await.map_err(|e| status(e.into()))?;
+        self.relay_wake.notify_one();
         Ok(Response::new(ReopenWorkOrderResponse {
             work_order: Some(work_order),
         }))
@@ -305,9 +397,84 @@ impl WorkOrderService for WorkOrderApi {
         &self,
         request: Request<WatchWorkOrdersRequest>,
     ) -> Result<Response<Self::WatchWorkOrdersStream>, Status> {
-        reader(&request)?;
-        Err(Status::unimplemented(
-            "WatchWorkOrders arrives with the dispatch issue",
-        ))
+        use futures::StreamExt;
+        let caller = reader(&request)?;
+        let r = request.into_inner();
+        // Events are published by the relay; a core subscription sees them as they land in
+        // the stream. A desk that reconnects re-reads with ListWorkOrders.
+        let subject = format!("closedloop.workorder.*.{}", caller.tenant);
+        let subscription = self
+            .nats
+            .subscribe(subject)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot watch work orders now: {e}")))?;
+        let (team, assignee) = (r.team, r.assignee);
+        let stream = subscription
+            .filter_map(move |message| {
+                let event = WorkOrderEvent::decode(message.payload.as_ref()).ok();
+                let wanted = event.filter(|event| {
+                    event.work_order.as_ref().is_some_and(|wo| {
+                        (team.is_empty() || wo.team == team)
+                            && (assignee.is_empty() || wo.assignee == assignee)
+                    })
+                });
+                std::future::ready(wanted.map(|event| Ok(WatchWorkOrdersResponse { event: Some(event) })))
+            })
+            .ready_chunks(MAX_WATCHERS_BUFFER)
+            .flat_map(futures::stream::iter);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_work_order_history(
+        &self,
+        request: Request<GetWorkOrderHistoryRequest>,
+    ) -> Result<Response<GetWorkOrderHistoryResponse>, Status> {
+        let caller = reader(&request)?;
+        let id = request.into_inner().work_order_id;
+        require_id("work_order_id", &id)?;
+        let entries = store::history(&self.pool, &caller.tenant, &id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(GetWorkOrderHistoryResponse { entries }))
+    }
+
+    async fn list_incidents(
+        &self,
+        request: Request<ListIncidentsRequest>,
+    ) -> Result<Response<ListIncidentsResponse>, Status> {
+        let caller = reader(&request)?;
+        let open_only = request.into_inner().open_only;
+        let incidents = store::list_incidents(&self.pool, &caller.tenant, open_only, None)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ListIncidentsResponse { incidents }))
+    }
+
+    async fn resolve_incident(
+        &self,
+        request: Request<ResolveIncidentRequest>,
+    ) -> Result<Response<ResolveIncidentResponse>, Status> {
+        let caller = principal(&request)?;
+        caller.require_any(&[Role::Supervisor])?;
+        let r = request.into_inner();
+        require_id("incident_id", &r.incident_id)?;
+        check_note("resolution_note", &r.resolution_note, false)?;
+        let (incident, resolved) = store::resolve_incident(
+            &self.pool,
+            &caller.tenant,
+            &r.incident_id,
+            &caller.name,
+            &r.resolution_note,
+        )
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound => Status::not_found("no open incident with this id for this tenant"),
+            other => status(other),
+        })?;
+        self.relay_wake.notify_one();
+        Ok(Response::new(ResolveIncidentResponse {
+            incident: Some(incident),
+            resolved_work_orders: resolved,
+        }))
     }
 }

@@ -4,18 +4,26 @@
 //! versioned `workorder.*` event written through a transactional outbox.
 
 pub mod api;
+pub mod assignment;
+pub mod directory;
+pub mod feedback;
 pub mod lifecycle;
+pub mod placement;
 pub mod relay;
 pub mod routing;
+pub mod settings;
 pub mod store;
+pub mod watcher;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_nats::jetstream;
 use chrono::Utc;
-use closedloop_proto::v1::ComplaintClassified;
+use closedloop_proto::v1::directory_service_server::DirectoryServiceServer;
 use closedloop_proto::v1::work_order_service_server::WorkOrderServiceServer;
+use closedloop_proto::v1::{ComplaintClassified, FeedbackReceived};
 use closedloop_runtime::auth::Authenticator;
 use closedloop_runtime::bus::{self, Bus, StreamSettings};
 use closedloop_runtime::config::{DatabaseArgs, ServiceArgs};
@@ -28,10 +36,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 
-use crate::routing::{RoutingTable, SlaPolicy};
+use crate::assignment::SpikeRule;
+use crate::placement::{Batcher, Draft, Placement};
+use crate::routing::{RouteFacts, Router, SlaPolicy};
+use crate::settings::{SettingsError, SettingsFile, TenantDirectory};
 
 /// Durable consumer of classified complaints, shared by all dispatch replicas.
 pub const CLASSIFIED_CONSUMER: &str = "dispatch-classified";
+/// Durable consumer of customer feedback.
+pub const FEEDBACK_CONSUMER: &str = "dispatch-feedback";
 /// Database schema dispatch owns.
 pub const SCHEMA: &str = "dispatch";
 
@@ -40,37 +53,90 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "closedloop-dispatch",
-    about = "Closedloop dispatch: work orders, routing and deadlines"
+    about = "Closedloop dispatch: work orders, routing, assignment, deadlines and incidents"
 )]
 pub struct Config {
     /// gRPC listen address.
     #[arg(long, env = "CLOSEDLOOP_DISPATCH_LISTEN", default_value = "0.0.0.0:50053")]
     pub listen: SocketAddr,
-    /// `category=team` pairs, comma-separated.
-    #[arg(
-        long,
-        env = "CLOSEDLOOP_ROUTES",
-        default_value = "billing=billing,payment=billing,refund=billing,outage=network-ops,network_quality=network-ops,service_request=field-service,plan_change=sales,staff_attitude=quality,delivery=logistics,fraud=security"
-    )]
-    pub routes: String,
-    /// Team for categories without a route.
-    #[arg(long, env = "CLOSEDLOOP_DEFAULT_TEAM", default_value = "front-desk")]
-    pub default_team: String,
-    /// SLA targets overriding the defaults, e.g. `P1=15m/4h,P2=30m/24h`.
-    #[arg(long, env = "CLOSEDLOOP_SLA", default_value = "")]
-    pub sla: String,
+    /// Policy file (JSON): routing rules, SLA targets and business hours, incident detection,
+    /// feedback and the directory seed. Built-in defaults when unset (see
+    /// services/dispatch/default_dispatch.json).
+    #[arg(long, env = "CLOSEDLOOP_DISPATCH_POLICY")]
+    pub policy: Option<PathBuf>,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub service: ServiceArgs,
 }
 
-/// Turns classified complaints into work orders.
+/// The validated policy file.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub router: Router,
+    pub sla: SlaPolicy,
+    pub spikes: SpikeRule,
+    pub incident_window: chrono::Duration,
+    pub close_unanswered_after: chrono::Duration,
+    pub directory: Vec<TenantDirectory>,
+}
+
+impl Policy {
+    pub fn from_file(file: &SettingsFile) -> Result<Self, SettingsError> {
+        let incidents = &file.incidents;
+        if incidents.min_count < 1 || incidents.factor.is_nan() || incidents.factor < 1.0 || incidents.baseline_windows == 0 {
+            return Err(SettingsError::Invalid(
+                "incidents need min_count >= 1, factor >= 1 and baseline_windows >= 1".into(),
+            ));
+        }
+        Ok(Self {
+            router: Router::from_file(&file.routing)?,
+            sla: SlaPolicy::from_file(&file.sla)?,
+            spikes: SpikeRule {
+                min_count: incidents.min_count,
+                factor: incidents.factor,
+                baseline_windows: incidents.baseline_windows,
+            },
+            incident_window: settings::parse_duration(&incidents.window)?,
+            close_unanswered_after: settings::parse_duration(&file.feedback.close_unanswered_after)?,
+            directory: file.directory.clone(),
+        })
+    }
+
+    pub fn load(path: Option<&std::path::Path>) -> Result<Self, SettingsError> {
+        Self::from_file(&SettingsFile::load(path)?)
+    }
+
+    /// The work order a classified complaint would open (pure).
+    pub fn draft(
+        &self,
+        complaint: &closedloop_proto::v1::Complaint,
+        classification: &closedloop_proto::v1::Classification,
+        now: chrono::DateTime<Utc>,
+    ) -> Draft {
+        let route = self.router.route(&RouteFacts {
+            intent: classification.intent(),
+            category: &classification.category,
+            province: &classification.province,
+            channel: complaint.channel(),
+            priority: classification.priority(),
+            tier: classification.influence_tier(),
+        });
+        let deadlines = self
+            .sla
+            .deadlines(&classification.category, classification.priority(), now);
+        Draft {
+            new: store::new_work_order(complaint, classification, &route, &deadlines, now),
+            account_managed: route.account_managed,
+            route_reason: format!("routed to {} by {}", route.team, route.reason),
+        }
+    }
+}
+
+/// Turns classified complaints into work orders, through the batcher.
 struct ClassifiedHandler {
-    pool: PgPool,
-    routing: RoutingTable,
-    sla: SlaPolicy,
-    relay_wake: Arc<Notify>,
+    policy: Arc<Policy>,
+    batcher: Batcher,
 }
 
 impl MessageHandler for ClassifiedHandler {
@@ -85,28 +151,27 @@ impl MessageHandler for ClassifiedHandler {
             tracing::info!(complaint_id = %complaint.complaint_id, intent = ?classification.intent(), "no work order needed");
             return Ok(());
         }
-        let now = Utc::now();
-        let team = self.routing.team_for(&classification.category);
-        let due = self.sla.due_times(classification.priority(), now);
-        let work_order = store::new_work_order(&complaint, &classification, team, due, now);
-        let placement = store::place(&self.pool, &work_order).await.map_err(|e| match e {
-            store::StoreError::Database(db) => HandleError::retry(db),
-            other => HandleError::reject(other.to_string()),
-        })?;
-        match placement {
-            store::Placement::Created(created) => {
-                self.relay_wake.notify_one();
-                tracing::info!(work_order_id = %created.work_order_id, %team, "work order created");
+        if uuid::Uuid::parse_str(&complaint.complaint_id).is_err() {
+            return Err(HandleError::reject("complaint id is not a UUID"));
+        }
+        let draft = self.policy.draft(&complaint, &classification, Utc::now());
+        match self
+            .batcher
+            .place(draft)
+            .await
+            .map_err(|m| HandleError::retry(anyhow::anyhow!(m)))?
+        {
+            Placement::Created(created) => {
+                tracing::info!(work_order_id = %created.work_order_id, team = %created.team, assignee = %created.assignee, "work order created");
             }
-            store::Placement::Attached(open) => {
-                self.relay_wake.notify_one();
+            Placement::Attached(open) => {
                 tracing::info!(
                     work_order_id = %open.work_order_id,
                     complaint_id = %complaint.complaint_id,
-                    "follow-up attached to the thread's open work order"
+                    "complaint attached to an open work order"
                 );
             }
-            store::Placement::AlreadyHandled => {
+            Placement::AlreadyHandled => {
                 tracing::info!(complaint_id = %complaint.complaint_id, "already placed; redelivery ignored");
             }
         }
@@ -114,22 +179,43 @@ impl MessageHandler for ClassifiedHandler {
     }
 }
 
-/// A built dispatch service: connected, migrated, listener bound.
+/// Applies customer feedback to work orders.
+struct FeedbackHandler {
+    pool: PgPool,
+    policy: Arc<Policy>,
+    relay_wake: Arc<Notify>,
+}
+
+impl MessageHandler for FeedbackHandler {
+    async fn handle(&self, message: &jetstream::Message) -> Result<(), HandleError> {
+        let event: FeedbackReceived = consumer::decode(message)?;
+        let outcome = feedback::apply(&self.pool, &self.policy, &event)
+            .await
+            .map_err(|e| match e {
+                store::StoreError::Database(db) => HandleError::retry(db),
+                other => HandleError::reject(other.to_string()),
+            })?;
+        self.relay_wake.notify_one();
+        tracing::info!(feedback_id = %event.feedback_id, ?outcome, "feedback applied");
+        Ok(())
+    }
+}
+
+/// A built dispatch service: connected, migrated, directory seeded, listener bound.
 pub struct Dispatch {
     listener: TcpListener,
     metrics: metrics::Exporter,
     bus: Bus,
     pool: PgPool,
-    routing: RoutingTable,
-    sla: SlaPolicy,
+    policy: Arc<Policy>,
     config: Config,
 }
 
 impl Dispatch {
     pub async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
-        let routing = RoutingTable::parse(&config.routes, &config.default_team)?;
-        let sla: SlaPolicy = config.sla.parse()?;
+        let policy = Arc::new(Policy::load(config.policy.as_deref())?);
         let pool = db::connect(&config.database, SCHEMA, &MIGRATOR, cancel).await?;
+        directory::seed(&pool, &policy.directory).await?;
         let bus = Bus::connect(&config.service.nats.nats_url, "dispatch", cancel).await?;
         bus.provision(&StreamSettings::from(&config.service.nats)).await?;
         let listener = grpc::bind(config.listen).await?;
@@ -139,8 +225,7 @@ impl Dispatch {
             metrics,
             bus,
             pool,
-            routing,
-            sla,
+            policy,
             config,
         })
     }
@@ -154,25 +239,49 @@ impl Dispatch {
         self.metrics.addr()
     }
 
-    /// Consumes, relays and serves until `cancel` fires; then drains in-flight work and
-    /// publishes what was committed.
+    /// Consumes, watches, relays and serves until `cancel` fires; then drains in-flight
+    /// work and publishes what was committed.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let relay_wake = Arc::new(Notify::new());
-        let spec = ConsumerSpec::new(
-            bus::COMPLAINTS_STREAM,
-            CLASSIFIED_CONSUMER,
-            vec![bus::COMPLAINT_CLASSIFIED.all_tenants()],
-            &self.config.service.nats,
+        let nats = &self.config.service.nats;
+        let (batcher, batching) = Batcher::spawn(self.pool.clone(), self.policy.clone(), relay_wake.clone());
+        let classified = consumer::spawn(
+            &self.bus,
+            ConsumerSpec::new(
+                bus::COMPLAINTS_STREAM,
+                CLASSIFIED_CONSUMER,
+                vec![bus::COMPLAINT_CLASSIFIED.all_tenants()],
+                nats,
+            ),
+            ClassifiedHandler {
+                policy: self.policy.clone(),
+                batcher,
+            },
+            &cancel,
         );
-        let handler = ClassifiedHandler {
-            pool: self.pool.clone(),
-            routing: self.routing,
-            sla: self.sla,
-            relay_wake: relay_wake.clone(),
-        };
-        let consuming = consumer::spawn(&self.bus, spec, handler, &cancel);
+        let feedback = consumer::spawn(
+            &self.bus,
+            ConsumerSpec::new(
+                bus::FEEDBACK_STREAM,
+                FEEDBACK_CONSUMER,
+                vec![bus::FEEDBACK_RECEIVED.all_tenants()],
+                nats,
+            ),
+            FeedbackHandler {
+                pool: self.pool.clone(),
+                policy: self.policy.clone(),
+                relay_wake: relay_wake.clone(),
+            },
+            &cancel,
+        );
+        let watching = tokio::spawn(watcher::run(
+            self.pool.clone(),
+            self.policy.clone(),
+            relay_wake.clone(),
+            cancel.clone(),
+        ));
         let exporting = self.metrics.spawn(cancel.clone());
-        // The relay outlives the consumer and the API so their last commits get published.
+        // The relay outlives the consumers and the API so their last commits get published.
         let relay_stop = CancellationToken::new();
         let relaying = tokio::spawn(relay::run(
             self.pool.clone(),
@@ -181,19 +290,34 @@ impl Dispatch {
             relay_stop.clone(),
         ));
 
-        let api = api::WorkOrderApi {
+        let authenticator = Authenticator::new(self.config.service.grpc.auth_tokens.clone());
+        let max_request = self.config.service.grpc.max_request_bytes;
+        let work_orders = WorkOrderServiceServer::new(api::WorkOrderApi {
             pool: self.pool.clone(),
             relay_wake,
-        };
-        let server = WorkOrderServiceServer::new(api)
-            .max_decoding_message_size(self.config.service.grpc.max_request_bytes);
-        let routes = Routes::new(InterceptedService::new(
-            server,
-            Authenticator::new(self.config.service.grpc.auth_tokens.clone()),
-        ));
-        let served = grpc::serve(self.listener, routes, &[api::SERVICE_NAME], cancel.clone()).await;
+            policy: self.policy.clone(),
+            nats: self.bus.client().clone(),
+        })
+        .max_decoding_message_size(max_request);
+        let directory = DirectoryServiceServer::new(directory::DirectoryApi {
+            pool: self.pool.clone(),
+        })
+        .max_decoding_message_size(max_request);
+        let routes = Routes::new(InterceptedService::new(work_orders, authenticator.clone()))
+            .add_service(InterceptedService::new(directory, authenticator));
+        let served = grpc::serve(
+            self.listener,
+            routes,
+            &[api::SERVICE_NAME, directory::SERVICE_NAME],
+            cancel.clone(),
+        )
+        .await;
         cancel.cancel();
-        consuming.await?;
+        classified.await?;
+        feedback.await?;
+        // The handlers (and their batcher handles) are gone: the batcher drains and ends.
+        batching.await?;
+        watching.await?;
         relay_stop.cancel();
         relaying.await?;
         exporting.await??;

@@ -12,6 +12,16 @@ pub enum Action {
     Reopen,
     Escalate,
     Reassign,
+    /// Given to an agent by the assigner.
+    Assign,
+    /// Attached to an incident.
+    LinkIncident,
+    /// The SLA clock: a target is close.
+    SlaAtRisk,
+    /// The SLA clock: a target was missed; the work goes back to a queue.
+    SlaBreach,
+    /// The customer answered the survey or followed up.
+    Feedback,
 }
 
 impl Action {
@@ -25,6 +35,11 @@ impl Action {
             Action::Reopen => WorkOrderEventKind::Reopened,
             Action::Escalate => WorkOrderEventKind::Escalated,
             Action::Reassign => WorkOrderEventKind::Reassigned,
+            Action::Assign => WorkOrderEventKind::Assigned,
+            Action::LinkIncident => WorkOrderEventKind::IncidentLinked,
+            Action::SlaAtRisk => WorkOrderEventKind::SlaAtRisk,
+            Action::SlaBreach => WorkOrderEventKind::SlaBreached,
+            Action::Feedback => WorkOrderEventKind::Feedback,
         }
     }
 }
@@ -51,6 +66,12 @@ pub fn next_state(from: WorkOrderState, action: Action) -> Result<WorkOrderState
         (Action::Escalate, s) if is_open(s) => s,
         (Action::Resolve, s) if is_open(s) => Resolved,
         (Action::Reassign, s) if is_open(s) => Assigned,
+        (Action::Assign, New | Reopened) => Assigned,
+        (Action::LinkIncident, s) if is_open(s) => s,
+        (Action::SlaAtRisk, s) if is_open(s) => s,
+        // Back to a queue: nobody holds it until the escalation team's assigner picks it.
+        (Action::SlaBreach, s) if is_open(s) => New,
+        (Action::Feedback, s) => s,
         (Action::Close, Resolved) => Closed,
         (Action::Reopen, Resolved | Closed) => Reopened,
         _ => return Err(InvalidTransition { from, action }),
@@ -74,7 +95,17 @@ pub fn event_name(kind: WorkOrderEventKind) -> &'static str {
         WorkOrderEventKind::Merged => "merged",
         WorkOrderEventKind::SlaAtRisk => "sla_at_risk",
         WorkOrderEventKind::SlaBreached => "sla_breached",
+        WorkOrderEventKind::Feedback => "feedback",
+        WorkOrderEventKind::IncidentLinked => "incident_linked",
     }
+}
+
+/// The event kind for a name written by [`event_name`] (the history table keeps names).
+pub fn event_kind(name: &str) -> WorkOrderEventKind {
+    (0..=20)
+        .filter_map(|n| WorkOrderEventKind::try_from(n).ok())
+        .find(|kind| event_name(*kind) == name)
+        .unwrap_or(WorkOrderEventKind::Unspecified)
 }
 
 #[cfg(test)]
@@ -113,6 +144,28 @@ mod tests {
             })
         );
         assert!(next_state(InProgress, Action::Reopen).is_err());
+    }
+
+    #[test]
+    fn system_actions() {
+        assert_eq!(next_state(New, Action::Assign), Ok(Assigned));
+        assert_eq!(next_state(Reopened, Action::Assign), Ok(Assigned));
+        assert!(
+            next_state(InProgress, Action::Assign).is_err(),
+            "assign only queued work"
+        );
+        assert_eq!(
+            next_state(InProgress, Action::SlaBreach),
+            Ok(New),
+            "back to a queue"
+        );
+        assert!(next_state(Resolved, Action::SlaBreach).is_err());
+        assert_eq!(next_state(Assigned, Action::SlaAtRisk), Ok(Assigned));
+        assert_eq!(next_state(Closed, Action::Feedback), Ok(Closed));
+        assert!(next_state(Closed, Action::LinkIncident).is_err());
+        for kind in [WorkOrderEventKind::Created, WorkOrderEventKind::IncidentLinked] {
+            assert_eq!(event_kind(event_name(kind)), kind);
+        }
     }
 
     #[test]

@@ -3,7 +3,8 @@
 
 use chrono::{DateTime, Utc};
 use closedloop_proto::v1::{
-    Channel, Intent, Poster, Priority, WorkOrder, WorkOrderEvent, WorkOrderEventKind, WorkOrderState,
+    Channel, HistoryEntry, Incident, Intent, Poster, Priority, Remedy, SlaState, WorkOrder, WorkOrderEvent,
+    WorkOrderEventKind, WorkOrderState,
 };
 use closedloop_runtime::bus::{OutgoingEvent, work_order_topic};
 use closedloop_runtime::{grpc, ids, telemetry, time};
@@ -22,20 +23,24 @@ pub enum StoreError {
     InvalidTransition(#[from] InvalidTransition),
     #[error("invalid page token")]
     BadPageToken,
+    #[error("{0}")]
+    Invalid(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 }
 
-const COLUMNS: &str = "work_order_id, tenant, complaint_id, state, version, team, assignee, category, priority, \
+/// Every column a [`WorkOrder`] is read from.
+pub(crate) const COLUMNS: &str = "work_order_id, tenant, complaint_id, state, version, team, assignee, category, priority, \
     intent, channel, channel_message_id, poster_id, poster_name, poster_followers, poster_verified, summary, \
     thread_id, locale, needs_private_channel, created_at, updated_at, first_response_due, resolution_due, \
-    resolved_at, resolution_note";
+    resolved_at, resolution_note, province, city, influence_tier, skill, sla_state, first_responded_at, \
+    incident_id, remedy_kind, remedy_amount_minor, remedy_currency, remedy_approved_by, satisfaction";
 
-fn ts(at: DateTime<Utc>) -> Option<prost_types::Timestamp> {
+pub(crate) fn ts(at: DateTime<Utc>) -> Option<prost_types::Timestamp> {
     Some(time::to_timestamp(at))
 }
 
-fn from_row(row: &sqlx::postgres::PgRow) -> Result<WorkOrder, sqlx::Error> {
+pub(crate) fn from_row(row: &sqlx::postgres::PgRow) -> Result<WorkOrder, sqlx::Error> {
     let state: i16 = row.try_get("state")?;
     let priority: i16 = row.try_get("priority")?;
     let intent: i16 = row.try_get("intent")?;
@@ -70,14 +75,40 @@ fn from_row(row: &sqlx::postgres::PgRow) -> Result<WorkOrder, sqlx::Error> {
         thread_id: row.try_get("thread_id")?,
         locale: row.try_get("locale")?,
         needs_private_channel: row.try_get("needs_private_channel")?,
+        province: row.try_get("province")?,
+        city: row.try_get("city")?,
+        influence_tier: i32::from(row.try_get::<i16, _>("influence_tier")?),
+        sla_state: i32::from(row.try_get::<i16, _>("sla_state")?),
+        incident_id: row
+            .try_get::<Option<Uuid>, _>("incident_id")?
+            .map(|id| id.to_string())
+            .unwrap_or_default(),
+        remedy: {
+            let kind: String = row.try_get("remedy_kind")?;
+            if kind.is_empty() {
+                None
+            } else {
+                Some(Remedy {
+                    kind,
+                    amount_minor: row.try_get("remedy_amount_minor")?,
+                    currency: row.try_get("remedy_currency")?,
+                    approved_by: row.try_get("remedy_approved_by")?,
+                })
+            }
+        },
+        satisfaction: i32::from(row.try_get::<i16, _>("satisfaction")?),
+        first_responded_at: row
+            .try_get::<Option<DateTime<Utc>>, _>("first_responded_at")?
+            .and_then(ts),
+        skill: row.try_get("skill")?,
     })
 }
 
-fn parse_uuid(id: &str) -> Result<Uuid, StoreError> {
+pub(crate) fn parse_uuid(id: &str) -> Result<Uuid, StoreError> {
     Uuid::parse_str(id).map_err(|_| StoreError::NotFound)
 }
 
-fn to_time(ts: &Option<prost_types::Timestamp>) -> Option<DateTime<Utc>> {
+pub(crate) fn to_time(ts: &Option<prost_types::Timestamp>) -> Option<DateTime<Utc>> {
     ts.as_ref().and_then(time::from_timestamp)
 }
 
@@ -134,124 +165,91 @@ pub fn work_order_event(
     )
 }
 
-async fn append_history_and_outbox(
+/// A committed change, as history row and outbox event: the work order after it.
+pub struct Recorded {
+    pub work_order: WorkOrder,
+    pub kind: WorkOrderEventKind,
+    pub actor: String,
+    pub note: String,
+}
+
+impl Recorded {
+    pub fn new(
+        work_order: &WorkOrder,
+        kind: WorkOrderEventKind,
+        actor: &str,
+        note: impl Into<String>,
+    ) -> Self {
+        Self {
+            work_order: work_order.clone(),
+            kind,
+            actor: actor.to_owned(),
+            note: note.into(),
+        }
+    }
+}
+
+/// Writes history rows and outbox events for `changes` in two statements.
+pub async fn write_events(
     tx: &mut Transaction<'_, Postgres>,
-    work_order: &WorkOrder,
-    kind: WorkOrderEventKind,
-    actor: &str,
-    note: &str,
+    changes: &[Recorded],
 ) -> Result<(), StoreError> {
-    let id = parse_uuid(&work_order.work_order_id)?;
-    let at = to_time(&work_order.updated_at).unwrap_or_else(Utc::now);
-    sqlx::query(
-        "INSERT INTO work_order_history (work_order_id, version, kind, actor, note, occurred_at) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(id)
-    .bind(work_order.version)
-    .bind(lifecycle::event_name(kind))
-    .bind(actor)
-    .bind(note)
-    .bind(at)
-    .execute(&mut **tx)
-    .await?;
-    let event = work_order_event(work_order, kind, actor, note);
-    let trace = serde_json::to_value(telemetry::current_trace_headers()).unwrap_or_default();
-    sqlx::query(
-        "INSERT INTO outbox (event_id, subject, event_type, payload, trace_headers) VALUES ($1, $2, $3, $4, $5) \
-         ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(&event.id)
-    .bind(&event.subject)
-    .bind(&event.event_type)
-    .bind(event.payload.as_ref())
-    .bind(trace)
-    .execute(&mut **tx)
-    .await?;
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let mut history = sqlx::QueryBuilder::<Postgres>::new(
+        "INSERT INTO work_order_history (work_order_id, version, kind, actor, note, occurred_at) ",
+    );
+    let mut ids = Vec::with_capacity(changes.len());
+    for change in changes {
+        ids.push(parse_uuid(&change.work_order.work_order_id)?);
+    }
+    history.push_values(changes.iter().zip(&ids), |mut row, (change, id)| {
+        row.push_bind(*id)
+            .push_bind(change.work_order.version)
+            .push_bind(lifecycle::event_name(change.kind))
+            .push_bind(&change.actor)
+            .push_bind(&change.note)
+            .push_bind(to_time(&change.work_order.updated_at).unwrap_or_else(Utc::now));
+    });
+    history.build().execute(&mut **tx).await?;
+    let events: Vec<OutgoingEvent> = changes
+        .iter()
+        .map(|c| work_order_event(&c.work_order, c.kind, &c.actor, &c.note))
+        .collect();
+    write_outbox(tx, &events).await?;
+    for change in changes {
+        count(change.kind);
+    }
     Ok(())
 }
 
-/// What became of a classified complaint.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Placement {
-    /// A new work order was opened for it.
-    Created(WorkOrder),
-    /// A follow-up on a thread with an open work order: attached to that one.
-    Attached(WorkOrder),
-    /// Handled before (a redelivery): nothing changed.
-    AlreadyHandled,
-}
-
-/// Opens a work order for a complaint, or attaches the complaint to the open work order of
-/// its thread. Idempotent: a complaint already placed changes nothing. Complaints of one
-/// thread are placed one at a time (an advisory lock on the thread), across replicas.
-pub async fn place(pool: &PgPool, work_order: &WorkOrder) -> Result<Placement, StoreError> {
-    let tenant = &work_order.tenant;
-    let complaint_id = parse_uuid(&work_order.complaint_id)?;
-    let mut tx = pool.begin().await?;
-    if !work_order.thread_id.is_empty() {
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind(format!("{tenant}\u{1f}{}", work_order.thread_id))
-            .execute(&mut *tx)
-            .await?;
+/// Queues events for the relay, with the current trace context.
+pub async fn write_outbox(
+    tx: &mut Transaction<'_, Postgres>,
+    events: &[OutgoingEvent],
+) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
     }
-    let placed: Option<Uuid> = sqlx::query_scalar(
-        "SELECT work_order_id FROM work_orders WHERE tenant = $1 AND complaint_id = $2 \
-         UNION ALL SELECT work_order_id FROM complaint_links WHERE tenant = $1 AND complaint_id = $2 LIMIT 1",
-    )
-    .bind(tenant)
-    .bind(complaint_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if placed.is_some() {
-        return Ok(Placement::AlreadyHandled);
-    }
-    if !work_order.thread_id.is_empty() {
-        let open = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM work_orders WHERE tenant = $1 AND thread_id = $2 AND state = ANY($3) \
-             ORDER BY created_at DESC LIMIT 1 FOR UPDATE"
-        ))
-        .bind(tenant)
-        .bind(&work_order.thread_id)
-        .bind(OPEN_STATES.map(|s| s as i16).to_vec())
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(row) = open {
-            let mut open = from_row(&row)?;
-            let open_id = parse_uuid(&open.work_order_id)?;
-            sqlx::query(
-                "INSERT INTO complaint_links (tenant, complaint_id, work_order_id) VALUES ($1, $2, $3)",
-            )
-            .bind(tenant)
-            .bind(complaint_id)
-            .bind(open_id)
-            .execute(&mut *tx)
-            .await?;
-            let now = Utc::now();
-            open.version += 1;
-            open.updated_at = ts(now);
-            sqlx::query("UPDATE work_orders SET version = $2, updated_at = $3 WHERE work_order_id = $1")
-                .bind(open_id)
-                .bind(open.version)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            let note = format!("follow-up {} attached", work_order.complaint_id);
-            append_history_and_outbox(&mut tx, &open, WorkOrderEventKind::Merged, "system", &note).await?;
-            tx.commit().await?;
-            count(WorkOrderEventKind::Merged);
-            return Ok(Placement::Attached(open));
-        }
-    }
-    insert_new(&mut tx, work_order).await?;
-    append_history_and_outbox(&mut tx, work_order, WorkOrderEventKind::Created, "system", "").await?;
-    tx.commit().await?;
-    count(WorkOrderEventKind::Created);
-    Ok(Placement::Created(work_order.clone()))
+    let trace = serde_json::to_value(telemetry::current_trace_headers()).unwrap_or_default();
+    let mut outbox = sqlx::QueryBuilder::<Postgres>::new(
+        "INSERT INTO outbox (event_id, subject, event_type, payload, trace_headers) ",
+    );
+    outbox.push_values(events, |mut row, event| {
+        row.push_bind(&event.id)
+            .push_bind(&event.subject)
+            .push_bind(&event.event_type)
+            .push_bind(event.payload.as_ref())
+            .push_bind(&trace);
+    });
+    outbox.push(" ON CONFLICT (event_id) DO NOTHING");
+    outbox.build().execute(&mut **tx).await?;
+    Ok(())
 }
 
 /// States in which a work order is still being worked on.
-const OPEN_STATES: [WorkOrderState; 5] = [
+pub(crate) const OPEN_STATES: [WorkOrderState; 5] = [
     WorkOrderState::New,
     WorkOrderState::Assigned,
     WorkOrderState::InProgress,
@@ -259,39 +257,126 @@ const OPEN_STATES: [WorkOrderState; 5] = [
     WorkOrderState::Reopened,
 ];
 
-async fn insert_new(tx: &mut Transaction<'_, Postgres>, work_order: &WorkOrder) -> Result<(), StoreError> {
-    let poster = work_order.poster.clone().unwrap_or_default();
-    let now = to_time(&work_order.created_at).unwrap_or_else(Utc::now);
-    sqlx::query(&format!(
-        "INSERT INTO work_orders ({COLUMNS}) VALUES \
-         ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23,$24,$25,$26)"
-    ))
-    .bind(parse_uuid(&work_order.work_order_id)?)
-    .bind(&work_order.tenant)
-    .bind(parse_uuid(&work_order.complaint_id)?)
-    .bind(work_order.state as i16)
-    .bind(work_order.version)
-    .bind(&work_order.team)
-    .bind(&work_order.assignee)
-    .bind(&work_order.category)
-    .bind(work_order.priority as i16)
-    .bind(work_order.intent as i16)
-    .bind(work_order.channel as i16)
-    .bind(&work_order.channel_message_id)
-    .bind(&poster.poster_id)
-    .bind(&poster.display_name)
-    .bind(poster.followers)
-    .bind(poster.verified)
-    .bind(&work_order.summary)
-    .bind(&work_order.thread_id)
-    .bind(&work_order.locale)
-    .bind(work_order.needs_private_channel)
-    .bind(now)
-    .bind(to_time(&work_order.updated_at).unwrap_or(now))
-    .bind(to_time(&work_order.first_response_due).unwrap_or(now))
-    .bind(to_time(&work_order.resolution_due).unwrap_or(now))
-    .bind(to_time(&work_order.resolved_at))
-    .bind(&work_order.resolution_note)
+pub(crate) fn open_states() -> Vec<i16> {
+    OPEN_STATES.iter().map(|s| *s as i16).collect()
+}
+
+/// A new work order with the SLA risk points that are kept beside it.
+pub struct NewWorkOrder {
+    pub work_order: WorkOrder,
+    pub first_response_risk_at: DateTime<Utc>,
+    pub resolution_risk_at: DateTime<Utc>,
+}
+
+/// Inserts new work orders in one statement.
+pub async fn insert_work_orders(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &[NewWorkOrder],
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(rows.len());
+    for row in rows {
+        let wo = &row.work_order;
+        let incident = if wo.incident_id.is_empty() {
+            None
+        } else {
+            Some(parse_uuid(&wo.incident_id)?)
+        };
+        ids.push((
+            parse_uuid(&wo.work_order_id)?,
+            parse_uuid(&wo.complaint_id)?,
+            incident,
+        ));
+    }
+    let mut insert = sqlx::QueryBuilder::<Postgres>::new(format!(
+        "INSERT INTO work_orders ({COLUMNS}, first_response_risk_at, resolution_risk_at) "
+    ));
+    insert.push_values(rows.iter().zip(ids), |mut b, (row, (id, complaint, incident))| {
+        let wo = &row.work_order;
+        let poster = wo.poster.clone().unwrap_or_default();
+        let now = to_time(&wo.created_at).unwrap_or_else(Utc::now);
+        let remedy = wo.remedy.clone().unwrap_or_default();
+        b.push_bind(id)
+            .push_bind(wo.tenant.clone())
+            .push_bind(complaint)
+            .push_bind(wo.state as i16)
+            .push_bind(wo.version)
+            .push_bind(wo.team.clone())
+            .push_bind(wo.assignee.clone())
+            .push_bind(wo.category.clone())
+            .push_bind(wo.priority as i16)
+            .push_bind(wo.intent as i16)
+            .push_bind(wo.channel as i16)
+            .push_bind(wo.channel_message_id.clone())
+            .push_bind(poster.poster_id)
+            .push_bind(poster.display_name)
+            .push_bind(poster.followers)
+            .push_bind(poster.verified)
+            .push_bind(wo.summary.clone())
+            .push_bind(wo.thread_id.clone())
+            .push_bind(wo.locale.clone())
+            .push_bind(wo.needs_private_channel)
+            .push_bind(now)
+            .push_bind(to_time(&wo.updated_at).unwrap_or(now))
+            .push_bind(to_time(&wo.first_response_due).unwrap_or(now))
+            .push_bind(to_time(&wo.resolution_due).unwrap_or(now))
+            .push_bind(to_time(&wo.resolved_at))
+            .push_bind(wo.resolution_note.clone())
+            .push_bind(wo.province.clone())
+            .push_bind(wo.city.clone())
+            .push_bind(wo.influence_tier as i16)
+            .push_bind(wo.skill.clone())
+            .push_bind(wo.sla_state as i16)
+            .push_bind(to_time(&wo.first_responded_at))
+            .push_bind(incident)
+            .push_bind(remedy.kind)
+            .push_bind(remedy.amount_minor)
+            .push_bind(remedy.currency)
+            .push_bind(remedy.approved_by)
+            .push_bind(wo.satisfaction as i16)
+            .push_bind(row.first_response_risk_at)
+            .push_bind(row.resolution_risk_at);
+    });
+    insert.build().execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Writes every mutable field of an existing work order.
+pub async fn update_work_order(tx: &mut Transaction<'_, Postgres>, wo: &WorkOrder) -> Result<(), StoreError> {
+    let remedy = wo.remedy.clone().unwrap_or_default();
+    let incident = if wo.incident_id.is_empty() {
+        None
+    } else {
+        Some(parse_uuid(&wo.incident_id)?)
+    };
+    sqlx::query(
+        "UPDATE work_orders SET state = $2, version = $3, updated_at = $4, resolved_at = $5, resolution_note = $6, \
+         team = $7, assignee = $8, priority = $9, sla_state = $10, first_responded_at = $11, incident_id = $12, \
+         remedy_kind = $13, remedy_amount_minor = $14, remedy_currency = $15, remedy_approved_by = $16, \
+         satisfaction = $17, skill = $18, first_response_due = $19, resolution_due = $20 WHERE work_order_id = $1",
+    )
+    .bind(parse_uuid(&wo.work_order_id)?)
+    .bind(wo.state as i16)
+    .bind(wo.version)
+    .bind(to_time(&wo.updated_at).unwrap_or_else(Utc::now))
+    .bind(to_time(&wo.resolved_at))
+    .bind(&wo.resolution_note)
+    .bind(&wo.team)
+    .bind(&wo.assignee)
+    .bind(wo.priority as i16)
+    .bind(wo.sla_state as i16)
+    .bind(to_time(&wo.first_responded_at))
+    .bind(incident)
+    .bind(remedy.kind)
+    .bind(remedy.amount_minor)
+    .bind(remedy.currency)
+    .bind(remedy.approved_by)
+    .bind(wo.satisfaction as i16)
+    .bind(&wo.skill)
+    .bind(to_time(&wo.first_response_due))
+    .bind(to_time(&wo.resolution_due))
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -337,6 +422,7 @@ pub struct ListFilter {
     pub category: Option<String>,
     pub created_after: Option<DateTime<Utc>>,
     pub created_before: Option<DateTime<Utc>>,
+    pub sla_state: Option<SlaState>,
 }
 
 /// Where the previous page ended: newest first, so the next page starts below this key.
@@ -375,6 +461,7 @@ pub async fn list(
            AND ($7::timestamptz IS NULL OR created_at >= $7) \
            AND ($8::timestamptz IS NULL OR created_at < $8) \
            AND ($9::timestamptz IS NULL OR (created_at, work_order_id) < ($9, $10)) \
+           AND ($12::smallint IS NULL OR sla_state = $12) \
          ORDER BY created_at DESC, work_order_id DESC LIMIT $11"
     ))
     .bind(tenant)
@@ -388,6 +475,7 @@ pub async fn list(
     .bind(after.map(|(at, _)| at))
     .bind(after.map(|(_, id)| id))
     .bind(i64::from(page_size) + 1)
+    .bind(filter.sla_state.map(|s| s as i16))
     .fetch_all(pool)
     .await?;
     let mut work_orders = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
@@ -401,7 +489,31 @@ pub async fn list(
     Ok((work_orders, next))
 }
 
-/// A change requested through the API.
+/// Restarts the SLA clock of a work order (on reopen): new deadlines and risk points.
+pub async fn restart_clock(
+    tx: &mut Transaction<'_, Postgres>,
+    wo: &mut WorkOrder,
+    deadlines: &crate::routing::Deadlines,
+) -> Result<(), StoreError> {
+    wo.first_response_due = ts(deadlines.first_response_due);
+    wo.resolution_due = ts(deadlines.resolution_due);
+    wo.sla_state = SlaState::OnTrack as i32;
+    sqlx::query(
+        "UPDATE work_orders SET first_response_due = $2, resolution_due = $3, first_response_risk_at = $4, \
+         resolution_risk_at = $5, sla_state = $6 WHERE work_order_id = $1",
+    )
+    .bind(parse_uuid(&wo.work_order_id)?)
+    .bind(deadlines.first_response_due)
+    .bind(deadlines.resolution_due)
+    .bind(deadlines.first_response_risk_at)
+    .bind(deadlines.resolution_risk_at)
+    .bind(SlaState::OnTrack as i16)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// A lifecycle change.
 pub struct Change<'a> {
     pub action: Action,
     /// 0: apply at whatever version; otherwise only at this version.
@@ -410,26 +522,31 @@ pub struct Change<'a> {
     pub note: &'a str,
 }
 
-/// Applies a lifecycle action under a row lock: checks version and transition, bumps the
-/// version, lets `edit` adjust fields, and records history and the event.
-pub async fn apply(
-    pool: &PgPool,
+/// Locks a work order for a change inside `tx`.
+pub async fn lock(
+    tx: &mut Transaction<'_, Postgres>,
     tenant: &str,
     work_order_id: &str,
-    change: Change<'_>,
-    edit: impl FnOnce(&mut WorkOrder),
 ) -> Result<WorkOrder, StoreError> {
-    let id = parse_uuid(work_order_id)?;
-    let mut tx = pool.begin().await?;
     let row = sqlx::query(&format!(
         "SELECT {COLUMNS} FROM work_orders WHERE tenant = $1 AND work_order_id = $2 FOR UPDATE"
     ))
     .bind(tenant)
-    .bind(id)
-    .fetch_optional(&mut *tx)
+    .bind(parse_uuid(work_order_id)?)
+    .fetch_optional(&mut **tx)
     .await?
     .ok_or(StoreError::NotFound)?;
-    let mut work_order = from_row(&row)?;
+    Ok(from_row(&row)?)
+}
+
+/// Applies a lifecycle action to a locked work order: checks version and transition, bumps
+/// the version, lets `edit` adjust fields, and writes the row, its history and its event.
+pub async fn apply_locked(
+    tx: &mut Transaction<'_, Postgres>,
+    work_order: &mut WorkOrder,
+    change: Change<'_>,
+    edit: impl FnOnce(&mut WorkOrder),
+) -> Result<(), StoreError> {
     if change.expected_version != 0 && change.expected_version != work_order.version {
         return Err(StoreError::VersionConflict {
             expected: change.expected_version,
@@ -441,54 +558,174 @@ pub async fn apply(
     work_order.set_state(next);
     work_order.version += 1;
     work_order.updated_at = ts(now);
-    if change.action == Action::Resolve {
-        work_order.resolved_at = ts(now);
-        work_order.resolution_note = change.note.to_owned();
+    match change.action {
+        Action::Resolve => {
+            work_order.resolved_at = ts(now);
+            work_order.resolution_note = change.note.to_owned();
+        }
+        Action::Reopen => {
+            work_order.resolved_at = None;
+            work_order.sla_state = SlaState::OnTrack as i32;
+        }
+        Action::Accept | Action::Reply if work_order.first_responded_at.is_none() => {
+            work_order.first_responded_at = ts(now);
+        }
+        _ => {}
     }
-    edit(&mut work_order);
-    sqlx::query(
-        "UPDATE work_orders SET state = $2, version = $3, updated_at = $4, resolved_at = $5, resolution_note = $6, \
-         team = $7, assignee = $8, priority = $9 WHERE work_order_id = $1",
-    )
-    .bind(id)
-    .bind(work_order.state as i16)
-    .bind(work_order.version)
-    .bind(now)
-    .bind(to_time(&work_order.resolved_at))
-    .bind(&work_order.resolution_note)
-    .bind(&work_order.team)
-    .bind(&work_order.assignee)
-    .bind(work_order.priority as i16)
-    .execute(&mut *tx)
-    .await?;
-    append_history_and_outbox(
-        &mut tx,
-        &work_order,
-        change.action.event_kind(),
-        change.actor,
-        change.note,
-    )
-    .await?;
+    edit(work_order);
+    update_work_order(tx, work_order).await?;
+    let recorded = Recorded::new(work_order, change.action.event_kind(), change.actor, change.note);
+    write_events(tx, std::slice::from_ref(&recorded)).await
+}
+
+/// [`apply_locked`] in a transaction of its own.
+pub async fn apply(
+    pool: &PgPool,
+    tenant: &str,
+    work_order_id: &str,
+    change: Change<'_>,
+    edit: impl FnOnce(&mut WorkOrder),
+) -> Result<WorkOrder, StoreError> {
+    let mut tx = pool.begin().await?;
+    let mut work_order = lock(&mut tx, tenant, work_order_id).await?;
+    apply_locked(&mut tx, &mut work_order, change, edit).await?;
     tx.commit().await?;
-    count(change.action.event_kind());
     Ok(work_order)
+}
+
+/// The audit timeline of one of the tenant's work orders, oldest first.
+pub async fn history(
+    pool: &PgPool,
+    tenant: &str,
+    work_order_id: &str,
+) -> Result<Vec<HistoryEntry>, StoreError> {
+    let id = parse_uuid(work_order_id)?;
+    let rows = sqlx::query(
+        "SELECT h.version, h.kind, h.actor, h.note, h.occurred_at FROM work_order_history h \
+         JOIN work_orders w USING (work_order_id) WHERE w.tenant = $1 AND h.work_order_id = $2 ORDER BY h.version",
+    )
+    .bind(tenant)
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    if rows.is_empty() {
+        return Err(StoreError::NotFound);
+    }
+    rows.iter()
+        .map(|row| {
+            let kind: String = row.try_get("kind")?;
+            Ok(HistoryEntry {
+                version: row.try_get("version")?,
+                kind: lifecycle::event_kind(&kind) as i32,
+                actor: row.try_get("actor")?,
+                note: row.try_get("note")?,
+                occurred_at: ts(row.try_get("occurred_at")?),
+            })
+        })
+        .collect()
+}
+
+/// A tenant's incidents, newest first (or one of them).
+pub async fn list_incidents(
+    pool: &PgPool,
+    tenant: &str,
+    open_only: bool,
+    incident_id: Option<Uuid>,
+) -> Result<Vec<Incident>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT i.incident_id, i.category, i.region, i.summary, i.opened_at, i.resolved_at, \
+           (SELECT count(*) FROM work_orders w WHERE w.incident_id = i.incident_id) AS work_orders \
+         FROM incidents i WHERE i.tenant = $1 AND (NOT $2 OR i.resolved_at IS NULL) \
+           AND ($3::uuid IS NULL OR i.incident_id = $3) ORDER BY i.opened_at DESC LIMIT 500",
+    )
+    .bind(tenant)
+    .bind(open_only)
+    .bind(incident_id)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let resolved_at: Option<DateTime<Utc>> = row.try_get("resolved_at")?;
+            Ok(Incident {
+                incident_id: row.try_get::<Uuid, _>("incident_id")?.to_string(),
+                category: row.try_get("category")?,
+                region: row.try_get("region")?,
+                open: resolved_at.is_none(),
+                work_order_count: row.try_get("work_orders")?,
+                summary: row.try_get("summary")?,
+                opened_at: ts(row.try_get("opened_at")?),
+                resolved_at: resolved_at.and_then(ts),
+            })
+        })
+        .collect()
+}
+
+/// Resolves an open incident and every open work order attached to it, in one transaction,
+/// so every customer of the incident gets the closure message.
+pub async fn resolve_incident(
+    pool: &PgPool,
+    tenant: &str,
+    incident_id: &str,
+    actor: &str,
+    note: &str,
+) -> Result<(Incident, i64), StoreError> {
+    let id = parse_uuid(incident_id)?;
+    let mut tx = pool.begin().await?;
+    let locked = sqlx::query(
+        "UPDATE incidents SET resolved_at = now() WHERE tenant = $1 AND incident_id = $2 AND resolved_at IS NULL \
+         RETURNING incident_id",
+    )
+    .bind(tenant)
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if locked.is_none() {
+        return Err(StoreError::NotFound);
+    }
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM work_orders WHERE incident_id = $1 AND state = ANY($2) ORDER BY created_at FOR UPDATE"
+    ))
+    .bind(id)
+    .bind(open_states())
+    .fetch_all(&mut *tx)
+    .await?;
+    let now = Utc::now();
+    let mut changes = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let mut wo = from_row(row)?;
+        wo.set_state(lifecycle::next_state(wo.state(), Action::Resolve)?);
+        wo.version += 1;
+        wo.updated_at = ts(now);
+        wo.resolved_at = ts(now);
+        wo.resolution_note = note.to_owned();
+        update_work_order(&mut tx, &wo).await?;
+        changes.push(Recorded::new(&wo, WorkOrderEventKind::Resolved, actor, note));
+    }
+    write_events(&mut tx, &changes).await?;
+    tx.commit().await?;
+    let incident = list_incidents(pool, tenant, false, Some(id))
+        .await?
+        .into_iter()
+        .next()
+        .ok_or(StoreError::NotFound)?;
+    Ok((incident, changes.len() as i64))
 }
 
 /// Builds a new work order for a classified complaint (pure; the caller stores it).
 pub fn new_work_order(
     complaint: &closedloop_proto::v1::Complaint,
     classification: &closedloop_proto::v1::Classification,
-    team: &str,
-    due: (DateTime<Utc>, DateTime<Utc>),
+    route: &crate::routing::Route,
+    deadlines: &crate::routing::Deadlines,
     now: DateTime<Utc>,
-) -> WorkOrder {
-    WorkOrder {
+) -> NewWorkOrder {
+    let work_order = WorkOrder {
         work_order_id: ids::derive("workorder", &[&complaint.tenant, &complaint.complaint_id]).to_string(),
         tenant: complaint.tenant.clone(),
         complaint_id: complaint.complaint_id.clone(),
         state: WorkOrderState::New as i32,
         version: 1,
-        team: team.to_owned(),
+        team: route.team.clone(),
         assignee: String::new(),
         category: classification.category.clone(),
         priority: classification.priority,
@@ -499,13 +736,27 @@ pub fn new_work_order(
         summary: classification.masked_text.clone(),
         created_at: ts(now),
         updated_at: ts(now),
-        first_response_due: ts(due.0),
-        resolution_due: ts(due.1),
+        first_response_due: ts(deadlines.first_response_due),
+        resolution_due: ts(deadlines.resolution_due),
         resolved_at: None,
         resolution_note: String::new(),
         thread_id: complaint.thread_id.clone(),
         locale: complaint.locale.clone(),
         needs_private_channel: classification.needs_private_channel,
+        province: classification.province.clone(),
+        city: classification.city.clone(),
+        influence_tier: classification.influence_tier,
+        sla_state: SlaState::OnTrack as i32,
+        incident_id: String::new(),
+        remedy: None,
+        satisfaction: 0,
+        first_responded_at: None,
+        skill: route.skill.clone(),
+    };
+    NewWorkOrder {
+        work_order,
+        first_response_risk_at: deadlines.first_response_risk_at,
+        resolution_risk_at: deadlines.resolution_risk_at,
     }
 }
 

@@ -1,0 +1,251 @@
+//! The SLA watcher: on each round it marks open work orders at risk or breached, escalates
+//! breached ones (one priority step up, into the escalation team's queue), closes resolved
+//! work orders the customer never answered, and offers queued work to agents with room.
+//! Rows are claimed with `FOR UPDATE SKIP LOCKED` and the new SLA state is written in the
+//! same transaction as the event, so several replicas never escalate one work order twice.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use closedloop_proto::v1::{Priority, SlaState, WorkOrder, WorkOrderState};
+use sqlx::{PgPool, Row};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::Policy;
+use crate::lifecycle::Action;
+use crate::placement;
+use crate::store::{self, COLUMNS, Change, StoreError, from_row, open_states, to_time};
+
+/// Work orders handled per transaction.
+const CHUNK: i64 = 200;
+
+/// Where a work order stands at `now` (pure).
+pub fn sla_verdict(wo: &WorkOrder, risk: (DateTime<Utc>, DateTime<Utc>), now: DateTime<Utc>) -> SlaState {
+    let responded = wo.first_responded_at.is_some();
+    let passed = |at: Option<DateTime<Utc>>| at.is_some_and(|at| at <= now);
+    let first_due = to_time(&wo.first_response_due);
+    let resolution_due = to_time(&wo.resolution_due);
+    if (!responded && passed(first_due)) || passed(resolution_due) {
+        SlaState::Breached
+    } else if (!responded && risk.0 <= now) || risk.1 <= now {
+        SlaState::AtRisk
+    } else {
+        SlaState::OnTrack
+    }
+}
+
+/// One step more urgent; P1 stays P1.
+pub fn raise(priority: i32) -> i32 {
+    (priority - 1).max(Priority::P1 as i32)
+}
+
+/// One round of SLA checks; returns how many work orders changed.
+pub async fn check_sla(pool: &PgPool, policy: &Policy) -> Result<usize, StoreError> {
+    let now = Utc::now();
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS}, first_response_risk_at, resolution_risk_at FROM work_orders \
+         WHERE state = ANY($1) AND ( \
+           (sla_state < 2 AND ((first_responded_at IS NULL AND first_response_risk_at <= $2) OR resolution_risk_at <= $2)) \
+           OR (sla_state < 3 AND ((first_responded_at IS NULL AND first_response_due <= $2) OR resolution_due <= $2))) \
+         ORDER BY resolution_due LIMIT $3 FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(open_states())
+    .bind(now)
+    .bind(CHUNK)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut changed = 0;
+    let mut queues = Vec::new();
+    for row in &rows {
+        let mut wo = from_row(row)?;
+        let risk: (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = (
+            row.try_get("first_response_risk_at")?,
+            row.try_get("resolution_risk_at")?,
+        );
+        let risk = (risk.0.unwrap_or(now), risk.1.unwrap_or(now));
+        let verdict = sla_verdict(&wo, risk, now);
+        if (verdict as i32) <= wo.sla_state {
+            continue;
+        }
+        let missed =
+            if wo.first_responded_at.is_none() && to_time(&wo.first_response_due).is_some_and(|d| d <= now) {
+                "first response"
+            } else {
+                "resolution"
+            };
+        match verdict {
+            SlaState::Breached => {
+                let note = format!(
+                    "{missed} target missed; escalated to {}",
+                    policy.sla.escalation_team
+                );
+                let change = Change {
+                    action: Action::SlaBreach,
+                    expected_version: 0,
+                    actor: "sla-watcher",
+                    note: &note,
+                };
+                let team = policy.sla.escalation_team.clone();
+                store::apply_locked(&mut tx, &mut wo, change, |wo| {
+                    wo.sla_state = SlaState::Breached as i32;
+                    wo.priority = raise(wo.priority);
+                    wo.team = team;
+                    wo.assignee.clear();
+                })
+                .await?;
+                queues.push((wo.tenant.clone(), wo.team.clone()));
+            }
+            SlaState::AtRisk => {
+                let note = format!("{missed} target at risk");
+                let change = Change {
+                    action: Action::SlaAtRisk,
+                    expected_version: 0,
+                    actor: "sla-watcher",
+                    note: &note,
+                };
+                store::apply_locked(&mut tx, &mut wo, change, |wo| {
+                    wo.sla_state = SlaState::AtRisk as i32
+                })
+                .await?;
+            }
+            _ => continue,
+        }
+        changed += 1;
+    }
+    tx.commit().await?;
+    queues.sort();
+    queues.dedup();
+    for (tenant, team) in queues {
+        placement::assign_queued(pool, &tenant, &team).await?;
+    }
+    Ok(changed)
+}
+
+/// Closes resolved work orders nobody answered in time; returns how many.
+pub async fn close_unanswered(pool: &PgPool, policy: &Policy) -> Result<usize, StoreError> {
+    let cutoff = Utc::now() - policy.close_unanswered_after;
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM work_orders WHERE state = $1 AND resolved_at <= $2 \
+         ORDER BY resolved_at LIMIT $3 FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(WorkOrderState::Resolved as i16)
+    .bind(cutoff)
+    .bind(CHUNK)
+    .fetch_all(&mut *tx)
+    .await?;
+    for row in &rows {
+        let mut wo = from_row(row)?;
+        let change = Change {
+            action: Action::Close,
+            expected_version: 0,
+            actor: "sla-watcher",
+            note: "no answer to the survey",
+        };
+        store::apply_locked(&mut tx, &mut wo, change, |_| {}).await?;
+    }
+    tx.commit().await?;
+    Ok(rows.len())
+}
+
+/// Offers every team's queue to its agents (covers capacity freed on another replica).
+pub async fn offer_queues(pool: &PgPool) -> Result<usize, StoreError> {
+    let teams = sqlx::query(
+        "SELECT DISTINCT w.tenant, w.team FROM work_orders w WHERE w.assignee = '' AND w.state IN (1, 7) \
+           AND w.incident_id IS NULL AND EXISTS (SELECT 1 FROM agents a WHERE a.tenant = w.tenant \
+           AND a.team_id = w.team AND a.online)",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut assigned = 0;
+    for row in teams {
+        let tenant: String = row.try_get("tenant")?;
+        let team: String = row.try_get("team")?;
+        assigned += placement::assign_queued(pool, &tenant, &team).await?;
+    }
+    Ok(assigned)
+}
+
+/// Runs rounds until `cancel` fires.
+pub async fn run(pool: PgPool, policy: Arc<Policy>, relay_wake: Arc<Notify>, cancel: CancellationToken) {
+    loop {
+        let round = async {
+            let mut changed = 0;
+            // Drain: a backlog larger than one chunk is worked off in one round.
+            loop {
+                let n = check_sla(&pool, &policy).await?;
+                changed += n;
+                if n < CHUNK as usize {
+                    break;
+                }
+            }
+            changed += close_unanswered(&pool, &policy).await?;
+            changed += offer_queues(&pool).await?;
+            Ok::<usize, StoreError>(changed)
+        };
+        match round.await {
+            Ok(0) => {}
+            Ok(changed) => {
+                tracing::info!(changed, "SLA watcher round");
+                relay_wake.notify_one();
+            }
+            Err(error) => tracing::warn!(%error, "SLA watcher round failed; next round retries"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(policy.sla.watch_interval) => {}
+            _ = cancel.cancelled() => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ts;
+    use chrono::Duration;
+
+    fn work_order(opened: DateTime<Utc>) -> WorkOrder {
+        WorkOrder {
+            first_response_due: ts(opened + Duration::minutes(10)),
+            resolution_due: ts(opened + Duration::minutes(100)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn verdicts_follow_the_clock_and_the_first_response() {
+        let opened = Utc::now();
+        let risk = (opened + Duration::minutes(8), opened + Duration::minutes(80));
+        let mut wo = work_order(opened);
+        assert_eq!(sla_verdict(&wo, risk, opened), SlaState::OnTrack);
+        assert_eq!(
+            sla_verdict(&wo, risk, opened + Duration::minutes(9)),
+            SlaState::AtRisk
+        );
+        assert_eq!(
+            sla_verdict(&wo, risk, opened + Duration::minutes(10)),
+            SlaState::Breached
+        );
+        wo.first_responded_at = ts(opened + Duration::minutes(5));
+        assert_eq!(
+            sla_verdict(&wo, risk, opened + Duration::minutes(30)),
+            SlaState::OnTrack
+        );
+        assert_eq!(
+            sla_verdict(&wo, risk, opened + Duration::minutes(85)),
+            SlaState::AtRisk
+        );
+        assert_eq!(
+            sla_verdict(&wo, risk, opened + Duration::minutes(100)),
+            SlaState::Breached
+        );
+    }
+
+    #[test]
+    fn escalation_raises_priority_once_per_step() {
+        assert_eq!(raise(Priority::P3 as i32), Priority::P2 as i32);
+        assert_eq!(raise(Priority::P1 as i32), Priority::P1 as i32);
+    }
+}
