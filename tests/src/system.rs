@@ -21,9 +21,10 @@ use crate::wait_until;
 use crate::webhook::WebhookReceiver;
 
 /// Durable consumers in pipeline order, as (stream, durable).
-pub const CONSUMERS: [(&str, &str); 6] = [
+pub const CONSUMERS: [(&str, &str); 7] = [
     (bus::COMPLAINTS_STREAM, closedloop_classify::CONSUMER),
     (bus::COMPLAINTS_STREAM, closedloop_notify::WATCHDOG_CONSUMER),
+    (bus::FEEDBACK_STREAM, closedloop_dispatch::FEEDBACK_CONSUMER),
     (bus::COMPLAINTS_STREAM, closedloop_dispatch::CLASSIFIED_CONSUMER),
     (bus::COMPLAINTS_STREAM, closedloop_notify::CLASSIFIED_CONSUMER),
     (bus::WORK_ORDERS_STREAM, closedloop_notify::WORK_ORDER_CONSUMER),
@@ -56,6 +57,10 @@ pub struct SystemOptions {
     pub notify_args: Vec<String>,
     /// Leave classify out (start it later with [`System::start_classify`]).
     pub without_classify: bool,
+    /// Further flags for dispatch only (e.g. `--policy`).
+    pub dispatch_args: Vec<String>,
+    /// Leave dispatch out (tests start [`DispatchReplica`]s instead).
+    pub without_dispatch: bool,
 }
 
 /// The four services running in this process.
@@ -108,7 +113,7 @@ impl System {
             options.wechat_accounts.clone(),
         ]);
         let ingest_config = closedloop_ingest::Config::try_parse_from(ingest_args)?;
-        let dispatch_config = closedloop_dispatch::Config::try_parse_from(args(options, 2, true))?;
+
         let mut notify_args = args(options, 3, true);
         notify_args.extend(["--gateways".to_owned(), options.gateways.clone()]);
         notify_args.extend(options.notify_args.iter().cloned());
@@ -117,9 +122,16 @@ impl System {
         let ingest = closedloop_ingest::Ingest::build(ingest_config, &cancel)
             .await
             .context("ingest")?;
-        let dispatch = closedloop_dispatch::Dispatch::build(dispatch_config, &cancel)
-            .await
-            .context("dispatch")?;
+        let dispatch = if options.without_dispatch {
+            None
+        } else {
+            let config = closedloop_dispatch::Config::try_parse_from(dispatch_args(options))?;
+            Some(
+                closedloop_dispatch::Dispatch::build(config, &cancel)
+                    .await
+                    .context("dispatch")?,
+            )
+        };
         let notify = closedloop_notify::Notify::build(notify_config, &cancel)
             .await
             .context("notify")?;
@@ -128,21 +140,26 @@ impl System {
             ingest: ingest.grpc_addr()?,
             ingest_http: ingest.http_addr()?,
             classify: SocketAddr::new(options.host, options.ports[1]),
-            dispatch: dispatch.grpc_addr()?,
+            dispatch: SocketAddr::new(options.host, options.ports[2]),
             notify: notify.grpc_addr()?,
             metrics: vec![
                 ("ingest", ingest.metrics_addr()?),
-                ("dispatch", dispatch.metrics_addr()?),
                 ("notify", notify.metrics_addr()?),
             ],
             tasks: vec![
                 ("ingest", tokio::spawn(ingest.run(cancel.clone()))),
-                ("dispatch", tokio::spawn(dispatch.run(cancel.clone()))),
                 ("notify", tokio::spawn(notify.run(cancel.clone()))),
             ],
             cancel,
             options: options.clone(),
         };
+        if let Some(dispatch) = dispatch {
+            system.dispatch = dispatch.grpc_addr()?;
+            system.metrics.push(("dispatch", dispatch.metrics_addr()?));
+            system
+                .tasks
+                .push(("dispatch", tokio::spawn(dispatch.run(system.cancel.clone()))));
+        }
         if !options.without_classify {
             system.start_classify().await?;
         }
@@ -162,6 +179,11 @@ impl System {
         Ok(())
     }
 
+    /// The options it was started with (for further replicas).
+    pub fn options(&self) -> &SystemOptions {
+        &self.options
+    }
+
     /// The durable consumers of the services that run.
     pub fn consumers(&self) -> Vec<(&'static str, &'static str)> {
         let classify_runs = self.tasks.iter().any(|(name, _)| *name == "classify");
@@ -175,7 +197,16 @@ impl System {
     pub async fn wait_ready(&self, nats_url: &str) -> anyhow::Result<()> {
         let client = async_nats::connect(nats_url).await?;
         let js = async_nats::jetstream::new(client);
-        let consumers = self.consumers();
+        // Dispatch replicas a test starts itself create theirs when they start.
+        let dispatch_consumers = [
+            closedloop_dispatch::CLASSIFIED_CONSUMER,
+            closedloop_dispatch::FEEDBACK_CONSUMER,
+        ];
+        let consumers: Vec<_> = self
+            .consumers()
+            .into_iter()
+            .filter(|(_, durable)| !(self.options.without_dispatch && dispatch_consumers.contains(durable)))
+            .collect();
         wait_until("durable consumers to exist", Duration::from_secs(30), || {
             let js = js.clone();
             let consumers = consumers.clone();
@@ -213,6 +244,92 @@ impl System {
     }
 }
 
+fn dispatch_args(options: &SystemOptions) -> Vec<String> {
+    let mut args = args(options, 2, true);
+    args.extend(options.dispatch_args.iter().cloned());
+    args
+}
+
+/// A dispatch replica on a runtime of its own, so a test can run several and stop one
+/// abruptly: [`DispatchReplica::kill`] drops all its tasks at once, as a crash would (no
+/// drain; open transactions roll back; unacked messages are redelivered).
+pub struct DispatchReplica {
+    pub addr: SocketAddr,
+    runtime: Option<tokio::runtime::Runtime>,
+    cancel: CancellationToken,
+    done: tokio::sync::oneshot::Receiver<anyhow::Result<()>>,
+}
+
+impl DispatchReplica {
+    pub async fn start(options: &SystemOptions) -> anyhow::Result<Self> {
+        let mut options = options.clone();
+        options.ports[2] = 0;
+        options.metrics_ports[2] = 0;
+        let config = closedloop_dispatch::Config::try_parse_from(dispatch_args(&options))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let cancel = CancellationToken::new();
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        let stop = cancel.clone();
+        runtime.spawn(async move {
+            let result = async {
+                let dispatch = closedloop_dispatch::Dispatch::build(config, &stop).await?;
+                let _ = addr_tx.send(dispatch.grpc_addr()?);
+                dispatch.run(stop).await
+            }
+            .await;
+            let _ = done_tx.send(result);
+        });
+        let mut replica = Self {
+            addr: SocketAddr::new(options.host, 0),
+            runtime: Some(runtime),
+            cancel,
+            done,
+        };
+        match addr_rx.await {
+            Ok(addr) => replica.addr = addr,
+            Err(_) => {
+                let reason = (&mut replica.done).await;
+                anyhow::bail!("dispatch replica did not start: {reason:?}");
+            }
+        }
+        Ok(replica)
+    }
+
+    pub async fn client(&self) -> anyhow::Result<WorkOrderServiceClient<Channel>> {
+        Ok(WorkOrderServiceClient::new(TestEnv::channel(self.addr).await?))
+    }
+
+    /// Stops it as a crash would.
+    pub fn kill(mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+
+    /// Stops it gracefully and reports how its run ended.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.cancel.cancel();
+        let result = (&mut self.done).await?;
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+        result
+    }
+}
+
+impl Drop for DispatchReplica {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which async tests must not do.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// The WeChat callback token of tenant `acme` in the test environment.
 pub const WECHAT_TOKEN: &str = "wechat-callback-token";
 
@@ -224,6 +341,8 @@ pub struct TestTokens {
     pub agent: String,
     /// Tenant `beta`, gateway and agent.
     pub other_tenant: String,
+    /// Tenant `acme`, a supervisor named `sup-1`.
+    pub supervisor: String,
 }
 
 /// A whole Closedloop on fresh servers: its own nats-server, its own database.
@@ -258,15 +377,18 @@ impl TestEnv {
             gateway: format!("gw-{}", uuid::Uuid::new_v4()),
             agent: format!("agent-{}", uuid::Uuid::new_v4()),
             other_tenant: format!("beta-{}", uuid::Uuid::new_v4()),
+            supervisor: format!("sup-{}", uuid::Uuid::new_v4()),
         };
         let mut options = SystemOptions {
             nats_url: nats.url(),
             database_url: database_url.clone(),
             auth_tokens: format!(
-                "acme:gateway:{}:gateway-1;acme:agent:{}:agent-7;beta:gateway,agent:{}:beta-desk",
+                "acme:gateway:{}:gateway-1;acme:agent:{}:agent-7;beta:gateway,agent:{}:beta-desk;\
+                 acme:supervisor:{}:sup-1",
                 hash_token(&tokens.gateway),
                 hash_token(&tokens.agent),
-                hash_token(&tokens.other_tenant)
+                hash_token(&tokens.other_tenant),
+                hash_token(&tokens.supervisor)
             ),
             gateways: format!(
                 "default={url}|{secret};staff={url}|{secret}",
@@ -284,6 +406,8 @@ impl TestEnv {
             // sends a second first reply.
             notify_args: vec!["--first-response-secs".into(), "1".into()],
             without_classify: false,
+            dispatch_args: Vec::new(),
+            without_dispatch: false,
         };
         adjust(&mut options);
         let system = System::start(&options).await?;
@@ -298,7 +422,7 @@ impl TestEnv {
         })
     }
 
-    async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
+    pub async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
         Ok(Channel::from_shared(format!("http://{addr}"))?.connect().await?)
     }
 

@@ -93,6 +93,7 @@ async fn a_complaint_travels_the_whole_loop() -> anyhow::Result<()> {
                 work_order_id: work_order.work_order_id.clone(),
                 resolution_note: "线路已修复".into(),
                 expected_version: 1,
+                ..Default::default()
             },
         ))
         .await?
@@ -680,8 +681,13 @@ async fn a_batch_reports_each_item() -> anyhow::Result<()> {
     let mut bad = outage_post("weibo-b3");
     bad.text = String::new();
     let mut ingest = env.ingest().await?;
+    // Another poster: the same poster's second outage report would join the first work order.
+    let mut second = outage_post("weibo-b2");
+    if let Some(poster) = second.poster.as_mut() {
+        poster.poster_id = "weibo-uid-43".into();
+    }
     let request = SubmitComplaintsRequest {
-        complaints: vec![outage_post("weibo-b1"), outage_post("weibo-b2"), bad],
+        complaints: vec![outage_post("weibo-b1"), second, bad],
     };
     let results = ingest
         .submit_complaints(authed(&env.tokens.gateway, request))

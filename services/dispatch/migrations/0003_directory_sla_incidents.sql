@@ -47,7 +47,7 @@ CREATE TABLE agents (
     authority_limit_minor bigint      NOT NULL DEFAULT 0,
     supervisor            boolean     NOT NULL DEFAULT false,
     -- Round-robin among equally loaded agents: the longest-waiting goes first.
-    last_assigned_at      timestamptz NOT NULL DEFAULT '-infinity',
+    last_assigned_at      timestamptz NOT NULL DEFAULT 'epoch',
     PRIMARY KEY (tenant, agent_id)
 );
 

@@ -84,7 +84,11 @@ pub struct Policy {
 impl Policy {
     pub fn from_file(file: &SettingsFile) -> Result<Self, SettingsError> {
         let incidents = &file.incidents;
-        if incidents.min_count < 1 || incidents.factor.is_nan() || incidents.factor < 1.0 || incidents.baseline_windows == 0 {
+        if incidents.min_count < 1
+            || incidents.factor.is_nan()
+            || incidents.factor < 1.0
+            || incidents.baseline_windows == 0
+        {
             return Err(SettingsError::Invalid(
                 "incidents need min_count >= 1, factor >= 1 and baseline_windows >= 1".into(),
             ));
@@ -129,6 +133,7 @@ impl Policy {
             new: store::new_work_order(complaint, classification, &route, &deadlines, now),
             account_managed: route.account_managed,
             route_reason: format!("routed to {} by {}", route.team, route.reason),
+            trace: closedloop_runtime::telemetry::current_trace_headers(),
         }
     }
 }

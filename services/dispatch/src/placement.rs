@@ -31,6 +31,8 @@ pub struct Draft {
     pub new: NewWorkOrder,
     pub account_managed: bool,
     pub route_reason: String,
+    /// Trace context of the complaint's handler, for the events placement writes.
+    pub trace: HashMap<String, String>,
 }
 
 /// What became of a classified complaint.
@@ -153,6 +155,13 @@ fn lock_keys(wo: &WorkOrder) -> Vec<String> {
         ));
     }
     keys
+}
+
+/// Gives the last recorded event the trace of the complaint that caused it.
+fn trace_last(events: &mut [Recorded], trace: &HashMap<String, String>) {
+    if let Some(last) = events.last_mut() {
+        last.trace = Some(trace.clone());
+    }
 }
 
 /// Bumps a work order's version for a system change and records it.
@@ -293,6 +302,7 @@ pub async fn place_batch(
                 now,
                 &mut events,
             );
+            trace_last(&mut events, &draft.trace);
             outcomes.push(Ok(target));
             continue;
         }
@@ -305,12 +315,15 @@ pub async fn place_batch(
         if let Some(incident) = incidents.open.get(&key) {
             fresh.incident_id = incident.clone();
         }
-        events.push(Recorded::new(
-            &fresh,
-            WorkOrderEventKind::Created,
-            "system",
-            draft.route_reason.clone(),
-        ));
+        events.push(
+            Recorded::new(
+                &fresh,
+                WorkOrderEventKind::Created,
+                "system",
+                draft.route_reason.clone(),
+            )
+            .traced(&draft.trace),
+        );
         let at = in_play.len();
         index(&fresh, at, &mut by_thread, &mut by_poster);
         in_play.push(fresh);
@@ -598,18 +611,32 @@ pub(crate) async fn lock_agents(
     let (tenants, names): (Vec<&str>, Vec<&str>) =
         teams.iter().map(|(t, n)| (t.as_str(), n.as_str())).unzip();
     let rows = sqlx::query(
-        "SELECT a.tenant, a.team_id, a.agent_id, a.skills, a.capacity, a.online, a.last_assigned_at, \
-           (SELECT count(*) FROM work_orders w WHERE w.tenant = a.tenant AND w.assignee = a.agent_id \
-              AND w.state = ANY($3)) AS load \
+        "SELECT a.tenant, a.team_id, a.agent_id, a.skills, a.capacity, a.online, a.last_assigned_at \
          FROM agents a WHERE EXISTS (SELECT 1 FROM unnest($1::text[], $2::text[]) AS k(t, n) \
            WHERE a.tenant = k.t AND a.team_id = k.n) \
-         ORDER BY a.tenant, a.agent_id FOR UPDATE OF a",
+         ORDER BY a.tenant, a.agent_id FOR UPDATE",
+    )
+    .bind(&tenants)
+    .bind(&names)
+    .fetch_all(&mut **tx)
+    .await?;
+    // Counted in a statement of its own, after the locks are held: a count taken with the
+    // locking statement would see the snapshot from before it waited for another replica.
+    let loads: HashMap<(String, String), i64> = sqlx::query(
+        "SELECT w.tenant, w.assignee, count(*) AS load FROM work_orders w \
+         WHERE w.state = ANY($3) AND w.assignee <> '' AND EXISTS ( \
+           SELECT 1 FROM agents a JOIN unnest($1::text[], $2::text[]) AS k(t, n) ON a.tenant = k.t AND a.team_id = k.n \
+           WHERE a.tenant = w.tenant AND a.agent_id = w.assignee) \
+         GROUP BY 1, 2",
     )
     .bind(&tenants)
     .bind(&names)
     .bind(open_states())
     .fetch_all(&mut **tx)
-    .await?;
+    .await?
+    .iter()
+    .map(|row| Ok(((row.try_get("tenant")?, row.try_get("assignee")?), row.try_get("load")?)))
+    .collect::<Result<_, sqlx::Error>>()?;
     let mut result: Vec<TeamAgents> = teams
         .iter()
         .map(|(tenant, team)| TeamAgents {
@@ -621,10 +648,14 @@ pub(crate) async fn lock_agents(
     for row in rows {
         let tenant: String = row.try_get("tenant")?;
         let team: String = row.try_get("team_id")?;
-        let load: i64 = row.try_get("load")?;
+        let agent_id: String = row.try_get("agent_id")?;
+        let load = loads
+            .get(&(tenant.clone(), agent_id.clone()))
+            .copied()
+            .unwrap_or(0);
         if let Some(entry) = result.iter_mut().find(|t| t.tenant == tenant && t.team == team) {
             entry.candidates.push(Candidate {
-                agent_id: row.try_get("agent_id")?,
+                agent_id,
                 skills: row.try_get("skills")?,
                 capacity: row.try_get("capacity")?,
                 online: row.try_get("online")?,

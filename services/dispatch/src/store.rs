@@ -1,6 +1,8 @@
 //! Work orders in PostgreSQL. Every change writes the work order, its history row and the
 //! outbox event in one transaction, so an event exists exactly when its change does.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use closedloop_proto::v1::{
     Channel, HistoryEntry, Incident, Intent, Poster, Priority, Remedy, SlaState, WorkOrder, WorkOrderEvent,
@@ -171,9 +173,17 @@ pub struct Recorded {
     pub kind: WorkOrderEventKind,
     pub actor: String,
     pub note: String,
+    /// Trace context of the request that caused it; the current span's when `None`.
+    pub trace: Option<HashMap<String, String>>,
 }
 
 impl Recorded {
+    /// Carries the trace of the complaint that caused it (placement runs outside its span).
+    pub fn traced(mut self, trace: &HashMap<String, String>) -> Self {
+        self.trace = Some(trace.clone());
+        self
+    }
+
     pub fn new(
         work_order: &WorkOrder,
         kind: WorkOrderEventKind,
@@ -185,6 +195,7 @@ impl Recorded {
             kind,
             actor: actor.to_owned(),
             note: note.into(),
+            trace: None,
         }
     }
 }
@@ -215,7 +226,11 @@ pub async fn write_events(
     history.build().execute(&mut **tx).await?;
     let events: Vec<OutgoingEvent> = changes
         .iter()
-        .map(|c| work_order_event(&c.work_order, c.kind, &c.actor, &c.note))
+        .map(|c| {
+            let mut event = work_order_event(&c.work_order, c.kind, &c.actor, &c.note);
+            event.trace_headers = c.trace.clone();
+            event
+        })
         .collect();
     write_outbox(tx, &events).await?;
     for change in changes {
@@ -232,16 +247,20 @@ pub async fn write_outbox(
     if events.is_empty() {
         return Ok(());
     }
-    let trace = serde_json::to_value(telemetry::current_trace_headers()).unwrap_or_default();
+    let current = telemetry::current_trace_headers();
+    let traces: Vec<serde_json::Value> = events
+        .iter()
+        .map(|e| serde_json::to_value(e.trace_headers.as_ref().unwrap_or(&current)).unwrap_or_default())
+        .collect();
     let mut outbox = sqlx::QueryBuilder::<Postgres>::new(
         "INSERT INTO outbox (event_id, subject, event_type, payload, trace_headers) ",
     );
-    outbox.push_values(events, |mut row, event| {
+    outbox.push_values(events.iter().zip(traces), |mut row, (event, trace)| {
         row.push_bind(&event.id)
             .push_bind(&event.subject)
             .push_bind(&event.event_type)
             .push_bind(event.payload.as_ref())
-            .push_bind(&trace);
+            .push_bind(trace);
     });
     outbox.push(" ON CONFLICT (event_id) DO NOTHING");
     outbox.build().execute(&mut **tx).await?;

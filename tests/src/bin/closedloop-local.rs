@@ -128,6 +128,8 @@ async fn main() -> anyhow::Result<()> {
         extra_args: Vec::new(),
         notify_args: Vec::new(),
         without_classify: false,
+        dispatch_args: Vec::new(),
+        without_dispatch: false,
     };
     let system = System::start(&options).await?;
     system.wait_ready(&nats_url).await?;

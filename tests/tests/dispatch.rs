@@ -1,0 +1,613 @@
+//! Dispatch end to end on real NATS and PostgreSQL: assignment and merge, remedies and their
+//! authority, the SLA watcher with two replicas (one escalation, not two), feedback that
+//! reopens or closes, incidents from a spike, and an abrupt crash in the middle of a stream.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use closedloop_e2e::system::{DispatchReplica, SystemOptions, TestEnv, authed};
+use closedloop_e2e::{wait_for, wait_until};
+use closedloop_proto::v1::ingest_service_client::IngestServiceClient;
+use closedloop_proto::v1::work_order_service_client::WorkOrderServiceClient;
+use closedloop_proto::v1::*;
+use serde_json::json;
+use tonic::transport::Channel as GrpcChannel;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A policy file: one network team with the given agents, and SLA targets as given.
+fn policy(
+    agents: serde_json::Value,
+    sla_p3: (&str, &str),
+    incidents_min: i64,
+) -> anyhow::Result<tempfile::NamedTempFile> {
+    let target =
+        |(first, resolution): (&str, &str)| json!({"first_response": first, "resolution": resolution});
+    let document = json!({
+        "routing": {
+            "rules": [{"category": ["outage", "network_quality"], "team": "network-ops", "skill": "network"}],
+            "default_team": "network-ops",
+            "account_managers": {"team": "account-managers", "min_tier": "key_opinion_leader"}
+        },
+        "sla": {
+            "targets": {
+                "P1": target(sla_p3), "P2": target(sla_p3), "P3": target(sla_p3), "P4": target(sla_p3)
+            },
+            "at_risk_fraction": 0.5,
+            "escalation_team": "supervisors",
+            "watch_interval": "1s"
+        },
+        "incidents": {"window": "10m", "baseline_windows": 6, "min_count": incidents_min, "factor": 2.0},
+        "feedback": {"close_unanswered_after": "30d"},
+        "directory": [{
+            "tenant": "acme",
+            "teams": [{"team_id": "network-ops", "skills": ["network"]}, {"team_id": "supervisors"}],
+            "agents": agents
+        }]
+    });
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), serde_json::to_vec_pretty(&document)?)?;
+    Ok(file)
+}
+
+fn agent(id: &str, capacity: i32, authority: i64) -> serde_json::Value {
+    json!({"agent_id": id, "team_id": "network-ops", "skills": ["network"], "capacity": capacity,
+           "online": true, "authority_limit_minor": authority})
+}
+
+fn outage(message_id: &str, poster: &str, text: &str) -> ComplaintSubmission {
+    ComplaintSubmission {
+        channel: Channel::WeiboPost as i32,
+        channel_message_id: message_id.to_owned(),
+        poster: Some(Poster {
+            poster_id: poster.to_owned(),
+            followers: 300,
+            ..Default::default()
+        }),
+        text: text.to_owned(),
+        locale: "zh-CN".into(),
+        ..Default::default()
+    }
+}
+
+async fn history(
+    client: &mut WorkOrderServiceClient<GrpcChannel>,
+    token: &str,
+    id: &str,
+) -> anyhow::Result<Vec<HistoryEntry>> {
+    Ok(client
+        .get_work_order_history(authed(
+            token,
+            GetWorkOrderHistoryRequest {
+                work_order_id: id.to_owned(),
+            },
+        ))
+        .await?
+        .into_inner()
+        .entries)
+}
+
+async fn get(
+    client: &mut WorkOrderServiceClient<GrpcChannel>,
+    token: &str,
+    id: &str,
+) -> anyhow::Result<WorkOrder> {
+    client
+        .get_work_order(authed(
+            token,
+            GetWorkOrderRequest {
+                work_order_id: id.to_owned(),
+            },
+        ))
+        .await?
+        .into_inner()
+        .work_order
+        .ok_or_else(|| anyhow::anyhow!("no work order in the answer"))
+}
+
+async fn all_work_orders(
+    client: &mut WorkOrderServiceClient<GrpcChannel>,
+    token: &str,
+) -> anyhow::Result<Vec<WorkOrder>> {
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_work_orders(authed(
+                token,
+                ListWorkOrdersRequest {
+                    page_size: 500,
+                    page_token: page_token.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await?
+            .into_inner();
+        all.extend(page.work_orders);
+        if page.next_page_token.is_empty() {
+            return Ok(all);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+fn count_kind(entries: &[HistoryEntry], kind: WorkOrderEventKind) -> usize {
+    entries.iter().filter(|e| e.kind() == kind).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assignment_merge_and_remedy_authority() -> anyhow::Result<()> {
+    // agent-7 (the test token's agent) and agent-8 hold one work order each.
+    let file = policy(
+        json!([agent("agent-7", 1, 1_000), agent("agent-8", 1, 1_000)]),
+        ("2h", "72h"),
+        1_000,
+    )?;
+    let path = file.path().display().to_string();
+    let env =
+        TestEnv::start_with(|o: &mut SystemOptions| o.dispatch_args = vec!["--policy".into(), path]).await?;
+    let mut client = env.work_orders().await?;
+    let text = "家里宽带又断网了，已经三天了还没解决！";
+
+    let first = env.submit(outage("m-1", "poster-a", text)).await?;
+    let first_wo = env.work_order_for(&first.complaint_id).await?;
+    assert_eq!(first_wo.team, "network-ops");
+    assert_eq!(first_wo.state(), WorkOrderState::Assigned);
+    assert_eq!(
+        first_wo.assignee, "agent-7",
+        "tie on load: the longest-waiting, then the smaller id"
+    );
+
+    // The same poster about the same problem: attached, not a second work order.
+    let again = env
+        .submit(outage("m-2", "poster-a", "还是断网，到底什么时候修好？"))
+        .await?;
+    let joined = env.work_order_for(&again.complaint_id).await?;
+    assert_eq!(
+        joined.work_order_id, first_wo.work_order_id,
+        "merged into the open one"
+    );
+
+    let second = env.submit(outage("m-3", "poster-b", text)).await?;
+    let second_wo = env.work_order_for(&second.complaint_id).await?;
+    assert_eq!(second_wo.assignee, "agent-8", "least loaded");
+
+    // Nobody has room: the third waits in the team's queue.
+    let third = env.submit(outage("m-4", "poster-c", text)).await?;
+    let third_wo = env.work_order_for(&third.complaint_id).await?;
+    env.wait_idle().await?;
+    let third_wo = get(&mut client, &env.tokens.agent, &third_wo.work_order_id).await?;
+    assert_eq!(third_wo.state(), WorkOrderState::New);
+    assert_eq!(third_wo.assignee, "");
+
+    // Above agent-7's authority: refused, nothing changes.
+    let resolve = |remedy: Remedy, id: &str| ResolveWorkOrderRequest {
+        work_order_id: id.to_owned(),
+        resolution_note: "已修复".into(),
+        remedy: Some(remedy),
+        ..Default::default()
+    };
+    let waiver = |amount| Remedy {
+        kind: "fee_waiver".into(),
+        amount_minor: amount,
+        currency: "CNY".into(),
+        approved_by: String::new(),
+    };
+    let denied = client
+        .resolve_work_order(authed(
+            &env.tokens.agent,
+            resolve(waiver(5_000), &first_wo.work_order_id),
+        ))
+        .await
+        .expect_err("above the authority limit");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    assert!(denied.message().contains("supervisor"), "{}", denied.message());
+    let bad = client
+        .resolve_work_order(authed(
+            &env.tokens.agent,
+            resolve(waiver(-1), &first_wo.work_order_id),
+        ))
+        .await
+        .expect_err("negative amount");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        get(&mut client, &env.tokens.agent, &first_wo.work_order_id)
+            .await?
+            .state(),
+        WorkOrderState::Assigned
+    );
+    // Within it: resolved, and agent-7's freed capacity takes the queued work order.
+    let resolved = client
+        .resolve_work_order(authed(
+            &env.tokens.agent,
+            resolve(waiver(500), &first_wo.work_order_id),
+        ))
+        .await?
+        .into_inner()
+        .work_order
+        .ok_or_else(|| anyhow::anyhow!("no work order"))?;
+    assert_eq!(resolved.remedy.as_ref().map(|r| r.amount_minor), Some(500));
+    assert_eq!(resolved.remedy.as_ref().map(|r| r.approved_by.as_str()), Some(""));
+    let taken = wait_for("the queued work order to be assigned", WAIT, || {
+        let mut client = client.clone();
+        let (token, id) = (env.tokens.agent.clone(), third_wo.work_order_id.clone());
+        async move {
+            get(&mut client, &token, &id)
+                .await
+                .ok()
+                .filter(|wo| wo.state() == WorkOrderState::Assigned)
+        }
+    })
+    .await?;
+    assert_eq!(taken.assignee, "agent-7");
+    // A supervisor may approve a larger remedy: the approval is recorded.
+    let approved = client
+        .resolve_work_order(authed(
+            &env.tokens.supervisor,
+            resolve(waiver(5_000), &second_wo.work_order_id),
+        ))
+        .await?
+        .into_inner()
+        .work_order
+        .ok_or_else(|| anyhow::anyhow!("no work order"))?;
+    assert_eq!(approved.remedy.map(|r| r.approved_by), Some("sup-1".into()));
+
+    // The timeline tells the story, one version per change.
+    let entries = history(&mut client, &env.tokens.agent, &first_wo.work_order_id).await?;
+    let kinds: Vec<_> = entries.iter().map(|e| e.kind()).collect();
+    assert_eq!(
+        kinds,
+        [
+            WorkOrderEventKind::Created,
+            WorkOrderEventKind::Assigned,
+            WorkOrderEventKind::Merged,
+            WorkOrderEventKind::Resolved
+        ]
+    );
+    assert!(entries.windows(2).all(|w| w[1].version == w[0].version + 1));
+
+    // The directory shows the load.
+    let mut directory = closedloop_proto::v1::directory_service_client::DirectoryServiceClient::new(
+        TestEnv::channel(env.system.dispatch).await?,
+    );
+    let agents = directory
+        .list_agents(authed(
+            &env.tokens.agent,
+            ListAgentsRequest {
+                team_id: "network-ops".into(),
+            },
+        ))
+        .await?
+        .into_inner()
+        .agents;
+    let loads: HashMap<_, _> = agents
+        .iter()
+        .map(|a| (a.agent_id.as_str(), a.open_work_orders))
+        .collect();
+    assert_eq!(loads, HashMap::from([("agent-7", 1), ("agent-8", 0)]));
+    let refused = directory
+        .upsert_agent(authed(&env.tokens.agent, UpsertAgentRequest { agent: None }))
+        .await
+        .expect_err("agents do not manage the directory");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_escalate_a_breach_once_and_feedback_reopens_or_closes() -> anyhow::Result<()> {
+    // Nobody to assign to, targets of seconds: the SLA clock runs out while both replicas watch.
+    let file = policy(json!([]), ("2s", "4s"), 1_000)?;
+    let path = file.path().display().to_string();
+    let env =
+        TestEnv::start_with(|o: &mut SystemOptions| o.dispatch_args = vec!["--policy".into(), path]).await?;
+    let replica = DispatchReplica::start(env.system.options()).await?;
+    let mut client = env.work_orders().await?;
+
+    let late = env
+        .submit(outage("sla-1", "poster-late", "宽带断网了，一直连不上"))
+        .await?;
+    let wo = env.work_order_for(&late.complaint_id).await?;
+    let priority = wo.priority;
+    let escalated = wait_for("the breach to be escalated", WAIT, || {
+        let mut client = client.clone();
+        let (token, id) = (env.tokens.agent.clone(), wo.work_order_id.clone());
+        async move {
+            get(&mut client, &token, &id)
+                .await
+                .ok()
+                .filter(|wo| wo.sla_state() == SlaState::Breached)
+        }
+    })
+    .await?;
+    assert_eq!(escalated.team, "supervisors");
+    assert_eq!(escalated.priority, (priority - 1).max(1), "one step more urgent");
+    // More watcher rounds on both replicas change nothing: a later work order's breach
+    // (seconds of rounds after the first) marks that they ran.
+    let settled = escalated.version;
+    let later = env.submit(outage("sla-1b", "poster-later", "宽带断网了")).await?;
+    let later_wo = env.work_order_for(&later.complaint_id).await?;
+    wait_until("a later breach", WAIT, || {
+        let mut client = client.clone();
+        let (token, id) = (env.tokens.agent.clone(), later_wo.work_order_id.clone());
+        async move {
+            get(&mut client, &token, &id)
+                .await
+                .is_ok_and(|wo| wo.sla_state() == SlaState::Breached)
+        }
+    })
+    .await?;
+    let entries = history(&mut client, &env.tokens.agent, &wo.work_order_id).await?;
+    assert_eq!(
+        count_kind(&entries, WorkOrderEventKind::SlaAtRisk),
+        1,
+        "{entries:?}"
+    );
+    assert_eq!(
+        count_kind(&entries, WorkOrderEventKind::SlaBreached),
+        1,
+        "{entries:?}"
+    );
+    assert_eq!(
+        get(&mut client, &env.tokens.agent, &wo.work_order_id)
+            .await?
+            .version,
+        settled
+    );
+    let breaches = env
+        .webhook
+        .unique_messages()
+        .into_iter()
+        .filter(|m| m.field("channel") == "staff" && m.field("text").contains(&wo.work_order_id))
+        .count();
+    assert!(breaches >= 1, "staff were alerted");
+
+    // Resolved, then the customer is unhappy: reopened and escalated again.
+    client
+        .resolve_work_order(authed(
+            &env.tokens.supervisor,
+            ResolveWorkOrderRequest {
+                work_order_id: wo.work_order_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await?;
+    let mut ingest = IngestServiceClient::new(TestEnv::channel(env.system.ingest).await?);
+    let feedback = |complaint_id: &str, satisfaction| SubmitFeedbackRequest {
+        complaint_id: complaint_id.to_owned(),
+        satisfaction,
+        comment: "还是不行".into(),
+        ..Default::default()
+    };
+    ingest
+        .submit_feedback(authed(&env.tokens.gateway, feedback(&late.complaint_id, 1)))
+        .await?;
+    let reopened = wait_for("the work order to reopen", WAIT, || {
+        let mut client = client.clone();
+        let (token, id) = (env.tokens.agent.clone(), wo.work_order_id.clone());
+        async move {
+            get(&mut client, &token, &id)
+                .await
+                .ok()
+                .filter(|wo| wo.state() == WorkOrderState::Reopened && wo.satisfaction == 1)
+        }
+    })
+    .await?;
+    assert!(reopened.priority <= escalated.priority);
+    wait_until("the customer to hear it was reopened", WAIT, || async {
+        !env.webhook.about(&late.complaint_id, "reopened").is_empty()
+    })
+    .await?;
+
+    // A happy answer closes a resolved work order.
+    let happy = env.submit(outage("sla-2", "poster-happy", "宽带断网了")).await?;
+    let happy_wo = env.work_order_for(&happy.complaint_id).await?;
+    client
+        .resolve_work_order(authed(
+            &env.tokens.supervisor,
+            ResolveWorkOrderRequest {
+                work_order_id: happy_wo.work_order_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await?;
+    ingest
+        .submit_feedback(authed(&env.tokens.gateway, feedback(&happy.complaint_id, 5)))
+        .await?;
+    wait_until("the work order to close", WAIT, || {
+        let mut client = client.clone();
+        let (token, id) = (env.tokens.agent.clone(), happy_wo.work_order_id.clone());
+        async move {
+            get(&mut client, &token, &id)
+                .await
+                .is_ok_and(|wo| wo.state() == WorkOrderState::Closed && wo.satisfaction == 5)
+        }
+    })
+    .await?;
+    replica.stop().await?;
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spike_opens_one_incident_and_resolving_it_tells_every_customer() -> anyhow::Result<()> {
+    let file = policy(json!([]), ("2h", "72h"), 5)?;
+    let path = file.path().display().to_string();
+    let env =
+        TestEnv::start_with(|o: &mut SystemOptions| o.dispatch_args = vec!["--policy".into(), path]).await?;
+    let mut client = env.work_orders().await?;
+    let mut complaints = Vec::new();
+    for n in 0..7 {
+        let submitted = env
+            .submit(outage(
+                &format!("spike-{n}"),
+                &format!("poster-{n}"),
+                "深圳南山区大面积停网了，宽带完全断网",
+            ))
+            .await?;
+        complaints.push(submitted.complaint_id);
+    }
+    env.wait_idle().await?;
+    let incidents = client
+        .list_incidents(authed(
+            &env.tokens.agent,
+            ListIncidentsRequest { open_only: true },
+        ))
+        .await?
+        .into_inner()
+        .incidents;
+    assert_eq!(
+        incidents.len(),
+        1,
+        "one incident, not one per complaint: {incidents:?}"
+    );
+    let incident = &incidents[0];
+    assert_eq!(incident.region, "广东/深圳");
+    assert_eq!(
+        incident.work_order_count, 7,
+        "the ones before the spike and after it"
+    );
+    wait_until("the incident alert to reach staff", WAIT, || async {
+        env.webhook
+            .unique_messages()
+            .iter()
+            .any(|m| m.field("channel") == "staff" && m.field("text").contains("广东/深圳"))
+    })
+    .await?;
+
+    let denied = client
+        .resolve_incident(authed(
+            &env.tokens.agent,
+            ResolveIncidentRequest {
+                incident_id: incident.incident_id.clone(),
+                resolution_note: "光缆已修复".into(),
+            },
+        ))
+        .await
+        .expect_err("supervisors resolve incidents");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    let resolved = client
+        .resolve_incident(authed(
+            &env.tokens.supervisor,
+            ResolveIncidentRequest {
+                incident_id: incident.incident_id.clone(),
+                resolution_note: "光缆已修复".into(),
+            },
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(resolved.resolved_work_orders, 7);
+    for complaint in &complaints {
+        wait_until("every customer to get the closure", WAIT, || async {
+            env.webhook.about(complaint, "closure").len() == 1
+        })
+        .await?;
+    }
+    let again = client
+        .resolve_incident(authed(
+            &env.tokens.supervisor,
+            ResolveIncidentRequest {
+                incident_id: incident.incident_id.clone(),
+                resolution_note: String::new(),
+            },
+        ))
+        .await
+        .expect_err("already resolved");
+    assert_eq!(again.code(), tonic::Code::NotFound);
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_stream_loses_nothing_and_duplicates_nothing() -> anyhow::Result<()> {
+    // Four agents of capacity 10 share 120 complaints across two replicas, one of which
+    // crashes half way; the ack wait is short so its unacked messages come back quickly.
+    let agents = json!([
+        agent("a-1", 10, 0),
+        agent("a-2", 10, 0),
+        agent("a-3", 10, 0),
+        agent("a-4", 10, 0)
+    ]);
+    let file = policy(agents, ("2h", "72h"), 1_000)?;
+    let path = file.path().display().to_string();
+    let env = TestEnv::start_with(|o: &mut SystemOptions| {
+        o.without_dispatch = true;
+        o.dispatch_args = vec!["--policy".into(), path, "--ack-wait-secs".into(), "2".into()];
+    })
+    .await?;
+    let steady = DispatchReplica::start(env.system.options()).await?;
+    let doomed = DispatchReplica::start(env.system.options()).await?;
+    let mut client = steady.client().await?;
+    let mut ingest = IngestServiceClient::new(TestEnv::channel(env.system.ingest).await?);
+    let total = 120;
+    let batch = |range: std::ops::Range<usize>| SubmitComplaintsRequest {
+        complaints: range
+            .map(|n| {
+                outage(
+                    &format!("crash-{n}"),
+                    &format!("poster-{n}"),
+                    "宽带断网了，一直连不上",
+                )
+            })
+            .collect(),
+    };
+    ingest
+        .submit_complaints(authed(&env.tokens.gateway, batch(0..total / 2)))
+        .await?;
+    wait_until("work orders to be flowing", WAIT, || {
+        let mut client = client.clone();
+        let token = env.tokens.agent.clone();
+        async move {
+            all_work_orders(&mut client, &token)
+                .await
+                .is_ok_and(|all| !all.is_empty())
+        }
+    })
+    .await?;
+    doomed.kill();
+    ingest
+        .submit_complaints(authed(&env.tokens.gateway, batch(total / 2..total)))
+        .await?;
+    let restarted = DispatchReplica::start(env.system.options()).await?;
+    env.wait_idle().await?;
+
+    let all = all_work_orders(&mut client, &env.tokens.agent).await?;
+    assert_eq!(all.len(), total, "exactly one work order per complaint");
+    let complaints: HashSet<_> = all.iter().map(|w| w.complaint_id.clone()).collect();
+    assert_eq!(complaints.len(), total);
+    let mut per_agent: HashMap<String, usize> = HashMap::new();
+    for wo in all.iter().filter(|w| !w.assignee.is_empty()) {
+        *per_agent.entry(wo.assignee.clone()).or_default() += 1;
+    }
+    assert_eq!(
+        per_agent.values().sum::<usize>(),
+        40,
+        "every free slot filled: {per_agent:?}"
+    );
+    assert!(
+        per_agent.values().all(|n| *n == 10),
+        "nobody past capacity: {per_agent:?}"
+    );
+    // Every event reached the stream once: one created (and at most one assigned) per work order.
+    let nats = async_nats::connect(env.nats.url()).await?;
+    let js = async_nats::jetstream::new(nats);
+    let mut stream = js.get_stream(closedloop_runtime::bus::WORK_ORDERS_STREAM).await?;
+    let info = stream.info().await?;
+    let created_subject = closedloop_runtime::bus::work_order_topic("created").subject("acme");
+    let assigned_subject = closedloop_runtime::bus::work_order_topic("assigned").subject("acme");
+    let counts = info.state.messages;
+    let mut created = 0;
+    let mut assigned = 0;
+    for sequence in 1..=info.state.last_sequence {
+        let Ok(message) = stream.get_raw_message(sequence).await else {
+            continue;
+        };
+        if message.subject.as_str() == created_subject {
+            created += 1;
+        } else if message.subject.as_str() == assigned_subject {
+            assigned += 1;
+        }
+    }
+    assert_eq!(created, total, "of {counts} events");
+    assert_eq!(assigned, 40);
+    restarted.stop().await?;
+    steady.stop().await?;
+    env.shutdown().await
+}
