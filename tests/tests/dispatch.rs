@@ -434,6 +434,17 @@ async fn a_spike_opens_one_incident_and_resolving_it_tells_every_customer() -> a
     let env =
         TestEnv::start_with(|o: &mut SystemOptions| o.dispatch_args = vec!["--policy".into(), path]).await?;
     let mut client = env.work_orders().await?;
+    // An agent desk watching the team sees changes as they happen.
+    let mut watch = client
+        .watch_work_orders(authed(
+            &env.tokens.agent,
+            WatchWorkOrdersRequest {
+                team: "network-ops".into(),
+                assignee: String::new(),
+            },
+        ))
+        .await?
+        .into_inner();
     let mut complaints = Vec::new();
     for n in 0..7 {
         let submitted = env
@@ -446,6 +457,19 @@ async fn a_spike_opens_one_incident_and_resolving_it_tells_every_customer() -> a
         complaints.push(submitted.complaint_id);
     }
     env.wait_idle().await?;
+    let first = tokio::time::timeout(WAIT, watch.message())
+        .await??
+        .and_then(|r| r.event)
+        .ok_or_else(|| anyhow::anyhow!("the watch ended"))?;
+    assert_eq!(first.kind(), WorkOrderEventKind::Created);
+    assert!(
+        first
+            .work_order
+            .as_ref()
+            .is_some_and(|wo| complaints.contains(&wo.complaint_id)),
+        "{first:?}"
+    );
+    drop(watch);
     let incidents = client
         .list_incidents(authed(
             &env.tokens.agent,

@@ -26,6 +26,8 @@ pub struct WorkOrderApi {
     pub policy: Arc<Policy>,
     /// For WatchWorkOrders: a plain subscription to the work-order subjects.
     pub nats: async_nats::Client,
+    /// Ends open watches when the service shuts down (graceful shutdown waits for streams).
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Most remedy value an API call may carry (minor units): a typo guard, not a policy.
@@ -421,7 +423,8 @@ impl WorkOrderService for WorkOrderApi {
                 std::future::ready(wanted.map(|event| Ok(WatchWorkOrdersResponse { event: Some(event) })))
             })
             .ready_chunks(MAX_WATCHERS_BUFFER)
-            .flat_map(futures::stream::iter);
+            .flat_map(futures::stream::iter)
+            .take_until(self.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(stream)))
     }
 

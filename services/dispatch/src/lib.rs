@@ -302,6 +302,7 @@ impl Dispatch {
             relay_wake,
             policy: self.policy.clone(),
             nats: self.bus.client().clone(),
+            shutdown: cancel.clone(),
         })
         .max_decoding_message_size(max_request);
         let directory = DirectoryServiceServer::new(directory::DirectoryApi {
