@@ -105,6 +105,22 @@ async fn get(
         .ok_or_else(|| anyhow::anyhow!("no work order in the answer"))
 }
 
+/// Polls a work order until `done` holds for it, and returns it.
+async fn wait_work_order(
+    client: &WorkOrderServiceClient<GrpcChannel>,
+    token: &str,
+    id: &str,
+    what: &str,
+    done: fn(&WorkOrder) -> bool,
+) -> anyhow::Result<WorkOrder> {
+    wait_for(what, WAIT, || {
+        let mut client = client.clone();
+        let (token, id) = (token.to_owned(), id.to_owned());
+        async move { get(&mut client, &token, &id).await.ok().filter(done) }
+    })
+    .await
+}
+
 async fn all_work_orders(
     client: &mut WorkOrderServiceClient<GrpcChannel>,
     token: &str,
@@ -228,16 +244,13 @@ async fn assignment_merge_and_remedy_authority() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("no work order"))?;
     assert_eq!(resolved.remedy.as_ref().map(|r| r.amount_minor), Some(500));
     assert_eq!(resolved.remedy.as_ref().map(|r| r.approved_by.as_str()), Some(""));
-    let taken = wait_for("the queued work order to be assigned", WAIT, || {
-        let mut client = client.clone();
-        let (token, id) = (env.tokens.agent.clone(), third_wo.work_order_id.clone());
-        async move {
-            get(&mut client, &token, &id)
-                .await
-                .ok()
-                .filter(|wo| wo.state() == WorkOrderState::Assigned)
-        }
-    })
+    let taken = wait_work_order(
+        &client,
+        &env.tokens.agent,
+        &third_wo.work_order_id,
+        "the queued work order to be assigned",
+        |wo| wo.state() == WorkOrderState::Assigned,
+    )
     .await?;
     assert_eq!(taken.assignee, "agent-7");
     // A supervisor may approve a larger remedy: the approval is recorded.
@@ -308,16 +321,13 @@ async fn two_replicas_escalate_a_breach_once_and_feedback_reopens_or_closes() ->
         .await?;
     let wo = env.work_order_for(&late.complaint_id).await?;
     let priority = wo.priority;
-    let escalated = wait_for("the breach to be escalated", WAIT, || {
-        let mut client = client.clone();
-        let (token, id) = (env.tokens.agent.clone(), wo.work_order_id.clone());
-        async move {
-            get(&mut client, &token, &id)
-                .await
-                .ok()
-                .filter(|wo| wo.sla_state() == SlaState::Breached)
-        }
-    })
+    let escalated = wait_work_order(
+        &client,
+        &env.tokens.agent,
+        &wo.work_order_id,
+        "the breach to be escalated",
+        |wo| wo.sla_state() == SlaState::Breached,
+    )
     .await?;
     assert_eq!(escalated.team, "supervisors");
     assert_eq!(escalated.priority, (priority - 1).max(1), "one step more urgent");
@@ -326,15 +336,13 @@ async fn two_replicas_escalate_a_breach_once_and_feedback_reopens_or_closes() ->
     let settled = escalated.version;
     let later = env.submit(outage("sla-1b", "poster-later", "宽带断网了")).await?;
     let later_wo = env.work_order_for(&later.complaint_id).await?;
-    wait_until("a later breach", WAIT, || {
-        let mut client = client.clone();
-        let (token, id) = (env.tokens.agent.clone(), later_wo.work_order_id.clone());
-        async move {
-            get(&mut client, &token, &id)
-                .await
-                .is_ok_and(|wo| wo.sla_state() == SlaState::Breached)
-        }
-    })
+    wait_work_order(
+        &client,
+        &env.tokens.agent,
+        &later_wo.work_order_id,
+        "a later breach",
+        |wo| wo.sla_state() == SlaState::Breached,
+    )
     .await?;
     let entries = history(&mut client, &env.tokens.agent, &wo.work_order_id).await?;
     assert_eq!(
@@ -381,16 +389,13 @@ async fn two_replicas_escalate_a_breach_once_and_feedback_reopens_or_closes() ->
     ingest
         .submit_feedback(authed(&env.tokens.gateway, feedback(&late.complaint_id, 1)))
         .await?;
-    let reopened = wait_for("the work order to reopen", WAIT, || {
-        let mut client = client.clone();
-        let (token, id) = (env.tokens.agent.clone(), wo.work_order_id.clone());
-        async move {
-            get(&mut client, &token, &id)
-                .await
-                .ok()
-                .filter(|wo| wo.state() == WorkOrderState::Reopened && wo.satisfaction == 1)
-        }
-    })
+    let reopened = wait_work_order(
+        &client,
+        &env.tokens.agent,
+        &wo.work_order_id,
+        "the work order to reopen",
+        |wo| wo.state() == WorkOrderState::Reopened && wo.satisfaction == 1,
+    )
     .await?;
     assert!(reopened.priority <= escalated.priority);
     wait_until("the customer to hear it was reopened", WAIT, || async {
@@ -413,15 +418,13 @@ async fn two_replicas_escalate_a_breach_once_and_feedback_reopens_or_closes() ->
     ingest
         .submit_feedback(authed(&env.tokens.gateway, feedback(&happy.complaint_id, 5)))
         .await?;
-    wait_until("the work order to close", WAIT, || {
-        let mut client = client.clone();
-        let (token, id) = (env.tokens.agent.clone(), happy_wo.work_order_id.clone());
-        async move {
-            get(&mut client, &token, &id)
-                .await
-                .is_ok_and(|wo| wo.state() == WorkOrderState::Closed && wo.satisfaction == 5)
-        }
-    })
+    wait_work_order(
+        &client,
+        &env.tokens.agent,
+        &happy_wo.work_order_id,
+        "the work order to close",
+        |wo| wo.state() == WorkOrderState::Closed && wo.satisfaction == 5,
+    )
     .await?;
     replica.stop().await?;
     env.shutdown().await
