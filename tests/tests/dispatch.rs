@@ -41,7 +41,11 @@ fn policy(
         "feedback": {"close_unanswered_after": "30d"},
         "directory": [{
             "tenant": "acme",
-            "teams": [{"team_id": "network-ops", "skills": ["network"]}, {"team_id": "supervisors"}],
+            "teams": [
+                {"team_id": "network-ops", "skills": ["network"]},
+                {"team_id": "account-managers"},
+                {"team_id": "supervisors"}
+            ],
             "agents": agents
         }]
     });
@@ -53,6 +57,10 @@ fn policy(
 fn agent(id: &str, capacity: i32, authority: i64) -> serde_json::Value {
     json!({"agent_id": id, "team_id": "network-ops", "skills": ["network"], "capacity": capacity,
            "online": true, "authority_limit_minor": authority})
+}
+
+fn account_manager(id: &str) -> serde_json::Value {
+    json!({"agent_id": id, "team_id": "account-managers", "capacity": 5, "online": true})
 }
 
 fn outage(message_id: &str, poster: &str, text: &str) -> ComplaintSubmission {
@@ -145,6 +153,28 @@ async fn all_work_orders(
         }
         page_token = page.next_page_token;
     }
+}
+
+/// Every agent's trigger-kept `open_load` equals a count of the open work orders they hold.
+async fn assert_loads_counted(env: &TestEnv) -> anyhow::Result<()> {
+    let pool = sqlx::PgPool::connect(&env.database_url).await?;
+    let loads: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT a.agent_id, a.open_load, (SELECT count(*) FROM dispatch.work_orders w \
+           WHERE w.tenant = a.tenant AND w.assignee = a.agent_id AND w.state IN (1, 2, 3, 4, 7)) \
+         FROM dispatch.agents a",
+    )
+    .fetch_all(&pool)
+    .await?;
+    pool.close().await;
+    let drifted: Vec<_> = loads
+        .iter()
+        .filter(|(_, kept, counted)| i64::from(*kept) != *counted)
+        .collect();
+    assert!(
+        drifted.is_empty(),
+        "open_load drifted from the work orders: {drifted:?}"
+    );
+    Ok(())
 }
 
 fn count_kind(entries: &[HistoryEntry], kind: WorkOrderEventKind) -> usize {
@@ -303,6 +333,76 @@ async fn assignment_merge_and_remedy_authority() -> anyhow::Result<()> {
         .await
         .expect_err("agents do not manage the directory");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert_loads_counted(&env).await?;
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_opinion_leader_keeps_the_same_account_manager() -> anyhow::Result<()> {
+    let file = policy(
+        json!([
+            agent("agent-7", 5, 1_000),
+            account_manager("am-1"),
+            account_manager("am-2")
+        ]),
+        ("2h", "72h"),
+        1_000,
+    )?;
+    let path = file.path().display().to_string();
+    let env =
+        TestEnv::start_with(|o: &mut SystemOptions| o.dispatch_args = vec!["--policy".into(), path]).await?;
+    let mut client = env.work_orders().await?;
+    // Two million followers: above the default key-opinion-leader threshold.
+    let blogger = |message_id: &str, poster: &str| {
+        let mut submission = outage(message_id, poster, "家里宽带又断网了，已经三天了还没解决！");
+        if let Some(p) = submission.poster.as_mut() {
+            p.followers = 2_000_000;
+            p.verified = true;
+        }
+        submission
+    };
+    let resolve = |id: &str| ResolveWorkOrderRequest {
+        work_order_id: id.to_owned(),
+        resolution_note: "已修复".into(),
+        ..Default::default()
+    };
+
+    let first = env.submit(blogger("kol-m-1", "blogger-1")).await?;
+    let first_wo = env.work_order_for(&first.complaint_id).await?;
+    assert_eq!(first_wo.team, "account-managers");
+    assert_eq!(first_wo.assignee, "am-1", "tie on load: the smaller id");
+    let other = env.submit(blogger("kol-m-2", "blogger-2")).await?;
+    let other_wo = env.work_order_for(&other.complaint_id).await?;
+    assert_eq!(other_wo.assignee, "am-2", "least loaded");
+
+    // Both done: the managers are equally free, and am-1 has waited longer.
+    for id in [&first_wo.work_order_id, &other_wo.work_order_id] {
+        client
+            .resolve_work_order(authed(&env.tokens.agent, resolve(id)))
+            .await?;
+    }
+    // blogger-2 comes back: a new work order, still with am-2, whom round-robin alone
+    // would not pick.
+    let again = env.submit(blogger("kol-m-3", "blogger-2")).await?;
+    let again_wo = env.work_order_for(&again.complaint_id).await?;
+    assert_ne!(
+        again_wo.work_order_id, other_wo.work_order_id,
+        "the first one was resolved"
+    );
+    assert_eq!(
+        again_wo.assignee, "am-2",
+        "the same poster keeps the same manager"
+    );
+    let assigned = history(&mut client, &env.tokens.agent, &again_wo.work_order_id)
+        .await?
+        .into_iter()
+        .find(|e| e.kind() == WorkOrderEventKind::Assigned)
+        .ok_or_else(|| anyhow::anyhow!("no assignment in the timeline"))?;
+    assert!(assigned.note.contains("account manager"), "{}", assigned.note);
+    // A newcomer with the same reach goes to the least-loaded manager, am-1.
+    let newcomer = env.submit(blogger("kol-m-4", "blogger-3")).await?;
+    assert_eq!(env.work_order_for(&newcomer.complaint_id).await?.assignee, "am-1");
+    assert_loads_counted(&env).await?;
     env.shutdown().await
 }
 
@@ -427,6 +527,7 @@ async fn two_replicas_escalate_a_breach_once_and_feedback_reopens_or_closes() ->
     )
     .await?;
     replica.stop().await?;
+    assert_loads_counted(&env).await?;
     env.shutdown().await
 }
 
@@ -539,6 +640,7 @@ async fn a_spike_opens_one_incident_and_resolving_it_tells_every_customer() -> a
         .await
         .expect_err("already resolved");
     assert_eq!(again.code(), tonic::Code::NotFound);
+    assert_loads_counted(&env).await?;
     env.shutdown().await
 }
 
@@ -636,5 +738,6 @@ async fn a_crash_mid_stream_loses_nothing_and_duplicates_nothing() -> anyhow::Re
     assert_eq!(assigned, 40);
     restarted.stop().await?;
     steady.stop().await?;
+    assert_loads_counted(&env).await?;
     env.shutdown().await
 }

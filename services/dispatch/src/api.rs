@@ -102,13 +102,6 @@ impl WorkOrderApi {
 
     /// Capacity freed in `team`: queued work goes to whoever has room. A failure only delays
     /// it (the watcher's round tries again).
-    async fn offer_queue(&self, tenant: &str, team: &str) {
-        match placement::assign_queued(&self.pool, tenant, team).await {
-            Ok(0) => {}
-            Ok(_) => self.relay_wake.notify_one(),
-            Err(error) => tracing::warn!(%error, %team, "assigning queued work failed; the watcher retries"),
-        }
-    }
 
     /// Checks a remedy against the caller's authority: supervisors approve their own; an
     /// agent's must be within their limit in the directory.
@@ -291,7 +284,7 @@ impl WorkOrderService for WorkOrderApi {
             })
             .await?;
         tracing::info!(work_order_id = %work_order.work_order_id, "work order resolved");
-        self.offer_queue(&caller.tenant, &work_order.team).await;
+        placement::offer_queue(&self.pool, &self.relay_wake, &caller.tenant, &work_order.team).await;
         Ok(Response::new(ResolveWorkOrderResponse {
             work_order: Some(work_order),
         }))
@@ -351,7 +344,7 @@ impl WorkOrderService for WorkOrderApi {
                 }
             })
             .await?;
-        self.offer_queue(&caller.tenant, &work_order.team).await;
+        placement::offer_queue(&self.pool, &self.relay_wake, &caller.tenant, &work_order.team).await;
         Ok(Response::new(ReassignWorkOrderResponse {
             work_order: Some(work_order),
         }))

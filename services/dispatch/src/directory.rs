@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::placement;
 use crate::settings::TenantDirectory;
-use crate::store::{StoreError, open_states};
+use crate::store::{OPEN_STATES_SQL, StoreError};
 
 pub const SERVICE_NAME: &str = "closedloop.v1.DirectoryService";
 const MAX_ID_CHARS: usize = 128;
@@ -35,11 +35,13 @@ pub async fn upsert_team(pool: &PgPool, tenant: &str, team: &Team) -> Result<(),
 }
 
 pub async fn upsert_agent(pool: &PgPool, tenant: &str, agent: &Agent) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO agents (tenant, agent_id, team_id, display_name, skills, capacity, online, authority_limit_minor, supervisor) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (tenant, agent_id) DO UPDATE SET team_id = $3, \
-         display_name = $4, skills = $5, capacity = $6, online = $7, authority_limit_minor = $8, supervisor = $9",
-    )
+    // A new row counts work already assigned to this id (an agent added back).
+    sqlx::query(&format!(
+        "INSERT INTO agents (tenant, agent_id, team_id, display_name, skills, capacity, online, authority_limit_minor, supervisor, open_load) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, (SELECT count(*) FROM work_orders w WHERE w.tenant = $1 \
+           AND w.assignee = $2 AND w.assignee <> '' AND w.state IN {OPEN_STATES_SQL})) ON CONFLICT (tenant, agent_id) DO UPDATE SET team_id = $3, \
+         display_name = $4, skills = $5, capacity = $6, online = $7, authority_limit_minor = $8, supervisor = $9"
+    ))
     .bind(tenant)
     .bind(&agent.agent_id)
     .bind(&agent.team_id)
@@ -74,35 +76,35 @@ fn agent_from_row(row: &sqlx::postgres::PgRow) -> Result<Agent, sqlx::Error> {
         online: row.try_get("online")?,
         authority_limit_minor: row.try_get("authority_limit_minor")?,
         supervisor: row.try_get("supervisor")?,
-        open_work_orders: i32::try_from(row.try_get::<i64, _>("load")?).unwrap_or(i32::MAX),
+        open_work_orders: row.try_get("open_load")?,
     })
 }
 
-const AGENT_COLUMNS: &str = "a.agent_id, a.team_id, a.display_name, a.skills, a.capacity, a.online, \
-    a.authority_limit_minor, a.supervisor, (SELECT count(*) FROM work_orders w WHERE w.tenant = a.tenant \
-    AND w.assignee = a.agent_id AND w.state = ANY($3)) AS load";
+/// Agents matching `filter`, each with the open work it holds.
+fn agents_query(filter: &str) -> String {
+    format!(
+        "SELECT a.agent_id, a.team_id, a.display_name, a.skills, a.capacity, a.online, \
+           a.authority_limit_minor, a.supervisor, a.open_load FROM agents a WHERE {filter}"
+    )
+}
 
 pub async fn list_agents(pool: &PgPool, tenant: &str, team: &str) -> Result<Vec<Agent>, sqlx::Error> {
-    let rows = sqlx::query(&format!(
-        "SELECT {AGENT_COLUMNS} FROM agents a WHERE a.tenant = $1 AND ($2 = '' OR a.team_id = $2) ORDER BY a.agent_id"
+    let rows = sqlx::query(&agents_query(
+        "a.tenant = $1 AND ($2 = '' OR a.team_id = $2) ORDER BY a.agent_id",
     ))
     .bind(tenant)
     .bind(team)
-    .bind(open_states())
     .fetch_all(pool)
     .await?;
     rows.iter().map(agent_from_row).collect()
 }
 
 pub async fn get_agent(pool: &PgPool, tenant: &str, agent_id: &str) -> Result<Option<Agent>, sqlx::Error> {
-    let row = sqlx::query(&format!(
-        "SELECT {AGENT_COLUMNS} FROM agents a WHERE a.tenant = $1 AND a.agent_id = $2"
-    ))
-    .bind(tenant)
-    .bind(agent_id)
-    .bind(open_states())
-    .fetch_optional(pool)
-    .await?;
+    let row = sqlx::query(&agents_query("a.tenant = $1 AND a.agent_id = $2"))
+        .bind(tenant)
+        .bind(agent_id)
+        .fetch_optional(pool)
+        .await?;
     row.as_ref().map(agent_from_row).transpose()
 }
 
@@ -211,6 +213,8 @@ fn database(error: impl std::fmt::Display) -> Status {
 
 pub struct DirectoryApi {
     pub pool: PgPool,
+    /// Wakes the outbox relay when queued work gets assigned.
+    pub relay_wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 fn manager(request: &Request<impl Sized>) -> Result<Principal, Status> {
@@ -226,14 +230,6 @@ fn reader(request: &Request<impl Sized>) -> Result<Principal, Status> {
 }
 
 impl DirectoryApi {
-    /// Queued work of a team goes to whoever has room now; failures only delay it (the
-    /// watcher's round tries again).
-    async fn offer_queue(&self, tenant: &str, team: &str) {
-        if let Err(error) = placement::assign_queued(&self.pool, tenant, team).await {
-            tracing::warn!(%error, %team, "assigning queued work failed; the watcher retries");
-        }
-    }
-
     async fn agent(&self, tenant: &str, agent_id: &str) -> Result<Agent, Status> {
         get_agent(&self.pool, tenant, agent_id)
             .await
@@ -293,7 +289,7 @@ impl DirectoryService for DirectoryApi {
         upsert_agent(&self.pool, &caller.tenant, &agent)
             .await
             .map_err(database)?;
-        self.offer_queue(&caller.tenant, &agent.team_id).await;
+        placement::offer_queue(&self.pool, &self.relay_wake, &caller.tenant, &agent.team_id).await;
         let agent = self.agent(&caller.tenant, &agent.agent_id).await?;
         Ok(Response::new(UpsertAgentResponse { agent: Some(agent) }))
     }
@@ -337,7 +333,7 @@ impl DirectoryService for DirectoryApi {
         };
         if r.online {
             let team: String = row.try_get("team_id").map_err(database)?;
-            self.offer_queue(&caller.tenant, &team).await;
+            placement::offer_queue(&self.pool, &self.relay_wake, &caller.tenant, &team).await;
         }
         let agent = self.agent(&caller.tenant, &r.agent_id).await?;
         Ok(Response::new(SetAgentStatusResponse { agent: Some(agent) }))

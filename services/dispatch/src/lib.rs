@@ -299,7 +299,7 @@ impl Dispatch {
         let max_request = self.config.service.grpc.max_request_bytes;
         let work_orders = WorkOrderServiceServer::new(api::WorkOrderApi {
             pool: self.pool.clone(),
-            relay_wake,
+            relay_wake: relay_wake.clone(),
             policy: self.policy.clone(),
             nats: self.bus.client().clone(),
             shutdown: cancel.clone(),
@@ -307,6 +307,7 @@ impl Dispatch {
         .max_decoding_message_size(max_request);
         let directory = DirectoryServiceServer::new(directory::DirectoryApi {
             pool: self.pool.clone(),
+            relay_wake: relay_wake.clone(),
         })
         .max_decoding_message_size(max_request);
         let routes = Routes::new(InterceptedService::new(work_orders, authenticator.clone()))

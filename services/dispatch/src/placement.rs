@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::Policy;
 use crate::assignment::{self, Candidate};
 use crate::store::{
-    self, COLUMNS, NewWorkOrder, Recorded, StoreError, from_row, open_states, parse_uuid, ts,
+    self, COLUMNS, NewWorkOrder, OPEN_STATES_SQL, Recorded, StoreError, from_row, parse_uuid, ts,
 };
 
 /// Most complaints placed in one transaction.
@@ -185,6 +185,13 @@ pub async fn place_batch(
 ) -> Result<Vec<Placement>, StoreError> {
     let now = Utc::now();
     let mut tx = pool.begin().await?;
+    // Plan each statement for this batch's keys and the tables' current size. A cached
+    // generic plan made while the tables were nearly empty picked an index that matched only
+    // the tenant, and a batch of 256 then took seconds (one scan of all open work per key);
+    // planning afresh costs a few milliseconds per batch.
+    sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
+        .execute(&mut *tx)
+        .await?;
 
     // 1. Serialise with other replicas on everything this batch may touch.
     let mut keys: Vec<String> = drafts.iter().flat_map(|d| lock_keys(&d.new.work_order)).collect();
@@ -204,10 +211,15 @@ pub async fn place_batch(
         .iter()
         .map(|d| parse_uuid(&d.new.work_order.complaint_id))
         .collect::<Result<_, _>>()?;
+    let tenants: Vec<&str> = drafts.iter().map(|d| d.new.work_order.tenant.as_str()).collect();
+    // Keyed by (tenant, complaint) so both lookups are unique-index probes.
     let placed: HashSet<Uuid> = sqlx::query_scalar(
-        "SELECT complaint_id FROM work_orders WHERE complaint_id = ANY($1) \
-         UNION SELECT complaint_id FROM complaint_links WHERE complaint_id = ANY($1)",
+        "SELECT w.complaint_id FROM unnest($1::text[], $2::uuid[]) AS k(t, c) \
+           JOIN work_orders w ON w.tenant = k.t AND w.complaint_id = k.c \
+         UNION SELECT l.complaint_id FROM unnest($1::text[], $2::uuid[]) AS k(t, c) \
+           JOIN complaint_links l ON l.tenant = k.t AND l.complaint_id = k.c",
     )
+    .bind(&tenants)
     .bind(&complaint_ids)
     .fetch_all(&mut *tx)
     .await?
@@ -215,28 +227,32 @@ pub async fn place_batch(
     .collect();
 
     // 3. Open work orders a draft may join: same thread, or same poster and category.
-    let tenants: Vec<&str> = drafts.iter().map(|d| d.new.work_order.tenant.as_str()).collect();
-    let threads: Vec<&str> = drafts
+    // Keys spelled as the expression indexes of migration 0005 are.
+    let thread_keys: Vec<String> = drafts
         .iter()
-        .map(|d| d.new.work_order.thread_id.as_str())
+        .map(|d| &d.new.work_order)
+        .filter(|wo| !wo.thread_id.is_empty())
+        .map(|wo| format!("{}\u{1f}{}", wo.tenant, wo.thread_id))
         .collect();
-    let posters: Vec<&str> = drafts.iter().map(|d| poster_id(&d.new.work_order)).collect();
-    let categories: Vec<&str> = drafts
+    let poster_keys: Vec<String> = drafts
         .iter()
-        .map(|d| d.new.work_order.category.as_str())
+        .map(|d| &d.new.work_order)
+        .filter(|wo| !poster_id(wo).is_empty())
+        .map(|wo| format!("{}\u{1f}{}\u{1f}{}", wo.tenant, poster_id(wo), wo.category))
         .collect();
     let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM work_orders w WHERE state = ANY($5) AND EXISTS ( \
-           SELECT 1 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS k(tenant, thread, poster, category) \
-           WHERE w.tenant = k.tenant AND ((k.thread <> '' AND w.thread_id = k.thread) \
-              OR (k.poster <> '' AND w.poster_id = k.poster AND w.category = k.category))) \
+        // Two joins rather than one OR, so each side probes its own index.
+        "SELECT {COLUMNS} FROM work_orders WHERE work_order_id IN ( \
+           SELECT w.work_order_id FROM unnest($1::text[]) AS k(key) \
+             JOIN work_orders w ON (w.tenant || E'\\x1f' || w.thread_id) = k.key \
+           WHERE w.thread_id <> '' AND w.state IN {OPEN_STATES_SQL} \
+           UNION SELECT w.work_order_id FROM unnest($2::text[]) AS k(key) \
+             JOIN work_orders w ON (w.tenant || E'\\x1f' || w.poster_id || E'\\x1f' || w.category) = k.key \
+           WHERE w.poster_id <> '' AND w.state IN {OPEN_STATES_SQL}) \
          ORDER BY created_at FOR UPDATE"
     ))
-    .bind(&tenants)
-    .bind(&threads)
-    .bind(&posters)
-    .bind(&categories)
-    .bind(open_states())
+    .bind(&thread_keys)
+    .bind(&poster_keys)
     .fetch_all(&mut *tx)
     .await?;
     // Work orders in play, by id, with the indexes used to find them.
@@ -335,13 +351,12 @@ pub async fn place_batch(
     // Work orders opened before this batch that a new incident takes in.
     for (key, incident_id) in &incidents.newly_opened {
         let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM work_orders WHERE tenant = $1 AND category = $2 AND state = ANY($3) \
-               AND incident_id IS NULL AND created_at >= $4 \
-               AND (CASE WHEN city = '' THEN province ELSE province || '/' || city END) = $5 FOR UPDATE"
+            "SELECT {COLUMNS} FROM work_orders WHERE tenant = $1 AND category = $2 AND state IN {OPEN_STATES_SQL} \
+               AND incident_id IS NULL AND created_at >= $3 \
+               AND (CASE WHEN city = '' THEN province ELSE province || '/' || city END) = $4 FOR UPDATE"
         ))
         .bind(&key.0)
         .bind(&key.1)
-        .bind(open_states())
         .bind(now - incidents.window)
         .bind(&key.2)
         .fetch_all(&mut *tx)
@@ -495,9 +510,13 @@ async fn incidents_for(
             (t, c, r)
         },
     );
+    // Region advisory locks keep other replicas off these rows until commit.
     sqlx::query(
-        "INSERT INTO arrivals (tenant, category, region, arrived_at) \
-         SELECT t, c, r, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS k(t, c, r)",
+        "INSERT INTO arrival_counts (tenant, category, region, minute, arrivals) \
+         SELECT t, c, r, date_trunc('minute', $4::timestamptz), count(*) \
+         FROM unnest($1::text[], $2::text[], $3::text[]) AS k(t, c, r) GROUP BY 1, 2, 3 \
+         ON CONFLICT (tenant, category, region, minute) \
+         DO UPDATE SET arrivals = arrival_counts.arrivals + EXCLUDED.arrivals",
     )
     .bind(&tenants)
     .bind(&categories)
@@ -507,8 +526,8 @@ async fn incidents_for(
     .await?;
     let open = sqlx::query(
         "SELECT i.incident_id, i.tenant, i.category, i.region FROM incidents i \
-         WHERE i.resolved_at IS NULL AND EXISTS (SELECT 1 FROM unnest($1::text[], $2::text[], $3::text[]) AS k(t, c, r) \
-           WHERE i.tenant = k.t AND i.category = k.c AND i.region = k.r)",
+         WHERE i.resolved_at IS NULL AND (i.tenant, i.category, i.region) IN ( \
+           SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))",
     )
     .bind(&tenants)
     .bind(&categories)
@@ -528,12 +547,12 @@ async fn incidents_for(
     }
     let baseline_from = now - window * (policy.spikes.baseline_windows as i32 + 1);
     let counts = sqlx::query(
-        "SELECT a.tenant, a.category, a.region, \
-           count(*) FILTER (WHERE a.arrived_at > $4) AS recent, \
-           count(*) FILTER (WHERE a.arrived_at <= $4) AS earlier \
-         FROM arrivals a WHERE a.arrived_at > $5 AND EXISTS ( \
-           SELECT 1 FROM unnest($1::text[], $2::text[], $3::text[]) AS k(t, c, r) \
-           WHERE a.tenant = k.t AND a.category = k.c AND a.region = k.r) \
+        // Per-minute counts: the minute the window starts in counts as recent.
+        "SELECT k.t AS tenant, k.c AS category, k.r AS region, \
+           coalesce(sum(a.arrivals) FILTER (WHERE a.minute >= date_trunc('minute', $4::timestamptz)), 0)::bigint AS recent, \
+           coalesce(sum(a.arrivals) FILTER (WHERE a.minute < date_trunc('minute', $4::timestamptz)), 0)::bigint AS earlier \
+         FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::text[])) AS k(t, c, r) \
+           JOIN arrival_counts a ON a.tenant = k.t AND a.category = k.c AND a.region = k.r AND a.minute >= $5 \
          GROUP BY 1, 2, 3",
     )
     .bind(&tenants)
@@ -586,8 +605,8 @@ async fn incidents_for(
         result.newly_opened.push((key, incident_id.to_string()));
     }
     // Old arrivals are no longer part of any baseline.
-    sqlx::query("DELETE FROM arrivals WHERE arrived_at < $1 AND ctid IN (SELECT ctid FROM arrivals WHERE arrived_at < $1 LIMIT 1000)")
-        .bind(baseline_from)
+    sqlx::query("DELETE FROM arrival_counts WHERE minute < $1")
+        .bind(baseline_from - Duration::minutes(1))
         .execute(&mut **tx)
         .await?;
     Ok(result)
@@ -600,7 +619,9 @@ pub(crate) struct TeamAgents {
     pub candidates: Vec<Candidate>,
 }
 
-/// Locks the agents of these teams and counts their open work, in a stable order.
+/// Locks the agents of these teams, in a stable order, with their open work. The count
+/// (`open_load`, kept by a trigger on `work_orders`) is read with the lock, so it is the
+/// latest committed value even when the lock had to wait for another replica.
 pub(crate) async fn lock_agents(
     tx: &mut Transaction<'_, Postgres>,
     teams: &[(String, String)],
@@ -611,32 +632,14 @@ pub(crate) async fn lock_agents(
     let (tenants, names): (Vec<&str>, Vec<&str>) =
         teams.iter().map(|(t, n)| (t.as_str(), n.as_str())).unzip();
     let rows = sqlx::query(
-        "SELECT a.tenant, a.team_id, a.agent_id, a.skills, a.capacity, a.online, a.last_assigned_at \
-         FROM agents a WHERE EXISTS (SELECT 1 FROM unnest($1::text[], $2::text[]) AS k(t, n) \
-           WHERE a.tenant = k.t AND a.team_id = k.n) \
+        "SELECT a.tenant, a.team_id, a.agent_id, a.skills, a.capacity, a.online, a.last_assigned_at, a.open_load \
+         FROM agents a WHERE (a.tenant, a.team_id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
          ORDER BY a.tenant, a.agent_id FOR UPDATE",
     )
     .bind(&tenants)
     .bind(&names)
     .fetch_all(&mut **tx)
     .await?;
-    // Counted in a statement of its own, after the locks are held: a count taken with the
-    // locking statement would see the snapshot from before it waited for another replica.
-    let loads: HashMap<(String, String), i64> = sqlx::query(
-        "SELECT w.tenant, w.assignee, count(*) AS load FROM work_orders w \
-         WHERE w.state = ANY($3) AND w.assignee <> '' AND EXISTS ( \
-           SELECT 1 FROM agents a JOIN unnest($1::text[], $2::text[]) AS k(t, n) ON a.tenant = k.t AND a.team_id = k.n \
-           WHERE a.tenant = w.tenant AND a.agent_id = w.assignee) \
-         GROUP BY 1, 2",
-    )
-    .bind(&tenants)
-    .bind(&names)
-    .bind(open_states())
-    .fetch_all(&mut **tx)
-    .await?
-    .iter()
-    .map(|row| Ok(((row.try_get("tenant")?, row.try_get("assignee")?), row.try_get("load")?)))
-    .collect::<Result<_, sqlx::Error>>()?;
     let mut result: Vec<TeamAgents> = teams
         .iter()
         .map(|(tenant, team)| TeamAgents {
@@ -648,18 +651,13 @@ pub(crate) async fn lock_agents(
     for row in rows {
         let tenant: String = row.try_get("tenant")?;
         let team: String = row.try_get("team_id")?;
-        let agent_id: String = row.try_get("agent_id")?;
-        let load = loads
-            .get(&(tenant.clone(), agent_id.clone()))
-            .copied()
-            .unwrap_or(0);
         if let Some(entry) = result.iter_mut().find(|t| t.tenant == tenant && t.team == team) {
             entry.candidates.push(Candidate {
-                agent_id,
+                agent_id: row.try_get("agent_id")?,
                 skills: row.try_get("skills")?,
                 capacity: row.try_get("capacity")?,
                 online: row.try_get("online")?,
-                load: i32::try_from(load).unwrap_or(i32::MAX),
+                load: row.try_get("open_load")?,
                 last_assigned_at: row.try_get("last_assigned_at")?,
             });
         }
@@ -811,6 +809,17 @@ pub(crate) async fn assign(
         insert.build().execute(&mut **tx).await?;
     }
     Ok(assigned)
+}
+
+/// Offers a team's queue to whoever has room now (after a resolution or an agent coming
+/// online) and wakes the relay for the assignments. Failures only delay the work: the
+/// watcher's round tries again.
+pub async fn offer_queue(pool: &PgPool, relay_wake: &Notify, tenant: &str, team: &str) {
+    match assign_queued(pool, tenant, team).await {
+        Ok(0) => {}
+        Ok(_) => relay_wake.notify_one(),
+        Err(error) => tracing::warn!(%error, %team, "assigning queued work failed; the watcher retries"),
+    }
 }
 
 /// Assigns queued work of one team while agents have room: after a resolution, an agent

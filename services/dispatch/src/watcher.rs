@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Policy;
 use crate::lifecycle::Action;
 use crate::placement;
-use crate::store::{self, COLUMNS, Change, StoreError, from_row, open_states, to_time};
+use crate::store::{self, COLUMNS, Change, OPEN_STATES_SQL, StoreError, from_row, to_time};
 
 /// Work orders handled per transaction.
 const CHUNK: i64 = 200;
@@ -46,12 +46,11 @@ pub async fn check_sla(pool: &PgPool, policy: &Policy) -> Result<usize, StoreErr
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(&format!(
         "SELECT {COLUMNS}, first_response_risk_at, resolution_risk_at FROM work_orders \
-         WHERE state = ANY($1) AND ( \
-           (sla_state < 2 AND ((first_responded_at IS NULL AND first_response_risk_at <= $2) OR resolution_risk_at <= $2)) \
-           OR (sla_state < 3 AND ((first_responded_at IS NULL AND first_response_due <= $2) OR resolution_due <= $2))) \
-         ORDER BY resolution_due LIMIT $3 FOR UPDATE SKIP LOCKED"
+         WHERE state IN {OPEN_STATES_SQL} AND ( \
+           (sla_state < 2 AND ((first_responded_at IS NULL AND first_response_risk_at <= $1) OR resolution_risk_at <= $1)) \
+           OR (sla_state < 3 AND ((first_responded_at IS NULL AND first_response_due <= $1) OR resolution_due <= $1))) \
+         ORDER BY resolution_due LIMIT $2 FOR UPDATE SKIP LOCKED"
     ))
-    .bind(open_states())
     .bind(now)
     .bind(CHUNK)
     .fetch_all(&mut *tx)
