@@ -198,10 +198,12 @@ async fn open(bus: &Bus, spec: &ConsumerSpec) -> anyhow::Result<pull::Stream> {
         .jetstream()
         .create_consumer_on_stream(spec.pull_config(), spec.stream)
         .await?;
-    // Pull no more than we can work on, so unstarted messages are not held from other replicas.
+    // Pull no more than we can work on, so unstarted messages are not held from other replicas;
+    // but at least two, as a pull stream of batches of one stalled until its request expired
+    // (30 s) in bench-dispatch at concurrency 1.
     let messages = consumer
         .stream()
-        .max_messages_per_batch(spec.concurrency)
+        .max_messages_per_batch(spec.concurrency.max(2))
         .messages()
         .await?;
     Ok(messages)
