@@ -175,15 +175,14 @@ impl Courier {
     /// Sends `out` unless the log says it was already sent, given up on, or is being sent.
     async fn deliver(&self, out: Outgoing<'_>, message: &jetstream::Message) -> Result<(), HandleError> {
         let delivery = out.delivery;
-        let created = store::register(&self.pool, &delivery).await.map_err(db_error)?;
-        if out.only_if_new && !created {
-            tracing::debug!(delivery_id = %delivery.delivery_id, "already started elsewhere; not ours to send");
-            return Ok(());
-        }
-        match store::claim(&self.pool, &delivery.delivery_id, self.lease)
+        match store::register_and_claim(&self.pool, &delivery, self.lease, out.only_if_new)
             .await
             .map_err(db_error)?
         {
+            Claim::NotOurs => {
+                tracing::debug!(delivery_id = %delivery.delivery_id, "already started elsewhere; not ours to send");
+                return Ok(());
+            }
             Claim::Done => {
                 tracing::info!(delivery_id = %delivery.delivery_id, "already handled; nothing sent");
                 return Ok(());
@@ -218,15 +217,18 @@ impl Courier {
         };
         match self.webhooks.send(out.destination, &webhook).await {
             Ok(()) => {
-                let logged =
-                    store::record_attempt(&self.pool, &delivery.delivery_id, DeliveryState::Delivered, "")
-                        .await
-                        .map_err(db_error)?;
-                if let Some(version) = out.work_order_version {
-                    store::advance_customer_progress(&self.pool, &delivery.work_order_id, version)
-                        .await
-                        .map_err(db_error)?;
-                }
+                let progress = out
+                    .work_order_version
+                    .map(|version| (delivery.work_order_id.as_str(), version));
+                let logged = store::record_attempt(
+                    &self.pool,
+                    &delivery.delivery_id,
+                    DeliveryState::Delivered,
+                    "",
+                    progress,
+                )
+                .await
+                .map_err(db_error)?;
                 tracing::info!(delivery_id = %delivery.delivery_id, %kind, %channel, "delivered");
                 count_delivery(&kind, "delivered");
                 if let Some(received) = out.received_at {
@@ -253,7 +255,7 @@ impl Courier {
                     DeliveryState::Pending
                 };
                 let reason = error.to_string();
-                let logged = store::record_attempt(&self.pool, &delivery.delivery_id, state, &reason)
+                let logged = store::record_attempt(&self.pool, &delivery.delivery_id, state, &reason, None)
                     .await
                     .map_err(db_error)?;
                 count_delivery(&kind, if last_try { "failed" } else { "retry" });

@@ -16,14 +16,38 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
 }
 
-/// Records a delivery as pending unless it is already known. Returns whether this call
-/// created it.
-pub async fn register(pool: &PgPool, delivery: &Delivery) -> Result<bool, StoreError> {
+/// Whether this sender may call the gateway for a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Leased to us: send, then record the attempt.
+    Mine,
+    /// Already delivered or given up: nothing to do.
+    Done,
+    /// Another sender holds the lease right now.
+    Busy,
+    /// It existed already and the caller only sends what it starts itself.
+    NotOurs,
+}
+
+/// Records a delivery (once per id) and leases it for `lease` (longer than a gateway call
+/// may take), in one statement: one commit where there were two. A delivery that exists is
+/// leased again only while pending with its lease run out, and not at all with `only_if_new`.
+pub async fn register_and_claim(
+    pool: &PgPool,
+    delivery: &Delivery,
+    lease: std::time::Duration,
+    only_if_new: bool,
+) -> Result<Claim, StoreError> {
     let id = Uuid::parse_str(&delivery.delivery_id)
         .map_err(|_| StoreError::BadId(delivery.delivery_id.clone()))?;
-    let created = sqlx::query(
-        "INSERT INTO deliveries (delivery_id, tenant, kind, state, channel, recipient, complaint_id, work_order_id, body) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (delivery_id) DO NOTHING",
+    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+    let leased = sqlx::query(
+        "INSERT INTO deliveries (delivery_id, tenant, kind, state, channel, recipient, complaint_id, work_order_id, body, lease_until) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now() + make_interval(secs => $10::double precision / 1000)) \
+         ON CONFLICT (delivery_id) DO UPDATE SET lease_until = EXCLUDED.lease_until \
+         WHERE NOT $11 AND deliveries.state = $4 \
+           AND (deliveries.lease_until IS NULL OR deliveries.lease_until < now()) \
+         RETURNING 1",
     )
     .bind(id)
     .bind(&delivery.tenant)
@@ -34,43 +58,15 @@ pub async fn register(pool: &PgPool, delivery: &Delivery) -> Result<bool, StoreE
     .bind(&delivery.complaint_id)
     .bind(&delivery.work_order_id)
     .bind(&delivery.body)
-    .execute(pool)
-    .await?
-    .rows_affected()
-        == 1;
-    Ok(created)
-}
-
-/// Whether this sender may call the gateway for a delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claim {
-    /// Leased to us: send, then record the attempt.
-    Mine,
-    /// Already delivered or given up: nothing to do.
-    Done,
-    /// Another sender holds the lease right now.
-    Busy,
-}
-
-/// Leases a pending delivery for `lease` (longer than a gateway call may take).
-pub async fn claim(
-    pool: &PgPool,
-    delivery_id: &str,
-    lease: std::time::Duration,
-) -> Result<Claim, StoreError> {
-    let id = Uuid::parse_str(delivery_id).map_err(|_| StoreError::BadId(delivery_id.to_owned()))?;
-    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-    let leased = sqlx::query(
-        "UPDATE deliveries SET lease_until = now() + make_interval(secs => $2::double precision / 1000) \
-         WHERE delivery_id = $1 AND state = $3 AND (lease_until IS NULL OR lease_until < now()) RETURNING 1",
-    )
-    .bind(id)
     .bind(lease_ms)
-    .bind(DeliveryState::Pending as i16)
+    .bind(only_if_new)
     .fetch_optional(pool)
     .await?;
     if leased.is_some() {
         return Ok(Claim::Mine);
+    }
+    if only_if_new {
+        return Ok(Claim::NotOurs);
     }
     let state: i16 = sqlx::query_scalar("SELECT state FROM deliveries WHERE delivery_id = $1")
         .bind(id)
@@ -93,33 +89,24 @@ pub async fn customer_progress(pool: &PgPool, work_order_id: &str) -> Result<i64
     Ok(version.unwrap_or(0))
 }
 
-/// Records that the customer has been told about `version` (never moves backwards).
-pub async fn advance_customer_progress(
-    pool: &PgPool,
-    work_order_id: &str,
-    version: i64,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO customer_progress (work_order_id, last_version) VALUES ($1, $2) \
-         ON CONFLICT (work_order_id) DO UPDATE SET last_version = GREATEST(customer_progress.last_version, $2)",
-    )
-    .bind(work_order_id)
-    .bind(version)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-/// Records the outcome of one attempt and releases the lease. Returns the updated delivery.
+/// Records the outcome of one attempt and releases the lease; with `progress` (a work
+/// order and the version the customer was just told about), also advances what the
+/// customer knows, never backwards. One statement, so one commit. Returns the delivery.
 pub async fn record_attempt(
     pool: &PgPool,
     delivery_id: &str,
     state: DeliveryState,
     error: &str,
+    progress: Option<(&str, i64)>,
 ) -> Result<Delivery, StoreError> {
     let id = Uuid::parse_str(delivery_id).map_err(|_| StoreError::BadId(delivery_id.to_owned()))?;
+    let (work_order_id, version) = progress.unwrap_or(("", 0));
     let row = sqlx::query(
-        "UPDATE deliveries SET attempts = attempts + 1, state = $2, last_error = $3, lease_until = NULL, \
+        "WITH progress AS ( \
+           INSERT INTO customer_progress (work_order_id, last_version) SELECT $5, $6 WHERE $6 > 0 \
+           ON CONFLICT (work_order_id) DO UPDATE \
+             SET last_version = GREATEST(customer_progress.last_version, EXCLUDED.last_version)) \
+         UPDATE deliveries SET attempts = attempts + 1, state = $2, last_error = $3, lease_until = NULL, \
            delivered_at = CASE WHEN $2 = $4 THEN now() ELSE delivered_at END \
          WHERE delivery_id = $1 RETURNING *",
     )
@@ -127,6 +114,8 @@ pub async fn record_attempt(
     .bind(state as i16)
     .bind(error)
     .bind(DeliveryState::Delivered as i16)
+    .bind(work_order_id)
+    .bind(version)
     .fetch_one(pool)
     .await?;
     Ok(from_row(&row)?)
