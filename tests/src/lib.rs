@@ -3,6 +3,7 @@
 //! receiver standing in for channel gateways, and the four services in process — the same
 //! library code their binaries run.
 
+pub mod bench;
 pub mod servers;
 pub mod system;
 pub mod webhook;

@@ -192,6 +192,22 @@ impl Postgres {
     /// Starts a cluster in `data_dir` (initialising it if empty) on `port`. With
     /// `remove_when_done`, the directory goes when the server stops.
     pub fn start_in(data_dir: &Path, port: u16, remove_when_done: bool) -> anyhow::Result<Self> {
+        Self::start_cluster(data_dir, port, remove_when_done, false)
+    }
+
+    /// Like [`Postgres::start_in`], but with PostgreSQL's durable defaults (fsync, synchronous
+    /// commit, full page writes): what benchmarks measure, since commits cost what they
+    /// would in production.
+    pub fn start_durable_in(data_dir: &Path, port: u16) -> anyhow::Result<Self> {
+        Self::start_cluster(data_dir, port, true, true)
+    }
+
+    fn start_cluster(
+        data_dir: &Path,
+        port: u16,
+        remove_when_done: bool,
+        durable: bool,
+    ) -> anyhow::Result<Self> {
         let extra = postgres_bin_dirs();
         let initdb = find_binary("initdb", "CLOSEDLOOP_INITDB", &extra)?;
         let postgres = find_binary("postgres", "CLOSEDLOOP_POSTGRES", &extra)?;
@@ -238,10 +254,14 @@ impl Postgres {
                 bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
             }
         }
-        // Durability settings off: test data is thrown away, and this keeps tests fast.
+        // Durability settings off for tests: their data is thrown away, and this keeps them fast.
+        let durability = if durable {
+            ""
+        } else {
+            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        };
         let command = format!(
-            "'{}' -D '{}' -p {port} -k '{}' -c listen_addresses=127.0.0.1 -c max_connections=300 \
-             -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            "'{}' -D '{}' -p {port} -k '{}' -c listen_addresses=127.0.0.1 -c max_connections=300{durability}",
             postgres.display(),
             cluster.display(),
             data_dir.display(),

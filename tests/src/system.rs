@@ -78,6 +78,57 @@ pub struct System {
     options: SystemOptions,
 }
 
+/// One of the four services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Ingest,
+    Classify,
+    Dispatch,
+    Notify,
+}
+
+impl Service {
+    pub const ALL: [Service; 4] = [Self::Ingest, Self::Classify, Self::Dispatch, Self::Notify];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ingest => "ingest",
+            Self::Classify => "classify",
+            Self::Dispatch => "dispatch",
+            Self::Notify => "notify",
+        }
+    }
+
+    /// Its command line under `options`, program name first: what [`System::start`] parses
+    /// in process, and what a benchmark passes to the service's own binary.
+    pub fn command_line(self, options: &SystemOptions) -> Vec<String> {
+        match self {
+            Self::Ingest => {
+                let mut args = args(options, 0, false);
+                args.extend([
+                    "--http-listen".to_owned(),
+                    SocketAddr::new(options.host, options.ingest_http_port).to_string(),
+                    "--wechat-accounts".to_owned(),
+                    options.wechat_accounts.clone(),
+                ]);
+                args
+            }
+            Self::Classify => args(options, 1, false),
+            Self::Dispatch => {
+                let mut args = args(options, 2, true);
+                args.extend(options.dispatch_args.iter().cloned());
+                args
+            }
+            Self::Notify => {
+                let mut args = args(options, 3, true);
+                args.extend(["--gateways".to_owned(), options.gateways.clone()]);
+                args.extend(options.notify_args.iter().cloned());
+                args
+            }
+        }
+    }
+}
+
 fn args(options: &SystemOptions, service: usize, with_database: bool) -> Vec<String> {
     let port = options.ports[service];
     let mut args = vec![
@@ -100,24 +151,34 @@ fn args(options: &SystemOptions, service: usize, with_database: bool) -> Vec<Str
     args
 }
 
+/// Waits until these durable consumers exist: the services that own them have started.
+pub async fn wait_for_consumers(nats_url: &str, consumers: &[(&str, &str)]) -> anyhow::Result<()> {
+    let client = async_nats::connect(nats_url).await?;
+    let js = async_nats::jetstream::new(client);
+    wait_until("durable consumers to exist", Duration::from_secs(30), || {
+        let js = js.clone();
+        async move {
+            for (stream, durable) in consumers {
+                let Ok(stream) = js.get_stream(*stream).await else {
+                    return false;
+                };
+                if stream.consumer_info(*durable).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await
+}
+
 impl System {
     /// Builds all four services (connect, migrate, bind) and runs them.
     pub async fn start(options: &SystemOptions) -> anyhow::Result<Self> {
         let cancel = CancellationToken::new();
 
-        let mut ingest_args = args(options, 0, false);
-        ingest_args.extend([
-            "--http-listen".to_owned(),
-            SocketAddr::new(options.host, options.ingest_http_port).to_string(),
-            "--wechat-accounts".to_owned(),
-            options.wechat_accounts.clone(),
-        ]);
-        let ingest_config = closedloop_ingest::Config::try_parse_from(ingest_args)?;
-
-        let mut notify_args = args(options, 3, true);
-        notify_args.extend(["--gateways".to_owned(), options.gateways.clone()]);
-        notify_args.extend(options.notify_args.iter().cloned());
-        let notify_config = closedloop_notify::Config::try_parse_from(notify_args)?;
+        let ingest_config = closedloop_ingest::Config::try_parse_from(Service::Ingest.command_line(options))?;
+        let notify_config = closedloop_notify::Config::try_parse_from(Service::Notify.command_line(options))?;
 
         let ingest = closedloop_ingest::Ingest::build(ingest_config, &cancel)
             .await
@@ -125,7 +186,8 @@ impl System {
         let dispatch = if options.without_dispatch {
             None
         } else {
-            let config = closedloop_dispatch::Config::try_parse_from(dispatch_args(options))?;
+            let config =
+                closedloop_dispatch::Config::try_parse_from(Service::Dispatch.command_line(options))?;
             Some(
                 closedloop_dispatch::Dispatch::build(config, &cancel)
                     .await
@@ -168,7 +230,8 @@ impl System {
 
     /// Starts classify (when the system was started without it).
     pub async fn start_classify(&mut self) -> anyhow::Result<()> {
-        let config = closedloop_classify::Config::try_parse_from(args(&self.options, 1, false))?;
+        let config =
+            closedloop_classify::Config::try_parse_from(Service::Classify.command_line(&self.options))?;
         let classify = closedloop_classify::Classify::build(config, &self.cancel)
             .await
             .context("classify")?;
@@ -195,8 +258,6 @@ impl System {
 
     /// Waits until every service's durable consumers exist, so the pipeline is complete.
     pub async fn wait_ready(&self, nats_url: &str) -> anyhow::Result<()> {
-        let client = async_nats::connect(nats_url).await?;
-        let js = async_nats::jetstream::new(client);
         // Dispatch replicas a test starts itself create theirs when they start.
         let dispatch_consumers = [
             closedloop_dispatch::CLASSIFIED_CONSUMER,
@@ -207,22 +268,7 @@ impl System {
             .into_iter()
             .filter(|(_, durable)| !(self.options.without_dispatch && dispatch_consumers.contains(durable)))
             .collect();
-        wait_until("durable consumers to exist", Duration::from_secs(30), || {
-            let js = js.clone();
-            let consumers = consumers.clone();
-            async move {
-                for (stream, durable) in consumers {
-                    let Ok(stream) = js.get_stream(stream).await else {
-                        return false;
-                    };
-                    if stream.consumer_info(durable).await.is_err() {
-                        return false;
-                    }
-                }
-                true
-            }
-        })
-        .await
+        wait_for_consumers(nats_url, &consumers).await
     }
 
     /// Stops all services gracefully and reports the first failure.
@@ -244,12 +290,6 @@ impl System {
     }
 }
 
-fn dispatch_args(options: &SystemOptions) -> Vec<String> {
-    let mut args = args(options, 2, true);
-    args.extend(options.dispatch_args.iter().cloned());
-    args
-}
-
 /// A dispatch replica on a runtime of its own, so a test can run several and stop one
 /// abruptly: [`DispatchReplica::kill`] drops all its tasks at once, as a crash would (no
 /// drain; open transactions roll back; unacked messages are redelivered).
@@ -265,7 +305,7 @@ impl DispatchReplica {
         let mut options = options.clone();
         options.ports[2] = 0;
         options.metrics_ports[2] = 0;
-        let config = closedloop_dispatch::Config::try_parse_from(dispatch_args(&options))?;
+        let config = closedloop_dispatch::Config::try_parse_from(Service::Dispatch.command_line(&options))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()

@@ -182,6 +182,11 @@ impl WebhookReceiver {
         self.received.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
+    /// How many requests arrived so far, without copying them.
+    pub fn count(&self) -> usize {
+        self.received.lock().map(|r| r.len()).unwrap_or_default()
+    }
+
     /// The messages the gateway accepted (answered 200).
     pub fn messages(&self) -> Vec<ReceivedMessage> {
         self.attempts()

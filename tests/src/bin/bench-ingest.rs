@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use closedloop_e2e::bench::{nats_version, rate};
 use closedloop_e2e::servers::NatsServer;
 use closedloop_e2e::system::authed;
 use closedloop_proto::v1::ingest_service_client::IngestServiceClient;
@@ -65,10 +66,6 @@ fn submission(run: &str, i: usize) -> ComplaintSubmission {
         locale: "zh-CN".into(),
         ..Default::default()
     }
-}
-
-fn rate(count: usize, elapsed: Duration) -> f64 {
-    count as f64 / elapsed.as_secs_f64()
 }
 
 /// `publishers` concurrent publishers, each sending windows of `window` events and awaiting
@@ -284,12 +281,4 @@ async fn main() -> anyhow::Result<()> {
         batched_rate / raw
     );
     Ok(())
-}
-
-fn nats_version() -> String {
-    std::process::Command::new(std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into()))
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
 }
