@@ -100,9 +100,6 @@ impl WorkOrderApi {
         Ok(work_order)
     }
 
-    /// Capacity freed in `team`: queued work goes to whoever has room. A failure only delays
-    /// it (the watcher's round tries again).
-
     /// Checks a remedy against the caller's authority: supervisors approve their own; an
     /// agent's must be within their limit in the directory.
     async fn authorise_remedy(&self, caller: &Principal, remedy: &mut Remedy) -> Result<(), Status> {
