@@ -407,6 +407,51 @@ async fn a_key_opinion_leader_keeps_the_same_account_manager() -> anyhow::Result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolved_work_order_nobody_rates_closes_after_the_configured_time() -> anyhow::Result<()> {
+    let file = policy(json!([agent("agent-7", 5, 1_000)]), ("2h", "72h"), 1_000)?;
+    let mut document: serde_json::Value = serde_json::from_slice(&std::fs::read(file.path())?)?;
+    document["feedback"]["close_unanswered_after"] = json!("2s");
+    std::fs::write(file.path(), serde_json::to_vec(&document)?)?;
+    let path = file.path().display().to_string();
+    let env =
+        TestEnv::start_with(|o: &mut SystemOptions| o.dispatch_args = vec!["--policy".into(), path]).await?;
+    let mut client = env.work_orders().await?;
+    let submitted = env
+        .submit(outage("auto-close-1", "poster-q", "宽带断网了，请尽快修复"))
+        .await?;
+    let work_order = env.work_order_for(&submitted.complaint_id).await?;
+    client
+        .resolve_work_order(authed(
+            &env.tokens.agent,
+            ResolveWorkOrderRequest {
+                work_order_id: work_order.work_order_id.clone(),
+                resolution_note: "已修复".into(),
+                ..Default::default()
+            },
+        ))
+        .await?;
+    let closed = wait_work_order(
+        &client,
+        &env.tokens.agent,
+        &work_order.work_order_id,
+        "the unrated work order to close",
+        |wo| wo.state() == WorkOrderState::Closed,
+    )
+    .await?;
+    assert_eq!(closed.satisfaction, 0, "nobody answered");
+    let entries = history(&mut client, &env.tokens.agent, &work_order.work_order_id).await?;
+    let last = entries
+        .last()
+        .ok_or_else(|| anyhow::anyhow!("an empty timeline"))?;
+    assert_eq!(last.kind(), WorkOrderEventKind::Closed);
+    assert_eq!(last.actor, "sla-watcher");
+    assert!(last.note.contains("no answer"), "{}", last.note);
+    assert_eq!(count_kind(&entries, WorkOrderEventKind::Closed), 1, "closed once");
+    assert_loads_counted(&env).await?;
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_escalate_a_breach_once_and_feedback_reopens_or_closes() -> anyhow::Result<()> {
     // Nobody to assign to, targets of seconds: the SLA clock runs out while both replicas watch.
     let file = policy(json!([]), ("2s", "4s"), 1_000)?;
