@@ -73,6 +73,9 @@ struct Args {
     /// Where the JSON figures and the SVG plot go.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
+    /// Extra arguments for notify (repeatable), e.g. `--notify-arg=--database-max-connections=32`.
+    #[arg(long, allow_hyphen_values = true)]
+    notify_arg: Vec<String>,
     /// Where the service binaries are (default: beside this one).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -136,6 +139,7 @@ fn loop_options(
     database_url: &str,
     webhook: &WebhookReceiver,
     policy: &Path,
+    notify_args: &[String],
 ) -> anyhow::Result<SystemOptions> {
     let ports = [free_port()?, free_port()?, free_port()?, free_port()?];
     let metrics_ports = [free_port()?, free_port()?, free_port()?, free_port()?];
@@ -151,7 +155,7 @@ fn loop_options(
         ingest_http_port: free_port()?,
         wechat_accounts: format!("{TENANT}={WECHAT_TOKEN}"),
         extra_args: vec!["--log-filter".into(), "warn".into()],
-        notify_args: Vec::new(),
+        notify_args: notify_args.to_vec(),
         without_classify: false,
         // As docker-compose.yml runs it: more in flight makes bigger batches.
         dispatch_args: vec![
@@ -560,7 +564,7 @@ async fn main() -> anyhow::Result<()> {
         serde_json::from_str(&bench::staffed_policy(TENANT, args.agents_per_team, true)?)?;
     staffed["incidents"]["min_count"] = json!(1_000);
     std::fs::write(&policy, serde_json::to_vec_pretty(&staffed)?)?;
-    let options = loop_options(&nats, &database_url, &webhook, &policy)?;
+    let options = loop_options(&nats, &database_url, &webhook, &policy, &args.notify_arg)?;
     eprintln!("starting the four services from {}", bin_dir.display());
     let mut children = spawn_services(&bin_dir, &options, scratch.path())?;
     wait_for_consumers(&nats.url(), &CONSUMERS).await?;
