@@ -54,6 +54,12 @@ fn policy(
     Ok(file)
 }
 
+/// A whole system whose dispatch runs on `policy`.
+async fn start_with_policy(policy: &tempfile::NamedTempFile) -> anyhow::Result<TestEnv> {
+    let path = policy.path().display().to_string();
+    TestEnv::start_with(|o: &mut SystemOptions| o.dispatch_args = vec!["--policy".into(), path]).await
+}
+
 fn agent(id: &str, capacity: i32, authority: i64) -> serde_json::Value {
     json!({"agent_id": id, "team_id": "network-ops", "skills": ["network"], "capacity": capacity,
            "online": true, "authority_limit_minor": authority})
@@ -189,9 +195,7 @@ async fn assignment_merge_and_remedy_authority() -> anyhow::Result<()> {
         ("2h", "72h"),
         1_000,
     )?;
-    let path = file.path().display().to_string();
-    let env =
-        TestEnv::start_with(|o: &mut SystemOptions| o.dispatch_args = vec!["--policy".into(), path]).await?;
+    let env = start_with_policy(&file).await?;
     let mut client = env.work_orders().await?;
     let text = "家里宽带又断网了，已经三天了还没解决！";
 
@@ -348,9 +352,7 @@ async fn a_key_opinion_leader_keeps_the_same_account_manager() -> anyhow::Result
         ("2h", "72h"),
         1_000,
     )?;
-    let path = file.path().display().to_string();
-    let env =
-        TestEnv::start_with(|o: &mut SystemOptions| o.dispatch_args = vec!["--policy".into(), path]).await?;
+    let env = start_with_policy(&file).await?;
     let mut client = env.work_orders().await?;
     // Two million followers: above the default key-opinion-leader threshold.
     let blogger = |message_id: &str, poster: &str| {
@@ -412,9 +414,7 @@ async fn a_resolved_work_order_nobody_rates_closes_after_the_configured_time() -
     let mut document: serde_json::Value = serde_json::from_slice(&std::fs::read(file.path())?)?;
     document["feedback"]["close_unanswered_after"] = json!("2s");
     std::fs::write(file.path(), serde_json::to_vec(&document)?)?;
-    let path = file.path().display().to_string();
-    let env =
-        TestEnv::start_with(|o: &mut SystemOptions| o.dispatch_args = vec!["--policy".into(), path]).await?;
+    let env = start_with_policy(&file).await?;
     let mut client = env.work_orders().await?;
     let submitted = env
         .submit(outage("auto-close-1", "poster-q", "宽带断网了，请尽快修复"))
@@ -455,9 +455,7 @@ async fn a_resolved_work_order_nobody_rates_closes_after_the_configured_time() -
 async fn two_replicas_escalate_a_breach_once_and_feedback_reopens_or_closes() -> anyhow::Result<()> {
     // Nobody to assign to, targets of seconds: the SLA clock runs out while both replicas watch.
     let file = policy(json!([]), ("2s", "4s"), 1_000)?;
-    let path = file.path().display().to_string();
-    let env =
-        TestEnv::start_with(|o: &mut SystemOptions| o.dispatch_args = vec!["--policy".into(), path]).await?;
+    let env = start_with_policy(&file).await?;
     let replica = DispatchReplica::start(env.system.options()).await?;
     let mut client = env.work_orders().await?;
 
@@ -579,9 +577,7 @@ async fn two_replicas_escalate_a_breach_once_and_feedback_reopens_or_closes() ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spike_opens_one_incident_and_resolving_it_tells_every_customer() -> anyhow::Result<()> {
     let file = policy(json!([]), ("2h", "72h"), 5)?;
-    let path = file.path().display().to_string();
-    let env =
-        TestEnv::start_with(|o: &mut SystemOptions| o.dispatch_args = vec!["--policy".into(), path]).await?;
+    let env = start_with_policy(&file).await?;
     let mut client = env.work_orders().await?;
     // An agent desk watching the team sees changes as they happen.
     let mut watch = client
