@@ -65,8 +65,27 @@ fn agent(id: &str, capacity: i32, authority: i64) -> serde_json::Value {
            "online": true, "authority_limit_minor": authority})
 }
 
-fn account_manager(id: &str) -> serde_json::Value {
-    json!({"agent_id": id, "team_id": "account-managers", "capacity": 5, "online": true})
+fn account_manager(id: &str, capacity: i32) -> serde_json::Value {
+    json!({"agent_id": id, "team_id": "account-managers", "capacity": capacity, "online": true})
+}
+
+/// An outage report from a poster with two million followers: above the default
+/// key-opinion-leader threshold, so it goes to the account-manager team.
+fn from_blogger(message_id: &str, poster: &str) -> ComplaintSubmission {
+    let mut submission = outage(message_id, poster, "家里宽带又断网了，已经三天了还没解决！");
+    if let Some(p) = submission.poster.as_mut() {
+        p.followers = 2_000_000;
+        p.verified = true;
+    }
+    submission
+}
+
+fn resolution(id: &str) -> ResolveWorkOrderRequest {
+    ResolveWorkOrderRequest {
+        work_order_id: id.to_owned(),
+        resolution_note: "已修复".into(),
+        ..Default::default()
+    }
 }
 
 fn outage(message_id: &str, poster: &str, text: &str) -> ComplaintSubmission {
@@ -346,28 +365,16 @@ async fn a_key_opinion_leader_keeps_the_same_account_manager() -> anyhow::Result
     let file = policy(
         json!([
             agent("agent-7", 5, 1_000),
-            account_manager("am-1"),
-            account_manager("am-2")
+            account_manager("am-1", 5),
+            account_manager("am-2", 5)
         ]),
         ("2h", "72h"),
         1_000,
     )?;
     let env = start_with_policy(&file).await?;
     let mut client = env.work_orders().await?;
-    // Two million followers: above the default key-opinion-leader threshold.
-    let blogger = |message_id: &str, poster: &str| {
-        let mut submission = outage(message_id, poster, "家里宽带又断网了，已经三天了还没解决！");
-        if let Some(p) = submission.poster.as_mut() {
-            p.followers = 2_000_000;
-            p.verified = true;
-        }
-        submission
-    };
-    let resolve = |id: &str| ResolveWorkOrderRequest {
-        work_order_id: id.to_owned(),
-        resolution_note: "已修复".into(),
-        ..Default::default()
-    };
+    let blogger = from_blogger;
+    let resolve = resolution;
 
     let first = env.submit(blogger("kol-m-1", "blogger-1")).await?;
     let first_wo = env.work_order_for(&first.complaint_id).await?;
@@ -404,6 +411,58 @@ async fn a_key_opinion_leader_keeps_the_same_account_manager() -> anyhow::Result
     // A newcomer with the same reach goes to the least-loaded manager, am-1.
     let newcomer = env.submit(blogger("kol-m-4", "blogger-3")).await?;
     assert_eq!(env.work_order_for(&newcomer.complaint_id).await?.assignee, "am-1");
+    assert_loads_counted(&env).await?;
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blogger_first_served_from_the_queue_keeps_that_manager() -> anyhow::Result<()> {
+    let file = policy(
+        json!([account_manager("am-1", 1), account_manager("am-2", 1)]),
+        ("2h", "72h"),
+        1_000,
+    )?;
+    let env = start_with_policy(&file).await?;
+    let mut client = env.work_orders().await?;
+    let token = &env.tokens.agent;
+    let first = env
+        .work_order_for(&env.submit(from_blogger("q-1", "blogger-1")).await?.complaint_id)
+        .await?;
+    let second = env
+        .work_order_for(&env.submit(from_blogger("q-2", "blogger-2")).await?.complaint_id)
+        .await?;
+    assert_eq!(
+        (first.assignee.as_str(), second.assignee.as_str()),
+        ("am-1", "am-2")
+    );
+    // Both managers are full: blogger-3 waits in the queue.
+    let third = env
+        .work_order_for(&env.submit(from_blogger("q-3", "blogger-3")).await?.complaint_id)
+        .await?;
+    assert_eq!(third.state(), WorkOrderState::New);
+    assert_eq!(third.assignee, "");
+
+    // am-2 frees first and takes blogger-3 from the queue, becoming their manager.
+    client
+        .resolve_work_order(authed(token, resolution(&second.work_order_id)))
+        .await?;
+    let taken = wait_work_order(
+        &client,
+        token,
+        &third.work_order_id,
+        "the queued work to be assigned",
+        |wo| wo.state() == WorkOrderState::Assigned,
+    )
+    .await?;
+    assert_eq!(taken.assignee, "am-2");
+    // Everything done: am-1 has waited longer, so round-robin alone would pick am-1.
+    for id in [&first.work_order_id, &third.work_order_id] {
+        client.resolve_work_order(authed(token, resolution(id))).await?;
+    }
+    let again = env
+        .work_order_for(&env.submit(from_blogger("q-4", "blogger-3")).await?.complaint_id)
+        .await?;
+    assert_eq!(again.assignee, "am-2", "the manager from the queue stays theirs");
     assert_loads_counted(&env).await?;
     env.shutdown().await
 }

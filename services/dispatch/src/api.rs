@@ -281,7 +281,14 @@ impl WorkOrderService for WorkOrderApi {
             })
             .await?;
         tracing::info!(work_order_id = %work_order.work_order_id, "work order resolved");
-        placement::offer_queue(&self.pool, &self.relay_wake, &caller.tenant, &work_order.team).await;
+        placement::offer_queue(
+            &self.pool,
+            &self.relay_wake,
+            &caller.tenant,
+            &work_order.team,
+            self.policy.router.account_manager_team(),
+        )
+        .await;
         Ok(Response::new(ResolveWorkOrderResponse {
             work_order: Some(work_order),
         }))
@@ -341,7 +348,14 @@ impl WorkOrderService for WorkOrderApi {
                 }
             })
             .await?;
-        placement::offer_queue(&self.pool, &self.relay_wake, &caller.tenant, &work_order.team).await;
+        placement::offer_queue(
+            &self.pool,
+            &self.relay_wake,
+            &caller.tenant,
+            &work_order.team,
+            self.policy.router.account_manager_team(),
+        )
+        .await;
         Ok(Response::new(ReassignWorkOrderResponse {
             work_order: Some(work_order),
         }))

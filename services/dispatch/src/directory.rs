@@ -109,7 +109,11 @@ pub async fn get_agent(pool: &PgPool, tenant: &str, agent_id: &str) -> Result<Op
 }
 
 /// Upserts the policy file's directory, then hands queued work to whoever has room.
-pub async fn seed(pool: &PgPool, directories: &[TenantDirectory]) -> Result<(), StoreError> {
+pub async fn seed(
+    pool: &PgPool,
+    directories: &[TenantDirectory],
+    account_manager_team: Option<&str>,
+) -> Result<(), StoreError> {
     for directory in directories {
         for team in &directory.teams {
             let team = Team {
@@ -145,7 +149,7 @@ pub async fn seed(pool: &PgPool, directories: &[TenantDirectory]) -> Result<(), 
         teams.sort_unstable();
         teams.dedup();
         for team in teams {
-            placement::assign_queued(pool, &directory.tenant, team).await?;
+            placement::assign_queued(pool, &directory.tenant, team, account_manager_team).await?;
         }
     }
     Ok(())
@@ -215,6 +219,8 @@ pub struct DirectoryApi {
     pub pool: PgPool,
     /// Wakes the outbox relay when queued work gets assigned.
     pub relay_wake: std::sync::Arc<tokio::sync::Notify>,
+    /// The policy's account-manager team, whose queue goes to posters' managers.
+    pub account_manager_team: Option<String>,
 }
 
 fn manager(request: &Request<impl Sized>) -> Result<Principal, Status> {
@@ -289,7 +295,14 @@ impl DirectoryService for DirectoryApi {
         upsert_agent(&self.pool, &caller.tenant, &agent)
             .await
             .map_err(database)?;
-        placement::offer_queue(&self.pool, &self.relay_wake, &caller.tenant, &agent.team_id).await;
+        placement::offer_queue(
+            &self.pool,
+            &self.relay_wake,
+            &caller.tenant,
+            &agent.team_id,
+            self.account_manager_team.as_deref(),
+        )
+        .await;
         let agent = self.agent(&caller.tenant, &agent.agent_id).await?;
         Ok(Response::new(UpsertAgentResponse { agent: Some(agent) }))
     }
@@ -333,7 +346,14 @@ impl DirectoryService for DirectoryApi {
         };
         if r.online {
             let team: String = row.try_get("team_id").map_err(database)?;
-            placement::offer_queue(&self.pool, &self.relay_wake, &caller.tenant, &team).await;
+            placement::offer_queue(
+                &self.pool,
+                &self.relay_wake,
+                &caller.tenant,
+                &team,
+                self.account_manager_team.as_deref(),
+            )
+            .await;
         }
         let agent = self.agent(&caller.tenant, &r.agent_id).await?;
         Ok(Response::new(SetAgentStatusResponse { agent: Some(agent) }))

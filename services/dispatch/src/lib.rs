@@ -220,7 +220,7 @@ impl Dispatch {
     pub async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
         let policy = Arc::new(Policy::load(config.policy.as_deref())?);
         let pool = db::connect(&config.database, SCHEMA, &MIGRATOR, cancel).await?;
-        directory::seed(&pool, &policy.directory).await?;
+        directory::seed(&pool, &policy.directory, policy.router.account_manager_team()).await?;
         let bus = Bus::connect(&config.service.nats.nats_url, "dispatch", cancel).await?;
         bus.provision(&StreamSettings::from(&config.service.nats)).await?;
         let listener = grpc::bind(config.listen).await?;
@@ -308,6 +308,7 @@ impl Dispatch {
         let directory = DirectoryServiceServer::new(directory::DirectoryApi {
             pool: self.pool.clone(),
             relay_wake: relay_wake.clone(),
+            account_manager_team: self.policy.router.account_manager_team().map(str::to_owned),
         })
         .max_decoding_message_size(max_request);
         let routes = Routes::new(InterceptedService::new(work_orders, authenticator.clone()))

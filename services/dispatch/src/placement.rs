@@ -814,8 +814,14 @@ pub(crate) async fn assign(
 /// Offers a team's queue to whoever has room now (after a resolution or an agent coming
 /// online) and wakes the relay for the assignments. Failures only delay the work: the
 /// watcher's round tries again.
-pub async fn offer_queue(pool: &PgPool, relay_wake: &Notify, tenant: &str, team: &str) {
-    match assign_queued(pool, tenant, team).await {
+pub async fn offer_queue(
+    pool: &PgPool,
+    relay_wake: &Notify,
+    tenant: &str,
+    team: &str,
+    account_manager_team: Option<&str>,
+) {
+    match assign_queued(pool, tenant, team, account_manager_team).await {
         Ok(0) => {}
         Ok(_) => relay_wake.notify_one(),
         Err(error) => tracing::warn!(%error, %team, "assigning queued work failed; the watcher retries"),
@@ -823,8 +829,14 @@ pub async fn offer_queue(pool: &PgPool, relay_wake: &Notify, tenant: &str, team:
 }
 
 /// Assigns queued work of one team while agents have room: after a resolution, an agent
-/// coming online, or on the watcher's round. Returns how many were assigned.
-pub async fn assign_queued(pool: &PgPool, tenant: &str, team: &str) -> Result<usize, StoreError> {
+/// coming online, or on the watcher's round. Queued work of the account-manager team goes to
+/// the poster's manager, or makes whoever takes it their manager. Returns how many were assigned.
+pub async fn assign_queued(
+    pool: &PgPool,
+    tenant: &str,
+    team: &str,
+    account_manager_team: Option<&str>,
+) -> Result<usize, StoreError> {
     let now = Utc::now();
     let mut tx = pool.begin().await?;
     // Lock the team's agents first (as placement does), then the queue.
@@ -854,9 +866,14 @@ pub async fn assign_queued(pool: &PgPool, tenant: &str, team: &str) -> Result<us
     }
     let mut queued: Vec<WorkOrder> = rows.iter().map(from_row).collect::<Result<_, _>>()?;
     let targets: Vec<usize> = (0..queued.len()).collect();
+    let managed: HashSet<usize> = if account_manager_team == Some(team) {
+        targets.iter().copied().collect()
+    } else {
+        HashSet::new()
+    };
     let mut events = Vec::new();
     // lock_agents again inside assign is a no-op re-lock in the same transaction.
-    let assigned = assign(&mut tx, &mut queued, &targets, &HashSet::new(), now, &mut events).await?;
+    let assigned = assign(&mut tx, &mut queued, &targets, &managed, now, &mut events).await?;
     for wo in queued.iter().filter(|w| !w.assignee.is_empty()) {
         store::update_work_order(&mut tx, wo).await?;
     }

@@ -118,6 +118,11 @@ impl Router {
         })
     }
 
+    /// The team whose members are posters' account managers, if the policy names one.
+    pub fn account_manager_team(&self) -> Option<&str> {
+        self.account_managers.as_ref().map(|(team, _)| team.as_str())
+    }
+
     pub fn route(&self, facts: &RouteFacts<'_>) -> Route {
         if let Some((team, min_tier)) = &self.account_managers
             && facts.tier >= *min_tier

@@ -117,7 +117,7 @@ pub async fn check_sla(pool: &PgPool, policy: &Policy) -> Result<usize, StoreErr
     queues.sort();
     queues.dedup();
     for (tenant, team) in queues {
-        placement::assign_queued(pool, &tenant, &team).await?;
+        placement::assign_queued(pool, &tenant, &team, policy.router.account_manager_team()).await?;
     }
     Ok(changed)
 }
@@ -150,7 +150,7 @@ pub async fn close_unanswered(pool: &PgPool, policy: &Policy) -> Result<usize, S
 }
 
 /// Offers every team's queue to its agents (covers capacity freed on another replica).
-pub async fn offer_queues(pool: &PgPool) -> Result<usize, StoreError> {
+pub async fn offer_queues(pool: &PgPool, policy: &Policy) -> Result<usize, StoreError> {
     let teams = sqlx::query(
         "SELECT DISTINCT w.tenant, w.team FROM work_orders w WHERE w.assignee = '' AND w.state IN (1, 7) \
            AND w.incident_id IS NULL AND EXISTS (SELECT 1 FROM agents a WHERE a.tenant = w.tenant \
@@ -162,7 +162,8 @@ pub async fn offer_queues(pool: &PgPool) -> Result<usize, StoreError> {
     for row in teams {
         let tenant: String = row.try_get("tenant")?;
         let team: String = row.try_get("team")?;
-        assigned += placement::assign_queued(pool, &tenant, &team).await?;
+        assigned +=
+            placement::assign_queued(pool, &tenant, &team, policy.router.account_manager_team()).await?;
     }
     Ok(assigned)
 }
@@ -181,7 +182,7 @@ pub async fn run(pool: PgPool, policy: Arc<Policy>, relay_wake: Arc<Notify>, can
                 }
             }
             changed += close_unanswered(&pool, &policy).await?;
-            changed += offer_queues(&pool).await?;
+            changed += offer_queues(&pool, &policy).await?;
             Ok::<usize, StoreError>(changed)
         };
         match round.await {
