@@ -12,6 +12,7 @@
 pub mod api;
 pub mod gateway;
 pub mod guard;
+pub mod ledger;
 pub mod store;
 pub mod templates;
 
@@ -152,12 +153,12 @@ fn count_delivery(kind: &str, outcome: &'static str) {
 /// Renders, delivers and logs messages. Shared by every consumer.
 struct Courier {
     pool: PgPool,
+    /// The delivery log, written in batches.
+    ledger: ledger::Ledger,
     bus: Bus,
     webhooks: WebhookClient,
     templates: Templates,
     max_deliver: i64,
-    /// How long a sender holds a delivery: longer than a gateway call can take.
-    lease: Duration,
 }
 
 fn db_error(error: store::StoreError) -> HandleError {
@@ -175,7 +176,9 @@ impl Courier {
     /// Sends `out` unless the log says it was already sent, given up on, or is being sent.
     async fn deliver(&self, out: Outgoing<'_>, message: &jetstream::Message) -> Result<(), HandleError> {
         let delivery = out.delivery;
-        match store::register_and_claim(&self.pool, &delivery, self.lease, out.only_if_new)
+        match self
+            .ledger
+            .claim(delivery.clone(), out.only_if_new)
             .await
             .map_err(db_error)?
         {
@@ -220,15 +223,11 @@ impl Courier {
                 let progress = out
                     .work_order_version
                     .map(|version| (delivery.work_order_id.as_str(), version));
-                let logged = store::record_attempt(
-                    &self.pool,
-                    &delivery.delivery_id,
-                    DeliveryState::Delivered,
-                    "",
-                    progress,
-                )
-                .await
-                .map_err(db_error)?;
+                let logged = self
+                    .ledger
+                    .record(&delivery.delivery_id, DeliveryState::Delivered, "", progress)
+                    .await
+                    .map_err(db_error)?;
                 tracing::info!(delivery_id = %delivery.delivery_id, %kind, %channel, "delivered");
                 count_delivery(&kind, "delivered");
                 if let Some(received) = out.received_at {
@@ -255,7 +254,9 @@ impl Courier {
                     DeliveryState::Pending
                 };
                 let reason = error.to_string();
-                let logged = store::record_attempt(&self.pool, &delivery.delivery_id, state, &reason, None)
+                let logged = self
+                    .ledger
+                    .record(&delivery.delivery_id, state, &reason, None)
                     .await
                     .map_err(db_error)?;
                 count_delivery(&kind, if last_try { "failed" } else { "retry" });
@@ -724,13 +725,16 @@ impl Notify {
 
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let nats = &self.config.service.nats;
+        // Longer than a gateway call can take.
+        let lease = Duration::from_secs(self.config.gateway_timeout_secs.max(1) * 2 + 5);
+        let (ledger, ledger_task) = ledger::Ledger::spawn(self.pool.clone(), lease);
         let courier = Arc::new(Courier {
             pool: self.pool.clone(),
+            ledger,
             bus: self.bus.clone(),
             webhooks: self.webhooks,
             templates: self.templates,
             max_deliver: nats.max_deliver.max(1),
-            lease: Duration::from_secs(self.config.gateway_timeout_secs.max(1) * 2 + 5),
         });
         let spec = |stream, durable, filter: String| ConsumerSpec::new(stream, durable, vec![filter], nats);
         let mut consumers = vec![
@@ -777,7 +781,10 @@ impl Notify {
             consumers.push(consumer::spawn(
                 &self.bus,
                 watchdog,
-                WatchdogHandler { courier, deadline },
+                WatchdogHandler {
+                    courier: courier.clone(),
+                    deadline,
+                },
                 &cancel,
             ));
         }
@@ -795,6 +802,10 @@ impl Notify {
         for consuming in consumers {
             consuming.await?;
         }
+        // The handlers are gone; with the last courier the delivery log's task finishes what
+        // it holds and ends.
+        drop(courier);
+        ledger_task.await?;
         exporting.await??;
         self.pool.close().await;
         served?;

@@ -14,6 +14,9 @@ pub enum StoreError {
     BadId(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// A batched write of the delivery log failed or stopped.
+    #[error("delivery log: {0}")]
+    Batch(String),
 }
 
 /// Whether this sender may call the gateway for a delivery.
@@ -29,54 +32,118 @@ pub enum Claim {
     NotOurs,
 }
 
-/// Records a delivery (once per id) and leases it for `lease` (longer than a gateway call
-/// may take), in one statement: one commit where there were two. A delivery that exists is
-/// leased again only while pending with its lease run out, and not at all with `only_if_new`.
-pub async fn register_and_claim(
-    pool: &PgPool,
-    delivery: &Delivery,
+/// A delivery to register and lease, as [`claim_batch`] takes it.
+pub struct ClaimRequest {
+    pub delivery: Delivery,
+    /// Lease only a delivery this call creates (the watchdog's first replies).
+    pub only_if_new: bool,
+}
+
+/// Records deliveries (once per id) and leases them for `lease` (longer than a gateway call
+/// may take), in two statements for the whole batch. A delivery that exists is leased again
+/// only while pending with its lease run out, and not at all for an `only_if_new` request.
+/// A delivery asked for twice in one batch is leased by the first request only.
+pub async fn claim_batch(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    requests: &[ClaimRequest],
     lease: std::time::Duration,
-    only_if_new: bool,
-) -> Result<Claim, StoreError> {
-    let id = Uuid::parse_str(&delivery.delivery_id)
-        .map_err(|_| StoreError::BadId(delivery.delivery_id.clone()))?;
+) -> Result<Vec<Claim>, StoreError> {
+    let ids: Vec<Uuid> = requests
+        .iter()
+        .map(|r| {
+            Uuid::parse_str(&r.delivery.delivery_id)
+                .map_err(|_| StoreError::BadId(r.delivery.delivery_id.clone()))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut first_asked: std::collections::HashMap<Uuid, usize> = std::collections::HashMap::new();
+    for (index, id) in ids.iter().enumerate() {
+        first_asked.entry(*id).or_insert(index);
+    }
+    let firsts: Vec<usize> = {
+        let mut firsts: Vec<usize> = first_asked.values().copied().collect();
+        firsts.sort_unstable();
+        firsts
+    };
     let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-    let leased = sqlx::query(
-        "INSERT INTO deliveries (delivery_id, tenant, kind, state, channel, recipient, complaint_id, work_order_id, body, lease_until) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now() + make_interval(secs => $10::double precision / 1000)) \
-         ON CONFLICT (delivery_id) DO UPDATE SET lease_until = EXCLUDED.lease_until \
-         WHERE NOT $11 AND deliveries.state = $4 \
-           AND (deliveries.lease_until IS NULL OR deliveries.lease_until < now()) \
-         RETURNING 1",
-    )
-    .bind(id)
-    .bind(&delivery.tenant)
-    .bind(delivery.kind as i16)
-    .bind(DeliveryState::Pending as i16)
-    .bind(delivery.channel as i16)
-    .bind(&delivery.recipient)
-    .bind(&delivery.complaint_id)
-    .bind(&delivery.work_order_id)
-    .bind(&delivery.body)
-    .bind(lease_ms)
-    .bind(only_if_new)
-    .fetch_optional(pool)
-    .await?;
-    if leased.is_some() {
-        return Ok(Claim::Mine);
-    }
-    if only_if_new {
-        return Ok(Claim::NotOurs);
-    }
-    let state: i16 = sqlx::query_scalar("SELECT state FROM deliveries WHERE delivery_id = $1")
-        .bind(id)
-        .fetch_one(pool)
+    let mut leased: std::collections::HashSet<Uuid> = std::collections::HashSet::new();
+    for only_if_new in [false, true] {
+        let chosen: Vec<&ClaimRequest> = firsts
+            .iter()
+            .map(|i| &requests[*i])
+            .filter(|r| r.only_if_new == only_if_new)
+            .collect();
+        if chosen.is_empty() {
+            continue;
+        }
+        let column =
+            |f: fn(&Delivery) -> String| chosen.iter().map(|r| f(&r.delivery)).collect::<Vec<String>>();
+        let chosen_ids: Vec<Uuid> = chosen
+            .iter()
+            .filter_map(|r| Uuid::parse_str(&r.delivery.delivery_id).ok())
+            .collect();
+        let kinds: Vec<i16> = chosen.iter().map(|r| r.delivery.kind as i16).collect();
+        let channels: Vec<i16> = chosen.iter().map(|r| r.delivery.channel as i16).collect();
+        let on_conflict = if only_if_new {
+            "DO NOTHING"
+        } else {
+            "DO UPDATE SET lease_until = EXCLUDED.lease_until WHERE deliveries.state = $9 \
+             AND (deliveries.lease_until IS NULL OR deliveries.lease_until < now())"
+        };
+        let rows: Vec<Uuid> = sqlx::query_scalar(&format!(
+            "INSERT INTO deliveries (delivery_id, tenant, kind, state, channel, recipient, complaint_id, work_order_id, body, lease_until) \
+             SELECT k.id, k.tenant, k.kind, $9, k.channel, k.recipient, k.complaint, k.work_order, k.body, \
+               now() + make_interval(secs => $10::double precision / 1000) \
+             FROM unnest($1::uuid[], $2::text[], $3::int2[], $4::int2[], $5::text[], $6::text[], $7::text[], $8::text[]) \
+               AS k(id, tenant, kind, channel, recipient, complaint, work_order, body) \
+             ON CONFLICT (delivery_id) {on_conflict} RETURNING delivery_id"
+        ))
+        .bind(&chosen_ids)
+        .bind(column(|d| d.tenant.clone()))
+        .bind(&kinds)
+        .bind(&channels)
+        .bind(column(|d| d.recipient.clone()))
+        .bind(column(|d| d.complaint_id.clone()))
+        .bind(column(|d| d.work_order_id.clone()))
+        .bind(column(|d| d.body.clone()))
+        .bind(DeliveryState::Pending as i16)
+        .bind(lease_ms)
+        .fetch_all(&mut **tx)
         .await?;
-    Ok(if state == DeliveryState::Pending as i16 {
-        Claim::Busy
-    } else {
-        Claim::Done
-    })
+        leased.extend(rows);
+    }
+    // Why the others were not leased: finished, or someone else's lease.
+    let unleased: Vec<Uuid> = firsts
+        .iter()
+        .filter(|i| !requests[**i].only_if_new && !leased.contains(&ids[**i]))
+        .map(|i| ids[*i])
+        .collect();
+    let mut pending: std::collections::HashSet<Uuid> = std::collections::HashSet::new();
+    if !unleased.is_empty() {
+        let rows: Vec<(Uuid, i16)> =
+            sqlx::query_as("SELECT delivery_id, state FROM deliveries WHERE delivery_id = ANY($1)")
+                .bind(&unleased)
+                .fetch_all(&mut **tx)
+                .await?;
+        pending.extend(
+            rows.into_iter()
+                .filter(|(_, state)| *state == DeliveryState::Pending as i16)
+                .map(|(id, _)| id),
+        );
+    }
+    Ok(requests
+        .iter()
+        .enumerate()
+        .map(|(index, request)| {
+            let id = ids[index];
+            let first = first_asked.get(&id) == Some(&index);
+            match (first && leased.contains(&id), request.only_if_new) {
+                (true, _) => Claim::Mine,
+                (false, true) => Claim::NotOurs,
+                (false, false) if !first || pending.contains(&id) => Claim::Busy,
+                (false, false) => Claim::Done,
+            }
+        })
+        .collect())
 }
 
 /// The newest work-order version the customer has been told about (0 if none).
@@ -89,36 +156,68 @@ pub async fn customer_progress(pool: &PgPool, work_order_id: &str) -> Result<i64
     Ok(version.unwrap_or(0))
 }
 
-/// Records the outcome of one attempt and releases the lease; with `progress` (a work
-/// order and the version the customer was just told about), also advances what the
-/// customer knows, never backwards. One statement, so one commit. Returns the delivery.
-pub async fn record_attempt(
-    pool: &PgPool,
-    delivery_id: &str,
-    state: DeliveryState,
-    error: &str,
-    progress: Option<(&str, i64)>,
-) -> Result<Delivery, StoreError> {
-    let id = Uuid::parse_str(delivery_id).map_err(|_| StoreError::BadId(delivery_id.to_owned()))?;
-    let (work_order_id, version) = progress.unwrap_or(("", 0));
-    let row = sqlx::query(
-        "WITH progress AS ( \
-           INSERT INTO customer_progress (work_order_id, last_version) SELECT $5, $6 WHERE $6 > 0 \
-           ON CONFLICT (work_order_id) DO UPDATE \
-             SET last_version = GREATEST(customer_progress.last_version, EXCLUDED.last_version)) \
-         UPDATE deliveries SET attempts = attempts + 1, state = $2, last_error = $3, lease_until = NULL, \
-           delivered_at = CASE WHEN $2 = $4 THEN now() ELSE delivered_at END \
-         WHERE delivery_id = $1 RETURNING *",
+/// The outcome of one attempt, as [`record_batch`] takes it.
+pub struct RecordRequest {
+    pub delivery_id: String,
+    pub state: DeliveryState,
+    pub error: String,
+    /// A work order and the version the customer was just told about.
+    pub progress: Option<(String, i64)>,
+}
+
+/// Records attempts and releases their leases; where a request carries `progress`, also
+/// advances what the customer knows of that work order, never backwards. One statement for
+/// the batch. Returns each delivery as now logged, in request order.
+pub async fn record_batch(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    requests: &[RecordRequest],
+) -> Result<Vec<Delivery>, StoreError> {
+    let ids: Vec<Uuid> = requests
+        .iter()
+        .map(|r| Uuid::parse_str(&r.delivery_id).map_err(|_| StoreError::BadId(r.delivery_id.clone())))
+        .collect::<Result<_, _>>()?;
+    let states: Vec<i16> = requests.iter().map(|r| r.state as i16).collect();
+    let errors: Vec<&str> = requests.iter().map(|r| r.error.as_str()).collect();
+    let work_orders: Vec<&str> = requests
+        .iter()
+        .map(|r| r.progress.as_ref().map_or("", |(w, _)| w.as_str()))
+        .collect();
+    let versions: Vec<i64> = requests
+        .iter()
+        .map(|r| r.progress.as_ref().map_or(0, |(_, v)| *v))
+        .collect();
+    let rows = sqlx::query(
+        "WITH k AS (SELECT * FROM unnest($1::uuid[], $2::int2[], $3::text[], $4::text[], $5::int8[]) \
+             AS k(id, state, error, work_order, version)), \
+           progress AS ( \
+             INSERT INTO customer_progress (work_order_id, last_version) \
+             SELECT work_order, max(version) FROM k WHERE version > 0 GROUP BY work_order \
+             ON CONFLICT (work_order_id) DO UPDATE \
+               SET last_version = GREATEST(customer_progress.last_version, EXCLUDED.last_version)) \
+         UPDATE deliveries d SET attempts = d.attempts + 1, state = k.state, last_error = k.error, \
+           lease_until = NULL, delivered_at = CASE WHEN k.state = $6 THEN now() ELSE d.delivered_at END \
+         FROM k WHERE d.delivery_id = k.id RETURNING d.*",
     )
-    .bind(id)
-    .bind(state as i16)
-    .bind(error)
+    .bind(&ids)
+    .bind(&states)
+    .bind(&errors)
+    .bind(&work_orders)
+    .bind(&versions)
     .bind(DeliveryState::Delivered as i16)
-    .bind(work_order_id)
-    .bind(version)
-    .fetch_one(pool)
+    .fetch_all(&mut **tx)
     .await?;
-    Ok(from_row(&row)?)
+    let mut logged: std::collections::HashMap<Uuid, Delivery> = std::collections::HashMap::new();
+    for row in &rows {
+        logged.insert(row.try_get("delivery_id")?, from_row(row)?);
+    }
+    ids.iter()
+        .map(|id| {
+            logged
+                .get(id)
+                .cloned()
+                .ok_or_else(|| StoreError::Database(sqlx::Error::RowNotFound))
+        })
+        .collect()
 }
 
 fn from_row(row: &sqlx::postgres::PgRow) -> Result<Delivery, sqlx::Error> {

@@ -1,0 +1,151 @@
+//! The delivery log, written in batches. Every delivery in flight registers and leases
+//! itself before calling a gateway and records the outcome after; one task takes whatever
+//! requests are waiting and writes them in one transaction, so many deliveries share a
+//! commit where each used to wait on its own two.
+
+use std::time::Duration;
+
+use closedloop_proto::v1::{Delivery, DeliveryState};
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{self, Claim, ClaimRequest, RecordRequest, StoreError};
+
+/// Most requests written in one transaction.
+const MAX_BATCH: usize = 256;
+
+enum Job {
+    Claim(ClaimRequest, oneshot::Sender<Result<Claim, String>>),
+    Record(RecordRequest, oneshot::Sender<Result<Delivery, String>>),
+}
+
+/// Hands requests to the writing task; cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    queue: mpsc::Sender<Job>,
+}
+
+impl Ledger {
+    /// Starts the writing task; it ends when every `Ledger` clone is dropped.
+    pub fn spawn(pool: PgPool, lease: Duration) -> (Self, tokio::task::JoinHandle<()>) {
+        let (queue, mut jobs) = mpsc::channel::<Job>(MAX_BATCH * 4);
+        let task = tokio::spawn(async move {
+            while let Some(first) = jobs.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match jobs.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                write(&pool, lease, batch).await;
+            }
+        });
+        (Self { queue }, task)
+    }
+
+    /// Registers `delivery` (once per id) and leases it to the caller if it may send.
+    pub async fn claim(&self, delivery: Delivery, only_if_new: bool) -> Result<Claim, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Claim(
+            ClaimRequest {
+                delivery,
+                only_if_new,
+            },
+            reply,
+        ))
+        .await?;
+        answer
+            .await
+            .map_err(|_| StoreError::Batch("the delivery log dropped the request".into()))?
+            .map_err(StoreError::Batch)
+    }
+
+    /// Records an attempt's outcome, releases the lease and, with `progress`, advances what
+    /// the customer knows of the work order. Returns the delivery as logged.
+    pub async fn record(
+        &self,
+        delivery_id: &str,
+        state: DeliveryState,
+        error: &str,
+        progress: Option<(&str, i64)>,
+    ) -> Result<Delivery, StoreError> {
+        let request = RecordRequest {
+            delivery_id: delivery_id.to_owned(),
+            state,
+            error: error.to_owned(),
+            progress: progress.map(|(w, v)| (w.to_owned(), v)),
+        };
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Record(request, reply)).await?;
+        answer
+            .await
+            .map_err(|_| StoreError::Batch("the delivery log dropped the request".into()))?
+            .map_err(StoreError::Batch)
+    }
+
+    async fn send(&self, job: Job) -> Result<(), StoreError> {
+        self.queue
+            .send(job)
+            .await
+            .map_err(|_| StoreError::Batch("the delivery log has stopped".into()))
+    }
+}
+
+/// Writes one batch in one transaction and answers every request; on failure every request
+/// gets the error (its delivery is retried by redelivery, as any database failure is).
+async fn write(pool: &PgPool, lease: Duration, batch: Vec<Job>) {
+    let mut claims = Vec::new();
+    let mut claim_replies = Vec::new();
+    let mut records = Vec::new();
+    let mut record_replies = Vec::new();
+    for job in batch {
+        match job {
+            Job::Claim(request, reply) => {
+                claims.push(request);
+                claim_replies.push(reply);
+            }
+            Job::Record(request, reply) => {
+                records.push(request);
+                record_replies.push(reply);
+            }
+        }
+    }
+    let written = async {
+        let mut tx = pool.begin().await?;
+        let claimed = if claims.is_empty() {
+            Vec::new()
+        } else {
+            store::claim_batch(&mut tx, &claims, lease).await?
+        };
+        let recorded = if records.is_empty() {
+            Vec::new()
+        } else {
+            store::record_batch(&mut tx, &records).await?
+        };
+        tx.commit().await?;
+        Ok::<_, StoreError>((claimed, recorded))
+    }
+    .await;
+    match written {
+        Ok((claimed, recorded)) => {
+            // A caller that has gone away (shutdown) loses nothing: the commit stands.
+            for (reply, claim) in claim_replies.into_iter().zip(claimed) {
+                let _ = reply.send(Ok(claim));
+            }
+            for (reply, delivery) in record_replies.into_iter().zip(recorded) {
+                let _ = reply.send(Ok(delivery));
+            }
+        }
+        Err(error) => {
+            let message = error.to_string();
+            tracing::warn!(error = %message, "writing to the delivery log failed; the deliveries will be retried");
+            for reply in claim_replies {
+                let _ = reply.send(Err(message.clone()));
+            }
+            for reply in record_replies {
+                let _ = reply.send(Err(message.clone()));
+            }
+        }
+    }
+}
