@@ -374,3 +374,72 @@ async fn sla_and_incident_alerts_reach_staff_once() -> anyhow::Result<()> {
     );
     env.shutdown().await
 }
+
+/// The batched delivery log on the real schema: a delivery asked for twice in one batch is
+/// leased once; a watchdog's only-if-new claim of an existing delivery is not its to send;
+/// a delivered one is done, and recording it advances what the customer knows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_log_leases_each_delivery_once() -> anyhow::Result<()> {
+    use closedloop_notify::store::{self, Claim, ClaimRequest, RecordRequest};
+    use std::str::FromStr;
+
+    let env = TestEnv::start().await?;
+    let options = sqlx::postgres::PgConnectOptions::from_str(&env.database_url)?
+        .options([("search_path", closedloop_notify::SCHEMA)]);
+    let pool = sqlx::PgPool::connect_with(options).await?;
+    let delivery = |n: u128| Delivery {
+        delivery_id: uuid::Uuid::from_u128(n).to_string(),
+        tenant: "acme".into(),
+        kind: NotificationKind::Acknowledgement as i32,
+        channel: Channel::Wechat as i32,
+        recipient: "u-1".into(),
+        complaint_id: "c-1".into(),
+        body: "已收到".into(),
+        ..Default::default()
+    };
+    let claim = |n: u128, only_if_new: bool| ClaimRequest {
+        delivery: delivery(n),
+        only_if_new,
+    };
+    let lease = Duration::from_secs(30);
+
+    let mut tx = pool.begin().await?;
+    let first = store::claim_batch(
+        &mut tx,
+        &[claim(1, false), claim(1, false), claim(2, true)],
+        lease,
+    )
+    .await?;
+    tx.commit().await?;
+    assert_eq!(first, [Claim::Mine, Claim::Busy, Claim::Mine]);
+
+    let mut tx = pool.begin().await?;
+    let again = store::claim_batch(&mut tx, &[claim(1, false), claim(2, true)], lease).await?;
+    let recorded = store::record_batch(
+        &mut tx,
+        &[RecordRequest {
+            delivery_id: delivery(1).delivery_id,
+            state: DeliveryState::Delivered,
+            error: String::new(),
+            progress: Some(("wo-1".into(), 3)),
+        }],
+    )
+    .await?;
+    tx.commit().await?;
+    assert_eq!(
+        again,
+        [Claim::Busy, Claim::NotOurs],
+        "leased; and not the watchdog's"
+    );
+    assert_eq!(recorded[0].state(), DeliveryState::Delivered);
+    assert_eq!(recorded[0].attempts, 1);
+    assert!(recorded[0].delivered_at.is_some());
+
+    let mut tx = pool.begin().await?;
+    let done = store::claim_batch(&mut tx, &[claim(1, false)], lease).await?;
+    tx.commit().await?;
+    assert_eq!(done, [Claim::Done]);
+    assert_eq!(store::customer_progress(&pool, "wo-1").await?, 3);
+    pool.close().await;
+    env.shutdown().await
+}
