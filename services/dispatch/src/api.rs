@@ -85,6 +85,12 @@ fn check_note(field: &str, value: &str, required: bool) -> Result<(), Status> {
 }
 
 impl WorkOrderApi {
+    /// Capacity freed in `team`: its queue goes to whoever has room now.
+    async fn offer_queue(&self, tenant: &str, team: &str) {
+        let managers = self.policy.router.account_manager_team();
+        placement::offer_queue(&self.pool, &self.relay_wake, tenant, team, managers).await;
+    }
+
     async fn change(
         &self,
         caller: &Principal,
@@ -281,14 +287,7 @@ impl WorkOrderService for WorkOrderApi {
             })
             .await?;
         tracing::info!(work_order_id = %work_order.work_order_id, "work order resolved");
-        placement::offer_queue(
-            &self.pool,
-            &self.relay_wake,
-            &caller.tenant,
-            &work_order.team,
-            self.policy.router.account_manager_team(),
-        )
-        .await;
+        self.offer_queue(&caller.tenant, &work_order.team).await;
         Ok(Response::new(ResolveWorkOrderResponse {
             work_order: Some(work_order),
         }))
@@ -348,14 +347,7 @@ impl WorkOrderService for WorkOrderApi {
                 }
             })
             .await?;
-        placement::offer_queue(
-            &self.pool,
-            &self.relay_wake,
-            &caller.tenant,
-            &work_order.team,
-            self.policy.router.account_manager_team(),
-        )
-        .await;
+        self.offer_queue(&caller.tenant, &work_order.team).await;
         Ok(Response::new(ReassignWorkOrderResponse {
             work_order: Some(work_order),
         }))

@@ -64,13 +64,7 @@ impl Batcher {
         let (queue, mut jobs) = mpsc::channel::<(Draft, Reply)>(MAX_BATCH * 4);
         let task = tokio::spawn(async move {
             while let Some(first) = jobs.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match jobs.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
-                    }
-                }
+                let batch = closedloop_runtime::batch::with_waiting(first, &mut jobs, MAX_BATCH);
                 let (drafts, replies): (Vec<Draft>, Vec<Reply>) = batch.into_iter().unzip();
                 BATCH_SIZES.observe(drafts.len() as f64);
                 match place_batch(&pool, &policy, drafts).await {

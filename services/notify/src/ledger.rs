@@ -31,13 +31,7 @@ impl Ledger {
         let (queue, mut jobs) = mpsc::channel::<Job>(MAX_BATCH * 4);
         let task = tokio::spawn(async move {
             while let Some(first) = jobs.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match jobs.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
-                    }
-                }
+                let batch = closedloop_runtime::batch::with_waiting(first, &mut jobs, MAX_BATCH);
                 write(&pool, lease, batch).await;
             }
         });

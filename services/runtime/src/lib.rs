@@ -5,6 +5,7 @@
 //! Services stay thin: they hold their domain logic and wire it to these edges.
 
 pub mod auth;
+pub mod batch;
 pub mod bus;
 pub mod chinese;
 pub mod config;
