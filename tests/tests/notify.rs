@@ -377,7 +377,8 @@ async fn sla_and_incident_alerts_reach_staff_once() -> anyhow::Result<()> {
 
 /// The batched delivery log on the real schema: a delivery asked for twice in one batch is
 /// leased once; a watchdog's only-if-new claim of an existing delivery is not its to send;
-/// a delivered one is done, and recording it advances what the customer knows.
+/// a delivered one is done, and recording it advances what the customer knows; recording a
+/// delivery the log does not hold fails that request alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_delivery_log_leases_each_delivery_once() -> anyhow::Result<()> {
     use closedloop_notify::store::{self, Claim, ClaimRequest, RecordRequest};
@@ -398,6 +399,7 @@ async fn the_delivery_log_leases_each_delivery_once() -> anyhow::Result<()> {
         ..Default::default()
     };
     let claim = |n: u128, only_if_new: bool| ClaimRequest {
+        id: uuid::Uuid::from_u128(n),
         delivery: delivery(n),
         only_if_new,
     };
@@ -417,23 +419,36 @@ async fn the_delivery_log_leases_each_delivery_once() -> anyhow::Result<()> {
     let again = store::claim_batch(&mut tx, &[claim(1, false), claim(2, true)], lease).await?;
     let recorded = store::record_batch(
         &mut tx,
-        &[RecordRequest {
-            delivery_id: delivery(1).delivery_id,
-            state: DeliveryState::Delivered,
-            error: String::new(),
-            progress: Some(("wo-1".into(), 3)),
-        }],
+        &[
+            RecordRequest {
+                id: uuid::Uuid::from_u128(1),
+                state: DeliveryState::Delivered,
+                error: String::new(),
+                progress: Some(("wo-1".into(), 3)),
+            },
+            // Not in the log: answered alone, without failing the batch.
+            RecordRequest {
+                id: uuid::Uuid::from_u128(99),
+                state: DeliveryState::Delivered,
+                error: String::new(),
+                progress: None,
+            },
+        ],
     )
     .await?;
+    assert!(recorded[1].is_none(), "an unknown delivery");
     tx.commit().await?;
     assert_eq!(
         again,
         [Claim::Busy, Claim::NotOurs],
         "leased; and not the watchdog's"
     );
-    assert_eq!(recorded[0].state(), DeliveryState::Delivered);
-    assert_eq!(recorded[0].attempts, 1);
-    assert!(recorded[0].delivered_at.is_some());
+    let recorded = recorded[0]
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("delivery 1 not logged"))?;
+    assert_eq!(recorded.state(), DeliveryState::Delivered);
+    assert_eq!(recorded.attempts, 1);
+    assert!(recorded.delivered_at.is_some());
 
     let mut tx = pool.begin().await?;
     let done = store::claim_batch(&mut tx, &[claim(1, false)], lease).await?;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use closedloop_proto::v1::{Delivery, DeliveryState};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
 
 use crate::store::{self, Claim, ClaimRequest, RecordRequest, StoreError};
 
@@ -40,9 +41,11 @@ impl Ledger {
 
     /// Registers `delivery` (once per id) and leases it to the caller if it may send.
     pub async fn claim(&self, delivery: Delivery, only_if_new: bool) -> Result<Claim, StoreError> {
+        let id = parse_id(&delivery.delivery_id)?;
         let (reply, answer) = oneshot::channel();
         self.send(Job::Claim(
             ClaimRequest {
+                id,
                 delivery,
                 only_if_new,
             },
@@ -65,7 +68,7 @@ impl Ledger {
         progress: Option<(&str, i64)>,
     ) -> Result<Delivery, StoreError> {
         let request = RecordRequest {
-            delivery_id: delivery_id.to_owned(),
+            id: parse_id(delivery_id)?,
             state,
             error: error.to_owned(),
             progress: progress.map(|(w, v)| (w.to_owned(), v)),
@@ -84,6 +87,10 @@ impl Ledger {
             .await
             .map_err(|_| StoreError::Batch("the delivery log has stopped".into()))
     }
+}
+
+fn parse_id(delivery_id: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(delivery_id).map_err(|_| StoreError::BadId(delivery_id.to_owned()))
 }
 
 /// Writes one batch in one transaction and answers every request; on failure every request
@@ -127,8 +134,9 @@ async fn write(pool: &PgPool, lease: Duration, batch: Vec<Job>) {
             for (reply, claim) in claim_replies.into_iter().zip(claimed) {
                 let _ = reply.send(Ok(claim));
             }
-            for (reply, delivery) in record_replies.into_iter().zip(recorded) {
-                let _ = reply.send(Ok(delivery));
+            for ((reply, request), delivery) in record_replies.into_iter().zip(&records).zip(recorded) {
+                let _ =
+                    reply.send(delivery.ok_or_else(|| format!("delivery {} is not in the log", request.id)));
             }
         }
         Err(error) => {

@@ -34,6 +34,8 @@ pub enum Claim {
 
 /// A delivery to register and lease, as [`claim_batch`] takes it.
 pub struct ClaimRequest {
+    /// `delivery.delivery_id`, parsed by the caller so a batch holds only valid ids.
+    pub id: Uuid,
     pub delivery: Delivery,
     /// Lease only a delivery this call creates (the watchdog's first replies).
     pub only_if_new: bool,
@@ -48,13 +50,7 @@ pub async fn claim_batch(
     requests: &[ClaimRequest],
     lease: std::time::Duration,
 ) -> Result<Vec<Claim>, StoreError> {
-    let ids: Vec<Uuid> = requests
-        .iter()
-        .map(|r| {
-            Uuid::parse_str(&r.delivery.delivery_id)
-                .map_err(|_| StoreError::BadId(r.delivery.delivery_id.clone()))
-        })
-        .collect::<Result<_, _>>()?;
+    let ids: Vec<Uuid> = requests.iter().map(|r| r.id).collect();
     let mut first_asked: std::collections::HashMap<Uuid, usize> = std::collections::HashMap::new();
     for (index, id) in ids.iter().enumerate() {
         first_asked.entry(*id).or_insert(index);
@@ -77,10 +73,7 @@ pub async fn claim_batch(
         }
         let column =
             |f: fn(&Delivery) -> String| chosen.iter().map(|r| f(&r.delivery)).collect::<Vec<String>>();
-        let chosen_ids: Vec<Uuid> = chosen
-            .iter()
-            .filter_map(|r| Uuid::parse_str(&r.delivery.delivery_id).ok())
-            .collect();
+        let chosen_ids: Vec<Uuid> = chosen.iter().map(|r| r.id).collect();
         let kinds: Vec<i16> = chosen.iter().map(|r| r.delivery.kind as i16).collect();
         let channels: Vec<i16> = chosen.iter().map(|r| r.delivery.channel as i16).collect();
         let on_conflict = if only_if_new {
@@ -158,7 +151,7 @@ pub async fn customer_progress(pool: &PgPool, work_order_id: &str) -> Result<i64
 
 /// The outcome of one attempt, as [`record_batch`] takes it.
 pub struct RecordRequest {
-    pub delivery_id: String,
+    pub id: Uuid,
     pub state: DeliveryState,
     pub error: String,
     /// A work order and the version the customer was just told about.
@@ -167,15 +160,13 @@ pub struct RecordRequest {
 
 /// Records attempts and releases their leases; where a request carries `progress`, also
 /// advances what the customer knows of that work order, never backwards. One statement for
-/// the batch. Returns each delivery as now logged, in request order.
+/// the batch. Returns each delivery as now logged, in request order; `None` where the log
+/// holds no such delivery, so one bad request does not fail the others.
 pub async fn record_batch(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     requests: &[RecordRequest],
-) -> Result<Vec<Delivery>, StoreError> {
-    let ids: Vec<Uuid> = requests
-        .iter()
-        .map(|r| Uuid::parse_str(&r.delivery_id).map_err(|_| StoreError::BadId(r.delivery_id.clone())))
-        .collect::<Result<_, _>>()?;
+) -> Result<Vec<Option<Delivery>>, StoreError> {
+    let ids: Vec<Uuid> = requests.iter().map(|r| r.id).collect();
     let states: Vec<i16> = requests.iter().map(|r| r.state as i16).collect();
     let errors: Vec<&str> = requests.iter().map(|r| r.error.as_str()).collect();
     let work_orders: Vec<&str> = requests
@@ -210,14 +201,7 @@ pub async fn record_batch(
     for row in &rows {
         logged.insert(row.try_get("delivery_id")?, from_row(row)?);
     }
-    ids.iter()
-        .map(|id| {
-            logged
-                .get(id)
-                .cloned()
-                .ok_or_else(|| StoreError::Database(sqlx::Error::RowNotFound))
-        })
-        .collect()
+    Ok(ids.iter().map(|id| logged.get(id).cloned()).collect())
 }
 
 fn from_row(row: &sqlx::postgres::PgRow) -> Result<Delivery, sqlx::Error> {
