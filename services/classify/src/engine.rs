@@ -8,7 +8,7 @@ use closedloop_runtime::pii::PiiKind;
 
 use crate::model::TextModels;
 use crate::region;
-use crate::rules::{List, Rules, fold};
+use crate::rules::{Found, List, Rules, fold};
 
 /// What classify needs to know about a contact.
 pub struct Contact<'a> {
@@ -51,17 +51,8 @@ fn raise(priority: Priority) -> Priority {
     }
 }
 
-/// How sure the model must be to overrule the keyword rules.
-pub const MODEL_CONFIDENCE: f32 = 0.99;
-
-/// Classifies a contact with the keyword rules and, when given, the statistical models:
-/// the models decide intent and category when confident, the rules otherwise.
-pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_>) -> Classification {
-    // Traditional and Simplified texts match the same rules.
-    let text = fold(contact.text);
-    let found = rules.matcher.scan(&text);
-    let mut reasons = Vec::new();
-
+/// The category with the most keyword hits (and those keywords), and all category hits.
+fn keyword_category<'r>(rules: &'r Rules, found: &Found<'r>) -> (Option<(&'r str, Vec<&'r str>)>, usize) {
     let mut best: Option<(&str, Vec<&str>)> = None;
     let mut total_hits = 0usize;
     for (i, category) in rules.categories.iter().enumerate() {
@@ -71,6 +62,45 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
             best = Some((category.name.as_str(), keywords));
         }
     }
+    (best, total_hits)
+}
+
+/// Whether the rules have any ground for an intent: a category keyword, sentiment or a
+/// question word. Without one their "complaint" is only a default.
+fn has_intent_signal(found: &Found<'_>, category_found: bool) -> bool {
+    category_found
+        || !found.of(List::Negative).is_empty()
+        || !found.of(List::Positive).is_empty()
+        || !found.of(List::Question).is_empty()
+}
+
+/// What the keyword rules alone found in a text, for weighing them against the model
+/// (see `classify-train`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleSignals {
+    pub category_found: bool,
+    pub intent_signal: bool,
+}
+
+pub fn rule_signals(rules: &Rules, text: &str) -> RuleSignals {
+    let text = fold(text);
+    let found = rules.matcher.scan(&text);
+    let category_found = keyword_category(rules, &found).0.is_some();
+    RuleSignals {
+        category_found,
+        intent_signal: has_intent_signal(&found, category_found),
+    }
+}
+
+/// Classifies a contact with the keyword rules and, when given, the statistical models:
+/// the models decide intent and category when confident, the rules otherwise.
+pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_>) -> Classification {
+    // Traditional and Simplified texts match the same rules.
+    let text = fold(contact.text);
+    let found = rules.matcher.scan(&text);
+    let mut reasons = Vec::new();
+
+    let (best, total_hits) = keyword_category(rules, &found);
     let (category, confidence) = match &best {
         Some((name, found)) => {
             reasons.push(format!("category {name}: keywords {found:?}"));
@@ -85,20 +115,31 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         }
     };
 
-    // The model is consulted only where it may decide (see below), which keeps it off the
-    // common path.
-    let model_category = if best.is_none() {
-        models.map(|m| m.category.predict(&text))
-    } else {
-        None
-    };
-    // The model speaks only where the rules found nothing: with the labelled examples we
-    // have, it is weaker than the keywords where they match (see classify-eval).
+    // How far the model may overrule the keywords was chosen by cross-validation when it
+    // was trained; it is consulted only where it could decide.
+    let keywords_found = best.is_some();
+    // The rules' signal for intent is any category, sentiment or question word.
+    let rules_had_signal = has_intent_signal(&found, keywords_found);
+    let (model_intent, model_category) = models.map_or((None, None), |m| {
+        let (intent, category) = m.predict(
+            &text,
+            m.intent_trust.could_decide(rules_had_signal),
+            m.category_trust.could_decide(keywords_found),
+        );
+        (intent.map(|p| (p, m)), category.map(|p| (p, m)))
+    });
     let (category, confidence) = match &model_category {
-        Some(p) if best.is_none() && p.confidence >= MODEL_CONFIDENCE => {
+        Some((p, m)) if m.category_trust.model_decides(keywords_found, p.confidence) => {
+            let over = if keywords_found {
+                format!("overruling the keywords' {category}")
+            } else {
+                "no keyword matched".to_owned()
+            };
             reasons.push(format!(
-                "category {} by the model ({:.2}, evidence {:?}): no keyword matched",
-                p.class, p.confidence, p.evidence
+                "category {} by the model ({:.2}, evidence {}): {over}",
+                p.class,
+                p.confidence,
+                m.category.evidence(&text, p).join(" ")
             ));
             (p.class.clone(), f64::from(p.confidence))
         }
@@ -159,25 +200,25 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
     let escalation_risk = !threats.is_empty() || !repeated.is_empty() || !vulnerable.is_empty();
 
     let tier = influence_tier(rules, contact.poster);
-    // Likewise for intent: only when the rules fell back to "complaint" without any signal.
-    let rules_had_signal =
-        best.is_some() || !negative.is_empty() || !positive.is_empty() || !questions.is_empty();
-    let model_intent = if rules_had_signal {
-        None
-    } else {
-        models.map(|m| m.intent.predict(&text))
-    };
+    // Likewise for intent.
     let intent = match &model_intent {
-        Some(p) if !rules_had_signal && intent == Intent::Complaint && p.confidence >= MODEL_CONFIDENCE => {
+        Some((p, m)) if m.intent_trust.model_decides(rules_had_signal, p.confidence) => {
             let by_model = match p.class.as_str() {
                 "inquiry" => Intent::Inquiry,
                 "praise" => Intent::Praise,
                 "noise" => Intent::Noise,
                 _ => Intent::Complaint,
             };
+            let over = if rules_had_signal {
+                "overruling the rules"
+            } else {
+                "no rule signal"
+            };
             reasons.push(format!(
-                "intent {} by the model ({:.2}, evidence {:?}): no rule signal",
-                p.class, p.confidence, p.evidence
+                "intent {} by the model ({:.2}, evidence {}): {over}",
+                p.class,
+                p.confidence,
+                m.intent.evidence(&text, p).join(" ")
             ));
             by_model
         }
@@ -400,6 +441,61 @@ mod tests {
             },
         );
         assert_eq!((hinted.province.as_str(), hinted.city.as_str()), ("浙江", "杭州"));
+    }
+
+    fn with_models(text: &str, models: &TextModels) -> Classification {
+        let rules = Rules::builtin().expect("builtin rules");
+        classify(
+            &rules,
+            Some(models),
+            &Contact {
+                text,
+                channel: Channel::Wechat,
+                poster: None,
+                region_hint: "",
+            },
+        )
+    }
+
+    #[test]
+    fn the_model_names_a_category_the_keywords_missed_and_says_why() {
+        // No category keyword here; the shipped model is trusted where keywords are silent.
+        let text = "寄给我的新卡被别人签收了";
+        assert_eq!(run(text, 10).category, "other");
+        let models = TextModels::builtin().expect("shipped model");
+        let c = with_models(text, &models);
+        assert_eq!(c.category, "delivery");
+        assert!(
+            c.reasons
+                .iter()
+                .any(|r| r.starts_with("category delivery by the model")),
+            "{:?}",
+            c.reasons
+        );
+        // A model that is never trusted changes nothing.
+        let mut distrusted = models.clone();
+        distrusted.category_trust = crate::model::Trust {
+            over_rules: crate::model::NEVER,
+            without_rules: crate::model::NEVER,
+        };
+        assert_eq!(with_models(text, &distrusted).category, "other");
+    }
+
+    #[test]
+    fn keywords_keep_their_category_when_the_model_may_not_overrule() {
+        let models = TextModels::builtin().expect("shipped model");
+        assert!(
+            !models.category_trust.could_decide(true),
+            "retrained? {:?}",
+            models.category_trust
+        );
+        let c = with_models("家里宽带又断网了", &models);
+        assert_eq!(c.category, "outage");
+        assert!(
+            c.reasons.iter().all(|r| !r.contains("by the model")),
+            "{:?}",
+            c.reasons
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! `complaint.classified`; `Classify` is a dry run over gRPC. Stateless and CPU-bound:
 //! scale by replicas sharing one durable consumer.
 
+pub mod calibrate;
 pub mod engine;
 pub mod model;
 pub mod region;

@@ -93,8 +93,8 @@ pub struct Found<'r> {
     hits: Vec<(List, &'r str)>,
 }
 
-impl Found<'_> {
-    pub fn of(&self, list: List) -> Vec<&str> {
+impl<'r> Found<'r> {
+    pub fn of(&self, list: List) -> Vec<&'r str> {
         self.hits
             .iter()
             .filter(|(l, _)| *l == list)

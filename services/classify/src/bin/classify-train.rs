@@ -1,10 +1,13 @@
 //! `classify-train`: trains the intent and category models on the training part of the
-//! labelled examples and writes the model classify ships and loads at start.
+//! labelled examples, chooses by cross-validation how far each may overrule the keyword
+//! rules, and writes the model classify ships and loads at start.
 //!
 //! `cargo run -p closedloop-classify --bin classify-train` (defaults to the repo's files).
 
 use clap::Parser;
-use closedloop_classify::model::{TextModels, is_held_out, parse_examples};
+use closedloop_classify::calibrate::{self, FOLDS};
+use closedloop_classify::model::{TextModels, Trust, is_held_out, parse_examples};
+use closedloop_classify::rules::Rules;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -12,13 +15,35 @@ struct Args {
     examples: String,
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/model/model.json"))]
     out: String,
+    /// The keyword rules the engine will run beside the model (default: the built-in ones).
+    #[arg(long)]
+    rules: Option<String>,
+}
+
+fn describe(trust: Trust) -> String {
+    let bar = |b: f32| {
+        if b > 1.0 {
+            "never".to_owned()
+        } else {
+            format!("at ≥ {b}")
+        }
+    };
+    format!(
+        "overrules the rules {}, decides where they found nothing {}",
+        bar(trust.over_rules),
+        bar(trust.without_rules)
+    )
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let examples = parse_examples(&std::fs::read_to_string(&args.examples)?)?;
+    let rules = Rules::load(args.rules.as_deref())?;
     let held_out = examples.iter().filter(|e| is_held_out(&e.text)).count();
-    let models = TextModels::train(&examples);
+    let mut models = TextModels::train(&examples);
+    let cv = calibrate::cross_validate(&examples, &rules);
+    models.intent_trust = cv.intent;
+    models.category_trust = cv.category;
     std::fs::write(&args.out, serde_json::to_string(&models)?)?;
     println!(
         "trained on {} examples ({} held out for classify-eval): {} intents, {} categories, {} n-grams -> {}",
@@ -26,8 +51,24 @@ fn main() -> anyhow::Result<()> {
         held_out,
         models.intent.classes.len(),
         models.category.classes.len(),
-        models.intent.log_likelihoods.len(),
+        models.intent.vocabulary(),
         args.out
+    );
+    println!(
+        "{FOLDS}-fold cross-validation on the {} training examples:",
+        cv.examples
+    );
+    println!(
+        "  intent:   rules alone {:.3}, engine {:.3}; the model {}",
+        cv.rules_intent_accuracy,
+        cv.intent_accuracy,
+        describe(cv.intent)
+    );
+    println!(
+        "  category: rules alone {:.3}, engine {:.3}; the model {}",
+        cv.rules_category_accuracy,
+        cv.category_accuracy,
+        describe(cv.category)
     );
     Ok(())
 }
