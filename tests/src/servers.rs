@@ -260,8 +260,11 @@ impl Postgres {
         } else {
             " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         };
+        // Extra server flags for diagnosis, e.g.
+        // `-c shared_preload_libraries=pg_stat_statements` while profiling a benchmark.
+        let extra_flags = std::env::var("CLOSEDLOOP_POSTGRES_FLAGS").unwrap_or_default();
         let command = format!(
-            "'{}' -D '{}' -p {port} -k '{}' -c listen_addresses=127.0.0.1 -c max_connections=300{durability}",
+            "'{}' -D '{}' -p {port} -k '{}' -c listen_addresses=127.0.0.1 -c max_connections=300{durability} {extra_flags}",
             postgres.display(),
             cluster.display(),
             data_dir.display(),

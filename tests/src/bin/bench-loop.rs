@@ -155,7 +155,15 @@ fn loop_options(
         ingest_http_port: free_port()?,
         wechat_accounts: format!("{TENANT}={WECHAT_TOKEN}"),
         extra_args: vec!["--log-filter".into(), "warn".into()],
-        notify_args: notify_args.to_vec(),
+        // As docker-compose.yml runs it, unless `--notify-arg` says otherwise.
+        notify_args: if notify_args.iter().any(|a| a.starts_with("--consumer-concurrency")) {
+            notify_args.to_vec()
+        } else {
+            ["--consumer-concurrency".to_owned(), "256".to_owned()]
+                .into_iter()
+                .chain(notify_args.iter().cloned())
+                .collect()
+        },
         without_classify: false,
         // As docker-compose.yml runs it: more in flight makes bigger batches.
         dispatch_args: vec![
