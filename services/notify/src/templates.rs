@@ -158,9 +158,8 @@ impl Templates {
             }
             known
         });
-        let name = found.ok_or_else(|| {
-            TemplateError::Missing(candidates(key).into_iter().next().unwrap_or_default())
-        })?;
+        let name = found
+            .ok_or_else(|| TemplateError::Missing(candidates(key).into_iter().next().unwrap_or_default()))?;
         let template = self
             .env
             .get_template(&name)

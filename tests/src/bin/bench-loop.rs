@@ -156,7 +156,10 @@ fn loop_options(
         wechat_accounts: format!("{TENANT}={WECHAT_TOKEN}"),
         extra_args: vec!["--log-filter".into(), "warn".into()],
         // As docker-compose.yml runs it, unless `--notify-arg` says otherwise.
-        notify_args: if notify_args.iter().any(|a| a.starts_with("--consumer-concurrency")) {
+        notify_args: if notify_args
+            .iter()
+            .any(|a| a.starts_with("--consumer-concurrency"))
+        {
             notify_args.to_vec()
         } else {
             ["--consumer-concurrency".to_owned(), "256".to_owned()]
