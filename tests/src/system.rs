@@ -503,7 +503,7 @@ impl TestEnv {
                 }
                 if durable == closedloop_dispatch::CLASSIFIED_CONSUMER {
                     let unpublished: Result<i64, _> =
-                        sqlx::query_scalar("SELECT count(*) FROM dispatch.outbox WHERE published_at IS NULL")
+                        sqlx::query_scalar("SELECT count(*) FROM dispatch.outbox")
                             .fetch_one(&pool)
                             .await;
                     if unpublished.map_or(true, |n| n > 0) {

@@ -416,19 +416,22 @@ pub async fn place_batch(
         .iter()
         .map(|e| e.work_order.work_order_id.as_str())
         .collect();
-    for (wo, was_there) in in_play.iter().zip(&existing) {
-        if *was_there && touched.contains(wo.work_order_id.as_str()) {
-            store::update_work_order(&mut tx, wo).await?;
-        }
-    }
+    let changed = in_play
+        .iter()
+        .zip(&existing)
+        .filter(|(wo, was_there)| **was_there && touched.contains(wo.work_order_id.as_str()))
+        .map(|(wo, _)| wo);
+    store::update_work_orders(&mut tx, changed).await?;
     if !links.is_empty() {
-        let mut insert = sqlx::QueryBuilder::<Postgres>::new(
-            "INSERT INTO complaint_links (tenant, complaint_id, work_order_id) ",
-        );
-        insert.push_values(&links, |mut row, (tenant, complaint, work_order)| {
-            row.push_bind(tenant).push_bind(*complaint).push_bind(*work_order);
-        });
-        insert.build().execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO complaint_links (tenant, complaint_id, work_order_id) \
+             SELECT * FROM unnest($1::text[], $2::uuid[], $3::uuid[])",
+        )
+        .bind(links.iter().map(|(tenant, _, _)| tenant.as_str()).collect::<Vec<_>>())
+        .bind(links.iter().map(|(_, complaint, _)| *complaint).collect::<Vec<_>>())
+        .bind(links.iter().map(|(_, _, work_order)| *work_order).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
     }
     store::write_events(&mut tx, &events).await?;
     store::write_outbox(&mut tx, &incidents.alerts).await?;
@@ -877,9 +880,7 @@ pub async fn assign_queued(
     let mut events = Vec::new();
     // lock_agents again inside assign is a no-op re-lock in the same transaction.
     let assigned = assign(&mut tx, &mut queued, &targets, &managed, now, &mut events).await?;
-    for wo in queued.iter().filter(|w| !w.assignee.is_empty()) {
-        store::update_work_order(&mut tx, wo).await?;
-    }
+    store::update_work_orders(&mut tx, queued.iter().filter(|w| !w.assignee.is_empty())).await?;
     store::write_events(&mut tx, &events).await?;
     tx.commit().await?;
     Ok(assigned)

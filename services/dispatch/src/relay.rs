@@ -1,5 +1,5 @@
 //! The outbox relay: publishes committed events to JetStream in commit order, pipelining
-//! the acks of a batch, and marks them published. Rows are claimed with
+//! the acks of a batch, and deletes them once published. Rows are claimed with
 //! `FOR UPDATE SKIP LOCKED`, so several dispatch replicas relay without stepping on each
 //! other. A crash between publish and mark re-publishes with the same `Nats-Msg-Id`, which
 //! the stream drops as a duplicate.
@@ -24,7 +24,7 @@ pub async fn relay_once(pool: &PgPool, bus: &Bus) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(
         "SELECT event_id, subject, event_type, payload, trace_headers, created_at FROM outbox \
-         WHERE published_at IS NULL ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+         ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(BATCH)
     .fetch_all(&mut *tx)
@@ -59,7 +59,7 @@ pub async fn relay_once(pool: &PgPool, bus: &Bus) -> anyhow::Result<usize> {
             }
         }
     }
-    sqlx::query("UPDATE outbox SET published_at = now() WHERE event_id = ANY($1)")
+    sqlx::query("DELETE FROM outbox WHERE event_id = ANY($1)")
         .bind(&published)
         .execute(&mut *tx)
         .await?;

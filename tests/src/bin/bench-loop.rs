@@ -324,7 +324,7 @@ async fn backlog(
         lag.push((durable, info.num_pending + info.num_ack_pending as u64));
     }
     let unpublished: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM dispatch.outbox WHERE published_at IS NULL")
+        sqlx::query_scalar("SELECT count(*) FROM dispatch.outbox")
             .fetch_one(pool)
             .await?;
     Ok((lag, unpublished))
