@@ -20,3 +20,9 @@ pub mod telemetry;
 pub mod time;
 
 pub use config::Secret;
+
+/// Every binary that links the runtime (the services, the local launcher, the benchmarks)
+/// allocates with mimalloc. Under bench-loop's load glibc's allocator took 15-20% of notify's
+/// CPU, much of it consolidating free chunks; see BENCHMARKS.md for the measured change.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
