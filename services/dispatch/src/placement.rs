@@ -427,9 +427,24 @@ pub async fn place_batch(
             "INSERT INTO complaint_links (tenant, complaint_id, work_order_id) \
              SELECT * FROM unnest($1::text[], $2::uuid[], $3::uuid[])",
         )
-        .bind(links.iter().map(|(tenant, _, _)| tenant.as_str()).collect::<Vec<_>>())
-        .bind(links.iter().map(|(_, complaint, _)| *complaint).collect::<Vec<_>>())
-        .bind(links.iter().map(|(_, _, work_order)| *work_order).collect::<Vec<_>>())
+        .bind(
+            links
+                .iter()
+                .map(|(tenant, _, _)| tenant.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            links
+                .iter()
+                .map(|(_, complaint, _)| *complaint)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            links
+                .iter()
+                .map(|(_, _, work_order)| *work_order)
+                .collect::<Vec<_>>(),
+        )
         .execute(&mut *tx)
         .await?;
     }

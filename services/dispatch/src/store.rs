@@ -218,7 +218,12 @@ pub async fn write_events(
     )
     .bind(ids)
     .bind(changes.iter().map(|c| c.work_order.version).collect::<Vec<_>>())
-    .bind(changes.iter().map(|c| lifecycle::event_name(c.kind)).collect::<Vec<_>>())
+    .bind(
+        changes
+            .iter()
+            .map(|c| lifecycle::event_name(c.kind))
+            .collect::<Vec<_>>(),
+    )
     .bind(changes.iter().map(|c| c.actor.as_str()).collect::<Vec<_>>())
     .bind(changes.iter().map(|c| c.note.as_str()).collect::<Vec<_>>())
     .bind(
@@ -371,7 +376,8 @@ impl WorkOrderColumns {
         self.updated_at.push(to_time(&wo.updated_at).unwrap_or(created));
         self.first_response_due
             .push(to_time(&wo.first_response_due).unwrap_or(created));
-        self.resolution_due.push(to_time(&wo.resolution_due).unwrap_or(created));
+        self.resolution_due
+            .push(to_time(&wo.resolution_due).unwrap_or(created));
         self.resolved_at.push(to_time(&wo.resolved_at));
         self.resolution_note.push(wo.resolution_note.clone());
         self.province.push(wo.province.clone());

@@ -13,6 +13,7 @@ pub mod api;
 pub mod gateway;
 pub mod guard;
 pub mod ledger;
+pub mod recent;
 pub mod store;
 pub mod templates;
 
@@ -159,7 +160,13 @@ struct Courier {
     webhooks: WebhookClient,
     templates: Templates,
     max_deliver: i64,
+    /// First replies known to be in the log, for the watchdog.
+    first_replies: recent::RecentIds,
 }
+
+/// First replies [`recent::RecentIds`] holds per generation: more than a first-response
+/// deadline's worth at thousands of complaints a second, for about 2 MiB.
+const FIRST_REPLIES_REMEMBERED: usize = 65_536;
 
 fn db_error(error: store::StoreError) -> HandleError {
     HandleError::retry(error)
@@ -293,8 +300,8 @@ fn reference(complaint_id: &str) -> &str {
 }
 
 /// The first reply to a complaint, whichever path sends it: one id per complaint.
-fn first_reply_id(tenant: &str, complaint_id: &str) -> String {
-    ids::derive("delivery", &["first-reply", tenant, complaint_id]).to_string()
+fn first_reply_id(tenant: &str, complaint_id: &str) -> uuid::Uuid {
+    ids::derive("delivery", &["first-reply", tenant, complaint_id])
 }
 
 fn poster_id(poster: Option<&closedloop_proto::v1::Poster>) -> String {
@@ -327,8 +334,9 @@ impl MessageHandler for ClassifiedHandler {
         let body = self
             .0
             .render(&key, &[("reference", reference(&complaint.complaint_id))])?;
+        let first_reply = first_reply_id(&complaint.tenant, &complaint.complaint_id);
         let delivery = Delivery {
-            delivery_id: first_reply_id(&complaint.tenant, &complaint.complaint_id),
+            delivery_id: first_reply.to_string(),
             tenant: complaint.tenant.clone(),
             kind: kind as i32,
             channel: complaint.channel,
@@ -346,7 +354,10 @@ impl MessageHandler for ClassifiedHandler {
             received_at: complaint.received_at.as_ref().and_then(time::from_timestamp),
             only_if_new: false,
         };
-        self.0.deliver(out, message).await
+        self.0.deliver(out, message).await?;
+        // Delivered, given up or someone else's: in every case the log has it now.
+        self.0.first_replies.remember(first_reply);
+        Ok(())
     }
 }
 
@@ -363,6 +374,11 @@ impl MessageHandler for WatchdogHandler {
         let complaint = event
             .complaint
             .ok_or_else(|| HandleError::reject("complaint.received without a complaint"))?;
+        let first_reply = first_reply_id(&complaint.tenant, &complaint.complaint_id);
+        if self.courier.first_replies.contains(&first_reply) {
+            tracing::debug!(complaint_id = %complaint.complaint_id, "first reply already in the log");
+            return Ok(());
+        }
         let received = complaint
             .received_at
             .as_ref()
@@ -388,7 +404,7 @@ impl MessageHandler for WatchdogHandler {
             .courier
             .render(&key, &[("reference", reference(&complaint.complaint_id))])?;
         let delivery = Delivery {
-            delivery_id: first_reply_id(&complaint.tenant, &complaint.complaint_id),
+            delivery_id: first_reply.to_string(),
             tenant: complaint.tenant.clone(),
             kind: NotificationKind::Acknowledgement as i32,
             channel: complaint.channel,
@@ -735,6 +751,7 @@ impl Notify {
             webhooks: self.webhooks,
             templates: self.templates,
             max_deliver: nats.max_deliver.max(1),
+            first_replies: recent::RecentIds::new(FIRST_REPLIES_REMEMBERED),
         });
         let spec = |stream, durable, filter: String| ConsumerSpec::new(stream, durable, vec![filter], nats);
         let mut consumers = vec![

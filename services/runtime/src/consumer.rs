@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use crate::bus::Bus;
 use crate::config::NatsArgs;
+use crate::metrics::Outcome;
 
 /// How a handler failed.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +131,9 @@ pub async fn run<H: MessageHandler>(
     cancel: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(spec.concurrency));
+    let series = crate::metrics::ConsumerSeries::of(&spec.durable);
+    // Shared with every in-flight event's task rather than copied into each.
+    let spec = Arc::new(spec);
     let mut in_flight = JoinSet::new();
     let mut backoff = Duration::from_millis(100);
     'rebuild: while !cancel.is_cancelled() {
@@ -165,8 +169,9 @@ pub async fn run<H: MessageHandler>(
                     let handler = handler.clone();
                     let bus = bus.clone();
                     let spec = spec.clone();
+                    let series = series.clone();
                     in_flight.spawn(async move {
-                        process(&bus, &spec, handler.as_ref(), message).await;
+                        process(&bus, &spec, &series, handler.as_ref(), message).await;
                         drop(permit);
                     });
                 }
@@ -212,6 +217,7 @@ async fn open(bus: &Bus, spec: &ConsumerSpec) -> anyhow::Result<pull::Stream> {
 async fn process<H: MessageHandler>(
     bus: &Bus,
     spec: &ConsumerSpec,
+    series: &crate::metrics::ConsumerSeries,
     handler: &H,
     message: jetstream::Message,
 ) {
@@ -222,21 +228,11 @@ async fn process<H: MessageHandler>(
             .info()
             .map(|info| (info.delivered, info.pending))
             .unwrap_or((1, 0));
-        let metrics = &*crate::metrics::CONSUMERS;
-        let consumer = crate::metrics::ConsumerLabels {
-            consumer: spec.durable.clone(),
-        };
-        metrics
-            .pending
-            .get_or_create(&consumer)
-            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        series.pending.set(i64::try_from(pending).unwrap_or(i64::MAX));
         let started = std::time::Instant::now();
         let outcome = handler.handle(&message).await;
         let later = matches!(outcome, Err(HandleError::RetryAfter(..)));
-        metrics
-            .handle_seconds
-            .get_or_create(&consumer)
-            .observe(started.elapsed().as_secs_f64());
+        series.handle_seconds.observe(started.elapsed().as_secs_f64());
         let ack = match outcome {
             Ok(()) => AckKind::Ack,
             Err(HandleError::Retry(error)) if delivered < spec.max_deliver => {
@@ -276,16 +272,12 @@ async fn process<H: MessageHandler>(
             }
         };
         let counted = match ack {
-            AckKind::Ack => "ack",
-            AckKind::Term => "dead_letter",
-            _ if later => "later",
-            _ => "retry",
+            AckKind::Ack => Outcome::Ack,
+            AckKind::Term => Outcome::DeadLetter,
+            _ if later => Outcome::Later,
+            _ => Outcome::Retry,
         };
-        let labels = crate::metrics::OutcomeLabels {
-            consumer: spec.durable.clone(),
-            outcome: counted,
-        };
-        metrics.events.get_or_create(&labels).inc();
+        series.outcome(counted).inc();
         if let Err(error) = message.ack_with(ack).await {
             // The event will be redelivered after ack_wait; handlers are idempotent.
             tracing::warn!(%error, "acknowledgement failed");

@@ -88,6 +88,63 @@ pub static CONSUMERS: LazyLock<ConsumerMetrics> = LazyLock::new(|| {
     metrics
 });
 
+/// One consumer's series in [`CONSUMERS`], looked up once when its loop starts rather than
+/// (with a label string built) for every event.
+#[derive(Clone)]
+pub struct ConsumerSeries {
+    pub pending: Gauge,
+    pub handle_seconds: Histogram,
+    ack: Counter,
+    retry: Counter,
+    later: Counter,
+    dead_letter: Counter,
+}
+
+impl ConsumerSeries {
+    pub fn of(consumer: &str) -> Self {
+        let metrics = &*CONSUMERS;
+        let labels = ConsumerLabels {
+            consumer: consumer.to_owned(),
+        };
+        let outcome = |outcome: &'static str| {
+            metrics
+                .events
+                .get_or_create(&OutcomeLabels {
+                    consumer: consumer.to_owned(),
+                    outcome,
+                })
+                .clone()
+        };
+        Self {
+            pending: metrics.pending.get_or_create(&labels).clone(),
+            handle_seconds: metrics.handle_seconds.get_or_create(&labels).clone(),
+            ack: outcome("ack"),
+            retry: outcome("retry"),
+            later: outcome("later"),
+            dead_letter: outcome("dead_letter"),
+        }
+    }
+
+    /// The counter of `outcome`.
+    pub fn outcome(&self, outcome: Outcome) -> &Counter {
+        match outcome {
+            Outcome::Ack => &self.ack,
+            Outcome::Retry => &self.retry,
+            Outcome::Later => &self.later,
+            Outcome::DeadLetter => &self.dead_letter,
+        }
+    }
+}
+
+/// How a consumer finished with an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ack,
+    Retry,
+    Later,
+    DeadLetter,
+}
+
 /// A bound `/metrics` listener, served once the service runs.
 pub struct Exporter {
     listener: TcpListener,

@@ -323,10 +323,9 @@ async fn backlog(
         let info = js.get_stream(stream).await?.consumer_info(durable).await?;
         lag.push((durable, info.num_pending + info.num_ack_pending as u64));
     }
-    let unpublished: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM dispatch.outbox")
-            .fetch_one(pool)
-            .await?;
+    let unpublished: i64 = sqlx::query_scalar("SELECT count(*) FROM dispatch.outbox")
+        .fetch_one(pool)
+        .await?;
     Ok((lag, unpublished))
 }
 
