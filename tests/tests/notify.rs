@@ -452,9 +452,15 @@ async fn the_delivery_log_leases_each_delivery_once() -> anyhow::Result<()> {
 
     let mut tx = pool.begin().await?;
     let done = store::claim_batch(&mut tx, &[claim(1, false)], lease).await?;
+    let progress =
+        store::customer_progress(&mut tx, &["wo-1".to_owned(), "wo-never-told".to_owned()]).await?;
     tx.commit().await?;
     assert_eq!(done, [Claim::Done]);
-    assert_eq!(store::customer_progress(&pool, "wo-1").await?, 3);
+    assert_eq!(
+        progress,
+        std::collections::HashMap::from([("wo-1".to_owned(), 3)]),
+        "what the customer was told; nothing for a work order never told of"
+    );
     pool.close().await;
     env.shutdown().await
 }

@@ -1,7 +1,8 @@
 //! The delivery log, written in batches. Every delivery in flight registers and leases
 //! itself before calling a gateway and records the outcome after; one task takes whatever
 //! requests are waiting and writes them in one transaction, so many deliveries share a
-//! commit where each used to wait on its own two.
+//! commit where each used to wait on its own two. Status updates ask it what the customer
+//! was last told, answered for the whole batch by one query.
 
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ const MAX_BATCH: usize = 256;
 enum Job {
     Claim(ClaimRequest, oneshot::Sender<Result<Claim, String>>),
     Record(RecordRequest, oneshot::Sender<Result<Delivery, String>>),
+    Progress(String, oneshot::Sender<Result<i64, String>>),
 }
 
 /// Hands requests to the writing task; cheap to clone.
@@ -81,6 +83,16 @@ impl Ledger {
             .map_err(StoreError::Batch)
     }
 
+    /// The newest version of `work_order_id` the customer has been told about (0 if none).
+    pub async fn customer_progress(&self, work_order_id: &str) -> Result<i64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Progress(work_order_id.to_owned(), reply)).await?;
+        answer
+            .await
+            .map_err(|_| StoreError::Batch("the delivery log dropped the request".into()))?
+            .map_err(StoreError::Batch)
+    }
+
     async fn send(&self, job: Job) -> Result<(), StoreError> {
         self.queue
             .send(job)
@@ -100,6 +112,8 @@ async fn write(pool: &PgPool, lease: Duration, batch: Vec<Job>) {
     let mut claim_replies = Vec::new();
     let mut records = Vec::new();
     let mut record_replies = Vec::new();
+    let mut progress_asked = Vec::new();
+    let mut progress_replies = Vec::new();
     for job in batch {
         match job {
             Job::Claim(request, reply) => {
@@ -110,10 +124,19 @@ async fn write(pool: &PgPool, lease: Duration, batch: Vec<Job>) {
                 records.push(request);
                 record_replies.push(reply);
             }
+            Job::Progress(work_order_id, reply) => {
+                progress_asked.push(work_order_id);
+                progress_replies.push(reply);
+            }
         }
     }
     let written = async {
         let mut tx = pool.begin().await?;
+        let progress = if progress_asked.is_empty() {
+            Default::default()
+        } else {
+            store::customer_progress(&mut tx, &progress_asked).await?
+        };
         let claimed = if claims.is_empty() {
             Vec::new()
         } else {
@@ -125,11 +148,14 @@ async fn write(pool: &PgPool, lease: Duration, batch: Vec<Job>) {
             store::record_batch(&mut tx, &records).await?
         };
         tx.commit().await?;
-        Ok::<_, StoreError>((claimed, recorded))
+        Ok::<_, StoreError>((progress, claimed, recorded))
     }
     .await;
     match written {
-        Ok((claimed, recorded)) => {
+        Ok((progress, claimed, recorded)) => {
+            for (reply, work_order_id) in progress_replies.into_iter().zip(&progress_asked) {
+                let _ = reply.send(Ok(progress.get(work_order_id).copied().unwrap_or(0)));
+            }
             // A caller that has gone away (shutdown) loses nothing: the commit stands.
             for (reply, claim) in claim_replies.into_iter().zip(claimed) {
                 let _ = reply.send(Ok(claim));
@@ -146,6 +172,9 @@ async fn write(pool: &PgPool, lease: Duration, batch: Vec<Job>) {
                 let _ = reply.send(Err(message.clone()));
             }
             for reply in record_replies {
+                let _ = reply.send(Err(message.clone()));
+            }
+            for reply in progress_replies {
                 let _ = reply.send(Err(message.clone()));
             }
         }

@@ -153,7 +153,6 @@ fn count_delivery(kind: &str, outcome: &'static str) {
 
 /// Renders, delivers and logs messages. Shared by every consumer.
 struct Courier {
-    pool: PgPool,
     /// The delivery log, written in batches.
     ledger: ledger::Ledger,
     bus: Bus,
@@ -492,7 +491,10 @@ impl WorkOrderHandler {
         work_order: &WorkOrder,
         status: &str,
     ) -> Result<(), HandleError> {
-        let told = store::customer_progress(&self.0.pool, &work_order.work_order_id)
+        let told = self
+            .0
+            .ledger
+            .customer_progress(&work_order.work_order_id)
             .await
             .map_err(db_error)?;
         if told >= work_order.version {
@@ -745,7 +747,6 @@ impl Notify {
         let lease = Duration::from_secs(self.config.gateway_timeout_secs.max(1) * 2 + 5);
         let (ledger, ledger_task) = ledger::Ledger::spawn(self.pool.clone(), lease);
         let courier = Arc::new(Courier {
-            pool: self.pool.clone(),
             ledger,
             bus: self.bus.clone(),
             webhooks: self.webhooks,

@@ -139,14 +139,19 @@ pub async fn claim_batch(
         .collect())
 }
 
-/// The newest work-order version the customer has been told about (0 if none).
-pub async fn customer_progress(pool: &PgPool, work_order_id: &str) -> Result<i64, StoreError> {
-    let version: Option<i64> =
-        sqlx::query_scalar("SELECT last_version FROM customer_progress WHERE work_order_id = $1")
-            .bind(work_order_id)
-            .fetch_optional(pool)
-            .await?;
-    Ok(version.unwrap_or(0))
+/// The newest version of each work order the customer has been told about; work orders
+/// never told of are left out.
+pub async fn customer_progress(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    work_order_ids: &[String],
+) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT work_order_id, last_version FROM customer_progress WHERE work_order_id = ANY($1)",
+    )
+    .bind(work_order_ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows.into_iter().collect())
 }
 
 /// The outcome of one attempt, as [`record_batch`] takes it.
