@@ -354,7 +354,7 @@ impl MessageHandler for ClassifiedHandler {
             only_if_new: false,
         };
         self.0.deliver(out, message).await?;
-        // Delivered, given up or someone else's: in every case the log has it now.
+        // Delivered now or handled before: either way the log holds it.
         self.0.first_replies.remember(first_reply);
         Ok(())
     }
