@@ -179,13 +179,68 @@ fn loop_options(
     })
 }
 
+/// The service processes this run started. Dropped before `stop` (a run that fails part
+/// way), it kills them, so no service outlives the run and loads the next one.
+struct ServiceProcesses {
+    children: Vec<(Service, std::process::Child)>,
+    logs: PathBuf,
+}
+
+impl ServiceProcesses {
+    /// Why the services may not have come up: those that exited, each with the end of its log.
+    fn exited_report(&mut self) -> String {
+        let mut report = Vec::new();
+        for (service, child) in &mut self.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(self.logs.join(format!("{}.log", service.name())))
+                    .unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(5)..].join("\n  ");
+                report.push(format!(
+                    "{} exited with {status}; its log ends:\n  {tail}",
+                    service.name()
+                ));
+            }
+        }
+        if report.is_empty() {
+            "every service is still running".to_owned()
+        } else {
+            report.join("\n")
+        }
+    }
+
+    /// SIGTERM for a graceful drain (the services exit on it), then waits for each.
+    fn stop(mut self) -> anyhow::Result<()> {
+        for (_, child) in &mut self.children {
+            let _ = std::process::Command::new("kill")
+                .arg(child.id().to_string())
+                .status();
+        }
+        for (service, mut child) in std::mem::take(&mut self.children) {
+            let status = child.wait()?;
+            if !status.success() {
+                eprintln!("{} exited with {status}", service.name());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ServiceProcesses {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Starts the four service binaries; their logs go to `logs`.
-fn spawn_services(
-    bin_dir: &Path,
-    options: &SystemOptions,
-    logs: &Path,
-) -> anyhow::Result<Vec<(Service, std::process::Child)>> {
-    let mut children = Vec::new();
+fn spawn_services(bin_dir: &Path, options: &SystemOptions, logs: &Path) -> anyhow::Result<ServiceProcesses> {
+    let mut children = ServiceProcesses {
+        children: Vec::new(),
+        logs: logs.to_owned(),
+    };
     for service in Service::ALL {
         let binary = bin_dir.join(format!("closedloop-{}", service.name()));
         anyhow::ensure!(
@@ -200,7 +255,7 @@ fn spawn_services(
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        children.push((service, child));
+        children.children.push((service, child));
     }
     Ok(children)
 }
@@ -577,7 +632,9 @@ async fn main() -> anyhow::Result<()> {
     let options = loop_options(&nats, &database_url, &webhook, &policy, &args.notify_arg)?;
     eprintln!("starting the four services from {}", bin_dir.display());
     let mut children = spawn_services(&bin_dir, &options, scratch.path())?;
-    wait_for_consumers(&nats.url(), &CONSUMERS).await?;
+    if let Err(error) = wait_for_consumers(&nats.url(), &CONSUMERS).await {
+        return Err(error.context(children.exited_report()));
+    }
     let ingest_addr = std::net::SocketAddr::new(options.host, options.ports[0]);
     let mut clients = Vec::new();
     for _ in 0..4 {
@@ -585,6 +642,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let mut watched: Vec<Watched> = children
+        .children
         .iter()
         .map(|(service, child)| {
             let pid = child.id();
@@ -822,18 +880,7 @@ async fn main() -> anyhow::Result<()> {
 
     cancel.cancel();
     let _ = sampler.await;
-    for (_, child) in &mut children {
-        // SIGTERM for a graceful drain; the services exit on it.
-        let _ = std::process::Command::new("kill")
-            .arg(child.id().to_string())
-            .status();
-    }
-    for (service, mut child) in children {
-        let status = child.wait()?;
-        if !status.success() {
-            eprintln!("{} exited with {status}", service.name());
-        }
-    }
+    children.stop()?;
     pool.close().await;
 
     // Figures.
