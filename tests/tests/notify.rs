@@ -281,6 +281,18 @@ async fn the_watchdog_acknowledges_when_classify_is_down_and_never_twice() -> an
         },
     )
     .await?;
+    // The watchdog's consumer reads complaints a deadline behind, so it saw each one once, when
+    // due, rather than once at arrival and again after being put back.
+    let js = async_nats::jetstream::new(async_nats::connect(env.nats.url()).await?);
+    let watchdog = js
+        .get_stream(bus::COMPLAINTS_STREAM)
+        .await?
+        .consumer_info(closedloop_notify::WATCHDOG_CONSUMER)
+        .await?;
+    assert_eq!(
+        watchdog.delivered.consumer_sequence, 3,
+        "deliveries to the watchdog, one per complaint"
+    );
 
     // Classify comes back and catches up: work orders appear, no second acknowledgement.
     env.system.start_classify().await?;

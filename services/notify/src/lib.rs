@@ -360,8 +360,9 @@ impl MessageHandler for ClassifiedHandler {
     }
 }
 
-/// The first-response watchdog: holds each received complaint until its deadline (by handing
-/// it back to JetStream with a delay), then acknowledges it unless the classified path did.
+/// The first-response watchdog: sees each received complaint at its deadline (its consumer
+/// reads that far behind) and acknowledges it unless the classified path did. One seen
+/// early, by a clock that disagrees, goes back to JetStream until due.
 struct WatchdogHandler {
     courier: Arc<Courier>,
     deadline: Duration,
@@ -793,9 +794,14 @@ impl Notify {
                 WATCHDOG_CONSUMER,
                 bus::COMPLAINT_RECEIVED.all_tenants(),
             );
-            // The first delivery only waits for the deadline; it is not a sending attempt.
-            watchdog.max_deliver += 1;
             let deadline = Duration::from_secs(self.config.first_response_secs);
+            // The consumer reads complaints `deadline` behind, so each reaches the watchdog
+            // once, when due; it used to be delivered at once and put back until then. Held
+            // messages are unacked, so ack_wait grows by the hold. The extra delivery is for
+            // a clock behind ingest's, where the handler finds a complaint early and waits.
+            watchdog.hold = deadline;
+            watchdog.ack_wait += deadline;
+            watchdog.max_deliver += 1;
             consumers.push(consumer::spawn(
                 &self.bus,
                 watchdog,

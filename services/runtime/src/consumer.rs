@@ -6,6 +6,11 @@
 //! that doubles per delivery; [`HandleError::Reject`], or a retry on the last allowed
 //! delivery → park in the dead-letter stream with the reason, then terminate. On
 //! cancellation the loop stops pulling and waits for in-flight messages to finish.
+//!
+//! A consumer with a `hold` reads its stream that far behind: the loop hands on no message
+//! before it has been in the stream that long. Messages arrive in order, so waiting for
+//! the one in hand is waiting for the next, and the few held at a time (a batch) are
+//! all that sit unacknowledged.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -68,6 +73,9 @@ pub struct ConsumerSpec {
     /// Messages handled at once by this replica.
     pub concurrency: usize,
     pub retry_base: Duration,
+    /// How long a message stays in the stream before this consumer handles it (zero: at
+    /// once). `ack_wait` must cover it, as held messages are delivered but not yet acked.
+    pub hold: Duration,
 }
 
 impl ConsumerSpec {
@@ -80,6 +88,7 @@ impl ConsumerSpec {
             ack_wait: args.ack_wait(),
             concurrency: args.consumer_concurrency.max(1),
             retry_base: args.retry_base(),
+            hold: Duration::ZERO,
         }
     }
 
@@ -96,6 +105,15 @@ impl ConsumerSpec {
             max_ack_pending: (self.concurrency as i64 * 16).max(256),
             ..Default::default()
         }
+    }
+}
+
+/// What is left of `hold` for a message published at `published`; a clock behind the
+/// server's waits at most the whole hold.
+fn hold_left(published: std::time::SystemTime, now: std::time::SystemTime, hold: Duration) -> Duration {
+    match now.duration_since(published) {
+        Ok(age) => hold.saturating_sub(age),
+        Err(_) => hold,
     }
 }
 
@@ -166,6 +184,19 @@ pub async fn run<H: MessageHandler>(
             };
             match next {
                 Some(Ok(message)) => {
+                    if !spec.hold.is_zero() {
+                        let published = message
+                            .info()
+                            .map(|info| std::time::SystemTime::from(info.published));
+                        if let Ok(published) = published {
+                            let wait = hold_left(published, std::time::SystemTime::now(), spec.hold);
+                            tokio::select! {
+                                _ = tokio::time::sleep(wait) => {}
+                                // Unacked, the message comes back after ack_wait.
+                                _ = cancel.cancelled() => break 'rebuild,
+                            }
+                        }
+                    }
                     let handler = handler.clone();
                     let bus = bus.clone();
                     let spec = spec.clone();
@@ -299,6 +330,34 @@ mod tests {
         assert_eq!(retry_delay(base, 4), Duration::from_secs(4));
         assert_eq!(retry_delay(base, 40), Duration::from_secs(60));
         assert_eq!(retry_delay(base, 0), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_held_message_waits_out_the_rest_of_its_hold() {
+        let published = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let hold = Duration::from_secs(10);
+        let after_ms = |ms: u64| published + Duration::from_millis(ms);
+        assert_eq!(hold_left(published, after_ms(0), hold), hold, "just published");
+        assert_eq!(
+            hold_left(published, after_ms(2_500), hold),
+            Duration::from_millis(7_500)
+        );
+        assert_eq!(
+            hold_left(published, after_ms(10_000), hold),
+            Duration::ZERO,
+            "due"
+        );
+        assert_eq!(
+            hold_left(published, after_ms(60_000), hold),
+            Duration::ZERO,
+            "long due"
+        );
+        let before = published - Duration::from_secs(3);
+        assert_eq!(
+            hold_left(published, before, hold),
+            hold,
+            "our clock behind the server's"
+        );
     }
 
     #[test]
