@@ -476,3 +476,28 @@ async fn the_delivery_log_leases_each_delivery_once() -> anyhow::Result<()> {
     pool.close().await;
     env.shutdown().await
 }
+
+/// Every service pool works in its own schema and plans each execution for its arguments
+/// and the table as it is then. Under PostgreSQL's default a connection may settle on a
+/// generic plan costed while a table was nearly empty: in bench-loop, notify's 40-key
+/// `customer_progress` lookup kept scanning the whole table (20 ms a batch, growing with
+/// the table) until no statistics changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_pools_use_their_schema_and_plan_every_execution() -> anyhow::Result<()> {
+    let server = closedloop_e2e::servers::Postgres::shared()?;
+    let args = closedloop_runtime::config::DatabaseArgs {
+        database_url: closedloop_runtime::Secret::new(server.ensure_database("pool_settings").await?),
+        database_max_connections: 1,
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let pool =
+        closedloop_runtime::db::connect(&args, "pool_probe", &sqlx::migrate::Migrator::DEFAULT, &cancel)
+            .await?;
+    let search_path: String = sqlx::query_scalar("SHOW search_path").fetch_one(&pool).await?;
+    let plan_cache_mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(search_path, "pool_probe");
+    assert_eq!(plan_cache_mode, "force_custom_plan");
+    Ok(())
+}
