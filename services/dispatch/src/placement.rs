@@ -178,14 +178,10 @@ pub async fn place_batch(
     drafts: Vec<Draft>,
 ) -> Result<Vec<Placement>, StoreError> {
     let now = Utc::now();
+    // The pool plans every statement for its arguments (see `closedloop_runtime::db`): a
+    // cached generic plan made while the tables were nearly empty picked an index that matched
+    // only the tenant, and a batch of 256 then took seconds.
     let mut tx = pool.begin().await?;
-    // Plan each statement for this batch's keys and the tables' current size. A cached
-    // generic plan made while the tables were nearly empty picked an index that matched only
-    // the tenant, and a batch of 256 then took seconds (one scan of all open work per key);
-    // planning afresh costs a few milliseconds per batch.
-    sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
-        .execute(&mut *tx)
-        .await?;
 
     // 1. Serialise with other replicas on everything this batch may touch.
     let mut keys: Vec<String> = drafts.iter().flat_map(|d| lock_keys(&d.new.work_order)).collect();
