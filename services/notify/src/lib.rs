@@ -796,7 +796,7 @@ impl Notify {
             );
             let deadline = Duration::from_secs(self.config.first_response_secs);
             // The consumer reads complaints `deadline` behind, so each reaches the watchdog
-            // once, when due; it used to be delivered at once and put back until then. Held
+            // once, when due, rather than at once and again after being put back. Held
             // messages are unacked, so ack_wait grows by the hold. The extra delivery is for
             // a clock behind ingest's, where the handler finds a complaint early and waits.
             watchdog.hold = deadline;
