@@ -481,7 +481,7 @@ async fn the_delivery_log_leases_each_delivery_once() -> anyhow::Result<()> {
 /// and the table as it is then. Under PostgreSQL's default a connection may settle on a
 /// generic plan costed while a table was nearly empty: in bench-loop, notify's 40-key
 /// `customer_progress` lookup kept scanning the whole table (20 ms a batch, growing with
-/// the table) until no statistics changed.
+/// the table) for as long as nothing analysed it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_pools_use_their_schema_and_plan_every_execution() -> anyhow::Result<()> {
     let server = closedloop_e2e::servers::Postgres::shared()?;
@@ -499,5 +499,6 @@ async fn service_pools_use_their_schema_and_plan_every_execution() -> anyhow::Re
         .await?;
     assert_eq!(search_path, "pool_probe");
     assert_eq!(plan_cache_mode, "force_custom_plan");
+    pool.close().await;
     Ok(())
 }
