@@ -40,8 +40,8 @@ pub async fn connect(
     // Plan every execution for its real arguments. Our statements take arrays of one to
     // hundreds of rows and optional filters, and tables start empty: a cached generic plan,
     // costed once on a near-empty table, kept scanning `customer_progress` in full for a
-    // 40-key lookup (20 ms a batch in bench-loop). Batching keeps executions few, so the
-    // planning this adds is cheap.
+    // 40-key lookup (20 ms a batch in bench-loop). Batching keeps executions few: the
+    // planning this adds cost PostgreSQL less than the bad plans did (BENCHMARKS.md).
     let options = base
         .clone()
         .options([("search_path", schema), ("plan_cache_mode", "force_custom_plan")]);
