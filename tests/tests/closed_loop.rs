@@ -180,6 +180,28 @@ async fn a_complaint_travels_the_whole_loop() -> anyhow::Result<()> {
             (NotificationKind::SatisfactionSurvey, DeliveryState::Delivered)
         ]
     );
+
+    // notify's work-order consumer is handed only the events it tells someone about: the
+    // resolution, not the creation.
+    let js = async_nats::jetstream::new(async_nats::connect(env.nats.url()).await?);
+    let mut work_order_events = js.get_stream(bus::WORK_ORDERS_STREAM).await?;
+    let stored = work_order_events.info().await?.state.messages;
+    let mut created = 0;
+    let mut subjects = work_order_events
+        .info_with_subjects(bus::work_order_event_topic(WorkOrderEventKind::Created).all_tenants())
+        .await?;
+    while let Some(subject) = futures::StreamExt::next(&mut subjects).await {
+        created += subject?.1 as u64;
+    }
+    assert_eq!(created, 1, "the creation is in the stream");
+    let notify_consumer = work_order_events
+        .consumer_info(closedloop_notify::WORK_ORDER_CONSUMER)
+        .await?;
+    assert_eq!(
+        notify_consumer.delivered.consumer_sequence,
+        stored - created,
+        "{stored} events stored"
+    );
     env.shutdown().await
 }
 

@@ -79,35 +79,6 @@ pub fn next_state(from: WorkOrderState, action: Action) -> Result<WorkOrderState
     Ok(to)
 }
 
-/// The lower-case event name used in subjects (`closedloop.workorder.<name>.<tenant>`).
-pub fn event_name(kind: WorkOrderEventKind) -> &'static str {
-    match kind {
-        WorkOrderEventKind::Unspecified => "unspecified",
-        WorkOrderEventKind::Created => "created",
-        WorkOrderEventKind::Assigned => "assigned",
-        WorkOrderEventKind::Accepted => "accepted",
-        WorkOrderEventKind::Replied => "replied",
-        WorkOrderEventKind::Resolved => "resolved",
-        WorkOrderEventKind::Closed => "closed",
-        WorkOrderEventKind::Reopened => "reopened",
-        WorkOrderEventKind::Escalated => "escalated",
-        WorkOrderEventKind::Reassigned => "reassigned",
-        WorkOrderEventKind::Merged => "merged",
-        WorkOrderEventKind::SlaAtRisk => "sla_at_risk",
-        WorkOrderEventKind::SlaBreached => "sla_breached",
-        WorkOrderEventKind::Feedback => "feedback",
-        WorkOrderEventKind::IncidentLinked => "incident_linked",
-    }
-}
-
-/// The event kind for a name written by [`event_name`] (the history table keeps names).
-pub fn event_kind(name: &str) -> WorkOrderEventKind {
-    (0..=20)
-        .filter_map(|n| WorkOrderEventKind::try_from(n).ok())
-        .find(|kind| event_name(*kind) == name)
-        .unwrap_or(WorkOrderEventKind::Unspecified)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,9 +134,6 @@ mod tests {
         assert_eq!(next_state(Assigned, Action::SlaAtRisk), Ok(Assigned));
         assert_eq!(next_state(Closed, Action::Feedback), Ok(Closed));
         assert!(next_state(Closed, Action::LinkIncident).is_err());
-        for kind in [WorkOrderEventKind::Created, WorkOrderEventKind::IncidentLinked] {
-            assert_eq!(event_kind(event_name(kind)), kind);
-        }
     }
 
     #[test]

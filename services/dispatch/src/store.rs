@@ -8,7 +8,9 @@ use closedloop_proto::v1::{
     Channel, HistoryEntry, Incident, Intent, Poster, Priority, Remedy, SlaState, WorkOrder, WorkOrderEvent,
     WorkOrderEventKind, WorkOrderState,
 };
-use closedloop_runtime::bus::{OutgoingEvent, work_order_topic};
+use closedloop_runtime::bus::{
+    OutgoingEvent, work_order_event_kind, work_order_event_name, work_order_event_topic,
+};
 use closedloop_runtime::{grpc, ids, telemetry, time};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
@@ -135,7 +137,7 @@ static EVENTS: std::sync::LazyLock<
 fn count(kind: WorkOrderEventKind) {
     EVENTS
         .get_or_create(&EventLabels {
-            kind: lifecycle::event_name(kind),
+            kind: work_order_event_name(kind),
         })
         .inc();
 }
@@ -160,7 +162,7 @@ pub fn work_order_event(
         occurred_at: work_order.updated_at,
     };
     OutgoingEvent::new(
-        work_order_topic(lifecycle::event_name(kind)),
+        work_order_event_topic(kind),
         &work_order.tenant,
         event_id.to_string(),
         &event,
@@ -221,7 +223,7 @@ pub async fn write_events(
     .bind(
         changes
             .iter()
-            .map(|c| lifecycle::event_name(c.kind))
+            .map(|c| work_order_event_name(c.kind))
             .collect::<Vec<_>>(),
     )
     .bind(changes.iter().map(|c| c.actor.as_str()).collect::<Vec<_>>())
@@ -737,7 +739,7 @@ pub async fn history(
             let kind: String = row.try_get("kind")?;
             Ok(HistoryEntry {
                 version: row.try_get("version")?,
-                kind: lifecycle::event_kind(&kind) as i32,
+                kind: work_order_event_kind(&kind) as i32,
                 actor: row.try_get("actor")?,
                 note: row.try_get("note")?,
                 occurred_at: ts(row.try_get("occurred_at")?),

@@ -429,6 +429,30 @@ impl MessageHandler for WatchdogHandler {
 /// Customer messages and staff alerts for work-order changes.
 struct WorkOrderHandler(Arc<Courier>);
 
+/// The work-order events someone is told about; notify's consumer asks JetStream for these
+/// alone. A kind [`WorkOrderHandler`] learns to act on must be added here: the others, such
+/// as `created` (one per complaint, answered by the first reply instead), are not worth a
+/// delivery each.
+const TOLD_WORK_ORDER_EVENTS: [WorkOrderEventKind; 9] = [
+    WorkOrderEventKind::Assigned,
+    WorkOrderEventKind::Reassigned,
+    WorkOrderEventKind::Accepted,
+    WorkOrderEventKind::Replied,
+    WorkOrderEventKind::Resolved,
+    WorkOrderEventKind::Reopened,
+    WorkOrderEventKind::Escalated,
+    WorkOrderEventKind::SlaAtRisk,
+    WorkOrderEventKind::SlaBreached,
+];
+
+/// Subject filters for [`TOLD_WORK_ORDER_EVENTS`], every tenant.
+fn told_work_order_subjects() -> Vec<String> {
+    TOLD_WORK_ORDER_EVENTS
+        .iter()
+        .map(|kind| bus::work_order_event_topic(*kind).all_tenants())
+        .collect()
+}
+
 fn priority_label(work_order: &WorkOrder) -> String {
     work_order
         .priority()
@@ -769,10 +793,11 @@ impl Notify {
             ),
             consumer::spawn(
                 &self.bus,
-                spec(
+                ConsumerSpec::new(
                     bus::WORK_ORDERS_STREAM,
                     WORK_ORDER_CONSUMER,
-                    bus::ALL_WORK_ORDER_EVENTS.to_owned(),
+                    told_work_order_subjects(),
+                    nats,
                 ),
                 WorkOrderHandler(courier.clone()),
                 &cancel,

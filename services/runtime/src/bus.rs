@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, message::PublishMessage, publish::PublishAck, stream};
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
+use closedloop_proto::v1::WorkOrderEventKind;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NatsArgs;
@@ -52,8 +53,40 @@ pub const fn work_order_topic(event: &'static str) -> Topic {
     Topic::new("workorder", event)
 }
 
-/// Filter for every work-order event of every tenant.
-pub const ALL_WORK_ORDER_EVENTS: &str = "closedloop.workorder.>";
+/// Where work-order events of `kind` are published.
+pub fn work_order_event_topic(kind: WorkOrderEventKind) -> Topic {
+    work_order_topic(work_order_event_name(kind))
+}
+
+/// The lower-case event name used in subjects (`closedloop.workorder.<name>.<tenant>`).
+pub fn work_order_event_name(kind: WorkOrderEventKind) -> &'static str {
+    match kind {
+        WorkOrderEventKind::Unspecified => "unspecified",
+        WorkOrderEventKind::Created => "created",
+        WorkOrderEventKind::Assigned => "assigned",
+        WorkOrderEventKind::Accepted => "accepted",
+        WorkOrderEventKind::Replied => "replied",
+        WorkOrderEventKind::Resolved => "resolved",
+        WorkOrderEventKind::Closed => "closed",
+        WorkOrderEventKind::Reopened => "reopened",
+        WorkOrderEventKind::Escalated => "escalated",
+        WorkOrderEventKind::Reassigned => "reassigned",
+        WorkOrderEventKind::Merged => "merged",
+        WorkOrderEventKind::SlaAtRisk => "sla_at_risk",
+        WorkOrderEventKind::SlaBreached => "sla_breached",
+        WorkOrderEventKind::Feedback => "feedback",
+        WorkOrderEventKind::IncidentLinked => "incident_linked",
+    }
+}
+
+/// The event kind for a name written by [`work_order_event_name`] (dispatch's history
+/// keeps names).
+pub fn work_order_event_kind(name: &str) -> WorkOrderEventKind {
+    (0..=20)
+        .filter_map(|n| WorkOrderEventKind::try_from(n).ok())
+        .find(|kind| work_order_event_name(*kind) == name)
+        .unwrap_or(WorkOrderEventKind::Unspecified)
+}
 
 /// The streams Closedloop provisions, each owning one entity's subjects.
 pub const STREAMS: [(&str, &str); 6] = [
@@ -360,6 +393,24 @@ mod tests {
         assert_eq!(
             work_order_topic("resolved").cloudevents_type(),
             "closedloop.workorder.resolved.v1"
+        );
+        assert_eq!(
+            work_order_event_topic(WorkOrderEventKind::SlaAtRisk).all_tenants(),
+            "closedloop.workorder.sla_at_risk.*"
+        );
+    }
+
+    #[test]
+    fn work_order_event_names_map_back_to_their_kinds() {
+        let mut kinds = 0;
+        for kind in (0..=20).filter_map(|n| WorkOrderEventKind::try_from(n).ok()) {
+            assert_eq!(work_order_event_kind(work_order_event_name(kind)), kind);
+            kinds += 1;
+        }
+        assert_eq!(kinds, 15, "every kind the proto defines has a name");
+        assert_eq!(
+            work_order_event_kind("no-such-event"),
+            WorkOrderEventKind::Unspecified
         );
     }
 }
