@@ -364,8 +364,8 @@ async fn flat_out(
     while tasks.join_next().await.is_some() {}
 }
 
-/// Unfinished work of each of the pipeline's consumers (the watchdog's deliberately delayed
-/// redeliveries left out).
+/// Unfinished work of each of the pipeline's consumers, but the watchdog's, which reads a
+/// first-response deadline behind by design.
 async fn backlog(js: &async_nats::jetstream::Context) -> anyhow::Result<Vec<(&'static str, u64)>> {
     let mut lag = Vec::new();
     for (stream, durable) in CONSUMERS {
