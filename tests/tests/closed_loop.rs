@@ -165,6 +165,19 @@ async fn a_complaint_travels_the_whole_loop() -> anyhow::Result<()> {
         "{text}"
     );
     assert!(figure(r#"closedloop_consumer_events_total{consumer="notify-workorders",outcome="ack"}"#) >= 1.0);
+    // Each of this complaint's three deliveries was timed through every step.
+    for step in ["claim", "send", "record", "publish"] {
+        let count = format!(r#"closedloop_delivery_step_seconds_count{{step="{step}"}}"#);
+        assert!(figure(&count) >= 3.0, "{count} in {text}");
+    }
+    assert!(
+        figure("closedloop_notify_ledger_write_seconds_count") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        figure("closedloop_notify_ledger_batch_size_count") >= 1.0,
+        "{text}"
+    );
     assert!(
         text.contains("closedloop_complaints_received_total"),
         "ingest's figures share the registry"

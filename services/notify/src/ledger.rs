@@ -16,6 +16,32 @@ use crate::store::{self, Claim, ClaimRequest, RecordRequest, StoreError};
 /// Most requests written in one transaction.
 const MAX_BATCH: usize = 256;
 
+/// How long each transaction of the log took, and how many requests it served: with the
+/// delivery steps' timings, whether deliveries wait on the log or on the database.
+struct LedgerMetrics {
+    write_seconds: prometheus_client::metrics::histogram::Histogram,
+    batch_size: prometheus_client::metrics::histogram::Histogram,
+}
+
+static METRICS: std::sync::LazyLock<LedgerMetrics> = std::sync::LazyLock::new(|| {
+    use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+    let found = LedgerMetrics {
+        write_seconds: closedloop_runtime::metrics::seconds_histogram(),
+        batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+    };
+    closedloop_runtime::metrics::register(
+        "notify_ledger_write_seconds",
+        "Time of one delivery-log transaction",
+        found.write_seconds.clone(),
+    );
+    closedloop_runtime::metrics::register(
+        "notify_ledger_batch_size",
+        "Requests served by one delivery-log transaction",
+        found.batch_size.clone(),
+    );
+    found
+});
+
 enum Job {
     Claim(ClaimRequest, oneshot::Sender<Result<Claim, String>>),
     Record(RecordRequest, oneshot::Sender<Result<Delivery, String>>),
@@ -35,7 +61,10 @@ impl Ledger {
         let task = tokio::spawn(async move {
             while let Some(first) = jobs.recv().await {
                 let batch = closedloop_runtime::batch::with_waiting(first, &mut jobs, MAX_BATCH);
+                METRICS.batch_size.observe(batch.len() as f64);
+                let started = std::time::Instant::now();
                 write(&pool, lease, batch).await;
+                METRICS.write_seconds.observe(started.elapsed().as_secs_f64());
             }
         });
         (Self { queue }, task)

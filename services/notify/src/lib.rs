@@ -118,15 +118,24 @@ struct DeliveryLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    /// `claim` (registering in the log), `send` (the gateway call), `record` (logging the
+    /// outcome) or `publish` (the delivery event).
+    step: &'static str,
+}
+
 struct NotifyMetrics {
     deliveries: Family<DeliveryLabels, Counter>,
     first_response_seconds: Histogram,
+    step_seconds: Family<StepLabels, Histogram, fn() -> Histogram>,
 }
 
 static METRICS: std::sync::LazyLock<NotifyMetrics> = std::sync::LazyLock::new(|| {
     let found = NotifyMetrics {
         deliveries: Family::default(),
         first_response_seconds: metrics::seconds_histogram(),
+        step_seconds: Family::new_with_constructor(metrics::seconds_histogram),
     };
     metrics::register(
         "deliveries",
@@ -138,8 +147,24 @@ static METRICS: std::sync::LazyLock<NotifyMetrics> = std::sync::LazyLock::new(||
         "From receipt of a complaint to its first reply delivered",
         found.first_response_seconds.clone(),
     );
+    metrics::register(
+        "delivery_step_seconds",
+        "Time a delivery spends in each step: claim, send, record, publish",
+        found.step_seconds.clone(),
+    );
     found
 });
+
+/// Runs `step` and records how long it took under `name`.
+async fn timed<T>(name: &'static str, step: impl Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let result = step.await;
+    METRICS
+        .step_seconds
+        .get_or_create(&StepLabels { step: name })
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
 
 fn count_delivery(kind: &str, outcome: &'static str) {
     METRICS
@@ -182,9 +207,7 @@ impl Courier {
     /// Sends `out` unless the log says it was already sent, given up on, or is being sent.
     async fn deliver(&self, out: Outgoing<'_>, message: &jetstream::Message) -> Result<(), HandleError> {
         let delivery = out.delivery;
-        match self
-            .ledger
-            .claim(delivery.clone(), out.only_if_new)
+        match timed("claim", self.ledger.claim(delivery.clone(), out.only_if_new))
             .await
             .map_err(db_error)?
         {
@@ -224,16 +247,18 @@ impl Courier {
             work_order_id: &delivery.work_order_id,
             text: &delivery.body,
         };
-        match self.webhooks.send(out.destination, &webhook).await {
+        match timed("send", self.webhooks.send(out.destination, &webhook)).await {
             Ok(()) => {
                 let progress = out
                     .work_order_version
                     .map(|version| (delivery.work_order_id.as_str(), version));
-                let logged = self
-                    .ledger
-                    .record(&delivery.delivery_id, DeliveryState::Delivered, "", progress)
-                    .await
-                    .map_err(db_error)?;
+                let logged = timed(
+                    "record",
+                    self.ledger
+                        .record(&delivery.delivery_id, DeliveryState::Delivered, "", progress),
+                )
+                .await
+                .map_err(db_error)?;
                 tracing::info!(delivery_id = %delivery.delivery_id, %kind, %channel, "delivered");
                 count_delivery(&kind, "delivered");
                 if let Some(received) = out.received_at {
@@ -248,7 +273,9 @@ impl Courier {
                         delivery: Some(logged),
                     },
                 );
-                self.bus.publish(event).await.map_err(HandleError::retry)?;
+                timed("publish", self.bus.publish(event))
+                    .await
+                    .map_err(HandleError::retry)?;
                 Ok(())
             }
             Err(error) => {
@@ -260,11 +287,12 @@ impl Courier {
                     DeliveryState::Pending
                 };
                 let reason = error.to_string();
-                let logged = self
-                    .ledger
-                    .record(&delivery.delivery_id, state, &reason, None)
-                    .await
-                    .map_err(db_error)?;
+                let logged = timed(
+                    "record",
+                    self.ledger.record(&delivery.delivery_id, state, &reason, None),
+                )
+                .await
+                .map_err(db_error)?;
                 count_delivery(&kind, if last_try { "failed" } else { "retry" });
                 if !last_try {
                     return Err(match error.retry_after() {
