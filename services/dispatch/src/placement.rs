@@ -103,9 +103,7 @@ impl Batcher {
 
 static BATCH_SIZES: std::sync::LazyLock<prometheus_client::metrics::histogram::Histogram> =
     std::sync::LazyLock::new(|| {
-        let histogram = prometheus_client::metrics::histogram::Histogram::new(
-            prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 10),
-        );
+        let histogram = closedloop_runtime::metrics::batch_size_histogram();
         closedloop_runtime::metrics::register(
             "dispatch_placement_batch_size",
             "Complaints placed per transaction",

@@ -24,10 +24,9 @@ struct LedgerMetrics {
 }
 
 static METRICS: std::sync::LazyLock<LedgerMetrics> = std::sync::LazyLock::new(|| {
-    use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
     let found = LedgerMetrics {
         write_seconds: closedloop_runtime::metrics::seconds_histogram(),
-        batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+        batch_size: closedloop_runtime::metrics::batch_size_histogram(),
     };
     closedloop_runtime::metrics::register(
         "notify_ledger_write_seconds",

@@ -44,6 +44,11 @@ pub fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 15))
 }
 
+/// Histogram buckets for how many items a batch held, from 1 to 512.
+pub fn batch_size_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 10))
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConsumerLabels {
     pub consumer: String,
