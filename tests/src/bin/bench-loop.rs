@@ -134,6 +134,14 @@ struct PhaseResult {
     cores: Vec<f64>,
 }
 
+impl PhaseResult {
+    /// CPU time per accepted complaint for a process that used `cores` on average over
+    /// the phase: what each complaint costs it, comparable across rates and runs.
+    fn cpu_ms_per_complaint(&self, cores: f64) -> f64 {
+        cores * self.complete_secs * 1e3 / (self.accepted.max(1) as f64)
+    }
+}
+
 fn loop_options(
     nats: &NatsServer,
     database_url: &str,
@@ -917,7 +925,8 @@ async fn main() -> anyhow::Result<()> {
             "completed_per_sec": rate(p.accepted, Duration::from_secs_f64(p.complete_secs)),
             "ack_ms_p50_p90_p99_max": ms(&ack), "ack_count": ack_latency[index + 1].len(),
             "assigned_ms_p50_p90_p99_max": ms(&assign), "assigned_count": assign_latency[index + 1].len(),
-            "cores": watched.iter().zip(&p.cores).map(|(w, c)| json!({"process": w.name, "cores": c})).collect::<Vec<_>>(),
+            "cores": watched.iter().zip(&p.cores).map(|(w, c)| json!({"process": w.name, "cores": c, "cpu_ms_per_complaint": p.cpu_ms_per_complaint(*c)})).collect::<Vec<_>>(),
+            "cpu_ms_per_complaint": p.cpu_ms_per_complaint(p.cores.iter().sum()),
         }));
     }
     let mut process_rows = Vec::new();
@@ -934,6 +943,11 @@ async fn main() -> anyhow::Result<()> {
                 .map(|p| format!("{:.2}", p.cores[index]))
                 .collect::<Vec<_>>()
                 .join(" / "),
+            phases
+                .iter()
+                .map(|p| format!("{:.3}", p.cpu_ms_per_complaint(p.cores[index])))
+                .collect::<Vec<_>>()
+                .join(" / "),
             if w.name.starts_with("postgres") {
                 "-".to_owned()
             } else {
@@ -943,6 +957,16 @@ async fn main() -> anyhow::Result<()> {
             idle(&idle_rss_after),
         ]);
     }
+    let all_processes =
+        |each: &dyn Fn(&PhaseResult) -> String| phases.iter().map(each).collect::<Vec<_>>().join(" / ");
+    process_rows.push(vec![
+        "all of the above".to_owned(),
+        all_processes(&|p| format!("{:.2}", p.cores.iter().sum::<f64>())),
+        all_processes(&|p| format!("{:.3}", p.cpu_ms_per_complaint(p.cores.iter().sum()))),
+        String::new(),
+        String::new(),
+        String::new(),
+    ]);
     let bound_rows = vec![
         vec![
             "JetStream publish (1 KiB, acks awaited per 256)".to_owned(),
@@ -1004,6 +1028,7 @@ async fn main() -> anyhow::Result<()> {
             &[
                 "process",
                 "cores used (steady / outage / max)",
+                "CPU ms per complaint",
                 "peak RSS MiB",
                 "idle RSS MiB (start)",
                 "idle RSS MiB (after)"
