@@ -81,12 +81,21 @@ fn valid_attachment_url(url: &str) -> bool {
         && !url.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
-fn check_id(violations: &mut Vec<Violation>, field: &str, value: &str, required: bool, limits: &Limits) {
+/// The field's name (`{prefix}.{name}`) is built only for a violation: this runs four
+/// times for every complaint accepted.
+fn check_id(
+    violations: &mut Vec<Violation>,
+    (prefix, name): (&str, &str),
+    value: &str,
+    required: bool,
+    limits: &Limits,
+) {
+    let field = || format!("{prefix}.{name}");
     if required && value.trim().is_empty() {
-        violations.push(Violation::new(field, "must not be empty"));
+        violations.push(Violation::new(field(), "must not be empty"));
     } else if value.chars().count() > limits.max_id_chars {
         violations.push(Violation::new(
-            field,
+            field(),
             format!("must be at most {} characters", limits.max_id_chars),
         ));
     }
@@ -116,21 +125,21 @@ pub fn validate_submission(
     }
     check_id(
         &mut violations,
-        &field("channel_message_id"),
+        (prefix, "channel_message_id"),
         &submission.channel_message_id,
         true,
         limits,
     );
     check_id(
         &mut violations,
-        &field("thread_id"),
+        (prefix, "thread_id"),
         &submission.thread_id,
         false,
         limits,
     );
     check_id(
         &mut violations,
-        &field("in_reply_to"),
+        (prefix, "in_reply_to"),
         &submission.in_reply_to,
         false,
         limits,
@@ -139,7 +148,7 @@ pub fn validate_submission(
     let poster = submission.poster.as_ref().unwrap_or(&default_poster);
     check_id(
         &mut violations,
-        &field("poster.poster_id"),
+        (prefix, "poster.poster_id"),
         &poster.poster_id,
         true,
         limits,

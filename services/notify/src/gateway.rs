@@ -23,6 +23,8 @@ pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 #[derive(Clone)]
 pub struct Gateway {
     pub url: String,
+    /// `url` parsed once, not on every call.
+    endpoint: reqwest::Url,
     secret: Vec<u8>,
 }
 
@@ -36,7 +38,7 @@ pub struct GatewayTable {
 pub enum GatewayTableError {
     #[error("gateway entry for {0:?} is not `channel=url|secret`")]
     Malformed(String),
-    #[error("gateway URL for {0:?} must start with http:// or https://")]
+    #[error("gateway URL for {0:?} must be an http:// or https:// URL")]
     Url(String),
 }
 
@@ -54,13 +56,18 @@ impl FromStr for GatewayTable {
                 .split_once('|')
                 .filter(|(_, secret)| !secret.is_empty())
                 .ok_or_else(|| GatewayTableError::Malformed(channel.clone()))?;
+            let url = url.trim();
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(GatewayTableError::Url(channel));
             }
+            let Ok(endpoint) = reqwest::Url::parse(url) else {
+                return Err(GatewayTableError::Url(channel));
+            };
             by_channel.insert(
                 channel,
                 Gateway {
-                    url: url.trim().to_owned(),
+                    url: url.to_owned(),
+                    endpoint,
                     secret: secret.as_bytes().to_vec(),
                 },
             );
@@ -69,18 +76,27 @@ impl FromStr for GatewayTable {
     }
 }
 
-/// The configuration name of a channel: `CHANNEL_WEIBO_POST` → `weibo_post`.
-pub fn channel_key(channel: Channel) -> String {
-    channel
-        .as_str_name()
-        .trim_start_matches("CHANNEL_")
-        .to_ascii_lowercase()
+/// The configuration name of a channel: `CHANNEL_WEIBO_POST` → `weibo_post`. A static
+/// name, since every delivery looks up its gateway, rate limit and templates by it.
+pub fn channel_key(channel: Channel) -> &'static str {
+    match channel {
+        Channel::Unspecified => "unspecified",
+        Channel::WeiboPost => "weibo_post",
+        Channel::WeiboComment => "weibo_comment",
+        Channel::WeiboDirectMessage => "weibo_direct_message",
+        Channel::Wechat => "wechat",
+        Channel::Hotline => "hotline",
+        Channel::WebForm => "web_form",
+        Channel::App => "app",
+        Channel::ComplaintPlatform => "complaint_platform",
+        Channel::Email => "email",
+    }
 }
 
 impl GatewayTable {
     pub fn for_channel(&self, channel: Channel) -> Option<&Gateway> {
         self.by_channel
-            .get(&channel_key(channel))
+            .get(channel_key(channel))
             .or_else(|| self.by_channel.get("default"))
     }
 
@@ -249,9 +265,9 @@ impl WebhookClient {
     ) -> Result<(), DeliveryError> {
         let (gateway, limit_key) = match destination {
             Destination::Customer(channel) => (self.gateways.for_channel(channel), channel_key(channel)),
-            Destination::Staff => (self.gateways.staff(), STAFF.to_owned()),
+            Destination::Staff => (self.gateways.staff(), STAFF),
         };
-        let gateway = gateway.ok_or_else(|| DeliveryError::NoGateway(limit_key.clone()))?;
+        let gateway = gateway.ok_or_else(|| DeliveryError::NoGateway(limit_key.to_owned()))?;
         let breaker = self.breakers.get(&gateway.url);
         if let Some(breaker) = breaker {
             breaker
@@ -261,7 +277,7 @@ impl WebhookClient {
                     retry_after,
                 })?;
         }
-        self.pace(&limit_key).await?;
+        self.pace(limit_key).await?;
         let result = self.post(gateway, message).await;
         if let Some(breaker) = breaker {
             breaker.record(result.is_ok(), Instant::now());
@@ -274,7 +290,7 @@ impl WebhookClient {
         let signature = sign(&gateway.secret, &body);
         let response = self
             .http
-            .post(&gateway.url)
+            .post(gateway.endpoint.clone())
             .header("content-type", "application/json")
             .header(IDEMPOTENCY_HEADER, message.delivery_id)
             .header(SIGNATURE_HEADER, format!("sha256={signature}"))
@@ -346,6 +362,24 @@ mod tests {
             "wechat=http://x".parse::<GatewayTable>(),
             Err(GatewayTableError::Malformed(_))
         ));
+        assert!(matches!(
+            "wechat=http://[bad|s".parse::<GatewayTable>(),
+            Err(GatewayTableError::Url(_))
+        ));
+    }
+
+    #[test]
+    fn channel_keys_are_the_proto_names_in_lower_case() {
+        for value in 0..=i32::from(u8::MAX) {
+            let Ok(channel) = Channel::try_from(value) else {
+                continue;
+            };
+            let expected = channel
+                .as_str_name()
+                .trim_start_matches("CHANNEL_")
+                .to_ascii_lowercase();
+            assert_eq!(channel_key(channel), expected);
+        }
     }
 
     #[test]

@@ -233,13 +233,13 @@ impl Courier {
         let kind = kind_key(delivery.kind());
         let channel = match out.destination {
             Destination::Customer(channel) => channel_key(channel),
-            Destination::Staff => STAFF.to_owned(),
+            Destination::Staff => STAFF,
         };
         let webhook = WebhookMessage {
             delivery_id: &delivery.delivery_id,
             tenant: &delivery.tenant,
-            kind: &kind,
-            channel: &channel,
+            kind,
+            channel,
             recipient: &delivery.recipient,
             reply_to_message_id: out.reply_to_message_id,
             thread_id: out.thread_id,
@@ -260,7 +260,7 @@ impl Courier {
                 .await
                 .map_err(db_error)?;
                 tracing::info!(delivery_id = %delivery.delivery_id, %kind, %channel, "delivered");
-                count_delivery(&kind, "delivered");
+                count_delivery(kind, "delivered");
                 if let Some(received) = out.received_at {
                     let waited = (Utc::now() - received).to_std().unwrap_or_default();
                     METRICS.first_response_seconds.observe(waited.as_secs_f64());
@@ -293,7 +293,7 @@ impl Courier {
                 )
                 .await
                 .map_err(db_error)?;
-                count_delivery(&kind, if last_try { "failed" } else { "retry" });
+                count_delivery(kind, if last_try { "failed" } else { "retry" });
                 if !last_try {
                     return Err(match error.retry_after() {
                         Some(wait) => HandleError::RetryAfter(wait, error.into()),
@@ -511,11 +511,8 @@ impl WorkOrderHandler {
         let body = self.0.render(&key, &values)?;
         let version = work_order.version.to_string();
         let delivery = Delivery {
-            delivery_id: ids::derive(
-                "delivery",
-                &[&kind_key(kind), &work_order.work_order_id, &version],
-            )
-            .to_string(),
+            delivery_id: ids::derive("delivery", &[kind_key(kind), &work_order.work_order_id, &version])
+                .to_string(),
             tenant: work_order.tenant.clone(),
             kind: kind as i32,
             channel: work_order.channel,

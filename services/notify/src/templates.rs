@@ -87,8 +87,8 @@ fn visit_candidates(key: &TemplateKey<'_>, mut visit: impl FnMut(&str) -> bool) 
     for locale in &locales {
         for tenant in [key.tenant, "*"] {
             for (channel, category) in [
-                (channel.as_str(), key.category),
-                (channel.as_str(), "*"),
+                (channel, key.category),
+                (channel, "*"),
                 ("*", key.category),
                 ("*", "*"),
             ] {
@@ -105,10 +105,18 @@ fn visit_candidates(key: &TemplateKey<'_>, mut visit: impl FnMut(&str) -> bool) 
 }
 
 /// `NOTIFICATION_KIND_STATUS_UPDATE` → `status_update`.
-pub fn kind_key(kind: NotificationKind) -> String {
-    kind.as_str_name()
-        .trim_start_matches("NOTIFICATION_KIND_")
-        .to_ascii_lowercase()
+pub fn kind_key(kind: NotificationKind) -> &'static str {
+    match kind {
+        NotificationKind::Unspecified => "unspecified",
+        NotificationKind::Acknowledgement => "acknowledgement",
+        NotificationKind::PrivateChannelInvitation => "private_channel_invitation",
+        NotificationKind::StatusUpdate => "status_update",
+        NotificationKind::AgentReply => "agent_reply",
+        NotificationKind::Closure => "closure",
+        NotificationKind::SatisfactionSurvey => "satisfaction_survey",
+        NotificationKind::Reopened => "reopened",
+        NotificationKind::StaffAlert => "staff_alert",
+    }
 }
 
 pub struct Templates {
@@ -191,6 +199,20 @@ impl Templates {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kind_keys_are_the_proto_names_in_lower_case() {
+        for value in 0..=i32::from(u8::MAX) {
+            let Ok(kind) = NotificationKind::try_from(value) else {
+                continue;
+            };
+            let expected = kind
+                .as_str_name()
+                .trim_start_matches("NOTIFICATION_KIND_")
+                .to_ascii_lowercase();
+            assert_eq!(kind_key(kind), expected);
+        }
+    }
 
     fn key(kind: NotificationKind, channel: Channel, locale: &'static str) -> TemplateKey<'static> {
         TemplateKey {

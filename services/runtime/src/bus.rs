@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use async_nats::HeaderName;
 use async_nats::jetstream::{self, message::PublishMessage, publish::PublishAck, stream};
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -281,17 +282,23 @@ impl Bus {
     }
 
     fn headers(&self, event: &OutgoingEvent) -> async_nats::HeaderMap {
+        // Every event is published with these, so their names are built once, not parsed
+        // and copied per event (perf put header building at a tenth of ingest's CPU).
+        const MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
+        const CE_SPECVERSION: HeaderName = HeaderName::from_static("ce-specversion");
+        const CE_ID: HeaderName = HeaderName::from_static("ce-id");
+        const CE_TYPE: HeaderName = HeaderName::from_static("ce-type");
+        const CE_SOURCE: HeaderName = HeaderName::from_static("ce-source");
+        const CE_TIME: HeaderName = HeaderName::from_static("ce-time");
+        const CONTENT_TYPE: HeaderName = HeaderName::from_static("content-type");
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", event.id.as_str());
-        headers.insert("ce-specversion", "1.0");
-        headers.insert("ce-id", event.id.as_str());
-        headers.insert("ce-type", event.event_type.as_str());
-        headers.insert("ce-source", self.source.as_str());
-        headers.insert(
-            "ce-time",
-            event.time.to_rfc3339_opts(SecondsFormat::Millis, true).as_str(),
-        );
-        headers.insert("content-type", "application/protobuf");
+        headers.insert(MSG_ID, event.id.as_str());
+        headers.insert(CE_SPECVERSION, "1.0");
+        headers.insert(CE_ID, event.id.as_str());
+        headers.insert(CE_TYPE, event.event_type.as_str());
+        headers.insert(CE_SOURCE, self.source.as_str());
+        headers.insert(CE_TIME, event.time.to_rfc3339_opts(SecondsFormat::Millis, true));
+        headers.insert(CONTENT_TYPE, "application/protobuf");
         match &event.trace_headers {
             Some(trace) => {
                 for (key, value) in trace {

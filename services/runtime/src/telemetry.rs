@@ -100,7 +100,7 @@ struct NatsHeaders<'a>(&'a mut async_nats::HeaderMap);
 
 impl Injector for NatsHeaders<'_> {
     fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key, value.as_str());
+        self.0.insert(key, value);
     }
 }
 
