@@ -369,20 +369,6 @@ mod tests {
     }
 
     #[test]
-    fn channel_keys_are_the_proto_names_in_lower_case() {
-        for value in 0..=i32::from(u8::MAX) {
-            let Ok(channel) = Channel::try_from(value) else {
-                continue;
-            };
-            let expected = channel
-                .as_str_name()
-                .trim_start_matches("CHANNEL_")
-                .to_ascii_lowercase();
-            assert_eq!(channel_key(channel), expected);
-        }
-    }
-
-    #[test]
     fn rate_limits_parse() {
         let limits = parse_rate_limits("wechat=10; weibo_post=2.5").expect("valid");
         assert_eq!(limits.get("weibo_post"), Some(&2.5));

@@ -200,17 +200,17 @@ impl Templates {
 mod tests {
     use super::*;
 
+    /// Delivery ids are derived from these keys, so they must stay the proto names.
     #[test]
-    fn kind_keys_are_the_proto_names_in_lower_case() {
+    fn channel_and_kind_keys_are_the_proto_names_in_lower_case() {
+        let lower = |name: &str, prefix: &str| name.trim_start_matches(prefix).to_ascii_lowercase();
         for value in 0..=i32::from(u8::MAX) {
-            let Ok(kind) = NotificationKind::try_from(value) else {
-                continue;
-            };
-            let expected = kind
-                .as_str_name()
-                .trim_start_matches("NOTIFICATION_KIND_")
-                .to_ascii_lowercase();
-            assert_eq!(kind_key(kind), expected);
+            if let Ok(channel) = Channel::try_from(value) {
+                assert_eq!(channel_key(channel), lower(channel.as_str_name(), "CHANNEL_"));
+            }
+            if let Ok(kind) = NotificationKind::try_from(value) {
+                assert_eq!(kind_key(kind), lower(kind.as_str_name(), "NOTIFICATION_KIND_"));
+            }
         }
     }
 
