@@ -102,11 +102,7 @@ impl MessageHandler for ReceivedHandler {
             },
         );
         let labels = VerdictLabels {
-            intent: classification
-                .intent()
-                .as_str_name()
-                .trim_start_matches("INTENT_")
-                .to_ascii_lowercase(),
+            intent: calibrate::intent_label(classification.intent()),
             priority: classification
                 .priority()
                 .as_str_name()
