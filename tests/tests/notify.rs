@@ -136,10 +136,13 @@ async fn every_message_kind_reaches_customer_and_staff_once() -> anyhow::Result<
         text("closure").unwrap_or_default().contains("Refunded 20 yuan"),
         "a private channel shows the note"
     );
+    let alert = text("staff_alert").unwrap_or_default();
+    assert!(alert.contains("refund above my limit"), "{alert}");
     assert!(
-        text("staff_alert")
-            .unwrap_or_default()
-            .contains("refund above my limit")
+        ["P1", "P2", "P3", "P4"].iter().any(|priority| {
+            alert.contains(&format!("（{priority}，")) || alert.contains(&format!("({priority}, "))
+        }),
+        "the alert shows the priority by its short name: {alert}"
     );
     let staff = messages
         .iter()

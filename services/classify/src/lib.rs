@@ -103,11 +103,7 @@ impl MessageHandler for ReceivedHandler {
         );
         let labels = VerdictLabels {
             intent: calibrate::intent_label(classification.intent()),
-            priority: classification
-                .priority()
-                .as_str_name()
-                .trim_start_matches("PRIORITY_")
-                .to_owned(),
+            priority: classification.priority().label().to_owned(),
         };
         tracing::info!(
             complaint_id = %complaint.complaint_id,

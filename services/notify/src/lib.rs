@@ -481,14 +481,6 @@ fn told_work_order_subjects() -> Vec<String> {
         .collect()
 }
 
-fn priority_label(work_order: &WorkOrder) -> String {
-    work_order
-        .priority()
-        .as_str_name()
-        .trim_start_matches("PRIORITY_")
-        .to_owned()
-}
-
 impl WorkOrderHandler {
     /// A message to the customer about `work_order` at its current version.
     async fn tell_customer(
@@ -567,7 +559,6 @@ impl WorkOrderHandler {
         event: &str,
         detail: &str,
     ) -> Result<(), HandleError> {
-        let priority = priority_label(work_order);
         let alert = StaffAlert {
             tenant: &work_order.tenant,
             event,
@@ -575,7 +566,7 @@ impl WorkOrderHandler {
             version: work_order.version,
             values: [
                 ("work_order", work_order.work_order_id.as_str()),
-                ("priority", priority.as_str()),
+                ("priority", work_order.priority().label()),
                 ("category", work_order.category.as_str()),
                 ("team", work_order.team.as_str()),
                 ("assignee", work_order.assignee.as_str()),
