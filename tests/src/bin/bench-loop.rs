@@ -15,7 +15,8 @@
 //! and submit→assigned percentiles; consumer lag over time; CPU and RSS of each process.
 //! The raw bound: JetStream publish, and pull-consume with ack, for as many messages and
 //! deliveries as a complaint made in this run, and 256-row PostgreSQL inserts for as many
-//! row writes; the loop's best completed rate is printed as a share of it.
+//! row writes (the JSON lists them by table); the loop's best completed rate is printed as
+//! a share of it.
 //!
 //! Prints a table; writes `bench-loop.json` and `bench-loop.svg` to `--out`. Build the
 //! service binaries first: `scripts/bench-loop.sh` does both.
@@ -525,6 +526,17 @@ async fn row_writes(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
     Ok(last)
 }
 
+/// Each table's inserted, updated and deleted rows so far, most written first: where the
+/// loop's row writes go (read after [`row_writes`] has seen the statistics settle).
+async fn row_writes_by_table(pool: &sqlx::PgPool) -> anyhow::Result<Vec<(String, i64, i64, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT schemaname || '.' || relname, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables \
+         WHERE n_tup_ins + n_tup_upd + n_tup_del > 0 ORDER BY n_tup_ins + n_tup_upd + n_tup_del DESC",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
 fn percentiles(mut values: Vec<Duration>) -> [Option<Duration>; 4] {
     values.sort();
     [
@@ -876,6 +888,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let (published, delivered) = message_counts(&js).await?;
     let writes = row_writes(&pool).await?;
+    let writes_by_table = row_writes_by_table(&pool).await?;
     let accepted_total = ledger.accepted.load(Ordering::Relaxed).max(1) as f64;
     let per_complaint = (
         published as f64 / accepted_total,
@@ -1045,6 +1058,10 @@ async fn main() -> anyhow::Result<()> {
         "phases": phase_json,
         "raw": {"publish_per_sec": raw_publish, "consume_ack_per_sec": raw_consume, "rows_per_sec": raw_rows,
                 "published_per_complaint": per_complaint.0, "deliveries_per_complaint": per_complaint.1, "row_writes_per_complaint": per_complaint.2,
+                "row_writes_by_table": writes_by_table.iter().map(|(table, inserted, updated, deleted)| json!({
+                    "table": table, "inserted": inserted, "updated": updated, "deleted": deleted,
+                    "per_complaint": (inserted + updated + deleted) as f64 / accepted_total,
+                })).collect::<Vec<_>>(),
                 "bound_complaints_per_sec": bound, "best_completed_per_sec": best, "share_of_bound": best / bound},
         "processes": watched.iter().enumerate().map(|(i, w)| json!({
             "process": w.name, "peak_rss_kib": peak_rss[i], "idle_rss_kib_start": idle_rss_start.get(i), "idle_rss_kib_after": idle_rss_after.get(i)
