@@ -6,6 +6,7 @@
 # 3. merges the profiles with llvm-profdata (rustup's llvm-tools component, added if missing);
 # 4. rebuilds them with the merged profile into target/pgo/.
 #
+# Every run rebuilds the optimised services in full, since each training gives a new profile.
 # The optimised binaries' folder is printed at the end; hand it to the benchmark with
 # `scripts/bench-loop.sh --bin-dir DIR`, or copy the binaries where they are deployed.
 # Extra arguments go to the training bench-loop run. Both builds name a --target so that
@@ -27,8 +28,7 @@ for service in "${services[@]}"; do bin_args+=(--bin "$service"); done
 
 root=$(pwd)/target
 profiles="$root/pgo-train/profiles"
-merged="$root/pgo-train/merged.profdata"
-rm -rf "$profiles" "$merged"
+rm -rf "$profiles" "$root"/pgo-train/merged-*.profdata
 mkdir -p "$profiles"
 
 echo "build-pgo: 1/4 instrumented build"
@@ -48,7 +48,12 @@ if ((${#raw[@]} == 0)); then
 fi
 
 echo "build-pgo: 3/4 merging ${#raw[@]} profiles"
-"$sysroot_bin/llvm-profdata" merge -o "$merged" "${raw[@]}"
+"$sysroot_bin/llvm-profdata" merge -o "$root/pgo-train/merged.tmp" "${raw[@]}"
+# Cargo does not watch the profile's contents, only RUSTFLAGS: naming the file after its
+# hash makes a new profile rebuild everything, not only the crates that changed.
+hash=$(sha256sum "$root/pgo-train/merged.tmp" | cut -c1-16)
+merged="$root/pgo-train/merged-$hash.profdata"
+mv "$root/pgo-train/merged.tmp" "$merged"
 
 echo "build-pgo: 4/4 optimised build"
 # Code the training never ran counts as cold and is optimised for size, not speed.
