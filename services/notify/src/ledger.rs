@@ -54,12 +54,13 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Starts the writing task; it ends when every `Ledger` clone is dropped.
-    pub fn spawn(pool: PgPool, lease: Duration) -> (Self, tokio::task::JoinHandle<()>) {
+    /// Starts the writing task; it ends when every `Ledger` clone is dropped. Each
+    /// transaction serves the requests that arrive within `linger` of its first.
+    pub fn spawn(pool: PgPool, lease: Duration, linger: Duration) -> (Self, tokio::task::JoinHandle<()>) {
         let (queue, mut jobs) = mpsc::channel::<Job>(MAX_BATCH * 4);
         let task = tokio::spawn(async move {
             while let Some(first) = jobs.recv().await {
-                let batch = closedloop_runtime::batch::with_waiting(first, &mut jobs, MAX_BATCH);
+                let batch = closedloop_runtime::batch::gather(first, &mut jobs, MAX_BATCH, linger).await;
                 METRICS.batch_size.observe(batch.len() as f64);
                 let started = std::time::Instant::now();
                 write(&pool, lease, batch).await;
