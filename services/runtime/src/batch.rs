@@ -10,12 +10,7 @@ use tokio::sync::mpsc;
 /// `first` and what is already queued behind it, up to `max` in all.
 pub fn with_waiting<T>(first: T, queue: &mut mpsc::Receiver<T>, max: usize) -> Vec<T> {
     let mut batch = vec![first];
-    while batch.len() < max {
-        match queue.try_recv() {
-            Ok(next) => batch.push(next),
-            Err(_) => break,
-        }
-    }
+    take_waiting(&mut batch, queue, max);
     batch
 }
 
@@ -32,18 +27,23 @@ pub async fn gather<T>(first: T, queue: &mut mpsc::Receiver<T>, max: usize, ling
         match tokio::time::timeout_at(deadline, queue.recv()).await {
             Ok(Some(next)) => {
                 batch.push(next);
-                // Take what else is queued without a timer per request.
-                while batch.len() < max {
-                    match queue.try_recv() {
-                        Ok(more) => batch.push(more),
-                        Err(_) => break,
-                    }
-                }
+                // What else is queued comes without a timer per request.
+                take_waiting(&mut batch, queue, max);
             }
             Ok(None) | Err(_) => break,
         }
     }
     batch
+}
+
+/// Moves what is already queued into `batch` until it holds `max`.
+fn take_waiting<T>(batch: &mut Vec<T>, queue: &mut mpsc::Receiver<T>, max: usize) {
+    while batch.len() < max {
+        match queue.try_recv() {
+            Ok(next) => batch.push(next),
+            Err(_) => break,
+        }
+    }
 }
 
 #[cfg(test)]
