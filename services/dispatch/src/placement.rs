@@ -55,16 +55,18 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the batching task. It ends when every `Batcher` clone is dropped.
+    /// Starts the batching task. It ends when every `Batcher` clone is dropped. Each
+    /// transaction places the drafts that arrive within `linger` of its first.
     pub fn spawn(
         pool: PgPool,
         policy: Arc<Policy>,
         relay_wake: Arc<Notify>,
+        linger: std::time::Duration,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (queue, mut jobs) = mpsc::channel::<(Draft, Reply)>(MAX_BATCH * 4);
         let task = tokio::spawn(async move {
             while let Some(first) = jobs.recv().await {
-                let batch = closedloop_runtime::batch::with_waiting(first, &mut jobs, MAX_BATCH);
+                let batch = closedloop_runtime::batch::gather(first, &mut jobs, MAX_BATCH, linger).await;
                 let (drafts, replies): (Vec<Draft>, Vec<Reply>) = batch.into_iter().unzip();
                 BATCH_SIZES.observe(drafts.len() as f64);
                 match place_batch(&pool, &policy, drafts).await {
