@@ -1,22 +1,22 @@
 //! Grouping what arrived together: tasks that write many requests in one transaction take
-//! the first request to arrive and whatever else is already waiting. By default they never
-//! wait for more; [`gather`] can linger a little, trading latency for fewer, larger
-//! transactions (each execution is planned, so at moderate rates that saves CPU).
+//! the first request to arrive and whatever else is already waiting ([`gather`]). With a
+//! linger they also wait a little for more, trading latency for fewer, larger transactions
+//! (each execution is planned, so at moderate rates that saves CPU).
 
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 /// `first` and what is already queued behind it, up to `max` in all.
-pub fn with_waiting<T>(first: T, queue: &mut mpsc::Receiver<T>, max: usize) -> Vec<T> {
+fn with_waiting<T>(first: T, queue: &mut mpsc::Receiver<T>, max: usize) -> Vec<T> {
     let mut batch = vec![first];
     take_waiting(&mut batch, queue, max);
     batch
 }
 
-/// Like [`with_waiting`], but first waits up to `linger` after `first` for the batch to
-/// fill, returning as soon as it holds `max` or the queue closes. A zero linger waits not
-/// at all.
+/// `first` and what is already queued behind it, up to `max` in all, after waiting up to
+/// `linger` after `first` for the batch to fill; it returns as soon as the batch holds
+/// `max` or the queue closes. A zero linger waits not at all.
 pub async fn gather<T>(first: T, queue: &mut mpsc::Receiver<T>, max: usize, linger: Duration) -> Vec<T> {
     let mut batch = with_waiting(first, queue, max);
     if linger.is_zero() {
