@@ -4,9 +4,12 @@ use clap::Parser;
 use closedloop_dispatch::{Config, Dispatch};
 use closedloop_runtime::{shutdown, telemetry};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = Config::parse();
+    config.service.runtime()?.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
     let _telemetry = telemetry::init("dispatch", &config.service.telemetry)?;
     tracing::info!(?config, "starting dispatch");
     let grace = std::time::Duration::from_secs(config.service.grpc.shutdown_grace_secs);

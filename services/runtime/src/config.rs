@@ -37,18 +37,34 @@ impl<T: FromStr> FromStr for Secret<T> {
     }
 }
 
-/// What every service takes: NATS, its gRPC front, telemetry.
+/// What every service takes: NATS, its gRPC front, telemetry, its runtime.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServiceArgs {
     /// Where Prometheus scrapes `/metrics`.
     #[arg(long, env = "CLOSEDLOOP_METRICS_LISTEN", default_value = "0.0.0.0:9464")]
     pub metrics_listen: std::net::SocketAddr,
+    /// Threads that run the service's tasks; 0 means one per core. Where the services,
+    /// NATS and PostgreSQL share a few cores (docker-compose.yml), 1 each wastes less on
+    /// threads waking and stealing work from each other: see BENCHMARKS.md.
+    #[arg(long, env = "CLOSEDLOOP_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
     #[command(flatten)]
     pub nats: NatsArgs,
     #[command(flatten)]
     pub grpc: GrpcArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+}
+
+impl ServiceArgs {
+    /// The tokio runtime these settings ask for, for a service's `main` to run on.
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if self.worker_threads > 0 {
+            builder.worker_threads(self.worker_threads);
+        }
+        builder.enable_all().build()
+    }
 }
 
 /// Where NATS is and how the streams are provisioned.
@@ -138,4 +154,40 @@ pub struct TelemetryArgs {
 pub enum LogFormat {
     Json,
     Pretty,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Service {
+        #[command(flatten)]
+        service: ServiceArgs,
+    }
+
+    fn workers(args: &[&str]) -> usize {
+        let parsed = Service::try_parse_from(std::iter::once("service").chain(args.iter().copied()))
+            .expect("valid flags");
+        let runtime = parsed.service.runtime().expect("a runtime");
+        runtime.metrics().num_workers()
+    }
+
+    #[test]
+    fn worker_threads_sets_the_runtime_size() {
+        assert_eq!(workers(&["--worker-threads", "1"]), 1);
+        assert_eq!(workers(&["--worker-threads", "3"]), 3);
+    }
+
+    #[test]
+    fn zero_worker_threads_leaves_tokio_its_default() {
+        let default = tokio::runtime::Builder::new_multi_thread()
+            .build()
+            .expect("a runtime")
+            .metrics()
+            .num_workers();
+        assert_eq!(workers(&["--worker-threads", "0"]), default);
+    }
 }

@@ -77,6 +77,10 @@ struct Args {
     /// Extra arguments for notify (repeatable), e.g. `--notify-arg=--database-max-connections=32`.
     #[arg(long, allow_hyphen_values = true)]
     notify_arg: Vec<String>,
+    /// Worker threads of each service (0: one per core). 1, as docker-compose.yml runs
+    /// them, since all share this machine's cores.
+    #[arg(long, default_value_t = 1)]
+    service_worker_threads: usize,
     /// Where the service binaries are (default: beside this one).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -149,6 +153,7 @@ fn loop_options(
     webhook: &WebhookReceiver,
     policy: &Path,
     notify_args: &[String],
+    worker_threads: usize,
 ) -> anyhow::Result<SystemOptions> {
     let ports = [free_port()?, free_port()?, free_port()?, free_port()?];
     let metrics_ports = [free_port()?, free_port()?, free_port()?, free_port()?];
@@ -163,7 +168,12 @@ fn loop_options(
         retry_base_ms: 500,
         ingest_http_port: free_port()?,
         wechat_accounts: format!("{TENANT}={WECHAT_TOKEN}"),
-        extra_args: vec!["--log-filter".into(), "warn".into()],
+        extra_args: vec![
+            "--log-filter".into(),
+            "warn".into(),
+            "--worker-threads".into(),
+            worker_threads.to_string(),
+        ],
         // As docker-compose.yml runs it, unless `--notify-arg` says otherwise.
         notify_args: if notify_args
             .iter()
@@ -653,7 +663,14 @@ async fn main() -> anyhow::Result<()> {
         serde_json::from_str(&bench::staffed_policy(TENANT, args.agents_per_team, true)?)?;
     staffed["incidents"]["min_count"] = json!(1_000);
     std::fs::write(&policy, serde_json::to_vec_pretty(&staffed)?)?;
-    let options = loop_options(&nats, &database_url, &webhook, &policy, &args.notify_arg)?;
+    let options = loop_options(
+        &nats,
+        &database_url,
+        &webhook,
+        &policy,
+        &args.notify_arg,
+        args.service_worker_threads,
+    )?;
     eprintln!("starting the four services from {}", bin_dir.display());
     let mut children = spawn_services(&bin_dir, &options, scratch.path())?;
     if let Err(error) = wait_for_consumers(&nats.url(), &CONSUMERS).await {
