@@ -706,6 +706,28 @@ async fn one_trace_follows_a_complaint_across_the_bus() -> anyhow::Result<()> {
         header("Nats-Msg-Id"),
         format!("received:{}", submitted.complaint_id)
     );
+
+    // A gateway that sends its own `traceparent` gets its trace continued.
+    let gateway_trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut request = authed(
+        &env.tokens.gateway,
+        SubmitComplaintRequest {
+            complaint: Some(outage_post("weibo-traced-by-gateway")),
+        },
+    );
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{gateway_trace}-b7ad6b7169203331-01").parse()?,
+    );
+    env.ingest().await?.submit_complaint(request).await?;
+    let received = complaints
+        .get_last_raw_message_by_subject(&bus::COMPLAINT_RECEIVED.subject("acme"))
+        .await?;
+    assert_eq!(
+        trace_id(&received),
+        gateway_trace,
+        "ingest continued the gateway's trace"
+    );
     env.shutdown().await
 }
 

@@ -21,7 +21,6 @@ use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::bus::Bus;
 use crate::config::NatsArgs;
@@ -253,8 +252,7 @@ async fn process<H: MessageHandler>(
     message: jetstream::Message,
 ) {
     let span = tracing::info_span!("consume", consumer = %spec.durable, subject = %message.subject);
-    crate::telemetry::follow_from_nats(&span, message.headers.as_ref());
-    async {
+    crate::telemetry::follow_from_nats(span, message.headers.as_ref(), async {
         let (delivered, pending) = message
             .info()
             .map(|info| (info.delivered, info.pending))
@@ -313,8 +311,7 @@ async fn process<H: MessageHandler>(
             // The event will be redelivered after ack_wait; handlers are idempotent.
             tracing::warn!(%error, "acknowledgement failed");
         }
-    }
-    .instrument(span)
+    })
     .await
 }
 

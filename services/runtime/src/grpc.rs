@@ -77,7 +77,7 @@ pub async fn serve(
         }
     };
     tonic::transport::Server::builder()
-        .trace_fn(crate::telemetry::grpc_request_span)
+        .layer(crate::telemetry::GrpcTraceLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
