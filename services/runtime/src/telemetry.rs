@@ -5,7 +5,7 @@
 //! spans, so none are recorded: each gRPC call and consumed event runs with the context it
 //! arrived with (a new trace if none) and passes it on unchanged, as W3C Trace Context
 //! asks of a participant that records nothing. Recording spans only to pass their ids on
-//! cost about a tenth of the services' CPU in bench-loop (BENCHMARKS.md).
+//! cost 5–8% of the services' CPU in bench-loop (BENCHMARKS.md, ninth session).
 
 use std::collections::HashMap;
 use std::future::Future;
