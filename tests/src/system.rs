@@ -486,8 +486,8 @@ impl TestEnv {
     }
 
     /// Waits until nothing is in flight: every consumer has nothing pending or unacked and
-    /// dispatch's outbox is published. Checked in pipeline order, twice, so work cannot
-    /// slip past the check.
+    /// dispatch has published every event it committed. Checked in pipeline order, twice, so
+    /// work cannot slip past the check.
     pub async fn wait_idle(&self) -> anyhow::Result<()> {
         let client = async_nats::connect(self.nats.url()).await?;
         let js = async_nats::jetstream::new(client);
@@ -503,7 +503,7 @@ impl TestEnv {
                 }
                 if durable == closedloop_dispatch::CLASSIFIED_CONSUMER {
                     let unpublished: Result<i64, _> =
-                        sqlx::query_scalar("SELECT count(*) FROM dispatch.outbox")
+                        sqlx::query_scalar("SELECT events FROM dispatch.unpublished_events")
                             .fetch_one(&pool)
                             .await;
                     if unpublished.map_or(true, |n| n > 0) {

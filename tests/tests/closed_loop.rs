@@ -687,7 +687,7 @@ async fn one_trace_follows_a_complaint_across_the_bus() -> anyhow::Result<()> {
     assert_eq!(
         trace_id(&created),
         trace,
-        "dispatch's outbox event continued the trace"
+        "dispatch's work-order event continued the trace"
     );
 
     // The CloudEvents headers ride along.

@@ -841,3 +841,101 @@ async fn a_crash_mid_stream_loses_nothing_and_duplicates_nothing() -> anyhow::Re
     assert_loads_counted(&env).await?;
     env.shutdown().await
 }
+
+/// A work order with only what its event needs.
+fn bare_work_order(version: i64) -> WorkOrder {
+    WorkOrder {
+        work_order_id: uuid::Uuid::new_v4().to_string(),
+        tenant: "acme".into(),
+        version,
+        updated_at: Some(closedloop_runtime::time::to_timestamp(chrono::Utc::now())),
+        ..Default::default()
+    }
+}
+
+/// The relay reads work-order events from history past a cursor. A transaction that took its
+/// id first but commits last must not land behind the cursor: the event committed after it
+/// waits until it ends, then both go out, in transaction order. One rolled back holds nothing up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_committed_behind_an_older_transaction_waits_and_is_not_skipped() -> anyhow::Result<()> {
+    use closedloop_dispatch::relay;
+    use closedloop_dispatch::store::{self, Recorded};
+    use closedloop_runtime::bus::{Bus, StreamSettings, WORK_ORDERS_STREAM};
+
+    let nats = closedloop_e2e::servers::NatsServer::start()?;
+    let postgres = closedloop_e2e::servers::Postgres::shared()?;
+    let args = closedloop_runtime::config::DatabaseArgs {
+        database_url: closedloop_runtime::Secret::new(postgres.create_database().await?),
+        database_max_connections: 4,
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let pool = closedloop_dispatch::connect_database(&args, &cancel).await?;
+    let bus = Bus::connect(&nats.url(), "relay-test", &cancel).await?;
+    bus.provision(&StreamSettings {
+        max_age: Duration::from_secs(3600),
+        max_bytes: -1,
+        duplicate_window: Duration::from_secs(120),
+        replicas: 1,
+    })
+    .await?;
+    let created = |work_order: &WorkOrder| Recorded::new(work_order, WorkOrderEventKind::Created, "test", "");
+    let (older, newer, abandoned) = (bare_work_order(1), bare_work_order(1), bare_work_order(1));
+
+    // The older transaction takes its id, then the newer one writes its event and commits.
+    let mut first = pool.begin().await?;
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *first)
+        .await?;
+    let mut second = pool.begin().await?;
+    store::write_events(&mut second, &[created(&newer)]).await?;
+    second.commit().await?;
+
+    let round = relay::relay_once(&pool, &bus).await?;
+    assert_eq!(
+        round.published, 0,
+        "the newer event waits while the older transaction runs"
+    );
+    assert!(round.unsettled, "and the relay knows it is waiting");
+
+    store::write_events(&mut first, &[created(&older)]).await?;
+    first.commit().await?;
+    let mut third = pool.begin().await?;
+    store::write_events(&mut third, &[created(&abandoned)]).await?;
+    third.rollback().await?;
+
+    // Other tests' transactions in this cluster may hold the relay a moment longer.
+    let published = std::sync::atomic::AtomicUsize::new(0);
+    wait_until("both events to be relayed", WAIT, || async {
+        match relay::relay_once(&pool, &bus).await {
+            Ok(round) => {
+                let so_far = published.fetch_add(round.published, std::sync::atomic::Ordering::Relaxed);
+                so_far + round.published >= 2 && !round.unsettled
+            }
+            Err(_) => false,
+        }
+    })
+    .await?;
+    assert_eq!(published.into_inner(), 2);
+    assert_eq!(
+        relay::relay_once(&pool, &bus).await?.published,
+        0,
+        "nothing goes out twice"
+    );
+
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    let stream = js.get_stream(WORK_ORDERS_STREAM).await?;
+    let mut relayed = Vec::new();
+    for sequence in 1..=2 {
+        let message = stream.get_raw_message(sequence).await?;
+        let event: WorkOrderEvent = prost::Message::decode(message.payload.as_ref())?;
+        relayed.push(event.work_order.map(|w| w.work_order_id).unwrap_or_default());
+    }
+    assert_eq!(relayed, [older.work_order_id, newer.work_order_id]);
+    assert_eq!(stream.get_raw_message(3).await.ok().map(|m| m.sequence), None);
+    let unpublished: i64 = sqlx::query_scalar("SELECT events FROM unpublished_events")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(unpublished, 0);
+    pool.close().await;
+    Ok(())
+}

@@ -1,7 +1,8 @@
 //! Dispatch: the system of record for work orders. Consumes `complaint.classified`, creates
 //! exactly one work order per complaint (redelivery finds the existing one), routes it to a
 //! team, sets its due times, and serves the `WorkOrderService` API. Every change is a
-//! versioned `workorder.*` event written through a transactional outbox.
+//! versioned `workorder.*` event, committed in the history row of the change and published
+//! from there by the relay.
 
 pub mod api;
 pub mod assignment;
@@ -213,6 +214,14 @@ impl MessageHandler for FeedbackHandler {
     }
 }
 
+/// Connects to dispatch's schema and brings it up to date, as the service does at start.
+pub async fn connect_database(
+    args: &DatabaseArgs,
+    cancel: &CancellationToken,
+) -> Result<PgPool, db::DbError> {
+    db::connect(args, SCHEMA, &MIGRATOR, cancel).await
+}
+
 /// A built dispatch service: connected, migrated, directory seeded, listener bound.
 pub struct Dispatch {
     listener: TcpListener,
@@ -226,7 +235,7 @@ pub struct Dispatch {
 impl Dispatch {
     pub async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
         let policy = Arc::new(Policy::load(config.policy.as_deref())?);
-        let pool = db::connect(&config.database, SCHEMA, &MIGRATOR, cancel).await?;
+        let pool = connect_database(&config.database, cancel).await?;
         directory::seed(&pool, &policy.directory, policy.router.account_manager_team()).await?;
         let bus = Bus::connect(&config.service.nats.nats_url, "dispatch", cancel).await?;
         bus.provision(&StreamSettings::from(&config.service.nats)).await?;

@@ -1,5 +1,6 @@
-//! Work orders in PostgreSQL. Every change writes the work order, its history row and the
-//! outbox event in one transaction, so an event exists exactly when its change does.
+//! Work orders in PostgreSQL. Every change writes the work order and its history row, which
+//! carries the change's event, in one transaction, so an event exists exactly when its change
+//! does.
 
 use std::collections::HashMap;
 
@@ -142,17 +143,20 @@ fn count(kind: WorkOrderEventKind) {
         .inc();
 }
 
-/// The event for a work order at its current version, ready for the outbox.
+/// The id of the event for `version` of a work order: the same on every write and relay of
+/// it, so JetStream drops a re-publish as a duplicate.
+pub fn work_order_event_id(work_order_id: &str, version: i64) -> Uuid {
+    ids::derive("workorder-event", &[work_order_id, &version.to_string()])
+}
+
+/// The event for a work order at its current version, as its history row carries it.
 pub fn work_order_event(
     work_order: &WorkOrder,
     kind: WorkOrderEventKind,
     actor: &str,
     note: &str,
 ) -> OutgoingEvent {
-    let event_id = ids::derive(
-        "workorder-event",
-        &[&work_order.work_order_id, &work_order.version.to_string()],
-    );
+    let event_id = work_order_event_id(&work_order.work_order_id, work_order.version);
     let event = WorkOrderEvent {
         event_id: event_id.to_string(),
         kind: kind as i32,
@@ -169,7 +173,7 @@ pub fn work_order_event(
     )
 }
 
-/// A committed change, as history row and outbox event: the work order after it.
+/// A committed change, as history row and event: the work order after it.
 pub struct Recorded {
     pub work_order: WorkOrder,
     pub kind: WorkOrderEventKind,
@@ -202,7 +206,8 @@ impl Recorded {
     }
 }
 
-/// Writes history rows and outbox events for `changes` in two statements.
+/// Writes history rows for `changes` in one statement. Each row carries its change's
+/// `workorder.*` event, which the relay publishes from there (see `relay`).
 pub async fn write_events(
     tx: &mut Transaction<'_, Postgres>,
     changes: &[Recorded],
@@ -214,9 +219,20 @@ pub async fn write_events(
     for change in changes {
         ids.push(parse_uuid(&change.work_order.work_order_id)?);
     }
+    let events: Vec<OutgoingEvent> = changes
+        .iter()
+        .map(|c| work_order_event(&c.work_order, c.kind, &c.actor, &c.note))
+        .collect();
+    let current = telemetry::current_trace_headers();
+    let traces: Vec<serde_json::Value> = changes
+        .iter()
+        .map(|c| serde_json::to_value(c.trace.as_ref().unwrap_or(&current)).unwrap_or_default())
+        .collect();
     sqlx::query(
-        "INSERT INTO work_order_history (work_order_id, version, kind, actor, note, occurred_at) \
-         SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])",
+        "INSERT INTO work_order_history \
+           (work_order_id, version, kind, actor, note, occurred_at, subject, payload, trace_headers) \
+         SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], \
+           $6::timestamptz[], $7::text[], $8::bytea[], $9::jsonb[])",
     )
     .bind(ids)
     .bind(changes.iter().map(|c| c.work_order.version).collect::<Vec<_>>())
@@ -234,24 +250,19 @@ pub async fn write_events(
             .map(|c| to_time(&c.work_order.updated_at).unwrap_or_else(Utc::now))
             .collect::<Vec<_>>(),
     )
+    .bind(events.iter().map(|e| e.subject.as_str()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.payload.as_ref()).collect::<Vec<&[u8]>>())
+    .bind(traces)
     .execute(&mut **tx)
     .await?;
-    let events: Vec<OutgoingEvent> = changes
-        .iter()
-        .map(|c| {
-            let mut event = work_order_event(&c.work_order, c.kind, &c.actor, &c.note);
-            event.trace_headers = c.trace.clone();
-            event
-        })
-        .collect();
-    write_outbox(tx, &events).await?;
     for change in changes {
         count(change.kind);
     }
     Ok(())
 }
 
-/// Queues events for the relay, with the current trace context.
+/// Queues events that have no history row (incident alerts) for the relay, with the current
+/// trace context.
 pub async fn write_outbox(
     tx: &mut Transaction<'_, Postgres>,
     events: &[OutgoingEvent],

@@ -113,7 +113,7 @@ async fn counts(pool: &PgPool) -> anyhow::Result<(i64, i64, i64)> {
     let row = sqlx::query(
         "SELECT (SELECT count(*) FROM dispatch.work_orders),
                 (SELECT count(*) FROM dispatch.work_orders WHERE assignee <> ''),
-                (SELECT count(*) FROM dispatch.outbox)",
+                (SELECT events FROM dispatch.unpublished_events)",
     )
     .fetch_one(pool)
     .await?;

@@ -10,7 +10,7 @@
 //! - max: `--max-complaints` as fast as `--submitters` concurrent callers can submit.
 //!
 //! Measured: submissions accepted per second; completed per second (every consumer caught
-//! up and the outbox published, so every acknowledgement is delivered and every work order
+//! up and dispatch's events published, so every acknowledgement is delivered and every work order
 //! written); submit→acknowledgement (the first message the customer's gateway receives)
 //! and submit→assigned percentiles; consumer lag over time; CPU and RSS of each process.
 //! The raw bound: JetStream publish, and pull-consume with ack, for as many messages and
@@ -397,15 +397,13 @@ async fn backlog(js: &async_nats::jetstream::Context) -> anyhow::Result<Vec<(&'s
     Ok(lag)
 }
 
-/// Whether dispatch's outbox still holds unpublished events. Through the index the relay
-/// reads by: `count(*)` walked every dead row of this queue table, which cost the database
-/// under test 3% of its time when each half-second sample asked.
-async fn outbox_empty(pool: &sqlx::PgPool) -> anyhow::Result<bool> {
-    let waiting: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM dispatch.outbox ORDER BY seq LIMIT 1)")
-            .fetch_one(pool)
-            .await?;
-    Ok(!waiting)
+/// Whether dispatch has published every event it committed (its outbox and the history rows
+/// past the relay's cursor).
+async fn events_published(pool: &sqlx::PgPool) -> anyhow::Result<bool> {
+    let waiting: i64 = sqlx::query_scalar("SELECT events FROM dispatch.unpublished_events")
+        .fetch_one(pool)
+        .await?;
+    Ok(waiting == 0)
 }
 
 /// Waits until the pipeline is idle twice in a row; returns when it first was.
@@ -418,7 +416,7 @@ async fn drained(
     let mut idle_since = None;
     loop {
         let lag: u64 = backlog(js).await?.iter().map(|(_, n)| n).sum();
-        if lag == 0 && outbox_empty(pool).await? {
+        if lag == 0 && events_published(pool).await? {
             if let Some(at) = idle_since {
                 return Ok(at);
             }
