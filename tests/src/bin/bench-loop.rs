@@ -213,8 +213,10 @@ impl ServiceProcesses {
             if let Ok(Some(status)) = child.try_wait() {
                 let log = std::fs::read_to_string(self.logs.join(format!("{}.log", service.name())))
                     .unwrap_or_default();
-                let lines: Vec<&str> = log.lines().collect();
-                let tail = lines[lines.len().saturating_sub(5)..].join("\n  ");
+                // An error's backtrace would fill the tail; what went wrong is above it.
+                let before_backtrace = log.split("\nStack backtrace:").next().unwrap_or_default();
+                let lines: Vec<&str> = before_backtrace.lines().collect();
+                let tail = lines[lines.len().saturating_sub(8)..].join("\n  ");
                 report.push(format!(
                     "{} exited with {status}; its log ends:\n  {tail}",
                     service.name()
