@@ -178,7 +178,7 @@ async fn a_late_status_update_is_not_sent() -> anyhow::Result<()> {
     env.wait_idle().await?;
 
     // An "accepted" for version 2 — older than the resolution the customer was told about —
-    // arrives late (say, from a lagging replica's outbox).
+    // arrives late (say, from a lagging replica's relay).
     let mut stale = work_order.clone();
     stale.version = 2;
     stale.set_state(WorkOrderState::InProgress);

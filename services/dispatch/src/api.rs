@@ -21,7 +21,7 @@ const MAX_NOTE_CHARS: usize = 4_000;
 
 pub struct WorkOrderApi {
     pub pool: PgPool,
-    /// Wakes the outbox relay after a change commits.
+    /// Wakes the event relay after a change commits.
     pub relay_wake: Arc<Notify>,
     pub policy: Arc<Policy>,
     /// For WatchWorkOrders: a plain subscription to the work-order subjects.

@@ -217,7 +217,7 @@ fn database(error: impl std::fmt::Display) -> Status {
 
 pub struct DirectoryApi {
     pub pool: PgPool,
-    /// Wakes the outbox relay when queued work gets assigned.
+    /// Wakes the event relay when queued work gets assigned.
     pub relay_wake: std::sync::Arc<tokio::sync::Notify>,
     /// The policy's account-manager team, whose queue goes to posters' managers.
     pub account_manager_team: Option<String>,

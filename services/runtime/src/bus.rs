@@ -159,8 +159,8 @@ pub struct OutgoingEvent {
     pub payload: Bytes,
     /// When the event happened (`ce-time`).
     pub time: DateTime<Utc>,
-    /// Trace context captured when the event was decided (e.g. stored with an outbox row);
-    /// `None` takes the current span's.
+    /// Trace context captured when the event was decided (e.g. stored with its history or
+    /// outbox row); `None` takes the current span's.
     pub trace_headers: Option<HashMap<String, String>>,
 }
 

@@ -144,7 +144,7 @@ pub fn inject_into_nats(headers: &mut async_nats::HeaderMap) {
     opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&context, &mut NatsHeaders(headers)));
 }
 
-/// The current trace context as plain pairs, to store beside an outbox row.
+/// The current trace context as plain pairs, to store beside an event kept for the relay.
 pub fn current_trace_headers() -> HashMap<String, String> {
     let context = context_to_send(recording());
     let mut carrier = HashMap::new();

@@ -338,8 +338,8 @@ async fn main() -> anyhow::Result<()> {
         )
     );
     println!(
-        "(raw rows: rows/s. Dispatch writes per work order a work order, its history, two \
-         outbox events and an arrival count, and reads the directory and open work.)"
+        "(raw rows: rows/s. Dispatch writes per work order a work order, two history rows \
+         carrying its events, and an arrival count, and reads the directory and open work.)"
     );
     Ok(())
 }
