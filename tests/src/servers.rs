@@ -103,6 +103,18 @@ fn wait_for_port(port: u16, timeout: Duration, what: &str, log: &Path) -> anyhow
     Ok(())
 }
 
+/// Stream settings for a harness's short-lived server, where benchmarks and tests provision
+/// the streams without a service: an hour's retention, no size limit, a two-minute duplicate
+/// window, one replica.
+pub fn harness_streams() -> closedloop_runtime::bus::StreamSettings {
+    closedloop_runtime::bus::StreamSettings {
+        max_age: Duration::from_secs(3600),
+        max_bytes: -1,
+        duplicate_window: Duration::from_secs(120),
+        replicas: 1,
+    }
+}
+
 /// A `nats-server` with JetStream.
 pub struct NatsServer {
     pub port: u16,

@@ -883,7 +883,7 @@ async fn relay_at_least(
 async fn an_event_committed_behind_an_older_transaction_waits_and_is_not_skipped() -> anyhow::Result<()> {
     use closedloop_dispatch::relay;
     use closedloop_dispatch::store::{self, Recorded};
-    use closedloop_runtime::bus::{Bus, StreamSettings, WORK_ORDERS_STREAM};
+    use closedloop_runtime::bus::{Bus, WORK_ORDERS_STREAM};
 
     let nats = closedloop_e2e::servers::NatsServer::start()?;
     let postgres = closedloop_e2e::servers::Postgres::shared()?;
@@ -894,13 +894,7 @@ async fn an_event_committed_behind_an_older_transaction_waits_and_is_not_skipped
     let cancel = tokio_util::sync::CancellationToken::new();
     let pool = closedloop_dispatch::connect_database(&args, &cancel).await?;
     let bus = Bus::connect(&nats.url(), "relay-test", &cancel).await?;
-    bus.provision(&StreamSettings {
-        max_age: Duration::from_secs(3600),
-        max_bytes: -1,
-        duplicate_window: Duration::from_secs(120),
-        replicas: 1,
-    })
-    .await?;
+    bus.provision(&closedloop_e2e::servers::harness_streams()).await?;
     let created = |work_order: &WorkOrder| Recorded::new(work_order, WorkOrderEventKind::Created, "test", "");
     let (older, newer, abandoned) = (bare_work_order(1), bare_work_order(1), bare_work_order(1));
 

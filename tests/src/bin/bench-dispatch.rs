@@ -26,7 +26,7 @@ use closedloop_e2e::bench::{self, Mix, Workload, metric_sum, nats_version, rate,
 use closedloop_e2e::free_port;
 use closedloop_e2e::servers::{NatsServer, Postgres};
 use closedloop_proto::v1::ComplaintClassified;
-use closedloop_runtime::bus::{self, Bus, OutgoingEvent, StreamSettings};
+use closedloop_runtime::bus::{self, Bus, OutgoingEvent};
 use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
 
@@ -140,13 +140,7 @@ async fn run_dispatch(
     let database = pg.create_database().await?;
     let cancel = CancellationToken::new();
     let bus = Bus::connect(&nats.url(), "bench", &cancel).await?;
-    bus.provision(&StreamSettings {
-        max_age: Duration::from_secs(3600),
-        max_bytes: -1,
-        duplicate_window: Duration::from_secs(120),
-        replicas: 1,
-    })
-    .await?;
+    bus.provision(&closedloop_e2e::servers::harness_streams()).await?;
     for window in events.chunks(500) {
         for published in bus.publish_all(window.to_vec()).await {
             published?;

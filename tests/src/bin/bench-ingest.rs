@@ -11,7 +11,7 @@
 //! share this machine's cores, so every figure includes the caller's own cost.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
@@ -23,7 +23,7 @@ use closedloop_proto::v1::{
     Channel, ComplaintSubmission, Poster, SubmissionOutcome, SubmitComplaintRequest, SubmitComplaintsRequest,
 };
 use closedloop_runtime::auth::hash_token;
-use closedloop_runtime::bus::{self, Bus, OutgoingEvent, StreamSettings};
+use closedloop_runtime::bus::{self, Bus, OutgoingEvent};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -197,12 +197,7 @@ async fn main() -> anyhow::Result<()> {
     let nats = NatsServer::start()?;
     let cancel = CancellationToken::new();
     let bus = Bus::connect(&nats.url(), "bench", &cancel).await?;
-    let settings = StreamSettings {
-        max_age: Duration::from_secs(3600),
-        max_bytes: -1,
-        duplicate_window: Duration::from_secs(120),
-        replicas: 1,
-    };
+    let settings = closedloop_e2e::servers::harness_streams();
     bus.provision(&settings).await?;
 
     eprintln!(
