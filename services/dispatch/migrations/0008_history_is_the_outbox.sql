@@ -24,6 +24,8 @@ ALTER TABLE work_order_history
     ALTER COLUMN written_by SET DEFAULT pg_current_xact_id(),
     ALTER COLUMN seq SET DEFAULT nextval('work_order_history_seq');
 
+-- Built inside the migration, so on a long history it holds writes to the table until done;
+-- existing rows (all NULL here) only make it take longer.
 CREATE INDEX work_order_history_relay_order ON work_order_history (written_by, seq);
 
 -- Where the relay has got to: the last history row published. One row; a relay locks it for
