@@ -71,17 +71,16 @@ pub enum RelayError {
     Publish(#[from] BusError),
 }
 
-/// Begins a round's transaction, which commits without waiting for its WAL to reach disk.
-/// A round only records what was published; if a crash loses that record, the next round
-/// publishes those events again under the same `Nats-Msg-Id`, which the stream drops within
-/// its duplicate window (and consumers are idempotent beyond it). Waiting on the disk made
-/// every round a second flush beside each placement batch's own.
-async fn begin_round(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+/// Commits a round without waiting for its WAL to reach disk. A round only records what was
+/// published; if a crash loses that record, the next round publishes those events again
+/// under the same `Nats-Msg-Id`, which the stream drops within its duplicate window (and
+/// consumers are idempotent beyond it). Waiting on the disk made every round a second flush
+/// beside each placement batch's own. Rounds with nothing to record roll back and skip this.
+async fn commit_round(mut tx: sqlx::Transaction<'_, sqlx::Postgres>) -> Result<(), sqlx::Error> {
     sqlx::query("SET LOCAL synchronous_commit = off")
         .execute(&mut *tx)
         .await?;
-    Ok(tx)
+    tx.commit().await
 }
 
 /// A history row's place in the relay's order: (writing transaction, sequence).
@@ -90,7 +89,7 @@ type Position = (i64, i64);
 /// Publishes the next work-order events past the cursor and moves the cursor past every one
 /// published, up to the first that failed.
 async fn relay_history(pool: &PgPool, bus: &Bus) -> Result<Round, RelayError> {
-    let mut tx = begin_round(pool).await?;
+    let mut tx = pool.begin().await?;
     // The cursor row is locked by whichever replica relays now; the others read nothing. (Read
     // apart from the rows: joined to them, the planner cannot scan the index from the cursor.)
     let cursor: Option<Position> =
@@ -154,7 +153,7 @@ async fn relay_history(pool: &PgPool, bus: &Bus) -> Result<Round, RelayError> {
             .execute(&mut *tx)
             .await?;
     }
-    tx.commit().await?;
+    commit_round(tx).await?;
     match first_error {
         Some(error) => Err(error.into()),
         None => Ok(round),
@@ -162,7 +161,9 @@ async fn relay_history(pool: &PgPool, bus: &Bus) -> Result<Round, RelayError> {
 }
 
 fn history_event(row: &PgRow) -> Result<Option<OutgoingEvent>, sqlx::Error> {
-    let Some(payload) = row.try_get::<Option<Vec<u8>>, _>("payload")? else {
+    let payload: Option<Vec<u8>> = row.try_get("payload")?;
+    let subject: Option<String> = row.try_get("subject")?;
+    let (Some(payload), Some(subject)) = (payload, subject) else {
         return Ok(None);
     };
     let work_order_id: Uuid = row.try_get("work_order_id")?;
@@ -171,7 +172,7 @@ fn history_event(row: &PgRow) -> Result<Option<OutgoingEvent>, sqlx::Error> {
     let occurred_at: DateTime<Utc> = row.try_get("occurred_at")?;
     let trace: Option<serde_json::Value> = row.try_get("trace_headers")?;
     Ok(Some(OutgoingEvent {
-        subject: row.try_get::<Option<String>, _>("subject")?.unwrap_or_default(),
+        subject,
         id: work_order_event_id(&work_order_id.to_string(), version).to_string(),
         event_type: work_order_topic(work_order_event_name(work_order_event_kind(&kind))).cloudevents_type(),
         payload: payload.into(),
@@ -188,7 +189,7 @@ fn trace_headers(stored: Option<serde_json::Value>) -> HashMap<String, String> {
 
 /// Publishes one batch of the outbox and deletes what went out.
 async fn relay_outbox(pool: &PgPool, bus: &Bus) -> Result<Round, RelayError> {
-    let mut tx = begin_round(pool).await?;
+    let mut tx = pool.begin().await?;
     let rows = sqlx::query(
         "SELECT event_id, subject, event_type, payload, trace_headers, created_at FROM outbox \
          ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
@@ -228,7 +229,7 @@ async fn relay_outbox(pool: &PgPool, bus: &Bus) -> Result<Round, RelayError> {
         .bind(&published)
         .execute(&mut *tx)
         .await?;
-    tx.commit().await?;
+    commit_round(tx).await?;
     match first_error {
         Some(error) => Err(error.into()),
         None => Ok(Round {

@@ -223,11 +223,7 @@ pub async fn write_events(
         .iter()
         .map(|c| work_order_event(&c.work_order, c.kind, &c.actor, &c.note))
         .collect();
-    let current = telemetry::current_trace_headers();
-    let traces: Vec<serde_json::Value> = changes
-        .iter()
-        .map(|c| serde_json::to_value(c.trace.as_ref().unwrap_or(&current)).unwrap_or_default())
-        .collect();
+    let traces = stored_traces(changes.iter().map(|c| c.trace.as_ref()));
     sqlx::query(
         "INSERT INTO work_order_history \
            (work_order_id, version, kind, actor, note, occurred_at, subject, payload, trace_headers) \
@@ -261,6 +257,17 @@ pub async fn write_events(
     Ok(())
 }
 
+/// The trace context to store beside each event: its own where it has one, else the current
+/// span's.
+fn stored_traces<'a>(
+    traces: impl Iterator<Item = Option<&'a HashMap<String, String>>>,
+) -> Vec<serde_json::Value> {
+    let current = telemetry::current_trace_headers();
+    traces
+        .map(|trace| serde_json::to_value(trace.unwrap_or(&current)).unwrap_or_default())
+        .collect()
+}
+
 /// Queues events that have no history row (incident alerts) for the relay, with the current
 /// trace context.
 pub async fn write_outbox(
@@ -270,11 +277,7 @@ pub async fn write_outbox(
     if events.is_empty() {
         return Ok(());
     }
-    let current = telemetry::current_trace_headers();
-    let traces: Vec<serde_json::Value> = events
-        .iter()
-        .map(|e| serde_json::to_value(e.trace_headers.as_ref().unwrap_or(&current)).unwrap_or_default())
-        .collect();
+    let traces = stored_traces(events.iter().map(|e| e.trace_headers.as_ref()));
     sqlx::query(
         "INSERT INTO outbox (event_id, subject, event_type, payload, trace_headers) \
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::jsonb[]) \
