@@ -309,6 +309,90 @@ async fn the_watchdog_acknowledges_when_classify_is_down_and_never_twice() -> an
     env.shutdown().await
 }
 
+/// A delivery logged as sent whose `notification.delivered` could not be published (here
+/// the stream is missing; a crash between the two leaves the same state) is told of when
+/// its event comes back: the customer gets nothing twice, and the outcome is published
+/// from the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivered_event_that_failed_to_publish_is_published_on_redelivery() -> anyhow::Result<()> {
+    let env = TestEnv::start_with(|options| {
+        // Room for retries while the stream is away, at the tests' 100 ms retry base.
+        options.notify_args.extend(["--max-deliver".into(), "10".into()]);
+    })
+    .await?;
+    let js = async_nats::jetstream::new(async_nats::connect(env.nats.url()).await?);
+    js.delete_stream(bus::NOTIFICATIONS_STREAM).await?;
+
+    let complaint_id = env
+        .submit(wechat_message("wx-unpublished", "zh-CN"))
+        .await?
+        .complaint_id;
+    wait_until("the acknowledgement at the gateway", WAIT, || async {
+        env.webhook.about(&complaint_id, "acknowledgement").len() == 1
+    })
+    .await?;
+    // The publish after the record failed, so the event came back: a second delivery of
+    // the one classified complaint.
+    wait_until("a redelivery to notify", WAIT, || async {
+        match js.get_stream(bus::COMPLAINTS_STREAM).await {
+            Ok(stream) => stream
+                .consumer_info(closedloop_notify::CLASSIFIED_CONSUMER)
+                .await
+                .is_ok_and(|info| info.delivered.consumer_sequence >= 2),
+            Err(_) => false,
+        }
+    })
+    .await?;
+
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let bus = bus::Bus::connect(&env.nats.url(), "test", &cancel).await?;
+    bus.provision(&closedloop_e2e::servers::harness_streams()).await?;
+    let subject = bus::NOTIFICATION_DELIVERED.subject("acme");
+    let acknowledgements = || async {
+        let mut found = Vec::new();
+        let Ok(mut stream) = js.get_stream(bus::NOTIFICATIONS_STREAM).await else {
+            return found;
+        };
+        let Ok(info) = stream.info().await else {
+            return found;
+        };
+        for sequence in info.state.first_sequence..=info.state.last_sequence {
+            let Ok(message) = stream.get_raw_message(sequence).await else {
+                continue;
+            };
+            if message.subject.as_str() != subject {
+                continue;
+            }
+            if let Some(delivery) = NotificationDelivered::decode(message.payload.as_ref())
+                .ok()
+                .and_then(|event| event.delivery)
+                && delivery.complaint_id == complaint_id
+                && delivery.kind() == NotificationKind::Acknowledgement
+            {
+                found.push(delivery);
+            }
+        }
+        found
+    };
+    wait_until("the delivered event, from the log", WAIT, || async {
+        !acknowledgements().await.is_empty()
+    })
+    .await?;
+    env.wait_idle().await?;
+
+    let told = acknowledgements().await;
+    assert_eq!(told.len(), 1, "told once: {told:?}");
+    assert_eq!(told[0].state(), DeliveryState::Delivered);
+    assert_eq!(told[0].attempts, 1, "as logged after the one call");
+    assert_eq!(
+        env.webhook.about(&complaint_id, "acknowledgement").len(),
+        1,
+        "the customer got it once"
+    );
+    cancel.cancel();
+    env.shutdown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sla_and_incident_alerts_reach_staff_once() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
@@ -470,7 +554,13 @@ async fn the_delivery_log_leases_each_delivery_once() -> anyhow::Result<()> {
     let progress =
         store::customer_progress(&mut tx, &["wo-1".to_owned(), "wo-never-told".to_owned()]).await?;
     tx.commit().await?;
-    assert_eq!(done, [Claim::Done]);
+    match done.as_slice() {
+        [Claim::Done(logged)] => {
+            assert_eq!(logged.state(), DeliveryState::Delivered, "as logged");
+            assert_eq!(logged.body, "已收到");
+        }
+        other => panic!("expected one finished delivery, got {other:?}"),
+    }
     assert_eq!(
         progress,
         std::collections::HashMap::from([("wo-1".to_owned(), 3)]),

@@ -220,8 +220,14 @@ impl Courier {
                 tracing::debug!(delivery_id = %delivery.delivery_id, "already started elsewhere; not ours to send");
                 return Ok(());
             }
-            Claim::Done => {
+            Claim::Done(logged) => {
                 tracing::info!(delivery_id = %delivery.delivery_id, "already handled; nothing sent");
+                // Its outcome was logged, but the event telling of it may not have gone out (a
+                // crash or a failed publish in between). Publish it again: under the same id,
+                // the stream drops it if it did.
+                if let Some(event) = outcome_event(*logged) {
+                    self.bus.publish(event).await.map_err(HandleError::retry)?;
+                }
                 return Ok(());
             }
             Claim::Busy => {
@@ -270,17 +276,11 @@ impl Courier {
                     let waited = (Utc::now() - received).to_std().unwrap_or_default();
                     METRICS.first_response_seconds.observe(waited.as_secs_f64());
                 }
-                let event = OutgoingEvent::new(
-                    bus::NOTIFICATION_DELIVERED,
-                    &delivery.tenant,
-                    format!("delivered:{}", delivery.delivery_id),
-                    &NotificationDelivered {
-                        delivery: Some(logged),
-                    },
-                );
-                timed("publish", self.bus.publish(event))
-                    .await
-                    .map_err(HandleError::retry)?;
+                if let Some(event) = outcome_event(logged) {
+                    timed("publish", self.bus.publish(event))
+                        .await
+                        .map_err(HandleError::retry)?;
+                }
                 Ok(())
             }
             Err(error) => {
@@ -305,16 +305,9 @@ impl Courier {
                         None => HandleError::retry(error),
                     });
                 }
-                let event = OutgoingEvent::new(
-                    bus::NOTIFICATION_FAILED,
-                    &delivery.tenant,
-                    format!("failed:{}", delivery.delivery_id),
-                    &NotificationFailed {
-                        delivery: Some(logged),
-                        reason: reason.clone(),
-                    },
-                );
-                self.bus.publish(event).await.map_err(HandleError::retry)?;
+                if let Some(event) = outcome_event(logged) {
+                    self.bus.publish(event).await.map_err(HandleError::retry)?;
+                }
                 Err(HandleError::reject(format!(
                     "delivery {} gave up: {reason}",
                     delivery.delivery_id
@@ -325,6 +318,40 @@ impl Courier {
 }
 
 use closedloop_proto::v1::DeliveryState;
+
+/// The event that tells of a logged delivery's outcome: `notification.delivered` or
+/// `notification.failed` (with the last error as the reason); none while it is pending. Its id
+/// is fixed per delivery, so telling again is a duplicate the stream drops.
+fn outcome_event(logged: Delivery) -> Option<OutgoingEvent> {
+    match logged.state() {
+        DeliveryState::Delivered => {
+            let (tenant, id) = (logged.tenant.clone(), format!("delivered:{}", logged.delivery_id));
+            let message = NotificationDelivered {
+                delivery: Some(logged),
+            };
+            Some(OutgoingEvent::new(
+                bus::NOTIFICATION_DELIVERED,
+                &tenant,
+                id,
+                &message,
+            ))
+        }
+        DeliveryState::Failed => {
+            let (tenant, id) = (logged.tenant.clone(), format!("failed:{}", logged.delivery_id));
+            let message = NotificationFailed {
+                reason: logged.last_error.clone(),
+                delivery: Some(logged),
+            };
+            Some(OutgoingEvent::new(
+                bus::NOTIFICATION_FAILED,
+                &tenant,
+                id,
+                &message,
+            ))
+        }
+        DeliveryState::Pending | DeliveryState::Unspecified => None,
+    }
+}
 
 /// Short reference the customer can quote: the first 8 characters of the complaint id.
 fn reference(complaint_id: &str) -> &str {

@@ -20,12 +20,12 @@ pub enum StoreError {
 }
 
 /// Whether this sender may call the gateway for a delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Claim {
     /// Leased to us: send, then record the attempt.
     Mine,
-    /// Already delivered or given up: nothing to do.
-    Done,
+    /// Already delivered or given up, as the log holds it: nothing to send.
+    Done(Box<Delivery>),
     /// Another sender holds the lease right now.
     Busy,
     /// It existed already and the caller only sends what it starts itself.
@@ -110,18 +110,17 @@ pub async fn claim_batch(
         .filter(|i| !requests[**i].only_if_new && !leased.contains(&ids[**i]))
         .map(|i| ids[*i])
         .collect();
-    let mut pending: std::collections::HashSet<Uuid> = std::collections::HashSet::new();
+    // Finished ones come back whole, so the caller can tell of the outcome again.
+    let mut finished: std::collections::HashMap<Uuid, Delivery> = std::collections::HashMap::new();
     if !unleased.is_empty() {
-        let rows: Vec<(Uuid, i16)> =
-            sqlx::query_as("SELECT delivery_id, state FROM deliveries WHERE delivery_id = ANY($1)")
-                .bind(&unleased)
-                .fetch_all(&mut **tx)
-                .await?;
-        pending.extend(
-            rows.into_iter()
-                .filter(|(_, state)| *state == DeliveryState::Pending as i16)
-                .map(|(id, _)| id),
-        );
+        let rows = sqlx::query("SELECT * FROM deliveries WHERE delivery_id = ANY($1) AND state <> $2")
+            .bind(&unleased)
+            .bind(DeliveryState::Pending as i16)
+            .fetch_all(&mut **tx)
+            .await?;
+        for row in &rows {
+            finished.insert(row.try_get("delivery_id")?, from_row(row)?);
+        }
     }
     Ok(requests
         .iter()
@@ -132,8 +131,10 @@ pub async fn claim_batch(
             match (first && leased.contains(&id), request.only_if_new) {
                 (true, _) => Claim::Mine,
                 (false, true) => Claim::NotOurs,
-                (false, false) if !first || pending.contains(&id) => Claim::Busy,
-                (false, false) => Claim::Done,
+                (false, false) => match finished.get(&id) {
+                    Some(logged) if first => Claim::Done(Box::new(logged.clone())),
+                    _ => Claim::Busy,
+                },
             }
         })
         .collect())
