@@ -570,8 +570,8 @@ async fn the_delivery_log_leases_each_delivery_once() -> anyhow::Result<()> {
     env.shutdown().await
 }
 
-/// Every service pool works in its own schema and plans each execution for its arguments
-/// and the table as it is then. Under PostgreSQL's default a connection may settle on a
+/// Every service pool works in its own schema, names its sessions after the service, and
+/// plans each execution for its arguments and the table as it is then. Under PostgreSQL's default a connection may settle on a
 /// generic plan costed while a table was nearly empty: in bench-loop, notify's 40-key
 /// `customer_progress` lookup kept scanning the whole table (20 ms a batch, growing with
 /// the table) for as long as nothing analysed it.
@@ -590,8 +590,32 @@ async fn service_pools_use_their_schema_and_plan_every_execution() -> anyhow::Re
     let plan_cache_mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
         .fetch_one(&pool)
         .await?;
+    let application_name: String = sqlx::query_scalar("SHOW application_name")
+        .fetch_one(&pool)
+        .await?;
     assert_eq!(search_path, "pool_probe");
     assert_eq!(plan_cache_mode, "force_custom_plan");
+    assert_eq!(
+        application_name, "closedloop-pool_probe",
+        "named after the service"
+    );
+    pool.close().await;
+
+    // A name in the URL is the operator's choice and stays.
+    let named = closedloop_runtime::config::DatabaseArgs {
+        database_url: closedloop_runtime::Secret::new(format!(
+            "{}?application_name=billing-replica",
+            server.ensure_database("pool_settings").await?
+        )),
+        database_max_connections: 1,
+    };
+    let pool =
+        closedloop_runtime::db::connect(&named, "pool_probe", &sqlx::migrate::Migrator::DEFAULT, &cancel)
+            .await?;
+    let application_name: String = sqlx::query_scalar("SHOW application_name")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(application_name, "billing-replica");
     pool.close().await;
     Ok(())
 }

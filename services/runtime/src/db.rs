@@ -42,9 +42,14 @@ pub async fn connect(
     // costed once on a near-empty table, kept scanning `customer_progress` in full for a
     // 40-key lookup (20 ms a batch in bench-loop). Batching keeps executions few: the
     // planning this adds cost PostgreSQL less than the bad plans did (BENCHMARKS.md).
-    let options = base
+    let mut options = base
         .clone()
         .options([("search_path", schema), ("plan_cache_mode", "force_custom_plan")]);
+    // Named after the service, so `pg_stat_activity` (and bench-loop's CPU split) can tell
+    // whose sessions they are; a name given in the URL wins.
+    if base.get_application_name().is_none() {
+        options = options.application_name(&application_name(schema));
+    }
     let mut delay = Duration::from_millis(100);
     let pool = loop {
         let attempt = async {
@@ -75,4 +80,9 @@ pub async fn connect(
     };
     migrator.run(&pool).await?;
     Ok(pool)
+}
+
+/// The `application_name` of a service's sessions when the URL names none.
+pub fn application_name(schema: &str) -> String {
+    format!("closedloop-{schema}")
 }

@@ -21,7 +21,7 @@
 //! Prints a table; writes `bench-loop.json` and `bench-loop.svg` to `--out`. Build the
 //! service binaries first: `scripts/bench-loop.sh` does both.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -117,6 +117,58 @@ impl Watched {
             .filter_map(|pid| procfs::status_kib(pid, field))
             .sum()
     }
+}
+
+/// Which PostgreSQL backends belong to which application, as pg_stat_activity last said.
+#[derive(Clone, Default)]
+struct PgSessions(Arc<Mutex<HashMap<u32, String>>>);
+
+impl PgSessions {
+    async fn refresh(&self, pool: &sqlx::PgPool) {
+        let rows: Result<Vec<(i32, String)>, _> = sqlx::query_as(
+            "SELECT pid, application_name FROM pg_stat_activity WHERE application_name LIKE 'closedloop-%'",
+        )
+        .fetch_all(pool)
+        .await;
+        // On a failed read the last mapping stands; sessions rarely come and go.
+        if let (Ok(rows), Ok(mut sessions)) = (rows, self.0.lock()) {
+            *sessions = rows
+                .into_iter()
+                .filter_map(|(pid, application)| Some((u32::try_from(pid).ok()?, application)))
+                .collect();
+        }
+    }
+
+    fn of(&self, application: &str) -> HashSet<u32> {
+        self.0
+            .lock()
+            .map(|sessions| {
+                sessions
+                    .iter()
+                    .filter(|(_, a)| a.as_str() == application)
+                    .map(|(pid, _)| *pid)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn owned(&self) -> HashSet<u32> {
+        self.0
+            .lock()
+            .map(|sessions| sessions.keys().copied().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The postmaster of the cluster in `cluster` and every process it started.
+fn postgres_pids(cluster: &Path) -> Vec<u32> {
+    procfs::postmaster(cluster)
+        .map(|master| {
+            let mut pids = procfs::children(master);
+            pids.push(master);
+            pids
+        })
+        .unwrap_or_default()
 }
 
 #[derive(Clone)]
@@ -705,19 +757,41 @@ async fn main() -> anyhow::Result<()> {
         name: "bench-loop (callers, gateway)".into(),
         pids: Box::new(move || vec![own_pid]),
     });
+    // PostgreSQL's CPU by whose sessions used it: backends map to services by the
+    // `application_name` their pools set (refreshed from pg_stat_activity with each sample);
+    // the rest is the server's own processes and bench-loop's sessions.
     let cluster = pg_dir.join("cluster");
-    watched.push(Watched {
-        name: "postgres (all backends)".into(),
-        pids: Box::new(move || {
-            procfs::postmaster(&cluster)
-                .map(|master| {
-                    let mut pids = procfs::children(master);
-                    pids.push(master);
-                    pids
-                })
-                .unwrap_or_default()
-        }),
-    });
+    let pg_sessions = PgSessions::default();
+    for (service, schema) in [
+        ("dispatch", closedloop_dispatch::SCHEMA),
+        ("notify", closedloop_notify::SCHEMA),
+    ] {
+        let (cluster, sessions) = (cluster.clone(), pg_sessions.clone());
+        let application = closedloop_runtime::db::application_name(schema);
+        watched.push(Watched {
+            name: format!("postgres for {service}"),
+            pids: Box::new(move || {
+                let owned = sessions.of(&application);
+                postgres_pids(&cluster)
+                    .into_iter()
+                    .filter(|pid| owned.contains(pid))
+                    .collect()
+            }),
+        });
+    }
+    {
+        let sessions = pg_sessions.clone();
+        watched.push(Watched {
+            name: "postgres, other".into(),
+            pids: Box::new(move || {
+                let owned = sessions.owned();
+                postgres_pids(&cluster)
+                    .into_iter()
+                    .filter(|pid| !owned.contains(pid))
+                    .collect()
+            }),
+        });
+    }
     let watched = Arc::new(watched);
     let services = Service::ALL.len();
     let idle_rss_start: Vec<u64> = watched[..services].iter().map(|w| w.rss_kib("VmRSS")).collect();
@@ -732,13 +806,15 @@ async fn main() -> anyhow::Result<()> {
     let phase_now = Arc::new(AtomicUsize::new(0));
     let bench_started = Instant::now();
     let sampler = {
-        let (samples, phase_now, ledger, webhook, js, watched) = (
+        let (samples, phase_now, ledger, webhook, js, watched, sessions, pool) = (
             samples.clone(),
             phase_now.clone(),
             ledger.clone(),
             webhook.clone(),
             js.clone(),
             watched.clone(),
+            pg_sessions.clone(),
+            pool.clone(),
         );
         let stop = cancel.clone();
         tokio::spawn(async move {
@@ -751,6 +827,7 @@ async fn main() -> anyhow::Result<()> {
                     _ = interval.tick() => {}
                     _ = stop.cancelled() => break,
                 }
+                sessions.refresh(&pool).await;
                 let now_ticks: Vec<u64> = watched.iter().map(Watched::cpu_ticks).collect();
                 let elapsed = last_at.elapsed().as_secs_f64();
                 let cores = now_ticks
@@ -843,6 +920,7 @@ async fn main() -> anyhow::Result<()> {
             ),
         }
         let accepted_before = ledger.accepted.load(Ordering::Relaxed);
+        pg_sessions.refresh(&pool).await;
         let cpu_before: Vec<u64> = watched.iter().map(Watched::cpu_ticks).collect();
         let started = Instant::now();
         match per_second {
@@ -851,6 +929,7 @@ async fn main() -> anyhow::Result<()> {
         }
         let submit_secs = started.elapsed().as_secs_f64();
         let complete = drained(&js, &pool, started).await?;
+        pg_sessions.refresh(&pool).await;
         let cores = watched
             .iter()
             .zip(&cpu_before)
