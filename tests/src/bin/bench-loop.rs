@@ -21,7 +21,7 @@
 //! Prints a table; writes `bench-loop.json` and `bench-loop.svg` to `--out`. Build the
 //! service binaries first: `scripts/bench-loop.sh` does both.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -119,56 +119,67 @@ impl Watched {
     }
 }
 
-/// Which PostgreSQL backends belong to which application, as pg_stat_activity last said.
-#[derive(Clone, Default)]
-struct PgSessions(Arc<Mutex<HashMap<u32, String>>>);
+/// PostgreSQL's processes and which application each backend serves, as `/proc` and
+/// pg_stat_activity said at the last refresh (one `/proc` scan per sample for all rows).
+#[derive(Clone)]
+struct PgSessions {
+    cluster: PathBuf,
+    seen: Arc<Mutex<PgProcesses>>,
+}
+
+/// The postmaster and its children, and the `application_name` of those that are sessions.
+#[derive(Default)]
+struct PgProcesses {
+    pids: Vec<u32>,
+    applications: HashMap<u32, String>,
+}
 
 impl PgSessions {
+    fn new(cluster: PathBuf) -> Self {
+        Self {
+            cluster,
+            seen: Arc::default(),
+        }
+    }
+
     async fn refresh(&self, pool: &sqlx::PgPool) {
         let rows: Result<Vec<(i32, String)>, _> = sqlx::query_as(
             "SELECT pid, application_name FROM pg_stat_activity WHERE application_name LIKE 'closedloop-%'",
         )
         .fetch_all(pool)
         .await;
-        // On a failed read the last mapping stands; sessions rarely come and go.
-        if let (Ok(rows), Ok(mut sessions)) = (rows, self.0.lock()) {
-            *sessions = rows
-                .into_iter()
-                .filter_map(|(pid, application)| Some((u32::try_from(pid).ok()?, application)))
-                .collect();
+        let pids = procfs::postmaster(&self.cluster)
+            .map(|master| {
+                let mut pids = procfs::children(master);
+                pids.push(master);
+                pids
+            })
+            .unwrap_or_default();
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.pids = pids;
+            // On a failed read the last mapping stands; sessions rarely come and go.
+            if let Ok(rows) = rows {
+                seen.applications = rows
+                    .into_iter()
+                    .filter_map(|(pid, application)| Some((u32::try_from(pid).ok()?, application)))
+                    .collect();
+            }
         }
     }
 
-    fn of(&self, application: &str) -> HashSet<u32> {
-        self.0
+    /// The processes serving `application`, or with `None` those serving no named one.
+    fn pids(&self, application: Option<&str>) -> Vec<u32> {
+        self.seen
             .lock()
-            .map(|sessions| {
-                sessions
+            .map(|seen| {
+                seen.pids
                     .iter()
-                    .filter(|(_, a)| a.as_str() == application)
-                    .map(|(pid, _)| *pid)
+                    .copied()
+                    .filter(|pid| seen.applications.get(pid).map(String::as_str) == application)
                     .collect()
             })
             .unwrap_or_default()
     }
-
-    fn owned(&self) -> HashSet<u32> {
-        self.0
-            .lock()
-            .map(|sessions| sessions.keys().copied().collect())
-            .unwrap_or_default()
-    }
-}
-
-/// The postmaster of the cluster in `cluster` and every process it started.
-fn postgres_pids(cluster: &Path) -> Vec<u32> {
-    procfs::postmaster(cluster)
-        .map(|master| {
-            let mut pids = procfs::children(master);
-            pids.push(master);
-            pids
-        })
-        .unwrap_or_default()
 }
 
 #[derive(Clone)]
@@ -760,38 +771,23 @@ async fn main() -> anyhow::Result<()> {
     // PostgreSQL's CPU by whose sessions used it: backends map to services by the
     // `application_name` their pools set (refreshed from pg_stat_activity with each sample);
     // the rest is the server's own processes and bench-loop's sessions.
-    let cluster = pg_dir.join("cluster");
-    let pg_sessions = PgSessions::default();
+    let pg_sessions = PgSessions::new(pg_dir.join("cluster"));
     for (service, schema) in [
         ("dispatch", closedloop_dispatch::SCHEMA),
         ("notify", closedloop_notify::SCHEMA),
     ] {
-        let (cluster, sessions) = (cluster.clone(), pg_sessions.clone());
+        let sessions = pg_sessions.clone();
         let application = closedloop_runtime::db::application_name(schema);
         watched.push(Watched {
             name: format!("postgres for {service}"),
-            pids: Box::new(move || {
-                let owned = sessions.of(&application);
-                postgres_pids(&cluster)
-                    .into_iter()
-                    .filter(|pid| owned.contains(pid))
-                    .collect()
-            }),
+            pids: Box::new(move || sessions.pids(Some(&application))),
         });
     }
-    {
-        let sessions = pg_sessions.clone();
-        watched.push(Watched {
-            name: "postgres, other".into(),
-            pids: Box::new(move || {
-                let owned = sessions.owned();
-                postgres_pids(&cluster)
-                    .into_iter()
-                    .filter(|pid| !owned.contains(pid))
-                    .collect()
-            }),
-        });
-    }
+    let sessions = pg_sessions.clone();
+    watched.push(Watched {
+        name: "postgres, other".into(),
+        pids: Box::new(move || sessions.pids(None)),
+    });
     let watched = Arc::new(watched);
     let services = Service::ALL.len();
     let idle_rss_start: Vec<u64> = watched[..services].iter().map(|w| w.rss_kib("VmRSS")).collect();
@@ -799,6 +795,7 @@ async fn main() -> anyhow::Result<()> {
     let client = async_nats::connect(nats.url()).await?;
     let js = async_nats::jetstream::new(client);
     let pool = bench::pool(&database_url, 2).await?;
+    pg_sessions.refresh(&pool).await;
     let ledger = Arc::new(Ledger::default());
 
     // Samples every half second, with progress on stderr.
