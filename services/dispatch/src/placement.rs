@@ -187,14 +187,7 @@ pub async fn place_batch(
     let mut keys: Vec<String> = drafts.iter().flat_map(|d| lock_keys(&d.new.work_order)).collect();
     keys.sort();
     keys.dedup();
-    if !keys.is_empty() {
-        sqlx::query(
-            "SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) FROM unnest($1::text[]) AS k",
-        )
-        .bind(&keys)
-        .execute(&mut *tx)
-        .await?;
-    }
+    advisory_locks(&mut tx, &keys).await?;
 
     // 2. Complaints placed before (redeliveries).
     let complaint_ids: Vec<Uuid> = drafts
@@ -636,9 +629,27 @@ pub(crate) struct TeamAgents {
     pub candidates: Vec<Candidate>,
 }
 
-/// Locks the agents of these teams, in a stable order, with their open work. The count
-/// (`open_load`, kept by a trigger on `work_orders`) is read with the lock, so it is the
-/// latest committed value even when the lock had to wait for another replica.
+/// Takes transaction-scoped advisory locks on `keys` (sorted and without repeats, so that
+/// transactions taking several always take them in the same order).
+async fn advisory_locks(tx: &mut Transaction<'_, Postgres>, keys: &[String]) -> Result<(), StoreError> {
+    if !keys.is_empty() {
+        sqlx::query(
+            "SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) FROM unnest($1::text[]) AS k",
+        )
+        .bind(keys)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Takes these teams for assignment and reads their agents with their open work. One
+/// advisory lock per team serialises assignment to it across replicas; the agents are read
+/// after it, so their counts (`open_load`, kept by a trigger on `work_orders`) include what
+/// any assignment that held the lock before committed. Locking every agent row instead
+/// wrote a lock into each (a third of PostgreSQL's WAL records at 1,000/s, BENCHMARKS.md).
+/// Other writers of an agent's row (going offline, a manual reassignment) do not take the
+/// lock; as before, one that commits just after the read is seen by the next assignment.
 pub(crate) async fn lock_agents(
     tx: &mut Transaction<'_, Postgres>,
     teams: &[(String, String)],
@@ -646,12 +657,19 @@ pub(crate) async fn lock_agents(
     if teams.is_empty() {
         return Ok(Vec::new());
     }
+    let mut keys: Vec<String> = teams
+        .iter()
+        .map(|(tenant, team)| format!("team\u{1f}{tenant}\u{1f}{team}"))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    advisory_locks(tx, &keys).await?;
     let (tenants, names): (Vec<&str>, Vec<&str>) =
         teams.iter().map(|(t, n)| (t.as_str(), n.as_str())).unzip();
     let rows = sqlx::query(
         "SELECT a.tenant, a.team_id, a.agent_id, a.skills, a.capacity, a.online, a.last_assigned_at, a.open_load \
          FROM agents a WHERE (a.tenant, a.team_id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
-         ORDER BY a.tenant, a.agent_id FOR UPDATE",
+         ORDER BY a.tenant, a.agent_id",
     )
     .bind(&tenants)
     .bind(&names)
