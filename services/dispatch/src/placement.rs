@@ -874,7 +874,7 @@ pub async fn assign_queued(
 ) -> Result<usize, StoreError> {
     let now = Utc::now();
     let mut tx = pool.begin().await?;
-    // Lock the team's agents first (as placement does), then the queue.
+    // Take the team first (as placement does), then the queue.
     let agents = lock_agents(&mut tx, &[(tenant.to_owned(), team.to_owned())]).await?;
     let free: i64 = agents
         .iter()
@@ -907,7 +907,7 @@ pub async fn assign_queued(
         HashSet::new()
     };
     let mut events = Vec::new();
-    // lock_agents again inside assign is a no-op re-lock in the same transaction.
+    // lock_agents again inside assign takes a lock this transaction already holds.
     let assigned = assign(&mut tx, &mut queued, &targets, &managed, now, &mut events).await?;
     store::update_work_orders(&mut tx, queued.iter().filter(|w| !w.assignee.is_empty())).await?;
     store::write_events(&mut tx, &events).await?;
