@@ -573,9 +573,8 @@ async fn the_delivery_log_leases_each_delivery_once() -> anyhow::Result<()> {
 /// Every service pool works in its own schema, names its sessions after the service, and
 /// plans each execution for its arguments and the table as it is then. Under PostgreSQL's
 /// default a connection may settle on a generic plan costed while a table was nearly
-/// empty: in bench-loop, notify's 40-key
-/// `customer_progress` lookup kept scanning the whole table (20 ms a batch, growing with
-/// the table) for as long as nothing analysed it.
+/// empty: in bench-loop, notify's 40-key `customer_progress` lookup kept scanning the whole
+/// table (20 ms a batch, growing with the table) for as long as nothing analysed it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_pools_use_their_schema_and_plan_every_execution() -> anyhow::Result<()> {
     let server = closedloop_e2e::servers::Postgres::shared()?;
