@@ -33,6 +33,14 @@ pub async fn connect(
     migrator: &Migrator,
     cancel: &CancellationToken,
 ) -> Result<PgPool, DbError> {
+    let pool = pool(args, schema)?;
+    prepare(&pool, schema, migrator, cancel).await?;
+    Ok(pool)
+}
+
+/// A pool for `schema` that connects on first use: a service that must start while
+/// PostgreSQL is away builds it, then [`prepare`]s it in the background.
+pub fn pool(args: &DatabaseArgs, schema: &'static str) -> Result<PgPool, DbError> {
     if schema.is_empty() || !schema.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
         return Err(DbError::Schema(schema.to_owned()));
     }
@@ -50,25 +58,32 @@ pub async fn connect(
     if base.get_application_name().is_none() {
         options = options.application_name(&application_name(schema));
     }
+    Ok(PgPoolOptions::new()
+        .max_connections(args.database_max_connections.max(1))
+        .acquire_timeout(Duration::from_secs(10))
+        // sqlx pings a connection on every checkout by default: a second round trip for
+        // every pooled query (9% of notify's CPU in bench-loop). A connection that broke
+        // while idle fails its query instead, which the consume loop retries like any
+        // database error.
+        .test_before_acquire(false)
+        .connect_lazy_with(options))
+}
+
+/// Creates `schema` and applies `migrator` in it, retrying until PostgreSQL answers or
+/// `cancel` fires.
+pub async fn prepare(
+    pool: &PgPool,
+    schema: &'static str,
+    migrator: &Migrator,
+    cancel: &CancellationToken,
+) -> Result<(), DbError> {
     let mut delay = Duration::from_millis(100);
-    let pool = loop {
-        let attempt = async {
-            let pool = PgPoolOptions::new()
-                .max_connections(args.database_max_connections.max(1))
-                .acquire_timeout(Duration::from_secs(10))
-                // sqlx pings a connection on every checkout by default: a second round trip
-                // for every pooled query (9% of notify's CPU in bench-loop). A connection that
-                // broke while idle fails its query instead, which the consume loop retries
-                // like any database error.
-                .test_before_acquire(false)
-                .connect_with(options.clone())
-                .await?;
-            pool.execute(format!("CREATE SCHEMA IF NOT EXISTS {schema}").as_str())
-                .await?;
-            Ok::<_, sqlx::Error>(pool)
-        };
-        let error = match attempt.await {
-            Ok(pool) => break pool,
+    loop {
+        let error = match pool
+            .execute(format!("CREATE SCHEMA IF NOT EXISTS {schema}").as_str())
+            .await
+        {
+            Ok(_) => break,
             Err(error) => error,
         };
         tracing::warn!(%error, "PostgreSQL not reachable yet; retrying");
@@ -77,9 +92,29 @@ pub async fn connect(
             _ = cancel.cancelled() => return Err(DbError::Connect(error)),
         }
         delay = (delay * 2).min(Duration::from_secs(5));
-    };
-    migrator.run(&pool).await?;
-    Ok(pool)
+    }
+    migrator.run(pool).await?;
+    Ok(())
+}
+
+/// Whether PostgreSQL answers a query on `pool` now: what a consumer asks before it blames
+/// a failed event rather than the database.
+pub async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT 1").execute(pool).await.map(|_| ())
+}
+
+/// Whether PostgreSQL refused `error` for what a statement carried (a value it will never
+/// take: a NUL byte in text, a string too long, a missing required value) rather than for
+/// its own state. A batch refused this way is worth writing item by item.
+pub fn is_data_error(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(error) => error.code().is_some_and(|code| {
+            // Class 22 is "data exception"; 23502 and 23514 are not-null and check violations.
+            code.starts_with("22") || code == "23502" || code == "23514"
+        }),
+        sqlx::Error::Encode(_) | sqlx::Error::ColumnDecode { .. } => true,
+        _ => false,
+    }
 }
 
 /// The `application_name` of a service's sessions when the URL names none.
