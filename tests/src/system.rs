@@ -21,7 +21,7 @@ use crate::wait_until;
 use crate::webhook::WebhookReceiver;
 
 /// Durable consumers in pipeline order, as (stream, durable).
-pub const CONSUMERS: [(&str, &str); 7] = [
+pub const CONSUMERS: [(&str, &str); 8] = [
     (bus::COMPLAINTS_STREAM, closedloop_classify::CONSUMER),
     (bus::COMPLAINTS_STREAM, closedloop_notify::WATCHDOG_CONSUMER),
     (bus::FEEDBACK_STREAM, closedloop_dispatch::FEEDBACK_CONSUMER),
@@ -29,6 +29,7 @@ pub const CONSUMERS: [(&str, &str); 7] = [
     (bus::COMPLAINTS_STREAM, closedloop_notify::CLASSIFIED_CONSUMER),
     (bus::WORK_ORDERS_STREAM, closedloop_notify::WORK_ORDER_CONSUMER),
     (bus::INCIDENTS_STREAM, closedloop_notify::INCIDENT_CONSUMER),
+    (bus::NOTIFICATIONS_STREAM, closedloop_notify::LOG_CONSUMER),
 ];
 
 /// Where the services connect and listen.

@@ -2,7 +2,7 @@
 //! keeps them for tests to inspect (or prints them, for the local launcher).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -36,8 +36,9 @@ impl ReceivedMessage {
 struct ReceiverState {
     secret: String,
     received: Arc<Mutex<Vec<ReceivedMessage>>>,
-    /// How many of the next requests to answer with HTTP 500.
+    /// How many of the next requests to answer with `failure_status`.
     failures_left: Arc<AtomicUsize>,
+    failure_status: Arc<AtomicU16>,
     /// How many of the next requests to answer only after `slow_delay`.
     slow_left: Arc<AtomicUsize>,
     slow_delay_ms: Arc<AtomicUsize>,
@@ -51,6 +52,7 @@ pub struct WebhookReceiver {
     pub secret: String,
     received: Arc<Mutex<Vec<ReceivedMessage>>>,
     failures_left: Arc<AtomicUsize>,
+    failure_status: Arc<AtomicU16>,
     slow_left: Arc<AtomicUsize>,
     slow_delay_ms: Arc<AtomicUsize>,
 }
@@ -69,7 +71,8 @@ async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: B
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok();
     let status = if failing {
-        StatusCode::INTERNAL_SERVER_ERROR
+        StatusCode::from_u16(state.failure_status.load(Ordering::SeqCst))
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     } else {
         StatusCode::OK
     };
@@ -122,12 +125,14 @@ impl WebhookReceiver {
         let addr = listener.local_addr()?;
         let received = Arc::new(Mutex::new(Vec::new()));
         let failures_left = Arc::new(AtomicUsize::new(0));
+        let failure_status = Arc::new(AtomicU16::new(500));
         let slow_left = Arc::new(AtomicUsize::new(0));
         let slow_delay_ms = Arc::new(AtomicUsize::new(0));
         let state = ReceiverState {
             secret: secret.to_owned(),
             received: received.clone(),
             failures_left: failures_left.clone(),
+            failure_status: failure_status.clone(),
             slow_left: slow_left.clone(),
             slow_delay_ms: slow_delay_ms.clone(),
             print,
@@ -146,6 +151,7 @@ impl WebhookReceiver {
             secret: secret.to_owned(),
             received,
             failures_left,
+            failure_status,
             slow_left,
             slow_delay_ms,
         })
@@ -170,6 +176,12 @@ impl WebhookReceiver {
 
     /// Answers the next `n` requests with HTTP 500 (`usize::MAX`: until told otherwise).
     pub fn fail_next(&self, n: usize) {
+        self.fail_next_with(n, 500);
+    }
+
+    /// Answers the next `n` requests with HTTP `status`.
+    pub fn fail_next_with(&self, n: usize, status: u16) {
+        self.failure_status.store(status, Ordering::SeqCst);
         self.failures_left.store(n, Ordering::SeqCst);
     }
 

@@ -171,13 +171,10 @@ async fn a_complaint_travels_the_whole_loop() -> anyhow::Result<()> {
         assert!(figure(&count) >= 3.0, "{count} in {text}");
     }
     assert!(
-        figure("closedloop_notify_ledger_write_seconds_count") >= 1.0,
+        figure("closedloop_notify_log_write_seconds_count") >= 1.0,
         "{text}"
     );
-    assert!(
-        figure("closedloop_notify_ledger_batch_size_count") >= 1.0,
-        "{text}"
-    );
+    assert!(figure("closedloop_notify_log_batch_size_count") >= 1.0, "{text}");
     assert!(
         text.contains("closedloop_complaints_received_total"),
         "ingest's figures share the registry"
@@ -589,11 +586,82 @@ async fn a_failing_gateway_is_retried_and_the_customer_gets_one_message() -> any
     env.shutdown().await
 }
 
+/// A gateway that keeps failing delays the reply; it never parks the event. The event is
+/// kept (no redelivery, so none of its budget is spent), retried with growing waits past the
+/// breaker's pauses, and delivered once under one key when the gateway answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delivery_that_keeps_failing_is_given_up_with_its_reason() -> anyhow::Result<()> {
-    let env = TestEnv::start().await?;
-    env.webhook.fail_next(usize::MAX);
+async fn a_gateway_that_keeps_failing_delays_the_reply_and_never_parks_it() -> anyhow::Result<()> {
+    let env = TestEnv::start_with(|options| {
+        options
+            .notify_args
+            .extend(["--breaker-cooldown-secs".into(), "1".into()]);
+    })
+    .await?;
+    // More failures than the five deliveries an event's budget allows.
+    let failures = 7;
+    env.webhook.fail_next(failures);
     let submitted = env.submit(outage_post("weibo-gateway-down")).await?;
+    wait_until("the reply once the gateway answers", WAIT, || async {
+        env.webhook
+            .about(&submitted.complaint_id, "acknowledgement")
+            .len()
+            == 1
+    })
+    .await?;
+    env.wait_idle().await?;
+
+    let attempts: Vec<_> = env
+        .webhook
+        .attempts()
+        .into_iter()
+        .filter(|m| m.field("kind") == "acknowledgement")
+        .collect();
+    assert_eq!(
+        attempts.len(),
+        failures + 1,
+        "every failure retried, then one success"
+    );
+    assert!(
+        attempts
+            .iter()
+            .all(|m| m.idempotency_key == attempts[0].idempotency_key),
+        "one key"
+    );
+    // Retries back off: each wait about doubles (base 100 ms in tests, +-20% jitter).
+    // Compared two apart (a 4x ratio), so scheduling noise on a busy machine cannot flip it.
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1].at - w[0].at).collect();
+    assert!(gaps[2] > gaps[0], "gaps must grow: {gaps:?}");
+    let client = async_nats::connect(env.nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    let parked = js
+        .get_stream(bus::DEAD_LETTER_STREAM)
+        .await?
+        .info()
+        .await?
+        .state
+        .messages;
+    assert_eq!(parked, 0, "nothing dead-lettered");
+    let notify = js
+        .get_stream(bus::COMPLAINTS_STREAM)
+        .await?
+        .consumer_info(closedloop_notify::CLASSIFIED_CONSUMER)
+        .await?;
+    assert_eq!(notify.num_redelivered, 0, "kept in hand, not handed back");
+    let log = deliveries_of(&env, &submitted.complaint_id).await?;
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].state(), DeliveryState::Delivered);
+    assert_eq!(log[0].attempts, failures as i32 + 1);
+    env.shutdown().await
+}
+
+/// A gateway that refuses a message for good (a 4xx other than 408, 425 and 429) gets it
+/// once: the event is parked in the dead-letter stream with the reason, and the log and a
+/// `notification.failed` event say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_for_good_is_parked_with_its_reason() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    env.webhook.fail_next_with(usize::MAX, 410);
+    let submitted = env.submit(outage_post("weibo-gateway-gone")).await?;
 
     let client = async_nats::connect(env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
@@ -615,39 +683,35 @@ async fn a_delivery_that_keeps_failing_is_given_up_with_its_reason() -> anyhow::
             .unwrap_or_default()
     };
     assert!(
-        header(bus::dead_letter_headers::REASON).contains("HTTP 500"),
+        header(bus::dead_letter_headers::REASON).contains("HTTP 410"),
         "{}",
         header(bus::dead_letter_headers::REASON)
     );
-    assert_eq!(header(bus::dead_letter_headers::DELIVERIES), "5");
+    assert_eq!(header(bus::dead_letter_headers::DELIVERIES), "1");
     assert_eq!(
         header(bus::dead_letter_headers::SUBJECT),
         bus::COMPLAINT_CLASSIFIED.subject("acme")
     );
-
     env.wait_idle().await?;
-    let attempts = env.webhook.attempts();
-    assert_eq!(attempts.len(), 5, "bounded: max_deliver attempts, no more");
-    // Retries back off: each wait about doubles (base 100 ms in tests, +-20% jitter).
-    // Compared two apart (a 4x ratio), so scheduling noise on a busy machine cannot flip it.
-    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1].at - w[0].at).collect();
-    assert!(gaps[2] > gaps[0] && gaps[3] > gaps[1], "gaps must grow: {gaps:?}");
-    assert!(
-        gaps[3] >= Duration::from_millis(600),
-        "the fourth wait is ~800 ms: {gaps:?}"
-    );
+    let attempts: Vec<_> = env
+        .webhook
+        .attempts()
+        .into_iter()
+        .filter(|m| m.field("complaint_id") == submitted.complaint_id)
+        .collect();
+    assert_eq!(attempts.len(), 1, "refused for good: not tried again");
     let log = deliveries_of(&env, &submitted.complaint_id).await?;
     assert_eq!(log.len(), 1);
     assert_eq!(log[0].state(), DeliveryState::Failed);
-    assert_eq!(log[0].attempts, 5);
-    assert!(log[0].last_error.contains("HTTP 500"), "{}", log[0].last_error);
+    assert_eq!(log[0].attempts, 1);
+    assert!(log[0].last_error.contains("HTTP 410"), "{}", log[0].last_error);
     let failed = js
         .get_stream(bus::NOTIFICATIONS_STREAM)
         .await?
         .get_last_raw_message_by_subject(&bus::NOTIFICATION_FAILED.subject("acme"))
         .await?;
     let failed = NotificationFailed::decode(failed.payload.as_ref())?;
-    assert!(failed.reason.contains("HTTP 500"));
+    assert!(failed.reason.contains("HTTP 410"));
     env.shutdown().await
 }
 

@@ -474,97 +474,141 @@ async fn sla_and_incident_alerts_reach_staff_once() -> anyhow::Result<()> {
     env.shutdown().await
 }
 
-/// The batched delivery log on the real schema: a delivery asked for twice in one batch is
-/// leased once; a watchdog's only-if-new claim of an existing delivery is not its to send;
-/// a delivered one is done, and recording it advances what the customer knows; recording a
-/// delivery the log does not hold fails that request alone.
+/// The claims bucket on a real nats-server, with two notify processes: a delivery is held
+/// by one sender at a time; a watchdog's only-if-new claim of an existing delivery is not its
+/// to send; a delivered one is done; a failed attempt leaves it to the next claimer with its
+/// count; a sender that is gone loses what it held at once, before its deadline; what the
+/// customer was told never moves backwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_delivery_log_leases_each_delivery_once() -> anyhow::Result<()> {
-    use closedloop_notify::store::{self, Claim, ClaimRequest, RecordRequest};
-    use std::str::FromStr;
+async fn claims_hold_each_delivery_for_one_live_sender() -> anyhow::Result<()> {
+    use closedloop_notify::claims::{Attempt, Claim, Claims, Stage};
 
+    let nats = closedloop_e2e::servers::NatsServer::start()?;
+    let client = async_nats::connect(nats.url()).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let settings = closedloop_e2e::servers::harness_streams();
+    let lease = Duration::from_secs(60);
+    let a = Claims::open(&js, client.clone(), &settings, lease).await?;
+    let b = Claims::open(&js, client.clone(), &settings, lease).await?;
+    let a_alive = tokio_util::sync::CancellationToken::new();
+    let b_alive = tokio_util::sync::CancellationToken::new();
+    let a_answering = tokio::spawn(a.clone().answer_while_alive(a_alive.clone()));
+    let b_answering = tokio::spawn(b.clone().answer_while_alive(b_alive.clone()));
+    let id = |n: u128| uuid::Uuid::from_u128(n).to_string();
+    wait_until("both senders answer", WAIT, || async {
+        client.request(a.liveness_subject(), "".into()).await.is_ok()
+            && client.request(b.liveness_subject(), "".into()).await.is_ok()
+    })
+    .await?;
+
+    let Claim::Mine(held) = a.claim(&id(1), false).await? else {
+        anyhow::bail!("a new delivery is the first claimer's");
+    };
+    assert!(
+        matches!(a.claim(&id(1), false).await?, Claim::Busy),
+        "in flight in this process"
+    );
+    assert!(
+        matches!(b.claim(&id(1), false).await?, Claim::Busy),
+        "held by a live sender"
+    );
+    assert!(
+        matches!(b.claim(&id(1), true).await?, Claim::NotOurs),
+        "the watchdog's rule"
+    );
+    assert!(
+        matches!(b.claim(&id(2), true).await?, Claim::Mine(_)),
+        "new: the watchdog's"
+    );
+
+    let recorded = a.record(held, Attempt::Delivered, "").await?;
+    assert_eq!((recorded.stage, recorded.attempts), (Stage::Delivered, 1));
+    match b.claim(&id(1), false).await? {
+        Claim::Done(record) => assert_eq!(record.stage, Stage::Delivered),
+        other => anyhow::bail!("expected a finished delivery, got {other:?}"),
+    }
+
+    let Claim::Mine(failing) = a.claim(&id(3), false).await? else {
+        anyhow::bail!("a new delivery");
+    };
+    a.record(failing, Attempt::Failed, "HTTP 503").await?;
+    match b.claim(&id(3), false).await? {
+        Claim::Mine(_) => {}
+        other => anyhow::bail!("a failed attempt leaves it to the next claimer, got {other:?}"),
+    }
+
+    let Claim::Mine(_orphan) = a.claim(&id(4), false).await? else {
+        anyhow::bail!("a new delivery");
+    };
+    a_alive.cancel();
+    a_answering.await?;
+    match b.claim(&id(4), false).await? {
+        Claim::Mine(_) => {}
+        other => anyhow::bail!("a gone sender's delivery is taken over at once, got {other:?}"),
+    }
+
+    let work_order = id(99);
+    assert_eq!(b.told(&work_order).await?, 0, "never told");
+    b.advance_told(&work_order, 3).await?;
+    b.advance_told(&work_order, 2).await?;
+    assert_eq!(b.told(&work_order).await?, 3, "never backwards");
+    b_alive.cancel();
+    b_answering.await?;
+    Ok(())
+}
+
+/// The delivery log on the real schema: outcomes are written once per delivery; a delivery
+/// logged as delivered stays so when an older failure arrives after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_log_keeps_the_latest_word_of_each_delivery() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
-    let options = sqlx::postgres::PgConnectOptions::from_str(&env.database_url)?
+    let options = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&env.database_url)?
         .options([("search_path", closedloop_notify::SCHEMA)]);
     let pool = sqlx::PgPool::connect_with(options).await?;
-    let delivery = |n: u128| Delivery {
+    let outcome = |n: u128, state: DeliveryState, attempts: i32| Delivery {
         delivery_id: uuid::Uuid::from_u128(n).to_string(),
         tenant: "acme".into(),
         kind: NotificationKind::Acknowledgement as i32,
+        state: state as i32,
         channel: Channel::Wechat as i32,
         recipient: "u-1".into(),
-        complaint_id: "c-1".into(),
+        complaint_id: "c-log".into(),
         body: "已收到".into(),
+        attempts,
         ..Default::default()
     };
-    let claim = |n: u128, only_if_new: bool| ClaimRequest {
-        id: uuid::Uuid::from_u128(n),
-        delivery: delivery(n),
-        only_if_new,
-    };
-    let lease = Duration::from_secs(30);
-
-    let mut tx = pool.begin().await?;
-    let first = store::claim_batch(
-        &mut tx,
-        &[claim(1, false), claim(1, false), claim(2, true)],
-        lease,
-    )
-    .await?;
-    tx.commit().await?;
-    assert_eq!(first, [Claim::Mine, Claim::Busy, Claim::Mine]);
-
-    let mut tx = pool.begin().await?;
-    let again = store::claim_batch(&mut tx, &[claim(1, false), claim(2, true)], lease).await?;
-    let recorded = store::record_batch(
-        &mut tx,
+    closedloop_notify::store::log_outcomes(
+        &pool,
         &[
-            RecordRequest {
-                id: uuid::Uuid::from_u128(1),
-                state: DeliveryState::Delivered,
-                error: String::new(),
-                progress: Some(("wo-1".into(), 3)),
-            },
-            // Not in the log: answered alone, without failing the batch.
-            RecordRequest {
-                id: uuid::Uuid::from_u128(99),
-                state: DeliveryState::Delivered,
-                error: String::new(),
-                progress: None,
-            },
+            outcome(1, DeliveryState::Delivered, 1),
+            outcome(2, DeliveryState::Failed, 3),
+            outcome(2, DeliveryState::Failed, 4),
         ],
     )
     .await?;
-    assert!(recorded[1].is_none(), "an unknown delivery");
-    tx.commit().await?;
+    closedloop_notify::store::log_outcomes(&pool, &[outcome(1, DeliveryState::Failed, 2)]).await?;
+    let (logged, _) = closedloop_notify::store::list(
+        &pool,
+        "acme",
+        &closedloop_notify::store::ListFilter {
+            complaint_id: Some("c-log".into()),
+            ..Default::default()
+        },
+        10,
+        "",
+    )
+    .await?;
+    let mut logged: Vec<(String, DeliveryState, i32)> = logged
+        .into_iter()
+        .map(|d| (d.delivery_id.clone(), d.state(), d.attempts))
+        .collect();
+    logged.sort();
     assert_eq!(
-        again,
-        [Claim::Busy, Claim::NotOurs],
-        "leased; and not the watchdog's"
-    );
-    let recorded = recorded[0]
-        .as_ref()
-        .ok_or_else(|| anyhow::anyhow!("delivery 1 not logged"))?;
-    assert_eq!(recorded.state(), DeliveryState::Delivered);
-    assert_eq!(recorded.attempts, 1);
-    assert!(recorded.delivered_at.is_some());
-
-    let mut tx = pool.begin().await?;
-    let done = store::claim_batch(&mut tx, &[claim(1, false)], lease).await?;
-    let progress =
-        store::customer_progress(&mut tx, &["wo-1".to_owned(), "wo-never-told".to_owned()]).await?;
-    tx.commit().await?;
-    match done.as_slice() {
-        [Claim::Done(logged)] => {
-            assert_eq!(logged.state(), DeliveryState::Delivered, "as logged");
-            assert_eq!(logged.body, "已收到");
-        }
-        other => panic!("expected one finished delivery, got {other:?}"),
-    }
-    assert_eq!(
-        progress,
-        std::collections::HashMap::from([("wo-1".to_owned(), 3)]),
-        "what the customer was told; nothing for a work order never told of"
+        logged,
+        [
+            (uuid::Uuid::from_u128(1).to_string(), DeliveryState::Delivered, 1),
+            (uuid::Uuid::from_u128(2).to_string(), DeliveryState::Failed, 4),
+        ]
     );
     pool.close().await;
     env.shutdown().await

@@ -150,6 +150,8 @@ impl Policy {
 struct ClassifiedHandler {
     policy: Arc<Policy>,
     batcher: Batcher,
+    /// Asked whether PostgreSQL answers when a placement fails.
+    pool: PgPool,
 }
 
 impl MessageHandler for ClassifiedHandler {
@@ -190,6 +192,10 @@ impl MessageHandler for ClassifiedHandler {
         }
         Ok(())
     }
+
+    async fn dependencies_ready(&self) -> anyhow::Result<()> {
+        Ok(db::ping(&self.pool).await?)
+    }
 }
 
 /// Applies customer feedback to work orders.
@@ -211,6 +217,10 @@ impl MessageHandler for FeedbackHandler {
         self.relay_wake.notify_one();
         tracing::info!(feedback_id = %event.feedback_id, ?outcome, "feedback applied");
         Ok(())
+    }
+
+    async fn dependencies_ready(&self) -> anyhow::Result<()> {
+        Ok(db::ping(&self.pool).await?)
     }
 }
 
@@ -279,6 +289,7 @@ impl Dispatch {
             ClassifiedHandler {
                 policy: self.policy.clone(),
                 batcher,
+                pool: self.pool.clone(),
             },
             &cancel,
         );

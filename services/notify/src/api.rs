@@ -56,7 +56,6 @@ impl NotificationService for NotificationApi {
                 Status::unavailable("delivery log unavailable; retry")
             }
             StoreError::BadId(id) => Status::internal(format!("stored delivery id {id} is invalid")),
-            StoreError::Batch(message) => Status::internal(message),
         })?;
         Ok(Response::new(ListDeliveriesResponse {
             deliveries,

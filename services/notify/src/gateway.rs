@@ -160,6 +160,33 @@ pub enum DeliveryError {
 }
 
 impl DeliveryError {
+    /// Whether trying again can never help: the gateway refused the message with a 4xx
+    /// that means "never" (not 408 Request Timeout, 425 Too Early or 429 Too Many
+    /// Requests), or there is no gateway to send it to, or it cannot be encoded. Everything
+    /// else (timeouts, refused connections, 5xx, an open circuit) is the gateway's state
+    /// and passes.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            DeliveryError::Rejected { status, .. } => {
+                (400..500).contains(status) && !matches!(status, 408 | 425 | 429)
+            }
+            DeliveryError::NoGateway(_) | DeliveryError::Encode(_) => true,
+            DeliveryError::Transport(_)
+            | DeliveryError::CircuitOpen { .. }
+            | DeliveryError::RateLimited { .. } => false,
+        }
+    }
+
+    /// Whether the gateway was called at all (not held back by its circuit or rate limit).
+    pub fn called_gateway(&self) -> bool {
+        !matches!(
+            self,
+            DeliveryError::CircuitOpen { .. }
+                | DeliveryError::RateLimited { .. }
+                | DeliveryError::NoGateway(_)
+        )
+    }
+
     /// When a retry makes sense, if the error knows.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -385,6 +412,28 @@ mod tests {
             .parse()
             .expect("valid");
         assert_eq!(table.staff().map(|g| g.url.as_str()), Some("http://desk/hook"));
+    }
+
+    #[test]
+    fn only_a_refusal_for_good_is_permanent() {
+        let rejected = |status| DeliveryError::Rejected {
+            status,
+            body: String::new(),
+        };
+        for status in [400, 401, 403, 404, 410, 413, 422] {
+            assert!(rejected(status).is_permanent(), "{status}");
+        }
+        for status in [408, 425, 429, 500, 502, 503, 504] {
+            assert!(!rejected(status).is_permanent(), "{status}");
+        }
+        assert!(DeliveryError::NoGateway("wechat".into()).is_permanent());
+        assert!(
+            !DeliveryError::CircuitOpen {
+                url: "http://gw".into(),
+                retry_after: Duration::from_secs(1)
+            }
+            .is_permanent()
+        );
     }
 
     #[test]

@@ -252,6 +252,13 @@ impl Bus {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
+    /// Whether NATS and JetStream answer now: connected, and an account query returns.
+    pub async fn ready(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.is_connected(), "not connected to NATS");
+        self.jetstream.query_account().await?;
+        Ok(())
+    }
+
     /// Creates the streams, or updates them to the configured settings. Every service
     /// calls this at start; it is idempotent, so replicas may race.
     pub async fn provision(&self, settings: &StreamSettings) -> Result<(), BusError> {

@@ -87,16 +87,20 @@ pub struct NatsArgs {
     /// Stream replicas: 1 for a single server, 3 for a cluster that survives a node loss.
     #[arg(long, env = "CLOSEDLOOP_STREAM_REPLICAS", default_value_t = 1)]
     pub stream_replicas: usize,
-    /// Deliveries of one event before it is parked in the dead-letter stream.
+    /// Deliveries an event may fail on while its dependencies answer before it is parked in
+    /// the dead-letter stream. Waiting on a dependency that is down spends none of them.
     #[arg(long, env = "CLOSEDLOOP_MAX_DELIVER", default_value_t = 5)]
     pub max_deliver: i64,
     /// Events one replica handles at once.
     #[arg(long, env = "CLOSEDLOOP_CONSUMER_CONCURRENCY", default_value_t = 64)]
     pub consumer_concurrency: usize,
-    /// Seconds JetStream waits for an ack before redelivering; above the slowest handler.
-    #[arg(long, env = "CLOSEDLOOP_ACK_WAIT_SECS", default_value_t = 30)]
+    /// Seconds JetStream waits for an ack before redelivering: how soon a crashed
+    /// replica's events come back. Events in hand are reported in progress every third of
+    /// it, however long their handling takes.
+    #[arg(long, env = "CLOSEDLOOP_ACK_WAIT_SECS", default_value_t = 5)]
     pub ack_wait_secs: u64,
-    /// First retry delay after a transient failure (milliseconds); doubles per delivery.
+    /// First redelivery delay after a failure the event may be at fault for (milliseconds);
+    /// doubles per delivery.
     #[arg(long, env = "CLOSEDLOOP_RETRY_BASE_MS", default_value_t = 500)]
     pub retry_base_ms: u64,
 }

@@ -57,7 +57,8 @@ pub struct ConsumerLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub consumer: String,
-    /// `ack`, `retry`, `later` (a scheduled redelivery) or `dead_letter`.
+    /// `ack`, `retry` (handed back for redelivery), `later` (kept and run again after a
+    /// wait), `held` (kept while a dependency was down) or `dead_letter`.
     pub outcome: &'static str,
 }
 
@@ -102,6 +103,7 @@ pub struct ConsumerSeries {
     ack: Counter,
     retry: Counter,
     later: Counter,
+    held: Counter,
     dead_letter: Counter,
 }
 
@@ -126,6 +128,7 @@ impl ConsumerSeries {
             ack: outcome("ack"),
             retry: outcome("retry"),
             later: outcome("later"),
+            held: outcome("held"),
             dead_letter: outcome("dead_letter"),
         }
     }
@@ -136,6 +139,7 @@ impl ConsumerSeries {
             Outcome::Ack => &self.ack,
             Outcome::Retry => &self.retry,
             Outcome::Later => &self.later,
+            Outcome::Held => &self.held,
             Outcome::DeadLetter => &self.dead_letter,
         }
     }
@@ -147,6 +151,7 @@ pub enum Outcome {
     Ack,
     Retry,
     Later,
+    Held,
     DeadLetter,
 }
 

@@ -1,0 +1,347 @@
+//! What notify does with each event it consumes: the first reply to every classified
+//! complaint, the first-response watchdog, customer messages and staff alerts for
+//! work-order changes, and incident alerts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use chrono::Utc;
+use closedloop_proto::v1::{
+    ComplaintClassified, ComplaintReceived, Delivery, IncidentOpened, NotificationKind, WorkOrder,
+    WorkOrderEvent, WorkOrderEventKind,
+};
+use closedloop_runtime::bus;
+use closedloop_runtime::consumer::{self, HandleError, MessageHandler};
+use closedloop_runtime::{ids, time};
+
+use crate::courier::{Courier, Outgoing, StaffAlert, claim_error};
+use crate::gateway::Destination;
+use crate::templates::{TemplateKey, kind_key};
+
+/// Short reference the customer can quote: the first 8 characters of the complaint id.
+fn reference(complaint_id: &str) -> &str {
+    complaint_id.get(..8).unwrap_or(complaint_id)
+}
+
+/// The first reply to a complaint, whichever path sends it: one id per complaint.
+fn first_reply_id(tenant: &str, complaint_id: &str) -> uuid::Uuid {
+    ids::derive("delivery", &["first-reply", tenant, complaint_id])
+}
+
+fn poster_id(poster: Option<&closedloop_proto::v1::Poster>) -> String {
+    poster.map(|p| p.poster_id.clone()).unwrap_or_default()
+}
+
+/// Acknowledges each classified complaint (or invites the customer to a private channel).
+pub(crate) struct ClassifiedHandler(pub Arc<Courier>);
+
+impl MessageHandler for ClassifiedHandler {
+    async fn handle(&self, message: &jetstream::Message) -> Result<(), HandleError> {
+        let event: ComplaintClassified = consumer::decode(message)?;
+        let (Some(complaint), Some(classification)) = (event.complaint, event.classification) else {
+            return Err(HandleError::reject(
+                "complaint.classified without complaint or classification",
+            ));
+        };
+        let kind = if classification.needs_private_channel {
+            NotificationKind::PrivateChannelInvitation
+        } else {
+            NotificationKind::Acknowledgement
+        };
+        let key = TemplateKey {
+            tenant: &complaint.tenant,
+            kind,
+            channel: complaint.channel(),
+            category: &classification.category,
+            locale: &complaint.locale,
+        };
+        let body = self
+            .0
+            .render(&key, &[("reference", reference(&complaint.complaint_id))])?;
+        let first_reply = first_reply_id(&complaint.tenant, &complaint.complaint_id);
+        let delivery = Delivery {
+            delivery_id: first_reply.to_string(),
+            tenant: complaint.tenant.clone(),
+            kind: kind as i32,
+            channel: complaint.channel,
+            recipient: poster_id(complaint.poster.as_ref()),
+            complaint_id: complaint.complaint_id.clone(),
+            body,
+            ..Default::default()
+        };
+        let out = Outgoing {
+            delivery,
+            destination: Destination::Customer(complaint.channel()),
+            reply_to_message_id: &complaint.channel_message_id,
+            thread_id: &complaint.thread_id,
+            work_order_version: None,
+            received_at: complaint.received_at.as_ref().and_then(time::from_timestamp),
+            only_if_new: false,
+        };
+        self.0.deliver(out).await?;
+        // Delivered now or handled before: either way the log holds it.
+        self.0.first_replies.remember(first_reply);
+        Ok(())
+    }
+}
+
+/// The first-response watchdog: sees each received complaint at its deadline (its consumer
+/// reads that far behind) and acknowledges it unless the classified path did. One seen
+/// early, by a clock that disagrees, goes back to JetStream until due.
+pub(crate) struct WatchdogHandler {
+    pub courier: Arc<Courier>,
+    pub deadline: Duration,
+}
+
+impl MessageHandler for WatchdogHandler {
+    async fn handle(&self, message: &jetstream::Message) -> Result<(), HandleError> {
+        let event: ComplaintReceived = consumer::decode(message)?;
+        let complaint = event
+            .complaint
+            .ok_or_else(|| HandleError::reject("complaint.received without a complaint"))?;
+        let first_reply = first_reply_id(&complaint.tenant, &complaint.complaint_id);
+        if self.courier.first_replies.contains(&first_reply) {
+            tracing::debug!(complaint_id = %complaint.complaint_id, "first reply already in the log");
+            return Ok(());
+        }
+        let received = complaint
+            .received_at
+            .as_ref()
+            .and_then(time::from_timestamp)
+            .unwrap_or_else(Utc::now);
+        let due = received + chrono::Duration::from_std(self.deadline).unwrap_or_default();
+        if let Ok(wait) = (due - Utc::now()).to_std()
+            && !wait.is_zero()
+        {
+            return Err(HandleError::Wait(
+                wait,
+                anyhow::anyhow!("first-response deadline not reached"),
+            ));
+        }
+        let key = TemplateKey {
+            tenant: &complaint.tenant,
+            kind: NotificationKind::Acknowledgement,
+            channel: complaint.channel(),
+            category: "*",
+            locale: &complaint.locale,
+        };
+        let body = self
+            .courier
+            .render(&key, &[("reference", reference(&complaint.complaint_id))])?;
+        let delivery = Delivery {
+            delivery_id: first_reply.to_string(),
+            tenant: complaint.tenant.clone(),
+            kind: NotificationKind::Acknowledgement as i32,
+            channel: complaint.channel,
+            recipient: poster_id(complaint.poster.as_ref()),
+            complaint_id: complaint.complaint_id.clone(),
+            body,
+            ..Default::default()
+        };
+        let out = Outgoing {
+            delivery,
+            destination: Destination::Customer(complaint.channel()),
+            reply_to_message_id: &complaint.channel_message_id,
+            thread_id: &complaint.thread_id,
+            work_order_version: None,
+            received_at: Some(received),
+            only_if_new: true,
+        };
+        self.courier.deliver(out).await
+    }
+}
+
+/// Customer messages and staff alerts for work-order changes.
+pub(crate) struct WorkOrderHandler(pub Arc<Courier>);
+
+/// The work-order events someone is told about; notify's consumer asks JetStream for these
+/// alone. A kind [`WorkOrderHandler`] learns to act on must be added here: the others, such
+/// as `created` (one per complaint, answered by the first reply instead), are not worth a
+/// delivery each.
+const TOLD_WORK_ORDER_EVENTS: [WorkOrderEventKind; 9] = [
+    WorkOrderEventKind::Assigned,
+    WorkOrderEventKind::Reassigned,
+    WorkOrderEventKind::Accepted,
+    WorkOrderEventKind::Replied,
+    WorkOrderEventKind::Resolved,
+    WorkOrderEventKind::Reopened,
+    WorkOrderEventKind::Escalated,
+    WorkOrderEventKind::SlaAtRisk,
+    WorkOrderEventKind::SlaBreached,
+];
+
+/// Subject filters for [`TOLD_WORK_ORDER_EVENTS`], every tenant.
+pub(crate) fn told_work_order_subjects() -> Vec<String> {
+    TOLD_WORK_ORDER_EVENTS
+        .iter()
+        .map(|kind| bus::work_order_event_topic(*kind).all_tenants())
+        .collect()
+}
+
+impl WorkOrderHandler {
+    /// A message to the customer about `work_order` at its current version.
+    async fn tell_customer(
+        &self,
+        work_order: &WorkOrder,
+        kind: NotificationKind,
+        values: &[(&str, &str)],
+    ) -> Result<(), HandleError> {
+        let channel = work_order.channel();
+        let key = TemplateKey {
+            tenant: &work_order.tenant,
+            kind,
+            channel,
+            category: &work_order.category,
+            locale: &work_order.locale,
+        };
+        let mut values = values.to_vec();
+        values.push(("reference", reference(&work_order.complaint_id)));
+        let body = self.0.render(&key, &values)?;
+        let version = work_order.version.to_string();
+        let delivery = Delivery {
+            delivery_id: ids::derive("delivery", &[kind_key(kind), &work_order.work_order_id, &version])
+                .to_string(),
+            tenant: work_order.tenant.clone(),
+            kind: kind as i32,
+            channel: work_order.channel,
+            recipient: poster_id(work_order.poster.as_ref()),
+            complaint_id: work_order.complaint_id.clone(),
+            work_order_id: work_order.work_order_id.clone(),
+            body,
+            ..Default::default()
+        };
+        let out = Outgoing {
+            delivery,
+            destination: Destination::Customer(channel),
+            reply_to_message_id: &work_order.channel_message_id,
+            thread_id: &work_order.thread_id,
+            work_order_version: Some(work_order.version),
+            received_at: None,
+            only_if_new: false,
+        };
+        self.0.deliver(out).await
+    }
+
+    /// A status update, unless the customer already heard of a newer version.
+    async fn status_update(&self, work_order: &WorkOrder, status: &str) -> Result<(), HandleError> {
+        let told = self
+            .0
+            .claims
+            .told(&work_order.work_order_id)
+            .await
+            .map_err(claim_error)?;
+        if told >= work_order.version {
+            tracing::info!(work_order_id = %work_order.work_order_id, version = work_order.version, told, "stale status update not sent");
+            return Ok(());
+        }
+        self.tell_customer(work_order, NotificationKind::StatusUpdate, &[("status", status)])
+            .await
+    }
+
+    async fn alert_about(
+        &self,
+        work_order: &WorkOrder,
+        event: &str,
+        detail: &str,
+    ) -> Result<(), HandleError> {
+        let alert = StaffAlert {
+            tenant: &work_order.tenant,
+            event,
+            subject_id: &work_order.work_order_id,
+            version: work_order.version,
+            values: [
+                ("work_order", work_order.work_order_id.as_str()),
+                ("priority", work_order.priority().label()),
+                ("category", work_order.category.as_str()),
+                ("team", work_order.team.as_str()),
+                ("assignee", work_order.assignee.as_str()),
+                ("region", ""),
+                ("detail", detail),
+            ],
+            recipient: if work_order.assignee.is_empty() {
+                &work_order.team
+            } else {
+                &work_order.assignee
+            },
+            complaint_id: &work_order.complaint_id,
+        };
+        self.0.alert_staff(alert).await
+    }
+}
+
+/// Alerts staff to an incident (a spike of one category in one region).
+pub(crate) struct IncidentHandler(pub Arc<Courier>);
+
+impl MessageHandler for IncidentHandler {
+    async fn handle(&self, message: &jetstream::Message) -> Result<(), HandleError> {
+        let incident: IncidentOpened = consumer::decode(message)?;
+        let count = incident.complaint_count.to_string();
+        let alert = StaffAlert {
+            tenant: &incident.tenant,
+            event: "incident",
+            subject_id: &incident.incident_id,
+            version: 1,
+            values: [
+                ("work_order", ""),
+                ("priority", "P1"),
+                ("category", incident.category.as_str()),
+                ("team", ""),
+                ("assignee", ""),
+                ("region", incident.region.as_str()),
+                ("detail", incident.summary.as_str()),
+            ],
+            recipient: "supervisors",
+            complaint_id: "",
+        };
+        tracing::info!(incident_id = %incident.incident_id, %count, "incident alert");
+        self.0.alert_staff(alert).await
+    }
+}
+
+impl MessageHandler for WorkOrderHandler {
+    async fn handle(&self, message: &jetstream::Message) -> Result<(), HandleError> {
+        let event: WorkOrderEvent = consumer::decode(message)?;
+        let work_order = event
+            .work_order
+            .as_ref()
+            .ok_or_else(|| HandleError::reject("workorder event without a work order"))?;
+        match event.kind() {
+            WorkOrderEventKind::Assigned | WorkOrderEventKind::Reassigned => {
+                self.alert_about(work_order, "assigned", &event.note).await?;
+                self.status_update(work_order, "assigned").await
+            }
+            WorkOrderEventKind::Accepted => self.status_update(work_order, "in_progress").await,
+            WorkOrderEventKind::Replied => {
+                self.tell_customer(
+                    work_order,
+                    NotificationKind::AgentReply,
+                    &[("reply", &event.note)],
+                )
+                .await
+            }
+            WorkOrderEventKind::Resolved => {
+                // The agent's note only on private channels: it may name the customer's case.
+                let note = if closedloop_runtime::pii::is_public_channel(work_order.channel()) {
+                    ""
+                } else {
+                    work_order.resolution_note.as_str()
+                };
+                self.tell_customer(work_order, NotificationKind::Closure, &[("note", note)])
+                    .await?;
+                self.tell_customer(work_order, NotificationKind::SatisfactionSurvey, &[])
+                    .await
+            }
+            WorkOrderEventKind::Reopened => {
+                self.tell_customer(work_order, NotificationKind::Reopened, &[])
+                    .await
+            }
+            WorkOrderEventKind::Escalated => self.alert_about(work_order, "escalated", &event.note).await,
+            WorkOrderEventKind::SlaAtRisk => self.alert_about(work_order, "sla_at_risk", &event.note).await,
+            WorkOrderEventKind::SlaBreached => {
+                self.alert_about(work_order, "sla_breached", &event.note).await
+            }
+            _ => Ok(()),
+        }
+    }
+}
