@@ -156,10 +156,11 @@ impl NatsServer {
         let binary = find_binary("nats-server", "NATS_SERVER_BIN", &[])?;
         let log = self.store.join("nats.log");
         let command = format!(
-            "'{}' -js -a 127.0.0.1 -p {} -sd '{}'",
+            "'{}' -js -a 127.0.0.1 -p {} -sd '{}' -P '{}'",
             binary.display(),
             self.port,
-            self.store.join("jetstream").display()
+            self.store.join("jetstream").display(),
+            self.pid_file().display()
         );
         self.process = Some(Guarded::spawn(None, &command, &log, None)?);
         wait_for_port(self.port, Duration::from_secs(20), "nats-server", &log)
@@ -172,15 +173,54 @@ impl NatsServer {
         }
     }
 
+    fn pid_file(&self) -> PathBuf {
+        self.store.join("nats.pid")
+    }
+
+    /// Kills the server with SIGKILL, as a crash would (the store is kept); [`resume`]
+    /// starts it again.
+    ///
+    /// [`resume`]: NatsServer::resume
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        let pid = std::fs::read_to_string(self.pid_file())?;
+        kill_and_wait(pid.trim(), "KILL")?;
+        self.stop();
+        Ok(())
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 }
 
+/// Sends `signal` to process `pid` and waits until it is gone.
+fn kill_and_wait(pid: &str, signal: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill").args([&format!("-{signal}"), pid]).status()?;
+    anyhow::ensure!(status.success(), "kill -{signal} {pid} failed");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        // A zombie has exited; its parent (the guard) reaps it when told to stop.
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if state.split_whitespace().nth(2) == Some("Z") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("process {pid} still runs a minute after SIGKILL/SIGQUIT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// A PostgreSQL cluster in a temporary directory, trust auth for `postgres` on loopback.
 pub struct Postgres {
     pub port: u16,
-    _process: Guarded,
+    process: Option<Guarded>,
+    data_dir: PathBuf,
+    remove_when_done: bool,
+    durable: bool,
+    /// Set for a cluster that can crash and restart: removed on drop, after the server.
+    _temporary: Option<tempfile::TempDir>,
 }
 
 fn running_as_root() -> bool {
@@ -212,6 +252,40 @@ impl Postgres {
     /// would in production.
     pub fn start_durable_in(data_dir: &Path, port: u16) -> anyhow::Result<Self> {
         Self::start_cluster(data_dir, port, true, true)
+    }
+
+    /// A cluster on a free port that [`Postgres::crash`] and [`Postgres::resume`] can stop
+    /// and start again with its data; removed when dropped. It keeps PostgreSQL's durable
+    /// defaults: with asynchronous commit, an immediate shutdown loses commits already
+    /// reported to the client, which a production server would not.
+    pub fn start_restartable() -> anyhow::Result<Self> {
+        let temporary = tempfile::Builder::new().prefix("closedloop-pg-").tempdir()?;
+        let mut server = Self::start_cluster(temporary.path(), free_port()?, false, true)?;
+        server._temporary = Some(temporary);
+        Ok(server)
+    }
+
+    /// Stops the server as `pg_ctl stop -m immediate` does (SIGQUIT to the postmaster: no
+    /// checkpoint, crash recovery at the next start), and waits until it is gone.
+    pub fn crash(&mut self) -> anyhow::Result<()> {
+        let pid = std::fs::read_to_string(self.data_dir.join("cluster").join("postmaster.pid"))?;
+        let pid = pid.lines().next().unwrap_or_default().trim().to_owned();
+        kill_and_wait(&pid, "QUIT")?;
+        if let Some(mut process) = self.process.take() {
+            process.stop();
+        }
+        Ok(())
+    }
+
+    /// Starts the server again on its port and data (after [`Postgres::crash`]).
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        let restarted = Self::start_cluster(&self.data_dir, self.port, self.remove_when_done, self.durable)?;
+        self.process = restarted.process_taken();
+        Ok(())
+    }
+
+    fn process_taken(mut self) -> Option<Guarded> {
+        self.process.take()
     }
 
     fn start_cluster(
@@ -285,7 +359,11 @@ impl Postgres {
         let process = Guarded::spawn(run_as, &command, &log, cleanup)?;
         let server = Self {
             port,
-            _process: process,
+            process: Some(process),
+            data_dir: data_dir.to_owned(),
+            remove_when_done,
+            durable,
+            _temporary: None,
         };
         server.wait_ready(&log)?;
         Ok(server)

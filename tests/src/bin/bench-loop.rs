@@ -31,6 +31,7 @@ use chrono::{DateTime, Utc};
 use clap::Parser;
 use closedloop_e2e::bench::{self, Kind, Mix, Workload, millis, nats_version, procfs, quantile, rate, table};
 use closedloop_e2e::free_port;
+use closedloop_e2e::processes::{self, ServiceProcesses};
 use closedloop_e2e::servers::{NatsServer, Postgres};
 use closedloop_e2e::system::{CONSUMERS, Service, SystemOptions, WECHAT_TOKEN, authed, wait_for_consumers};
 use closedloop_e2e::webhook::WebhookReceiver;
@@ -259,89 +260,6 @@ fn loop_options(
         ],
         without_dispatch: false,
     })
-}
-
-/// The service processes this run started. Dropped before `stop` (a run that fails part
-/// way), it kills them, so no service outlives the run and loads the next one.
-struct ServiceProcesses {
-    children: Vec<(Service, std::process::Child)>,
-    logs: PathBuf,
-}
-
-impl ServiceProcesses {
-    /// Why the services may not have come up: those that exited, each with the end of its log.
-    fn exited_report(&mut self) -> String {
-        let mut report = Vec::new();
-        for (service, child) in &mut self.children {
-            if let Ok(Some(status)) = child.try_wait() {
-                let log = std::fs::read_to_string(self.logs.join(format!("{}.log", service.name())))
-                    .unwrap_or_default();
-                // An error's backtrace would fill the tail; what went wrong is above it.
-                let before_backtrace = log.split("\nStack backtrace:").next().unwrap_or_default();
-                let lines: Vec<&str> = before_backtrace.lines().collect();
-                let tail = lines[lines.len().saturating_sub(8)..].join("\n  ");
-                report.push(format!(
-                    "{} exited with {status}; its log ends:\n  {tail}",
-                    service.name()
-                ));
-            }
-        }
-        if report.is_empty() {
-            "every service is still running".to_owned()
-        } else {
-            report.join("\n")
-        }
-    }
-
-    /// SIGTERM for a graceful drain (the services exit on it), then waits for each.
-    fn stop(mut self) -> anyhow::Result<()> {
-        for (_, child) in &mut self.children {
-            let _ = std::process::Command::new("kill")
-                .arg(child.id().to_string())
-                .status();
-        }
-        for (service, mut child) in std::mem::take(&mut self.children) {
-            let status = child.wait()?;
-            if !status.success() {
-                eprintln!("{} exited with {status}", service.name());
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for ServiceProcesses {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Starts the four service binaries; their logs go to `logs`.
-fn spawn_services(bin_dir: &Path, options: &SystemOptions, logs: &Path) -> anyhow::Result<ServiceProcesses> {
-    let mut children = ServiceProcesses {
-        children: Vec::new(),
-        logs: logs.to_owned(),
-    };
-    for service in Service::ALL {
-        let binary = bin_dir.join(format!("closedloop-{}", service.name()));
-        anyhow::ensure!(
-            binary.exists(),
-            "{} not found: build the services first (cargo build --release --bins) or pass --bin-dir",
-            binary.display()
-        );
-        let args = service.command_line(options);
-        let log = std::fs::File::create(logs.join(format!("{}.log", service.name())))?;
-        let child = std::process::Command::new(&binary)
-            .args(&args[1..])
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        children.children.push((service, child));
-    }
-    Ok(children)
 }
 
 async fn ingest_client(addr: std::net::SocketAddr) -> anyhow::Result<IngestServiceClient<GrpcChannel>> {
@@ -691,10 +609,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let bin_dir = match &args.bin_dir {
         Some(dir) => dir.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .ok_or_else(|| anyhow::anyhow!("no directory for this binary"))?
-            .to_owned(),
+        None => processes::bin_dir()?,
     };
     std::fs::create_dir_all(&args.out)?;
     let scratch = tempfile::Builder::new().prefix("bench-loop-").tempdir()?;
@@ -735,7 +650,7 @@ async fn main() -> anyhow::Result<()> {
         args.service_worker_threads,
     )?;
     eprintln!("starting the four services from {}", bin_dir.display());
-    let mut children = spawn_services(&bin_dir, &options, scratch.path())?;
+    let mut children = ServiceProcesses::spawn(&bin_dir, &options, scratch.path())?;
     if let Err(error) = wait_for_consumers(&nats.url(), &CONSUMERS).await {
         return Err(error.context(children.exited_report()));
     }
@@ -746,10 +661,9 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let mut watched: Vec<Watched> = children
-        .children
-        .iter()
-        .map(|(service, child)| {
-            let pid = child.id();
+        .pids()
+        .into_iter()
+        .map(|(service, pid)| {
             Watched {
                 name: service.name().to_owned(),
                 pids: Box::new(move || vec![pid]),
@@ -997,7 +911,9 @@ async fn main() -> anyhow::Result<()> {
 
     cancel.cancel();
     let _ = sampler.await;
-    children.stop()?;
+    if let Err(error) = children.stop() {
+        eprintln!("{error}");
+    }
     pool.close().await;
 
     // Figures.
