@@ -95,8 +95,13 @@ impl Deployment {
         let postgres = Postgres::start_restartable()?;
         let database_url = postgres.ensure_database("closedloop").await?;
         let receiver_stop = CancellationToken::new();
-        let webhook =
-            WebhookReceiver::start("127.0.0.1:0".parse()?, GATEWAY_SECRET, false, receiver_stop.clone()).await?;
+        let webhook = WebhookReceiver::start(
+            "127.0.0.1:0".parse()?,
+            GATEWAY_SECRET,
+            false,
+            receiver_stop.clone(),
+        )
+        .await?;
         // A gateway that answers in a fifth of a second, as a platform's API may: some twenty
         // deliveries are in flight whenever a component dies.
         webhook.slow_next(usize::MAX, GATEWAY_LATENCY);
@@ -124,9 +129,11 @@ impl Deployment {
             return Err(error.context(services.exited_report()));
         }
         let ingest = std::net::SocketAddr::new(options.host, options.ports[0]);
-        wait_until("ingest to accept connections", Duration::from_secs(30), || async {
-            tokio::net::TcpStream::connect(ingest).await.is_ok()
-        })
+        wait_until(
+            "ingest to accept connections",
+            Duration::from_secs(30),
+            || async { tokio::net::TcpStream::connect(ingest).await.is_ok() },
+        )
         .await?;
         Ok(Self {
             ingest,
@@ -218,7 +225,8 @@ async fn submit_until_accepted(
             },
         );
         let mut client = client.clone();
-        let error = match tokio::time::timeout(Duration::from_secs(5), client.submit_complaint(request)).await {
+        let error = match tokio::time::timeout(Duration::from_secs(5), client.submit_complaint(request)).await
+        {
             Ok(Ok(response)) => return Ok((response.into_inner().complaint_id, first_attempt)),
             Ok(Err(status)) => status.to_string(),
             Err(_) => "no answer within 5 s".to_owned(),
@@ -266,7 +274,11 @@ async fn submit_through(deployment: &mut Deployment, fault: Fault) -> anyhow::Re
             && at.elapsed() >= fault.down_for()
         {
             deployment.mend(fault)?;
-            eprintln!("{}: started again at {:.1} s", fault.name(), started.elapsed().as_secs_f64());
+            eprintln!(
+                "{}: started again at {:.1} s",
+                fault.name(),
+                started.elapsed().as_secs_f64()
+            );
             mended = true;
         }
         let due = (elapsed.as_secs_f64() * PER_SECOND) as usize;
@@ -367,20 +379,28 @@ async fn check(deployment: &mut Deployment, fault: Fault) -> anyhow::Result<()> 
 
     // Every complaint's first reply, then every work order, then quiet.
     let webhook = deployment.webhook.clone();
-    wait_until("a first reply to every complaint", Duration::from_secs(60), || async {
-        let replies = first_replies(&webhook);
-        outcome.submitted.keys().all(|id| replies.contains_key(id))
-    })
+    wait_until(
+        "a first reply to every complaint",
+        Duration::from_secs(60),
+        || async {
+            let replies = first_replies(&webhook);
+            outcome.submitted.keys().all(|id| replies.contains_key(id))
+        },
+    )
     .await?;
     let pool = sqlx::PgPool::connect(&deployment.database_url).await?;
-    wait_for("a work order for every complaint", Duration::from_secs(120), || async {
-        let placed = work_orders_per_complaint(&pool).await.ok()?;
-        outcome
-            .submitted
-            .keys()
-            .all(|id| placed.contains_key(id))
-            .then_some(())
-    })
+    wait_for(
+        "a work order for every complaint",
+        Duration::from_secs(120),
+        || async {
+            let placed = work_orders_per_complaint(&pool).await.ok()?;
+            outcome
+                .submitted
+                .keys()
+                .all(|id| placed.contains_key(id))
+                .then_some(())
+        },
+    )
     .await?;
     let js = async_nats::jetstream::new(async_nats::connect(deployment.nats.url()).await?);
     wait_until("every consumer to be idle", Duration::from_secs(60), || async {
@@ -401,7 +421,13 @@ async fn check(deployment: &mut Deployment, fault: Fault) -> anyhow::Result<()> 
     latencies.sort();
     let placed = work_orders_per_complaint(&pool).await?;
     let doubled: Vec<_> = placed.iter().filter(|(_, n)| **n != 1).collect();
-    let dead_letters = js.get_stream(bus::DEAD_LETTER_STREAM).await?.info().await?.state.messages;
+    let dead_letters = js
+        .get_stream(bus::DEAD_LETTER_STREAM)
+        .await?
+        .info()
+        .await?
+        .state
+        .messages;
     // Messages a crash made notify send again (the gateway drops them by their key).
     let attempts = deployment.webhook.attempts().len();
     let resent = attempts - deployment.webhook.unique_messages().len();

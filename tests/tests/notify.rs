@@ -501,48 +501,48 @@ async fn claims_hold_each_delivery_for_one_live_sender() -> anyhow::Result<()> {
     })
     .await?;
 
-    let Claim::Mine(held) = a.claim(&id(1), false).await? else {
+    let Claim::Mine(held) = a.claim(&id(1), false, false).await? else {
         anyhow::bail!("a new delivery is the first claimer's");
     };
     assert!(
-        matches!(a.claim(&id(1), false).await?, Claim::Busy),
+        matches!(a.claim(&id(1), false, false).await?, Claim::Busy),
         "in flight in this process"
     );
     assert!(
-        matches!(b.claim(&id(1), false).await?, Claim::Busy),
+        matches!(b.claim(&id(1), false, false).await?, Claim::Busy),
         "held by a live sender"
     );
     assert!(
-        matches!(b.claim(&id(1), true).await?, Claim::NotOurs),
+        matches!(b.claim(&id(1), true, false).await?, Claim::NotOurs),
         "the watchdog's rule"
     );
     assert!(
-        matches!(b.claim(&id(2), true).await?, Claim::Mine(_)),
+        matches!(b.claim(&id(2), true, false).await?, Claim::Mine(_)),
         "new: the watchdog's"
     );
 
     let recorded = a.record(held, Attempt::Delivered, "").await?;
     assert_eq!((recorded.stage, recorded.attempts), (Stage::Delivered, 1));
-    match b.claim(&id(1), false).await? {
+    match b.claim(&id(1), false, false).await? {
         Claim::Done(record) => assert_eq!(record.stage, Stage::Delivered),
         other => anyhow::bail!("expected a finished delivery, got {other:?}"),
     }
 
-    let Claim::Mine(failing) = a.claim(&id(3), false).await? else {
+    let Claim::Mine(failing) = a.claim(&id(3), false, false).await? else {
         anyhow::bail!("a new delivery");
     };
     a.record(failing, Attempt::Failed, "HTTP 503").await?;
-    match b.claim(&id(3), false).await? {
+    match b.claim(&id(3), false, false).await? {
         Claim::Mine(_) => {}
         other => anyhow::bail!("a failed attempt leaves it to the next claimer, got {other:?}"),
     }
 
-    let Claim::Mine(_orphan) = a.claim(&id(4), false).await? else {
+    let Claim::Mine(_orphan) = a.claim(&id(4), false, false).await? else {
         anyhow::bail!("a new delivery");
     };
     a_alive.cancel();
     a_answering.await?;
-    match b.claim(&id(4), false).await? {
+    match b.claim(&id(4), false, false).await? {
         Claim::Mine(_) => {}
         other => anyhow::bail!("a gone sender's delivery is taken over at once, got {other:?}"),
     }

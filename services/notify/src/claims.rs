@@ -114,9 +114,11 @@ impl Record {
         }
     }
 
-    /// What a claimer in process `me` does about this record at `now`.
-    pub fn step(&self, me: &str, now: DateTime<Utc>) -> Step {
+    /// What a claimer in process `me` does about this record at `now`; with `again`, a
+    /// delivery refused for good is tried again.
+    pub fn step(&self, me: &str, now: DateTime<Utc>, again: bool) -> Step {
         match self.stage {
+            Stage::Failed if again => Step::TakeOver,
             Stage::Delivered | Stage::Failed => Step::Done,
             Stage::Pending => Step::TakeOver,
             Stage::Sending if self.until_ms <= now.timestamp_millis() => Step::TakeOver,
@@ -294,8 +296,14 @@ impl Claims {
 
     /// Registers the delivery and holds it for the caller if it may send: a new one, one
     /// whose last attempt failed, or one whose sender is gone or past its deadline. With
-    /// `only_if_new`, only a delivery this call creates.
-    pub async fn claim(&self, delivery_id: &str, only_if_new: bool) -> Result<Claim, ClaimError> {
+    /// `only_if_new`, only a delivery this call creates; with `again`, also one refused for
+    /// good before.
+    pub async fn claim(
+        &self,
+        delivery_id: &str,
+        only_if_new: bool,
+        again: bool,
+    ) -> Result<Claim, ClaimError> {
         let key = delivery_key(delivery_id)?;
         for _ in 0..MAX_ROUNDS {
             let now = Utc::now();
@@ -325,7 +333,7 @@ impl Claims {
                     key: key.clone(),
                     source,
                 })?;
-            let step = match record.step(&self.instance, now) {
+            let step = match record.step(&self.instance, now, again) {
                 Step::AskOwner(owner) if !self.is_alive(&owner).await => Step::TakeOver,
                 Step::AskOwner(_) => Step::Busy,
                 step => step,
@@ -454,25 +462,39 @@ mod tests {
     fn a_record_tells_a_claimer_what_to_do() {
         let sending = Record::sending("a", at(1_000), Duration::from_secs(15), 0, 1_000);
         assert_eq!(sending.until_ms, 16_000);
-        assert_eq!(sending.step("a", at(2_000)), Step::Busy, "our own, in flight");
         assert_eq!(
-            sending.step("b", at(2_000)),
+            sending.step("a", at(2_000), false),
+            Step::Busy,
+            "our own, in flight"
+        );
+        assert_eq!(
+            sending.step("b", at(2_000), false),
             Step::AskOwner("a".into()),
             "someone else's: alive?"
         );
-        assert_eq!(sending.step("b", at(16_000)), Step::TakeOver, "past its deadline");
+        assert_eq!(
+            sending.step("b", at(16_000), false),
+            Step::TakeOver,
+            "past its deadline"
+        );
 
         let failed_once = sending.after_attempt(Stage::Pending, "HTTP 503", at(3_000));
         assert_eq!(failed_once.attempts, 1);
-        assert_eq!(failed_once.step("b", at(3_001)), Step::TakeOver);
+        assert_eq!(failed_once.step("b", at(3_001), false), Step::TakeOver);
 
         let delivered = failed_once.after_attempt(Stage::Delivered, "", at(4_000));
         assert_eq!(delivered.attempts, 2);
         assert_eq!(delivered.delivered_ms, Some(4_000));
         assert_eq!(delivered.created_ms, 1_000, "kept from the first claim");
-        assert_eq!(delivered.step("a", at(5_000)), Step::Done);
+        assert_eq!(delivered.step("a", at(5_000), false), Step::Done);
+        assert_eq!(delivered.step("a", at(5_000), true), Step::Done, "sent is sent");
         let refused = failed_once.after_attempt(Stage::Failed, "HTTP 410", at(4_000));
-        assert_eq!(refused.step("a", at(5_000)), Step::Done);
+        assert_eq!(refused.step("a", at(5_000), false), Step::Done);
+        assert_eq!(
+            refused.step("a", at(5_000), true),
+            Step::TakeOver,
+            "tried again when replayed"
+        );
     }
 
     #[test]

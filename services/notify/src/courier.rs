@@ -35,9 +35,31 @@ pub(crate) struct Outgoing<'a> {
     pub work_order_version: Option<i64>,
     /// For a first reply: when the complaint was received, to measure first-response time.
     pub received_at: Option<chrono::DateTime<Utc>>,
-    /// Send only if no one registered this delivery before (the watchdog's rule: whoever
-    /// started the first reply owns it).
-    pub only_if_new: bool,
+    /// When it may be sent.
+    pub rule: Rule,
+}
+
+/// When a delivery may be sent, beyond "not sent yet and no one else on it".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rule {
+    /// Whoever gets to it.
+    Usual,
+    /// Only if no one registered it before (the watchdog's rule: whoever started the first
+    /// reply owns it).
+    OnlyIfNew,
+    /// Even if its gateway refused it for good before: an operator replayed the event.
+    Again,
+}
+
+impl Rule {
+    /// The rule for the deliveries of the event `message`.
+    pub fn of(message: &async_nats::jetstream::Message) -> Self {
+        if closedloop_runtime::dead_letters::is_replay(message.headers.as_ref()) {
+            Rule::Again
+        } else {
+            Rule::Usual
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -178,6 +200,7 @@ pub(crate) struct StaffAlert<'a> {
     pub values: [(&'a str, &'a str); 7],
     pub recipient: &'a str,
     pub complaint_id: &'a str,
+    pub rule: Rule,
 }
 
 impl Courier {
@@ -201,9 +224,16 @@ impl Courier {
     /// Sends `out` unless it was sent or refused already, or another live sender is on it.
     pub async fn deliver(&self, out: Outgoing<'_>) -> Result<(), HandleError> {
         let delivery = out.delivery;
-        let lease = match timed("claim", self.claims.claim(&delivery.delivery_id, out.only_if_new))
-            .await
-            .map_err(claim_error)?
+        let lease = match timed(
+            "claim",
+            self.claims.claim(
+                &delivery.delivery_id,
+                out.rule == Rule::OnlyIfNew,
+                out.rule == Rule::Again,
+            ),
+        )
+        .await
+        .map_err(claim_error)?
         {
             Claim::NotOurs => {
                 tracing::debug!(delivery_id = %delivery.delivery_id, "started elsewhere; not ours to send");
@@ -329,7 +359,7 @@ impl Courier {
             thread_id: "",
             work_order_version: None,
             received_at: None,
-            only_if_new: false,
+            rule: alert.rule,
         };
         self.deliver(out).await
     }

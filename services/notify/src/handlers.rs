@@ -15,7 +15,7 @@ use closedloop_runtime::bus;
 use closedloop_runtime::consumer::{self, HandleError, MessageHandler};
 use closedloop_runtime::{ids, time};
 
-use crate::courier::{Courier, Outgoing, StaffAlert, claim_error};
+use crate::courier::{Courier, Outgoing, Rule, StaffAlert, claim_error};
 use crate::gateway::Destination;
 use crate::templates::{TemplateKey, kind_key};
 
@@ -77,7 +77,7 @@ impl MessageHandler for ClassifiedHandler {
             thread_id: &complaint.thread_id,
             work_order_version: None,
             received_at: complaint.received_at.as_ref().and_then(time::from_timestamp),
-            only_if_new: false,
+            rule: Rule::of(message),
         };
         self.0.deliver(out).await?;
         // Delivered now or handled before: either way the log holds it.
@@ -146,7 +146,7 @@ impl MessageHandler for WatchdogHandler {
             thread_id: &complaint.thread_id,
             work_order_version: None,
             received_at: Some(received),
-            only_if_new: true,
+            rule: Rule::OnlyIfNew,
         };
         self.courier.deliver(out).await
     }
@@ -179,14 +179,22 @@ pub(crate) fn told_work_order_subjects() -> Vec<String> {
         .collect()
 }
 
-impl WorkOrderHandler {
-    /// A message to the customer about `work_order` at its current version.
+/// What notify tells about one work-order event: the work order and, for a replayed event,
+/// that even messages refused before are tried again.
+struct Telling<'a> {
+    courier: &'a Courier,
+    work_order: &'a WorkOrder,
+    rule: Rule,
+}
+
+impl Telling<'_> {
+    /// A message to the customer about the work order at its current version.
     async fn tell_customer(
         &self,
-        work_order: &WorkOrder,
         kind: NotificationKind,
         values: &[(&str, &str)],
     ) -> Result<(), HandleError> {
+        let work_order = self.work_order;
         let channel = work_order.channel();
         let key = TemplateKey {
             tenant: &work_order.tenant,
@@ -197,7 +205,7 @@ impl WorkOrderHandler {
         };
         let mut values = values.to_vec();
         values.push(("reference", reference(&work_order.complaint_id)));
-        let body = self.0.render(&key, &values)?;
+        let body = self.courier.render(&key, &values)?;
         let version = work_order.version.to_string();
         let delivery = Delivery {
             delivery_id: ids::derive("delivery", &[kind_key(kind), &work_order.work_order_id, &version])
@@ -218,15 +226,16 @@ impl WorkOrderHandler {
             thread_id: &work_order.thread_id,
             work_order_version: Some(work_order.version),
             received_at: None,
-            only_if_new: false,
+            rule: self.rule,
         };
-        self.0.deliver(out).await
+        self.courier.deliver(out).await
     }
 
     /// A status update, unless the customer already heard of a newer version.
-    async fn status_update(&self, work_order: &WorkOrder, status: &str) -> Result<(), HandleError> {
+    async fn status_update(&self, status: &str) -> Result<(), HandleError> {
+        let work_order = self.work_order;
         let told = self
-            .0
+            .courier
             .claims
             .told(&work_order.work_order_id)
             .await
@@ -235,16 +244,12 @@ impl WorkOrderHandler {
             tracing::info!(work_order_id = %work_order.work_order_id, version = work_order.version, told, "stale status update not sent");
             return Ok(());
         }
-        self.tell_customer(work_order, NotificationKind::StatusUpdate, &[("status", status)])
+        self.tell_customer(NotificationKind::StatusUpdate, &[("status", status)])
             .await
     }
 
-    async fn alert_about(
-        &self,
-        work_order: &WorkOrder,
-        event: &str,
-        detail: &str,
-    ) -> Result<(), HandleError> {
+    async fn alert_about(&self, event: &str, detail: &str) -> Result<(), HandleError> {
+        let work_order = self.work_order;
         let alert = StaffAlert {
             tenant: &work_order.tenant,
             event,
@@ -265,8 +270,9 @@ impl WorkOrderHandler {
                 &work_order.assignee
             },
             complaint_id: &work_order.complaint_id,
+            rule: self.rule,
         };
-        self.0.alert_staff(alert).await
+        self.courier.alert_staff(alert).await
     }
 }
 
@@ -293,6 +299,7 @@ impl MessageHandler for IncidentHandler {
             ],
             recipient: "supervisors",
             complaint_id: "",
+            rule: Rule::of(message),
         };
         tracing::info!(incident_id = %incident.incident_id, %count, "incident alert");
         self.0.alert_staff(alert).await
@@ -306,19 +313,21 @@ impl MessageHandler for WorkOrderHandler {
             .work_order
             .as_ref()
             .ok_or_else(|| HandleError::reject("workorder event without a work order"))?;
+        let telling = Telling {
+            courier: &self.0,
+            work_order,
+            rule: Rule::of(message),
+        };
         match event.kind() {
             WorkOrderEventKind::Assigned | WorkOrderEventKind::Reassigned => {
-                self.alert_about(work_order, "assigned", &event.note).await?;
-                self.status_update(work_order, "assigned").await
+                telling.alert_about("assigned", &event.note).await?;
+                telling.status_update("assigned").await
             }
-            WorkOrderEventKind::Accepted => self.status_update(work_order, "in_progress").await,
+            WorkOrderEventKind::Accepted => telling.status_update("in_progress").await,
             WorkOrderEventKind::Replied => {
-                self.tell_customer(
-                    work_order,
-                    NotificationKind::AgentReply,
-                    &[("reply", &event.note)],
-                )
-                .await
+                telling
+                    .tell_customer(NotificationKind::AgentReply, &[("reply", &event.note)])
+                    .await
             }
             WorkOrderEventKind::Resolved => {
                 // The agent's note only on private channels: it may name the customer's case.
@@ -327,20 +336,17 @@ impl MessageHandler for WorkOrderHandler {
                 } else {
                     work_order.resolution_note.as_str()
                 };
-                self.tell_customer(work_order, NotificationKind::Closure, &[("note", note)])
+                telling
+                    .tell_customer(NotificationKind::Closure, &[("note", note)])
                     .await?;
-                self.tell_customer(work_order, NotificationKind::SatisfactionSurvey, &[])
+                telling
+                    .tell_customer(NotificationKind::SatisfactionSurvey, &[])
                     .await
             }
-            WorkOrderEventKind::Reopened => {
-                self.tell_customer(work_order, NotificationKind::Reopened, &[])
-                    .await
-            }
-            WorkOrderEventKind::Escalated => self.alert_about(work_order, "escalated", &event.note).await,
-            WorkOrderEventKind::SlaAtRisk => self.alert_about(work_order, "sla_at_risk", &event.note).await,
-            WorkOrderEventKind::SlaBreached => {
-                self.alert_about(work_order, "sla_breached", &event.note).await
-            }
+            WorkOrderEventKind::Reopened => telling.tell_customer(NotificationKind::Reopened, &[]).await,
+            WorkOrderEventKind::Escalated => telling.alert_about("escalated", &event.note).await,
+            WorkOrderEventKind::SlaAtRisk => telling.alert_about("sla_at_risk", &event.note).await,
+            WorkOrderEventKind::SlaBreached => telling.alert_about("sla_breached", &event.note).await,
             _ => Ok(()),
         }
     }

@@ -11,6 +11,7 @@ pub mod chinese;
 pub mod config;
 pub mod consumer;
 pub mod db;
+pub mod dead_letters;
 pub mod grpc;
 pub mod ids;
 pub mod metrics;

@@ -663,11 +663,9 @@ async fn main() -> anyhow::Result<()> {
     let mut watched: Vec<Watched> = children
         .pids()
         .into_iter()
-        .map(|(service, pid)| {
-            Watched {
-                name: service.name().to_owned(),
-                pids: Box::new(move || vec![pid]),
-            }
+        .map(|(service, pid)| Watched {
+            name: service.name().to_owned(),
+            pids: Box::new(move || vec![pid]),
         })
         .collect();
     let nats_port = nats.port.to_string();
