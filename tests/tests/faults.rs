@@ -2,7 +2,8 @@
 //! separate processes of their own binaries, with a real nats-server and PostgreSQL and a
 //! webhook receiver as the gateway, submits 1,000 complaints at 100 a second, and meanwhile
 //! kills one component with SIGKILL (PostgreSQL: an immediate shutdown, then crash recovery)
-//! and starts it again. Then it counts:
+//! and starts it again; one run breaks every component in turn while it submits 3,000.
+//! Then it counts:
 //!
 //! - every submission was accepted (a gateway retries what failed, as the README says);
 //! - every complaint got exactly one first reply (one Idempotency-Key), at most 20 s after
@@ -35,7 +36,7 @@ const GATEWAY_TOKEN: &str = "fault-gateway-token";
 const GATEWAY_SECRET: &str = "fault-gateway-secret";
 const COMPLAINTS: usize = 1_000;
 const PER_SECOND: f64 = 100.0;
-/// When the fault strikes, into the submissions.
+/// When a single fault strikes, into the submissions.
 const FAULT_AT: Duration = Duration::from_secs(3);
 /// How long a crashed service or nats-server stays down before it is started again.
 const RESTART_AFTER: Duration = Duration::from_secs(2);
@@ -185,7 +186,7 @@ impl Deployment {
 
 /// The complaints of a run: clear complaints (each needs a work order), each from its own
 /// poster on one of three channels, none carrying personal data.
-fn complaints(run: &str) -> Vec<ComplaintSubmission> {
+fn complaints(run: &str, count: usize) -> Vec<ComplaintSubmission> {
     const TEXTS: [&str; 4] = [
         "家里宽带又断网了，三天了还没解决！",
         "话费被多扣了五十元，要求退款",
@@ -193,7 +194,7 @@ fn complaints(run: &str) -> Vec<ComplaintSubmission> {
         "快递一直没送到，客服也不回复，太差了",
     ];
     const CHANNELS: [Channel; 3] = [Channel::WeiboPost, Channel::Wechat, Channel::WebForm];
-    (0..COMPLAINTS)
+    (0..count)
         .map(|i| ComplaintSubmission {
             channel: CHANNELS[i % CHANNELS.len()] as i32,
             channel_message_id: format!("{run}-{i}"),
@@ -247,9 +248,17 @@ struct Outcome {
     submitted: HashMap<String, Instant>,
 }
 
-/// Submits the run's complaints at [`PER_SECOND`], breaking `fault` at [`FAULT_AT`] and
-/// mending it `fault.down_for()` later.
-async fn submit_through(deployment: &mut Deployment, fault: Fault) -> anyhow::Result<Outcome> {
+/// What breaks when, into a run's submissions.
+type Schedule = Vec<(Duration, Fault)>;
+
+/// Submits `count` complaints at [`PER_SECOND`], breaking each fault of `schedule` when due
+/// and mending it `down_for()` later; returns once all are accepted and all mended.
+async fn submit_through(
+    deployment: &mut Deployment,
+    run: &str,
+    count: usize,
+    schedule: &Schedule,
+) -> anyhow::Result<Outcome> {
     let channel = GrpcChannel::from_shared(format!("http://{}", deployment.ingest))?
         .connect_timeout(Duration::from_secs(1))
         .connect_lazy();
@@ -257,29 +266,31 @@ async fn submit_through(deployment: &mut Deployment, fault: Fault) -> anyhow::Re
     let accepted: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     let started = Instant::now();
-    let mut pending = complaints(&fault.name()).into_iter().enumerate().peekable();
-    let mut broken_at = None;
-    let mut mended = false;
+    let mut pending = complaints(run, count).into_iter().enumerate().peekable();
+    // Per fault: when it was broken, and whether it is mended.
+    let mut states: Vec<(Option<Instant>, bool)> = vec![(None, false); schedule.len()];
     let mut ticker = tokio::time::interval(Duration::from_millis(5));
-    while pending.peek().is_some() || !mended {
+    while pending.peek().is_some() || states.iter().any(|(_, mended)| !mended) {
         ticker.tick().await;
         let elapsed = started.elapsed();
-        if broken_at.is_none() && elapsed >= FAULT_AT {
-            deployment.break_it(fault)?;
-            eprintln!("{}: broken at {:.1} s", fault.name(), elapsed.as_secs_f64());
-            broken_at = Some(Instant::now());
-        }
-        if let Some(at) = broken_at
-            && !mended
-            && at.elapsed() >= fault.down_for()
-        {
-            deployment.mend(fault)?;
-            eprintln!(
-                "{}: started again at {:.1} s",
-                fault.name(),
-                started.elapsed().as_secs_f64()
-            );
-            mended = true;
+        for ((at, fault), (broken, mended)) in schedule.iter().zip(states.iter_mut()) {
+            if broken.is_none() && elapsed >= *at {
+                deployment.break_it(*fault)?;
+                eprintln!("{run}: {} broken at {:.1} s", fault.name(), elapsed.as_secs_f64());
+                *broken = Some(Instant::now());
+            }
+            if let Some(since) = broken
+                && !*mended
+                && since.elapsed() >= fault.down_for()
+            {
+                deployment.mend(*fault)?;
+                eprintln!(
+                    "{run}: {} started again at {:.1} s",
+                    fault.name(),
+                    started.elapsed().as_secs_f64()
+                );
+                *mended = true;
+            }
         }
         let due = (elapsed.as_secs_f64() * PER_SECOND) as usize;
         while let Some((_, submission)) = pending.next_if(|(index, _)| *index < due) {
@@ -355,9 +366,14 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted.get(index).copied().unwrap_or_default()
 }
 
+/// A run with one fault at [`FAULT_AT`].
 async fn run(fault: Fault) -> anyhow::Result<()> {
+    run_schedule(&fault.name(), COMPLAINTS, vec![(FAULT_AT, fault)]).await
+}
+
+async fn run_schedule(run: &str, count: usize, schedule: Schedule) -> anyhow::Result<()> {
     let mut deployment = Deployment::start().await?;
-    let checked = check(&mut deployment, fault).await;
+    let checked = check(&mut deployment, run, count, &schedule).await;
     let checked = checked.map_err(|error| error.context(deployment.log_tails()));
     let stopped = deployment.services.stop();
     deployment.receiver_stop.cancel();
@@ -369,11 +385,11 @@ async fn run(fault: Fault) -> anyhow::Result<()> {
     stopped
 }
 
-async fn check(deployment: &mut Deployment, fault: Fault) -> anyhow::Result<()> {
-    let outcome = submit_through(deployment, fault).await?;
+async fn check(deployment: &mut Deployment, run: &str, count: usize, schedule: &Schedule) -> anyhow::Result<()> {
+    let outcome = submit_through(deployment, run, count, schedule).await?;
     anyhow::ensure!(
-        outcome.submitted.len() == COMPLAINTS,
-        "{} of {COMPLAINTS} complaints accepted",
+        outcome.submitted.len() == count,
+        "{} of {count} complaints accepted",
         outcome.submitted.len()
     );
 
@@ -409,7 +425,7 @@ async fn check(deployment: &mut Deployment, fault: Fault) -> anyhow::Result<()> 
     .await?;
 
     let replies = first_replies(&deployment.webhook);
-    let mut latencies = Vec::with_capacity(COMPLAINTS);
+    let mut latencies = Vec::with_capacity(count);
     let mut twice = Vec::new();
     for (id, first_attempt) in &outcome.submitted {
         let (keys, arrived) = &replies[id];
@@ -436,7 +452,7 @@ async fn check(deployment: &mut Deployment, fault: Fault) -> anyhow::Result<()> 
     eprintln!(
         "{}: {} accepted; first reply p50 {} ms, p99 {} ms, max {} ms; {} dead-lettered; \
          {resent} of {attempts} gateway calls repeated a key",
-        fault.name(),
+        run,
         outcome.submitted.len(),
         percentile(&latencies, 0.5).as_millis(),
         percentile(&latencies, 0.99).as_millis(),
@@ -491,4 +507,23 @@ async fn nats_server_killed_mid_stream() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_down_for_two_minutes() -> anyhow::Result<()> {
     run(Fault::Postgres).await
+}
+
+/// Every component in turn, in one run of 3,000: each service and nats-server killed and
+/// started again 2 s later, 4 s apart, then PostgreSQL down for two minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_component_in_turn() -> anyhow::Result<()> {
+    let schedule: Schedule = [
+        Fault::Service(Service::Classify),
+        Fault::Service(Service::Dispatch),
+        Fault::Service(Service::Notify),
+        Fault::Service(Service::Ingest),
+        Fault::Nats,
+        Fault::Postgres,
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(turn, fault)| (FAULT_AT + Duration::from_secs(4) * turn as u32, fault))
+    .collect();
+    run_schedule("in-turn", 3 * COMPLAINTS, schedule).await
 }
