@@ -385,7 +385,12 @@ async fn run_schedule(run: &str, count: usize, schedule: Schedule) -> anyhow::Re
     stopped
 }
 
-async fn check(deployment: &mut Deployment, run: &str, count: usize, schedule: &Schedule) -> anyhow::Result<()> {
+async fn check(
+    deployment: &mut Deployment,
+    run: &str,
+    count: usize,
+    schedule: &Schedule,
+) -> anyhow::Result<()> {
     let outcome = submit_through(deployment, run, count, schedule).await?;
     anyhow::ensure!(
         outcome.submitted.len() == count,

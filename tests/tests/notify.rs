@@ -506,7 +506,7 @@ async fn claims_hold_each_delivery_for_one_live_sender() -> anyhow::Result<()> {
     };
     assert!(
         matches!(a.claim(&id(1), false, false).await?, Claim::Busy),
-        "in flight in this process"
+        "held by another task of this process"
     );
     assert!(
         matches!(b.claim(&id(1), false, false).await?, Claim::Busy),

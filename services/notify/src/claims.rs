@@ -3,8 +3,9 @@
 //! complaint still gets its first reply, once.
 //!
 //! Every delivery has a record under its deterministic id. A sender creates it (create-only,
-//! so of two senders one wins), calls the gateway, then records the outcome. A record being
-//! sent names its sender (one notify process) and a deadline. Another sender may take it
+//! so of two senders one wins), calls the gateway, then records the outcome. Within one
+//! process a delivery is reserved before it is claimed, so two tasks never race for it. A
+//! record being sent names its sender (one notify process) and a deadline. Another sender may take it
 //! over (compare-and-set on the record's revision) when the deadline has passed or when the
 //! sender is gone: every process answers requests on its own subject while it lives, so a
 //! request nobody answers ("no responders", told at once by the server) means the process
@@ -14,6 +15,8 @@
 //! A customer's progress is the newest work-order version they were told about, so a late
 //! status update for an older version is not sent.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
@@ -122,8 +125,9 @@ impl Record {
             Stage::Delivered | Stage::Failed => Step::Done,
             Stage::Pending => Step::TakeOver,
             Stage::Sending if self.until_ms <= now.timestamp_millis() => Step::TakeOver,
-            // Another task of this process is sending it.
-            Stage::Sending if self.owner == me => Step::Busy,
+            // This process, in an attempt that did not finish: the claimer holds the
+            // process's reservation, so no other task here is sending it.
+            Stage::Sending if self.owner == me => Step::TakeOver,
             Stage::Sending => Step::AskOwner(self.owner.clone()),
         }
     }
@@ -183,6 +187,32 @@ pub struct Lease {
     key: String,
     revision: u64,
     record: Record,
+    _reserved: Reservation,
+}
+
+/// A delivery reserved by one task of this process until dropped.
+#[derive(Debug)]
+struct Reservation {
+    key: String,
+    reserved: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Reservation {
+    /// Reserves `key`, unless another task here holds it.
+    fn take(reserved: &Arc<Mutex<HashSet<String>>>, key: &str) -> Option<Self> {
+        let mut held = reserved.lock().unwrap_or_else(|e| e.into_inner());
+        held.insert(key.to_owned()).then(|| Self {
+            key: key.to_owned(),
+            reserved: reserved.clone(),
+        })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut held = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        held.remove(&self.key);
+    }
 }
 
 /// How an attempt ended.
@@ -206,6 +236,8 @@ pub struct Claims {
     instance: String,
     /// How long a sender holds a delivery if it never records an outcome and stays alive.
     lease: Duration,
+    /// Deliveries a task of this process is claiming or sending.
+    reserved: Arc<Mutex<HashSet<String>>>,
 }
 
 fn delivery_key(delivery_id: &str) -> Result<String, ClaimError> {
@@ -244,6 +276,7 @@ impl Claims {
             client,
             instance: Uuid::new_v4().simple().to_string(),
             lease,
+            reserved: Arc::default(),
         })
     }
 
@@ -305,6 +338,9 @@ impl Claims {
         again: bool,
     ) -> Result<Claim, ClaimError> {
         let key = delivery_key(delivery_id)?;
+        let Some(reservation) = Reservation::take(&self.reserved, &key) else {
+            return Ok(Claim::Busy);
+        };
         for _ in 0..MAX_ROUNDS {
             let now = Utc::now();
             let fresh = Record::sending(&self.instance, now, self.lease, 0, now.timestamp_millis());
@@ -314,6 +350,7 @@ impl Claims {
                         key,
                         revision,
                         record: fresh,
+                        _reserved: reservation,
                     }));
                 }
                 Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {}
@@ -355,6 +392,7 @@ impl Claims {
                                 key,
                                 revision,
                                 record: taken,
+                                _reserved: reservation,
                             }));
                         }
                         Err(error) if error.kind() == UpdateErrorKind::WrongLastRevision => continue,
@@ -464,8 +502,8 @@ mod tests {
         assert_eq!(sending.until_ms, 16_000);
         assert_eq!(
             sending.step("a", at(2_000), false),
-            Step::Busy,
-            "our own, in flight"
+            Step::TakeOver,
+            "our own, from an attempt that did not finish"
         );
         assert_eq!(
             sending.step("b", at(2_000), false),
