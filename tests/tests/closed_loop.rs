@@ -525,6 +525,44 @@ async fn classify_dry_run_explains_and_publishes_nothing() -> anyhow::Result<()>
         status.message()
     );
 
+    // Invisible and full-width characters are read as ingest reads them.
+    let folded = classify
+        .classify(authed(
+            &env.tokens.agent,
+            ClassifyRequest {
+                text: "话费乱扣\u{200b}，再不处理就去１２３１５投诉".into(),
+                ..Default::default()
+            },
+        ))
+        .await?
+        .into_inner()
+        .classification
+        .ok_or_else(|| anyhow::anyhow!("no classification"))?;
+    assert!(folded.escalation_risk, "{:?}", folded.reasons);
+    let invisible = classify
+        .classify(authed(
+            &env.tokens.agent,
+            ClassifyRequest {
+                text: "\u{200b}\u{2060} \u{feff}".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("nothing visible");
+    assert_eq!(invisible.code(), Code::InvalidArgument);
+    // A gateway's token submits contacts; it does not classify them.
+    let denied = classify
+        .classify(authed(
+            &env.tokens.gateway,
+            ClassifyRequest {
+                text: "话费乱扣".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("not a gateway's call");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
     let client = async_nats::connect(env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
     let stream = js.get_stream(bus::COMPLAINTS_STREAM).await?.get_info().await?;

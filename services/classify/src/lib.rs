@@ -17,7 +17,7 @@ use closedloop_proto::v1::classify_service_server::{ClassifyService, ClassifySer
 use closedloop_proto::v1::{
     Channel, ClassifyRequest, ClassifyResponse, ComplaintClassified, ComplaintReceived,
 };
-use closedloop_runtime::auth::{Authenticator, principal};
+use closedloop_runtime::auth::{Authenticator, Role, principal};
 use closedloop_runtime::bus::{self, Bus, OutgoingEvent, StreamSettings};
 use closedloop_runtime::config::ServiceArgs;
 use closedloop_runtime::consumer::{self, ConsumerSpec, HandleError, MessageHandler};
@@ -139,22 +139,32 @@ impl ClassifyService for ClassifyApi {
         &self,
         request: Request<ClassifyRequest>,
     ) -> Result<Response<ClassifyResponse>, Status> {
-        principal(&request)?;
+        principal(&request)?.require_any(&[Role::Agent, Role::Supervisor, Role::Viewer])?;
         let request = request.into_inner();
-        if request.text.trim().is_empty() {
-            return Err(invalid_argument(&[Violation::new("text", "must not be empty")]));
-        }
-        if request.text.chars().count() > self.max_text_chars {
+        let too_long = |text: &str| text.chars().count() > self.max_text_chars;
+        // As ingest reads a contact: normalised, limits checked before and after.
+        let text = if too_long(&request.text) {
+            None
+        } else {
+            Some(closedloop_runtime::text::normalise(&request.text)).filter(|text| !too_long(text))
+        };
+        let Some(text) = text else {
             return Err(invalid_argument(&[Violation::new(
                 "text",
-                format!("must be at most {} characters", self.max_text_chars),
+                format!(
+                    "must be at most {} characters, also once normalised",
+                    self.max_text_chars
+                ),
             )]));
+        };
+        if text.is_empty() {
+            return Err(invalid_argument(&[Violation::new("text", "must not be empty")]));
         }
         let classification = engine::classify(
             &self.rules,
             Some(&self.models),
             &Contact {
-                text: &request.text,
+                text: &text,
                 channel: Channel::try_from(request.channel).unwrap_or(Channel::Unspecified),
                 poster: request.poster.as_ref(),
                 region_hint: &request.region_hint,

@@ -4,7 +4,6 @@ use chrono::{DateTime, Duration, Utc};
 use closedloop_proto::v1::{Channel, Complaint, ComplaintSubmission, Poster};
 use closedloop_runtime::grpc::Violation;
 use closedloop_runtime::{chinese, ids, time};
-use unicode_normalization::UnicodeNormalization;
 
 /// Bounds on what a gateway may send.
 #[derive(Debug, Clone)]
@@ -36,25 +35,7 @@ impl Default for Limits {
 /// The most followers any account has; more is a gateway bug.
 pub const MAX_FOLLOWERS: i64 = 10_000_000_000;
 
-/// Unicode NFKC (which also turns full-width letters, digits and punctuation into their
-/// half-width forms), control characters dropped, whitespace runs collapsed to one space:
-/// the same words compare equal whatever the channel or input method did to them.
-pub fn normalise_text(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut pending_space = false;
-    for c in text.nfkc() {
-        if c.is_whitespace() {
-            pending_space = !out.is_empty();
-        } else if !c.is_control() {
-            if pending_space {
-                out.push(' ');
-                pending_space = false;
-            }
-            out.push(c);
-        }
-    }
-    out
-}
+pub use closedloop_runtime::text::normalise as normalise_text;
 
 /// The stable id of a contact: retries of one channel message get the same id.
 pub fn complaint_id(tenant: &str, channel: Channel, channel_message_id: &str) -> String {
@@ -81,25 +62,37 @@ fn valid_attachment_url(url: &str) -> bool {
         && !url.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
-/// The field's name (`{prefix}.{name}`) is built only for a violation: this runs four
+/// Whether `value` holds a control character (NUL, escape, line breaks, ...): none belongs
+/// in an id or a name, and PostgreSQL refuses NUL in text.
+fn has_control(value: &str) -> bool {
+    value.chars().any(char::is_control)
+}
+
+/// Checks a short string field: required or not, at most `max_chars`, no control characters.
+/// The field's name (`{prefix}.{name}`) is built only for a violation: this runs several
 /// times for every complaint accepted.
-fn check_id(
+fn check_field(
     violations: &mut Vec<Violation>,
     (prefix, name): (&str, &str),
     value: &str,
     required: bool,
-    limits: &Limits,
+    max_chars: usize,
 ) {
     let field = || format!("{prefix}.{name}");
     if required && value.trim().is_empty() {
         violations.push(Violation::new(field(), "must not be empty"));
-    } else if value.chars().count() > limits.max_id_chars {
+    } else if value.chars().count() > max_chars {
         violations.push(Violation::new(
             field(),
-            format!("must be at most {} characters", limits.max_id_chars),
+            format!("must be at most {max_chars} characters"),
         ));
+    } else if has_control(value) {
+        violations.push(Violation::new(field(), "must not contain control characters"));
     }
 }
+
+/// Bytes a text may take, for every character it may hold: four, the most UTF-8 needs.
+const BYTES_PER_CHAR: usize = 4;
 
 /// Checks a submission from a caller of `caller_tenant` and turns it into a complaint.
 /// `prefix` names the submission's place in the request (e.g. `complaint` or `complaints[3]`).
@@ -123,35 +116,36 @@ pub fn validate_submission(
     if channel == Channel::Unspecified {
         violations.push(Violation::new(field("channel"), "must name a known channel"));
     }
-    check_id(
+    let id = limits.max_id_chars;
+    check_field(
         &mut violations,
         (prefix, "channel_message_id"),
         &submission.channel_message_id,
         true,
-        limits,
+        id,
     );
-    check_id(
+    check_field(
         &mut violations,
         (prefix, "thread_id"),
         &submission.thread_id,
         false,
-        limits,
+        id,
     );
-    check_id(
+    check_field(
         &mut violations,
         (prefix, "in_reply_to"),
         &submission.in_reply_to,
         false,
-        limits,
+        id,
     );
     let default_poster = Poster::default();
     let poster = submission.poster.as_ref().unwrap_or(&default_poster);
-    check_id(
+    check_field(
         &mut violations,
         (prefix, "poster.poster_id"),
         &poster.poster_id,
         true,
-        limits,
+        id,
     );
     if !(0..=MAX_FOLLOWERS).contains(&poster.followers) {
         violations.push(Violation::new(
@@ -159,32 +153,41 @@ pub fn validate_submission(
             format!("must be 0 to {MAX_FOLLOWERS}"),
         ));
     }
-    if poster.display_name.chars().count() > limits.max_id_chars {
-        violations.push(Violation::new(
-            field("poster.display_name"),
-            format!("must be at most {} characters", limits.max_id_chars),
-        ));
-    }
+    check_field(
+        &mut violations,
+        (prefix, "poster.display_name"),
+        &poster.display_name,
+        false,
+        id,
+    );
     let max_chars = if is_transcript(channel) {
         limits.max_transcript_chars
     } else {
         limits.max_text_chars
     };
-    // Count before normalising, so nobody pays to normalise an oversized text.
-    let too_long = submission.text.chars().count() > max_chars;
-    let text = if too_long {
-        String::new()
+    // Counted before normalising, so nobody pays to normalise an oversized text, and after,
+    // since normalising may expand a text many times over (U+FDFA becomes 18 characters).
+    let max_bytes = max_chars.saturating_mul(BYTES_PER_CHAR);
+    let too_long = |text: &str| text.len() > max_bytes || text.chars().count() > max_chars;
+    let text = if too_long(&submission.text) {
+        None
     } else {
-        normalise_text(&submission.text)
+        Some(normalise_text(&submission.text)).filter(|text| !too_long(text))
     };
-    if too_long {
-        violations.push(Violation::new(
-            field("text"),
-            format!("must be at most {max_chars} characters"),
-        ));
-    } else if text.is_empty() {
-        violations.push(Violation::new(field("text"), "must not be empty"));
-    }
+    let text = match text {
+        None => {
+            violations.push(Violation::new(
+                field("text"),
+                format!("must be at most {max_chars} characters ({max_bytes} bytes), also once normalised"),
+            ));
+            String::new()
+        }
+        Some(text) if text.is_empty() => {
+            violations.push(Violation::new(field("text"), "must not be empty"));
+            text
+        }
+        Some(text) => text,
+    };
     if submission.attachment_urls.len() > limits.max_attachments {
         violations.push(Violation::new(
             field("attachment_urls"),
@@ -213,13 +216,25 @@ pub fn validate_submission(
             }
         },
     };
-    if submission.locale.len() > 35 {
+    if submission.locale.len() > 35
+        || !submission
+            .locale
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+    {
         violations.push(Violation::new(field("locale"), "must be a BCP 47 tag"));
     }
-    if submission.region_hint.chars().count() > 128 {
+    check_field(
+        &mut violations,
+        (prefix, "region_hint"),
+        &submission.region_hint,
+        false,
+        128,
+    );
+    if has_control(&submission.tenant) {
         violations.push(Violation::new(
-            field("region_hint"),
-            "must be at most 128 characters",
+            field("tenant"),
+            "must not contain control characters",
         ));
     }
     if !violations.is_empty() {
@@ -290,6 +305,90 @@ mod tests {
         assert_eq!(normalise_text("ＡＢＣ１２３！　网速"), "ABC123! 网速");
         assert_eq!(normalise_text("a\u{0007}b\r\n\tc"), "ab c");
         assert_eq!(normalise_text("①号楼"), "1号楼");
+        assert_eq!(
+            normalise_text("退\u{200b}款\u{202e}"),
+            "退款",
+            "format characters go"
+        );
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_every_string_field() {
+        let mut s = submission();
+        s.channel_message_id = "m\u{0}1".into();
+        s.thread_id = "t\u{0}".into();
+        s.in_reply_to = "r\u{1b}".into();
+        s.region_hint = "北京\u{0}".into();
+        s.tenant = "acme\u{0}".into();
+        if let Some(p) = s.poster.as_mut() {
+            p.poster_id = "u\u{0}".into();
+            p.display_name = "name\n".into();
+        }
+        let got = fields(validate_submission(
+            &s,
+            "acme",
+            &Limits::default(),
+            Utc::now(),
+            "c",
+        ));
+        for expected in [
+            "c.channel_message_id",
+            "c.thread_id",
+            "c.in_reply_to",
+            "c.poster.poster_id",
+            "c.poster.display_name",
+            "c.region_hint",
+            "c.tenant",
+        ] {
+            assert!(got.iter().any(|f| f == expected), "missing {expected} in {got:?}");
+        }
+        s = submission();
+        s.locale = "zh\u{0}".into();
+        assert_eq!(
+            fields(validate_submission(
+                &s,
+                "acme",
+                &Limits::default(),
+                Utc::now(),
+                "c"
+            )),
+            ["c.locale"]
+        );
+    }
+
+    #[test]
+    fn invisible_text_is_empty() {
+        let mut s = submission();
+        s.text = "\u{200b}\u{200d}\u{2060}\u{202e}  \u{feff}".into();
+        assert_eq!(
+            fields(validate_submission(
+                &s,
+                "acme",
+                &Limits::default(),
+                Utc::now(),
+                "c"
+            )),
+            ["c.text"]
+        );
+    }
+
+    #[test]
+    fn the_length_limit_holds_after_normalisation() {
+        let mut s = submission();
+        // 2,000 characters that NFKC expands to 36,000.
+        s.text = "\u{fdfa}".repeat(2_000);
+        assert_eq!(
+            fields(validate_submission(
+                &s,
+                "acme",
+                &Limits::default(),
+                Utc::now(),
+                "c"
+            )),
+            ["c.text"]
+        );
+        s.text = "好".repeat(5_000);
+        assert!(validate_submission(&s, "acme", &Limits::default(), Utc::now(), "c").is_ok());
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod pii;
 pub mod shutdown;
 pub mod telemetry;
+pub mod text;
 pub mod time;
 
 pub use config::Secret;

@@ -168,7 +168,8 @@ fn email_findings(text: &str, out: &mut Vec<Finding>) {
     }
 }
 
-/// Every piece of personal data in `text`, in order.
+/// Every piece of personal data in `text`, in order. `text` should be folded
+/// ([`crate::text::fold`]); [`mask_all`] folds it.
 pub fn find(text: &str) -> Vec<Finding> {
     let mut findings = Vec::new();
     number_findings(text, &mut findings);
@@ -180,9 +181,16 @@ pub fn find(text: &str) -> Vec<Finding> {
 }
 
 /// `text` with personal data masked — numbers keep their first 3 and last 4 digits, e-mail
-/// addresses their domain — and the kinds found (each once, in order of kind).
+/// addresses their domain — and the kinds found (each once, in order of kind). Detection
+/// reads the text folded, so full-width digits and invisible characters hide nothing; a
+/// text with personal data comes back folded, one without it unchanged.
 pub fn mask_all(text: &str) -> (String, Vec<PiiKind>) {
-    let findings = find(text);
+    let folded = crate::text::folded(text);
+    let findings = find(&folded);
+    if findings.is_empty() {
+        return (text.to_owned(), Vec::new());
+    }
+    let text = folded.as_ref();
     let mut out = String::with_capacity(text.len());
     let mut kinds: Vec<PiiKind> = Vec::new();
     let mut last = 0;
@@ -287,6 +295,22 @@ mod tests {
     fn ordinary_numbers_stay() {
         let text = "订单 12345 已收到，快递单号 SF1234567890，金额 99.50 元";
         assert_eq!(mask(text), (text.to_owned(), false));
+    }
+
+    #[test]
+    fn full_width_and_invisible_characters_hide_nothing() {
+        assert_eq!(mask("电话１３８１２３４５６７８").0, "电话138****5678");
+        assert_eq!(
+            mask("138\u{200b}1234\u{2060}5678").0,
+            "138****5678",
+            "zero-width characters between the digits"
+        );
+        let plain = "已修复，谢谢您的耐心ＯＫ";
+        assert_eq!(
+            mask(plain),
+            (plain.to_owned(), false),
+            "nothing found, nothing changed"
+        );
     }
 
     #[test]

@@ -1,0 +1,81 @@
+//! Folding text to the form every detector reads: Unicode NFKC (full-width letters, digits
+//! and punctuation become half-width; compatibility forms such as ① or ﷺ expand), with
+//! format characters (category Cf: zero-width spaces and joiners, bidirectional controls,
+//! soft hyphens) removed. Invisible characters would otherwise hide a phone number from the
+//! personal-data detector or a keyword from the classifier, and full-width digits would
+//! pass the masking of public replies.
+
+use unicode_normalization::UnicodeNormalization;
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+
+/// Whether `c` is a format character (Unicode category Cf): invisible, and meaningless to
+/// the words around it.
+pub fn is_format(c: char) -> bool {
+    c.general_category() == GeneralCategory::Format
+}
+
+/// `text` folded: format characters removed, then NFKC.
+pub fn fold(text: &str) -> impl Iterator<Item = char> + '_ {
+    text.chars().filter(|c| !is_format(*c)).nfkc()
+}
+
+/// A contact's text as every service reads it: folded, control characters dropped,
+/// whitespace runs collapsed to one space, trimmed. The same words compare equal whatever
+/// the channel or input method did to them.
+pub fn normalise(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut pending_space = false;
+    for c in fold(text) {
+        if c.is_whitespace() {
+            pending_space = !out.is_empty();
+        } else if !c.is_control() {
+            if pending_space {
+                out.push(' ');
+                pending_space = false;
+            }
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// [`fold`] into a string, borrowing `text` when folding changes nothing.
+pub fn folded(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.is_ascii() {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let folded: String = fold(text).collect();
+    if folded == text {
+        std::borrow::Cow::Borrowed(text)
+    } else {
+        std::borrow::Cow::Owned(folded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folds_width_and_drops_invisible_characters() {
+        assert_eq!(folded("１３８\u{200b}１２３４\u{2060}５６７８"), "13812345678");
+        assert_eq!(folded("退\u{202e}款"), "退款");
+        assert_eq!(folded("\u{feff}ＡＢＣ"), "ABC");
+        assert_eq!(folded("\u{00ad}"), "");
+        assert_eq!(folded("①号楼"), "1号楼");
+        assert!(matches!(folded("plain ascii"), std::borrow::Cow::Borrowed(_)));
+        assert!(matches!(folded("已经修好了"), std::borrow::Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn format_characters_are_category_cf() {
+        for c in [
+            '\u{200b}', '\u{200d}', '\u{2060}', '\u{202e}', '\u{2066}', '\u{feff}', '\u{00ad}',
+        ] {
+            assert!(is_format(c), "{:?}", c);
+        }
+        for c in ['a', '中', ' ', '\n', '😀'] {
+            assert!(!is_format(c), "{:?}", c);
+        }
+    }
+}
