@@ -39,6 +39,8 @@ struct ReceiverState {
     /// How many of the next requests to answer with `failure_status`.
     failures_left: Arc<AtomicUsize>,
     failure_status: Arc<AtomicU16>,
+    /// A webhook `channel` (e.g. `staff`) whose every request is answered 503.
+    down_channel: Arc<Mutex<Option<String>>>,
     /// How many of the next requests to answer only after `slow_delay`.
     slow_left: Arc<AtomicUsize>,
     slow_delay_ms: Arc<AtomicUsize>,
@@ -53,6 +55,7 @@ pub struct WebhookReceiver {
     received: Arc<Mutex<Vec<ReceivedMessage>>>,
     failures_left: Arc<AtomicUsize>,
     failure_status: Arc<AtomicU16>,
+    down_channel: Arc<Mutex<Option<String>>>,
     slow_left: Arc<AtomicUsize>,
     slow_delay_ms: Arc<AtomicUsize>,
 }
@@ -70,7 +73,14 @@ async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: B
         .failures_left
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok();
-    let status = if failing {
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let channel_down = state.down_channel.lock().is_ok_and(|down| {
+        down.as_deref()
+            .is_some_and(|channel| body.get("channel").and_then(|c| c.as_str()) == Some(channel))
+    });
+    let status = if channel_down {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else if failing {
         StatusCode::from_u16(state.failure_status.load(Ordering::SeqCst))
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     } else {
@@ -81,7 +91,7 @@ async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: B
         answered: status.as_u16(),
         idempotency_key: header(IDEMPOTENCY_HEADER),
         signature_valid: header(SIGNATURE_HEADER) == expected,
-        body: serde_json::from_slice(&body).unwrap_or_default(),
+        body,
     };
     if state.print {
         println!(
@@ -126,6 +136,7 @@ impl WebhookReceiver {
         let received = Arc::new(Mutex::new(Vec::new()));
         let failures_left = Arc::new(AtomicUsize::new(0));
         let failure_status = Arc::new(AtomicU16::new(500));
+        let down_channel = Arc::new(Mutex::new(None));
         let slow_left = Arc::new(AtomicUsize::new(0));
         let slow_delay_ms = Arc::new(AtomicUsize::new(0));
         let state = ReceiverState {
@@ -133,6 +144,7 @@ impl WebhookReceiver {
             received: received.clone(),
             failures_left: failures_left.clone(),
             failure_status: failure_status.clone(),
+            down_channel: down_channel.clone(),
             slow_left: slow_left.clone(),
             slow_delay_ms: slow_delay_ms.clone(),
             print,
@@ -152,6 +164,7 @@ impl WebhookReceiver {
             received,
             failures_left,
             failure_status,
+            down_channel,
             slow_left,
             slow_delay_ms,
         })
@@ -177,6 +190,14 @@ impl WebhookReceiver {
     /// Answers the next `n` requests with HTTP 500 (`usize::MAX`: until told otherwise).
     pub fn fail_next(&self, n: usize) {
         self.fail_next_with(n, 500);
+    }
+
+    /// Answers every request for webhook `channel` (e.g. `staff`) with HTTP 503, as a
+    /// gateway that is down; `None` brings it back.
+    pub fn set_down_channel(&self, channel: Option<&str>) {
+        if let Ok(mut down) = self.down_channel.lock() {
+            *down = channel.map(str::to_owned);
+        }
     }
 
     /// Answers the next `n` requests with HTTP `status`.

@@ -95,6 +95,29 @@ impl Http {
     }
 }
 
+/// Ingest's `/metrics` shows its counters from the start, each outcome at zero, so a
+/// dashboard and an alert see the series before the first request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_metrics_are_there_before_the_first_request() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let ingest = env
+        .system
+        .metrics
+        .iter()
+        .find(|(name, _)| *name == "ingest")
+        .map(|(_, addr)| *addr)
+        .ok_or_else(|| anyhow::anyhow!("ingest serves no metrics"))?;
+    let text = reqwest::get(format!("http://{ingest}/metrics"))
+        .await?
+        .text()
+        .await?;
+    for outcome in ["accepted", "duplicate", "rejected", "unavailable", "full"] {
+        let series = format!("closedloop_complaints_received_total{{outcome=\"{outcome}\"}} 0");
+        assert!(text.contains(&series), "{series} in {text}");
+    }
+    env.shutdown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_and_grpc_share_one_path_and_one_id() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;

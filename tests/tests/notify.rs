@@ -156,6 +156,60 @@ async fn every_message_kind_reaches_customer_and_staff_once() -> anyhow::Result<
     env.shutdown().await
 }
 
+/// Nothing a customer is owed waits on the staff webhook: with it down, the customer still
+/// hears that their complaint was assigned, while the alert to staff keeps being retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staff_webhook_outage_holds_back_no_customer_message() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    env.webhook.set_down_channel(Some("staff"));
+    let complaint_id = env
+        .submit(wechat_message("wx-staff-down", "zh-CN"))
+        .await?
+        .complaint_id;
+    let work_order = env.work_order_for(&complaint_id).await?;
+    env.work_orders()
+        .await?
+        .reassign_work_order(authed(
+            &env.tokens.supervisor,
+            ReassignWorkOrderRequest {
+                work_order_id: work_order.work_order_id.clone(),
+                assignee: "agent-7".into(),
+                ..Default::default()
+            },
+        ))
+        .await?;
+    wait_until("the customer's status update", WAIT, || async {
+        env.webhook.about(&complaint_id, "status_update").len() == 1
+    })
+    .await?;
+    wait_until("the staff alert, tried and refused", WAIT, || async {
+        env.webhook
+            .attempts()
+            .iter()
+            .any(|m| m.field("channel") == "staff" && m.answered == 503)
+    })
+    .await?;
+    assert!(
+        env.webhook
+            .messages()
+            .iter()
+            .all(|m| m.field("channel") != "staff"),
+        "the staff webhook took nothing while down"
+    );
+    // Back up: the alert goes out, once.
+    env.webhook.set_down_channel(None);
+    wait_until("the staff alert once the webhook is back", WAIT, || async {
+        env.webhook
+            .messages()
+            .iter()
+            .any(|m| m.field("channel") == "staff")
+    })
+    .await?;
+    env.wait_idle().await?;
+    assert_eq!(env.webhook.about(&complaint_id, "status_update").len(), 1);
+    env.shutdown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_status_update_is_not_sent() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;

@@ -36,6 +36,9 @@ static RECEIVED: LazyLock<Family<OutcomeLabel, Counter>> = LazyLock::new(|| {
     family
 });
 
+/// Every outcome [`RECEIVED`] counts, so each series is scraped from the start (at zero).
+const OUTCOMES: [&str; 5] = ["accepted", "duplicate", "rejected", "unavailable", "full"];
+
 fn count(outcome: &'static str) {
     RECEIVED.get_or_create(&OutcomeLabel { outcome }).inc();
 }
@@ -109,6 +112,9 @@ fn require_gateway(caller: &Principal) -> Result<(), IngestError> {
 
 impl Intake {
     pub fn new(bus: Bus, limits: Limits) -> Self {
+        for outcome in OUTCOMES {
+            drop(RECEIVED.get_or_create(&OutcomeLabel { outcome }));
+        }
         Self { bus, limits }
     }
 

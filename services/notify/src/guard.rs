@@ -80,10 +80,13 @@ impl CircuitBreaker {
     }
 }
 
-/// At most `per_second` calls a second on average, with bursts up to the same number.
+/// At most `per_second` calls a second on average, with bursts up to the same number (at
+/// least one, so a rate below one a second still lets a call through now and then).
 #[derive(Debug)]
 pub struct RateLimiter {
     per_second: f64,
+    /// Most tokens the bucket holds.
+    burst: f64,
     /// (tokens available, when they were counted)
     bucket: Mutex<(f64, Instant)>,
 }
@@ -91,9 +94,11 @@ pub struct RateLimiter {
 impl RateLimiter {
     pub fn new(per_second: f64, now: Instant) -> Self {
         let per_second = per_second.max(0.01);
+        let burst = per_second.max(1.0);
         Self {
             per_second,
-            bucket: Mutex::new((per_second, now)),
+            burst,
+            bucket: Mutex::new((burst, now)),
         }
     }
 
@@ -101,8 +106,8 @@ impl RateLimiter {
     pub fn try_acquire(&self, now: Instant) -> Result<(), Duration> {
         let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
         let (tokens, counted) = *bucket;
-        let refilled = (tokens + now.saturating_duration_since(counted).as_secs_f64() * self.per_second)
-            .min(self.per_second);
+        let refilled =
+            (tokens + now.saturating_duration_since(counted).as_secs_f64() * self.per_second).min(self.burst);
         if refilled >= 1.0 {
             *bucket = (refilled - 1.0, now);
             Ok(())
@@ -158,6 +163,18 @@ mod tests {
         breaker.record(true, now);
         breaker.record(false, now);
         assert!(breaker.allow(now).is_ok());
+    }
+
+    #[test]
+    fn a_rate_below_one_a_second_still_lets_calls_through() {
+        let start = Instant::now();
+        let limiter = RateLimiter::new(0.5, start);
+        assert!(limiter.try_acquire(start).is_ok(), "the first call");
+        let wait = limiter
+            .try_acquire(start)
+            .expect_err("then one every two seconds");
+        assert!((wait.as_secs_f64() - 2.0).abs() < 1e-9, "{wait:?}");
+        assert!(limiter.try_acquire(start + Duration::from_secs(2)).is_ok());
     }
 
     #[test]

@@ -320,8 +320,9 @@ impl MessageHandler for WorkOrderHandler {
         };
         match event.kind() {
             WorkOrderEventKind::Assigned | WorkOrderEventKind::Reassigned => {
-                telling.alert_about("assigned", &event.note).await?;
-                telling.status_update("assigned").await
+                // The customer first: nothing a customer is owed waits on the staff webhook.
+                telling.status_update("assigned").await?;
+                telling.alert_about("assigned", &event.note).await
             }
             WorkOrderEventKind::Accepted => telling.status_update("in_progress").await,
             WorkOrderEventKind::Replied => {

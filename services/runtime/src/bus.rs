@@ -147,6 +147,19 @@ impl BusError {
     }
 }
 
+/// Most characters of a reason kept in a header.
+const MAX_REASON_CHARS: usize = 1_000;
+
+/// `text` fit for a header value: control characters (CR and LF would break the header
+/// block, and async-nats refuses them) become spaces, and it is cut to a sane length. A
+/// reason may quote a gateway's answer, which anyone could have written.
+pub fn header_safe(text: &str) -> String {
+    text.chars()
+        .take(MAX_REASON_CHARS)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 /// An event ready to publish.
 #[derive(Debug, Clone)]
 pub struct OutgoingEvent {
@@ -372,7 +385,7 @@ impl Bus {
             "Nats-Msg-Id",
             format!("deadletter-{consumer}-{sequence}").as_str(),
         );
-        headers.insert(h::REASON, reason);
+        headers.insert(h::REASON, header_safe(reason).as_str());
         headers.insert(h::SUBJECT, message.subject.as_str());
         headers.insert(h::STREAM_SEQUENCE, sequence.to_string().as_str());
         headers.insert(h::CONSUMER, consumer);
@@ -412,6 +425,16 @@ mod tests {
             work_order_event_topic(WorkOrderEventKind::SlaAtRisk).all_tenants(),
             "closedloop.workorder.sla_at_risk.*"
         );
+    }
+
+    #[test]
+    fn reasons_are_made_safe_for_a_header() {
+        assert_eq!(
+            header_safe("gateway answered HTTP 400: bad\r\nX-Injected: 1"),
+            "gateway answered HTTP 400: bad  X-Injected: 1"
+        );
+        assert_eq!(header_safe(&"x".repeat(5_000)).len(), MAX_REASON_CHARS);
+        assert_eq!(header_safe("过期 \u{0}"), "过期  ");
     }
 
     #[test]
