@@ -95,27 +95,63 @@ impl Http {
     }
 }
 
+/// The HTTP API checks the token before it reads a body: a caller without one who
+/// announces 4 MB and sends a few bytes is answered 401 at once, not read to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_api_checks_the_token_before_reading_the_body() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = TestEnv::start().await?;
+    let mut stream = tokio::net::TcpStream::connect(env.system.ingest_http).await?;
+    stream
+        .write_all(
+            b"POST /v1/complaints HTTP/1.1\r\nHost: ingest\r\nContent-Type: application/json\r\n\
+              Content-Length: 4000000\r\n\r\n{\"complaint\":",
+        )
+        .await?;
+    let mut answer = vec![0; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer: ingest is waiting for the body"))??;
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    env.shutdown().await
+}
+
 /// Ingest's `/metrics` shows its counters from the start, each outcome at zero, so a
-/// dashboard and an alert see the series before the first request.
+/// dashboard and an alert see the series before the first request. The binary runs in a
+/// process of its own, since the registry is a process's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_metrics_are_there_before_the_first_request() -> anyhow::Result<()> {
-    let env = TestEnv::start().await?;
-    let ingest = env
-        .system
-        .metrics
-        .iter()
-        .find(|(name, _)| *name == "ingest")
-        .map(|(_, addr)| *addr)
-        .ok_or_else(|| anyhow::anyhow!("ingest serves no metrics"))?;
-    let text = reqwest::get(format!("http://{ingest}/metrics"))
-        .await?
-        .text()
-        .await?;
+    let nats = closedloop_e2e::servers::NatsServer::start()?;
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], closedloop_e2e::free_port()?));
+    let mut ingest =
+        std::process::Command::new(closedloop_e2e::processes::bin_dir()?.join("closedloop-ingest"))
+            .args([
+                "--nats-url",
+                &nats.url(),
+                "--metrics-listen",
+                &metrics.to_string(),
+            ])
+            .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+    let text = closedloop_e2e::wait_for("ingest's /metrics", WAIT, || async {
+        reqwest::get(format!("http://{metrics}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()
+    })
+    .await;
+    ingest.kill()?;
+    ingest.wait()?;
+    let text = text?;
     for outcome in ["accepted", "duplicate", "rejected", "unavailable", "full"] {
         let series = format!("closedloop_complaints_received_total{{outcome=\"{outcome}\"}} 0");
         assert!(text.contains(&series), "{series} in {text}");
     }
-    env.shutdown().await
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,16 +285,18 @@ async fn the_wechat_callback_verifies_and_ingests_each_message_once() -> anyhow:
     let env = TestEnv::start().await?;
     let client = reqwest::Client::new();
     let base = format!("http://{}/wechat", env.system.ingest_http);
+    let now = chrono::Utc::now().timestamp();
+    let at = |offset: i64| (now + offset).to_string();
 
     // The verification handshake.
-    let query = wechat_query(WECHAT_TOKEN, "1763856000", "n1");
+    let query = wechat_query(WECHAT_TOKEN, &at(0), "n1");
     let response = client
         .get(format!("{base}/acme?{query}&echostr=hello-wechat"))
         .send()
         .await?;
     assert_eq!(response.status().as_u16(), 200);
     assert_eq!(response.text().await?, "hello-wechat");
-    let forged = wechat_query("wrong-token", "1763856000", "n1");
+    let forged = wechat_query("wrong-token", &at(0), "n1");
     let response = client
         .get(format!("{base}/acme?{forged}&echostr=x"))
         .send()
@@ -270,9 +308,10 @@ async fn the_wechat_callback_verifies_and_ingests_each_message_once() -> anyhow:
         .await?;
     assert_eq!(response.status().as_u16(), 404);
 
-    // A text push, then WeChat's retry of it (new timestamp and nonce, same MsgId).
-    for (timestamp, nonce) in [("1763856001", "n2"), ("1763856006", "n3")] {
-        let query = wechat_query(WECHAT_TOKEN, timestamp, nonce);
+    // A text push, then WeChat's retries of it (new timestamp and nonce, then the same
+    // signature again; same MsgId).
+    for (timestamp, nonce) in [(at(1), "n2"), (at(6), "n3"), (at(6), "n3")] {
+        let query = wechat_query(WECHAT_TOKEN, &timestamp, nonce);
         let response = client
             .post(format!("{base}/acme?{query}&openid=oCustomer1"))
             .body(wechat_text("24000000000000001", "家里停电了，什么时候恢复？"))
@@ -281,6 +320,22 @@ async fn the_wechat_callback_verifies_and_ingests_each_message_once() -> anyhow:
         assert_eq!(response.status().as_u16(), 200);
         assert_eq!(response.text().await?, "success");
     }
+    // A signature carries one message: the same signed URL with another message is refused.
+    let replayed = wechat_query(WECHAT_TOKEN, &at(6), "n3");
+    let response = client
+        .post(format!("{base}/acme?{replayed}"))
+        .body(wechat_text("24000000000000003", "冒名的消息"))
+        .send()
+        .await?;
+    assert_eq!(response.status().as_u16(), 403, "a replayed signature");
+    // So is a signature older than the replay window.
+    let stale = wechat_query(WECHAT_TOKEN, &at(-600), "n4");
+    let response = client
+        .post(format!("{base}/acme?{stale}"))
+        .body(wechat_text("24000000000000004", "十分钟前的签名"))
+        .send()
+        .await?;
+    assert_eq!(response.status().as_u16(), 403, "a stale signature");
     // A forged push and an event push store nothing.
     let response = client
         .post(format!("{base}/acme?{forged}"))

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use closedloop_proto::v1::{Channel, ComplaintSubmission, Poster, SubmissionOutcome};
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::intake::{IngestError, Intake, RETRY_AFTER};
+use crate::nonces::Nonces;
 use crate::wechat::{self, WechatAccounts};
 
 /// WeChat gives up on a push after 5 s; answer well before.
@@ -30,18 +32,28 @@ const WECHAT_DEADLINE: Duration = Duration::from_millis(4_000);
 /// WeChat pushes are small; refuse anything larger before reading it.
 const WECHAT_MAX_BODY: usize = 64 * 1024;
 
+/// The WeChat callback's configuration and memory.
+pub struct Wechat {
+    pub accounts: WechatAccounts,
+    /// Signed pushes seen, so a signature carries one message.
+    pub nonces: Nonces,
+}
+
 struct HttpState {
     intake: Intake,
     auth: Authenticator,
-    wechat: WechatAccounts,
+    wechat: Wechat,
 }
 
-pub fn router(intake: Intake, auth: Authenticator, wechat: WechatAccounts, max_body: usize) -> Router {
+pub fn router(intake: Intake, auth: Authenticator, wechat: Wechat, max_body: usize) -> Router {
     let state = Arc::new(HttpState { intake, auth, wechat });
+    // The token is checked before the body is read: an unauthenticated caller cannot make
+    // ingest read megabytes.
     let json_api = Router::new()
         .route("/v1/complaints", post(submit_one))
         .route("/v1/complaints:batch", post(submit_many))
-        .layer(DefaultBodyLimit::max(max_body));
+        .layer(DefaultBodyLimit::max(max_body))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let wechat = Router::new()
         .route("/wechat/{tenant}", get(wechat_handshake).post(wechat_push))
         .layer(DefaultBodyLimit::max(WECHAT_MAX_BODY));
@@ -151,6 +163,8 @@ enum HttpError {
     UnknownWechatAccount,
     #[error("bad signature")]
     BadSignature,
+    #[error("this signature was used for another message")]
+    Replayed,
     #[error("{0}")]
     BadMessage(String),
     #[error("not stored in time; retry")]
@@ -172,7 +186,9 @@ impl IntoResponse for HttpError {
             HttpError::UnknownWechatAccount => {
                 return (StatusCode::NOT_FOUND, self.to_string()).into_response();
             }
-            HttpError::BadSignature => return (StatusCode::FORBIDDEN, self.to_string()).into_response(),
+            HttpError::BadSignature | HttpError::Replayed => {
+                return (StatusCode::FORBIDDEN, self.to_string()).into_response();
+            }
             HttpError::BadMessage(_) => return (StatusCode::BAD_REQUEST, self.to_string()).into_response(),
             HttpError::NotInTime => {
                 return (StatusCode::SERVICE_UNAVAILABLE, self.to_string()).into_response();
@@ -200,12 +216,23 @@ impl IntoResponse for HttpError {
     }
 }
 
-fn authenticate(state: &HttpState, headers: &HeaderMap) -> Result<Principal, HttpError> {
-    let header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    state
+/// Authenticates the bearer token and hands the caller to the handler, before anything
+/// reads the body.
+async fn require_token(
+    State(state): State<Arc<HttpState>>,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, HttpError> {
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let caller = state
         .auth
         .authenticate(header)
-        .map_err(|status| HttpError::Unauthenticated(status.message().to_owned()))
+        .map_err(|status| HttpError::Unauthenticated(status.message().to_owned()))?;
+    request.extensions_mut().insert(caller);
+    Ok(next.run(request).await)
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, HttpError> {
@@ -216,10 +243,9 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, HttpErr
 
 async fn submit_one(
     State(state): State<Arc<HttpState>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Principal>,
     body: Bytes,
 ) -> Result<Response, HttpError> {
-    let caller = authenticate(&state, &headers)?;
     let request: SubmitOneBody = parse_json(&body)?;
     let complaint = request
         .complaint
@@ -236,10 +262,9 @@ async fn submit_one(
 
 async fn submit_many(
     State(state): State<Arc<HttpState>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Principal>,
     body: Bytes,
 ) -> Result<Response, HttpError> {
-    let caller = authenticate(&state, &headers)?;
     let request: SubmitManyBody = parse_json(&body)?;
     let submissions: Vec<ComplaintSubmission> = request.complaints.into_iter().map(Into::into).collect();
     let results: Vec<ItemResult> = state
@@ -272,16 +297,23 @@ struct WechatQuery {
     echostr: String,
 }
 
-/// Checks that the query carries a valid WeChat signature for `tenant`'s account.
+/// Checks that the query carries a valid, recent WeChat signature for `tenant`'s account.
 fn verify_account(state: &HttpState, tenant: &str, query: &WechatQuery) -> Result<(), HttpError> {
     let token = state
         .wechat
+        .accounts
         .token(tenant)
         .ok_or(HttpError::UnknownWechatAccount)?;
-    if wechat::verify(token, &query.timestamp, &query.nonce, &query.signature) {
+    if wechat::verify(
+        token,
+        &query.timestamp,
+        &query.nonce,
+        &query.signature,
+        chrono::Utc::now(),
+    ) {
         Ok(())
     } else {
-        tracing::warn!(%tenant, "WeChat callback with a bad signature");
+        tracing::warn!(%tenant, "WeChat callback with a bad or stale signature");
         Err(HttpError::BadSignature)
     }
 }
@@ -310,6 +342,21 @@ async fn wechat_push(
     let Some(submission) = wechat::to_submission(&message) else {
         return Ok("success");
     };
+    // One message per signature: WeChat's retries of this one pass, others are refused.
+    let seen = wechat::nonce_key(&tenant, &query.timestamp, &query.nonce);
+    let admitted = state
+        .wechat
+        .nonces
+        .admit(&seen, &submission.channel_message_id)
+        .await
+        .map_err(|error| {
+            tracing::warn!(%error, "cannot check the push's signature against those seen");
+            HttpError::Ingest(IngestError::Unavailable)
+        })?;
+    if !admitted {
+        tracing::warn!(%tenant, "a WeChat signature replayed with another message");
+        return Err(HttpError::Replayed);
+    }
     let caller = Principal {
         tenant: tenant.clone(),
         roles: vec![Role::Gateway],
