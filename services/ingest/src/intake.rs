@@ -284,19 +284,36 @@ impl Intake {
                 format!("must be at most {} characters", self.limits.max_text_chars),
             ));
         }
+        if feedback.request_id.chars().count() > self.limits.max_id_chars
+            || feedback.request_id.chars().any(char::is_control)
+        {
+            violations.push(Violation::new(
+                "request_id",
+                format!(
+                    "must be at most {} characters, without control characters",
+                    self.limits.max_id_chars
+                ),
+            ));
+        }
         if !violations.is_empty() {
             return Err(IngestError::Invalid(violations));
         }
         self.require_connection()?;
         let satisfaction = feedback.satisfaction.to_string();
+        // The caller's id of the answer when it gives one, else the answer itself.
+        let answer: [&str; 2] = if feedback.request_id.is_empty() {
+            [&satisfaction, &feedback.comment]
+        } else {
+            ["request", &feedback.request_id]
+        };
         let feedback_id = ids::derive(
             "feedback",
             &[
                 &caller.tenant,
                 &feedback.complaint_id,
                 &feedback.work_order_id,
-                &satisfaction,
-                &feedback.comment,
+                answer[0],
+                answer[1],
             ],
         )
         .to_string();

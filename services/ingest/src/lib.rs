@@ -7,6 +7,7 @@
 pub mod config;
 pub mod http;
 pub mod intake;
+pub mod nonces;
 pub mod service;
 pub mod validate;
 pub mod wechat;
@@ -30,13 +31,16 @@ pub struct Ingest {
     http_listener: TcpListener,
     metrics: metrics::Exporter,
     intake: intake::Intake,
+    nonces: nonces::Nonces,
     config: Config,
 }
 
 impl Ingest {
     pub async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
         let bus = Bus::connect(&config.service.nats.nats_url, "ingest", cancel).await?;
-        bus.provision(&StreamSettings::from(&config.service.nats)).await?;
+        let streams = StreamSettings::from(&config.service.nats);
+        bus.provision(&streams).await?;
+        let nonces = nonces::Nonces::open(bus.jetstream(), &streams).await?;
         let listener = grpc::bind(config.listen).await?;
         let http_listener = grpc::bind(config.http_listen).await?;
         let metrics = metrics::Exporter::bind(config.service.metrics_listen).await?;
@@ -46,6 +50,7 @@ impl Ingest {
             http_listener,
             metrics,
             intake,
+            nonces,
             config,
         })
     }
@@ -71,7 +76,10 @@ impl Ingest {
         let app = http::router(
             self.intake.clone(),
             auth.clone(),
-            self.config.wechat_accounts.expose().clone(),
+            http::Wechat {
+                accounts: self.config.wechat_accounts.expose().clone(),
+                nonces: self.nonces,
+            },
             self.config.service.grpc.max_request_bytes,
         );
         let exporting = self.metrics.spawn(cancel.clone());
