@@ -604,6 +604,41 @@ async fn two_replicas_escalate_a_breach_once_and_feedback_reopens_or_closes() ->
         !env.webhook.about(&late.complaint_id, "reopened").is_empty()
     })
     .await?;
+    // Resolved again, and the customer answers the same again, in a new message: it counts
+    // again (one answer, retried or redelivered, counts once).
+    client
+        .resolve_work_order(authed(
+            &env.tokens.supervisor,
+            ResolveWorkOrderRequest {
+                work_order_id: wo.work_order_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await?;
+    let second_answer = SubmitFeedbackRequest {
+        request_id: "wechat-msg-2".into(),
+        ..feedback(&late.complaint_id, 1)
+    };
+    for _retry in 0..2 {
+        ingest
+            .submit_feedback(authed(&env.tokens.gateway, second_answer.clone()))
+            .await?;
+    }
+    wait_work_order(
+        &client,
+        &env.tokens.agent,
+        &wo.work_order_id,
+        "the work order to reopen a second time",
+        |again| again.state() == WorkOrderState::Reopened,
+    )
+    .await?;
+    env.wait_idle().await?;
+    let entries = history(&mut client, &env.tokens.agent, &wo.work_order_id).await?;
+    let answers = entries
+        .iter()
+        .filter(|entry| entry.note.starts_with("customer rated"))
+        .count();
+    assert_eq!(answers, 2, "two answers, the second sent twice");
 
     // A happy answer closes a resolved work order.
     let happy = env.submit(outage("sla-2", "poster-happy", "宽带断网了")).await?;
@@ -971,4 +1006,34 @@ async fn an_event_committed_behind_an_older_transaction_waits_and_is_not_skipped
     assert_eq!(unpublished, 0, "the cursor is past the bare row");
     pool.close().await;
     Ok(())
+}
+
+/// WatchWorkOrders is bounded: a caller past its streams gets RESOURCE_EXHAUSTED, another
+/// caller still gets one, and a stream closed by its reader frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_are_bounded_per_caller() -> anyhow::Result<()> {
+    let env = TestEnv::start_with(|options| {
+        options
+            .dispatch_args
+            .extend(["--watch-max-per-caller".into(), "2".into()]);
+    })
+    .await?;
+    let mut client = env.work_orders().await?;
+    let watch = |token: &str| authed(token, WatchWorkOrdersRequest::default());
+    let first = client.watch_work_orders(watch(&env.tokens.agent)).await?;
+    let _second = client.watch_work_orders(watch(&env.tokens.agent)).await?;
+    let third = client
+        .watch_work_orders(watch(&env.tokens.agent))
+        .await
+        .expect_err("a third stream for one caller");
+    assert_eq!(third.code(), tonic::Code::ResourceExhausted, "{third:?}");
+    let _supervisor = client.watch_work_orders(watch(&env.tokens.supervisor)).await?;
+    drop(first);
+    wait_until("the closed stream's place to be free", WAIT, || {
+        let mut client = client.clone();
+        let request = watch(&env.tokens.agent);
+        async move { client.watch_work_orders(request).await.is_ok() }
+    })
+    .await?;
+    env.shutdown().await
 }

@@ -28,11 +28,12 @@ pub struct WorkOrderApi {
     pub nats: async_nats::Client,
     /// Ends open watches when the service shuts down (graceful shutdown waits for streams).
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// The open watch streams, within their limits.
+    pub watchers: Arc<crate::watch::Watchers>,
 }
 
 /// Most remedy value an API call may carry (minor units): a typo guard, not a policy.
 const MAX_REMEDY_MINOR: i64 = 100_000_000;
-const MAX_WATCHERS_BUFFER: usize = 256;
 
 /// The one place store errors become gRPC statuses.
 fn status(error: StoreError) -> Status {
@@ -397,6 +398,7 @@ impl WorkOrderService for WorkOrderApi {
     ) -> Result<Response<Self::WatchWorkOrdersStream>, Status> {
         use futures::StreamExt;
         let caller = reader(&request)?;
+        let slot = self.watchers.admit(&caller.tenant, &caller.name)?;
         let r = request.into_inner();
         // Events are published by the relay; a core subscription sees them as they land in
         // the stream. A desk that reconnects re-reads with ListWorkOrders.
@@ -407,20 +409,26 @@ impl WorkOrderService for WorkOrderApi {
             .await
             .map_err(|e| Status::unavailable(format!("cannot watch work orders now: {e}")))?;
         let (team, assignee) = (r.team, r.assignee);
-        let stream = subscription
-            .filter_map(move |message| {
-                let event = WorkOrderEvent::decode(message.payload.as_ref()).ok();
-                let wanted = event.filter(|event| {
-                    event.work_order.as_ref().is_some_and(|wo| {
-                        (team.is_empty() || wo.team == team)
-                            && (assignee.is_empty() || wo.assignee == assignee)
-                    })
-                });
-                std::future::ready(wanted.map(|event| Ok(WatchWorkOrdersResponse { event: Some(event) })))
-            })
-            .ready_chunks(MAX_WATCHERS_BUFFER)
-            .flat_map(futures::stream::iter)
-            .take_until(self.shutdown.clone().cancelled_owned());
+        let events = subscription.filter_map(move |message| {
+            let event = WorkOrderEvent::decode(message.payload.as_ref()).ok();
+            std::future::ready(event.filter(|event| {
+                event.work_order.as_ref().is_some_and(|wo| {
+                    (team.is_empty() || wo.team == team) && (assignee.is_empty() || wo.assignee == assignee)
+                })
+            }))
+        });
+        let buffer = self.watchers.limits().buffer;
+        let (out, stream) = tokio::sync::mpsc::channel(buffer + 1);
+        tokio::spawn(crate::watch::forward(
+            events,
+            out,
+            buffer,
+            self.shutdown.clone(),
+            slot,
+        ));
+        let stream = futures::stream::unfold(stream, |mut stream| async move {
+            stream.recv().await.map(|item| (item, stream))
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 

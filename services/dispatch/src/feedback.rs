@@ -1,6 +1,7 @@
 //! Customer feedback on a work order: a rating of 1–2 reopens it and escalates, 3–5 closes a
 //! resolved one, a follow-up without a rating goes on the timeline. Each feedback id is
-//! applied once (a redelivered event changes nothing).
+//! applied once per resolution of its work order: a redelivered event changes nothing, and
+//! the same answer after the next resolution (a customer still unhappy) counts again.
 
 use chrono::Utc;
 use closedloop_proto::v1::{FeedbackReceived, Priority, WorkOrderState};
@@ -39,14 +40,6 @@ pub async fn apply(
     feedback: &FeedbackReceived,
 ) -> Result<FeedbackOutcome, StoreError> {
     let mut tx = pool.begin().await?;
-    let fresh = sqlx::query("INSERT INTO feedback_seen (feedback_id) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(&feedback.feedback_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    if fresh == 0 {
-        return Ok(FeedbackOutcome::AlreadyApplied);
-    }
     let work_order_id = if !feedback.work_order_id.is_empty() {
         Some(feedback.work_order_id.clone())
     } else {
@@ -62,17 +55,22 @@ pub async fn apply(
         .map(|id| id.to_string())
     };
     let Some(work_order_id) = work_order_id else {
-        tx.commit().await?;
         return Ok(FeedbackOutcome::NoWorkOrder);
     };
     let mut wo = match store::lock(&mut tx, &feedback.tenant, &work_order_id).await {
         Ok(wo) => wo,
-        Err(StoreError::NotFound) => {
-            tx.commit().await?;
-            return Ok(FeedbackOutcome::NoWorkOrder);
-        }
+        Err(StoreError::NotFound) => return Ok(FeedbackOutcome::NoWorkOrder),
         Err(other) => return Err(other),
     };
+    let seen = seen_key(&feedback.feedback_id, wo.resolved_at.as_ref());
+    let fresh = sqlx::query("INSERT INTO feedback_seen (feedback_id) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(&seen)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if fresh == 0 {
+        return Ok(FeedbackOutcome::AlreadyApplied);
+    }
     let rating = feedback.satisfaction;
     let note = match (rating, feedback.comment.trim()) {
         (0, comment) => format!("customer follow-up: {comment}"),
@@ -123,6 +121,15 @@ pub async fn apply(
     Ok(outcome)
 }
 
+/// What marks a feedback as applied: its id with the resolution it answers (the work
+/// order's latest resolution time; none while it was never resolved).
+pub fn seen_key(feedback_id: &str, resolved_at: Option<&prost_types::Timestamp>) -> String {
+    match resolved_at {
+        Some(at) => format!("{feedback_id}@{}.{:09}", at.seconds, at.nanos),
+        None => format!("{feedback_id}@open"),
+    }
+}
+
 /// One priority step up with a fresh SLA clock at the new priority.
 async fn escalate(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
@@ -150,6 +157,21 @@ async fn escalate(
 mod tests {
     use super::*;
     use WorkOrderState::*;
+
+    #[test]
+    fn feedback_is_seen_once_per_resolution() {
+        let first = prost_types::Timestamp {
+            seconds: 100,
+            nanos: 5,
+        };
+        let second = prost_types::Timestamp {
+            seconds: 200,
+            nanos: 0,
+        };
+        assert_eq!(seen_key("f", Some(&first)), seen_key("f", Some(&first)));
+        assert_ne!(seen_key("f", Some(&first)), seen_key("f", Some(&second)));
+        assert_ne!(seen_key("f", None), seen_key("g", None));
+    }
 
     #[test]
     fn ratings_map_to_actions() {

@@ -14,6 +14,7 @@ pub mod relay;
 pub mod routing;
 pub mod settings;
 pub mod store;
+pub mod watch;
 pub mod watcher;
 
 use std::net::SocketAddr;
@@ -72,6 +73,16 @@ pub struct Config {
     /// planned once for more complaints (BENCHMARKS.md).
     #[arg(long, env = "CLOSEDLOOP_PLACEMENT_LINGER_MS", default_value_t = 5)]
     pub placement_linger_ms: u64,
+    /// WatchWorkOrders streams one caller (a token's name) may hold open.
+    #[arg(long, env = "CLOSEDLOOP_WATCH_MAX_PER_CALLER", default_value_t = 8)]
+    pub watch_max_per_caller: usize,
+    /// WatchWorkOrders streams one tenant may hold open (per replica).
+    #[arg(long, env = "CLOSEDLOOP_WATCH_MAX_PER_TENANT", default_value_t = 256)]
+    pub watch_max_per_tenant: usize,
+    /// Events a watch stream holds for a slow reader; one that falls further behind is
+    /// closed with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CLOSEDLOOP_WATCH_BUFFER", default_value_t = 256)]
+    pub watch_buffer: usize,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -332,6 +343,11 @@ impl Dispatch {
             policy: self.policy.clone(),
             nats: self.bus.client().clone(),
             shutdown: cancel.clone(),
+            watchers: watch::Watchers::new(watch::WatchLimits {
+                per_caller: self.config.watch_max_per_caller.max(1),
+                per_tenant: self.config.watch_max_per_tenant.max(1),
+                buffer: self.config.watch_buffer.max(1),
+            }),
         })
         .max_decoding_message_size(max_request);
         let directory = DirectoryServiceServer::new(directory::DirectoryApi {
