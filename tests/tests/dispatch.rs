@@ -1037,3 +1037,121 @@ async fn watch_streams_are_bounded_per_caller() -> anyhow::Result<()> {
     .await?;
     env.shutdown().await
 }
+
+/// The second line of defence behind ingest's validation: a classified complaint carrying a
+/// value PostgreSQL refuses (a NUL in the poster's id, as an older ingest let through)
+/// fails alone. The batch it came with is placed complaint by complaint, its neighbours get
+/// their work orders, and it is parked with the reason, by dispatch and by notify's
+/// delivery log alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bad_complaint_does_not_hold_up_its_batch() -> anyhow::Result<()> {
+    use closedloop_runtime::bus::{self, Bus, OutgoingEvent};
+    let env = TestEnv::start().await?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let publisher = Bus::connect(&env.nats.url(), "test", &cancel).await?;
+    let classified = |n: usize, poster: &str| {
+        let complaint_id = uuid::Uuid::new_v4().to_string();
+        let event = ComplaintClassified {
+            complaint: Some(Complaint {
+                complaint_id: complaint_id.clone(),
+                tenant: "acme".into(),
+                channel: Channel::Wechat as i32,
+                channel_message_id: format!("batch-{n}"),
+                poster: Some(Poster {
+                    poster_id: poster.to_owned(),
+                    ..Default::default()
+                }),
+                text: "话费被多扣了".into(),
+                ..Default::default()
+            }),
+            classification: Some(Classification {
+                intent: Intent::Complaint as i32,
+                category: "billing".into(),
+                priority: Priority::P3 as i32,
+                ..Default::default()
+            }),
+        };
+        (
+            complaint_id.clone(),
+            OutgoingEvent::new(
+                bus::COMPLAINT_CLASSIFIED,
+                "acme",
+                format!("classified:{complaint_id}"),
+                &event,
+            ),
+        )
+    };
+    let mut good = Vec::new();
+    let mut events = Vec::new();
+    for n in 0..6 {
+        let poster = if n == 3 {
+            "poster-\u{0}-bad".to_owned()
+        } else {
+            format!("poster-{n}")
+        };
+        let (complaint_id, event) = classified(n, &poster);
+        if n != 3 {
+            good.push(complaint_id);
+        }
+        events.push(event);
+    }
+    for published in publisher.publish_all(events).await {
+        published?;
+    }
+    for complaint_id in &good {
+        env.work_order_for(complaint_id).await?;
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(env.nats.url()).await?);
+    for consumer in [
+        closedloop_dispatch::CLASSIFIED_CONSUMER,
+        closedloop_notify::LOG_CONSUMER,
+    ] {
+        let parked = wait_for("the bad complaint parked", WAIT, || {
+            let js = js.clone();
+            async move {
+                js.get_stream(bus::DEAD_LETTER_STREAM)
+                    .await
+                    .ok()?
+                    .get_last_raw_message_by_subject(&format!("closedloop.deadletter.{consumer}"))
+                    .await
+                    .ok()
+            }
+        })
+        .await?;
+        let reason = parked
+            .headers
+            .get(bus::dead_letter_headers::REASON)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        assert!(reason.contains("refused"), "{consumer}: {reason}");
+        let deliveries = parked
+            .headers
+            .get(bus::dead_letter_headers::DELIVERIES)
+            .map(|v| v.as_str().to_owned());
+        assert_eq!(
+            deliveries.as_deref(),
+            Some("1"),
+            "{consumer}: parked at once, not after retrying with its neighbours"
+        );
+    }
+    let placing = js
+        .get_stream(bus::COMPLAINTS_STREAM)
+        .await?
+        .consumer_info(closedloop_dispatch::CLASSIFIED_CONSUMER)
+        .await?;
+    assert_eq!(placing.num_redelivered, 0, "no complaint had to come back");
+    env.wait_idle().await?;
+    let parked = js
+        .get_stream(bus::DEAD_LETTER_STREAM)
+        .await?
+        .info()
+        .await?
+        .state
+        .messages;
+    assert_eq!(
+        parked, 2,
+        "the bad complaint alone, once by each consumer that writes it"
+    );
+    cancel.cancel();
+    env.shutdown().await
+}

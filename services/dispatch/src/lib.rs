@@ -39,7 +39,7 @@ use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::assignment::SpikeRule;
-use crate::placement::{Batcher, Draft, Placement};
+use crate::placement::{Batcher, Draft, Placement, Placer};
 use crate::routing::{RouteFacts, Router, SlaPolicy};
 use crate::settings::{SettingsError, SettingsFile, TenantDirectory};
 
@@ -181,12 +181,14 @@ impl MessageHandler for ClassifiedHandler {
             return Err(HandleError::reject("complaint id is not a UUID"));
         }
         let draft = self.policy.draft(&complaint, &classification, Utc::now());
-        match self
-            .batcher
-            .place(draft)
-            .await
-            .map_err(|m| HandleError::retry(anyhow::anyhow!(m)))?
-        {
+        let placed = self.batcher.submit(draft).await.map_err(|error| {
+            if error.is_data() {
+                HandleError::reject(format!("PostgreSQL refused this complaint: {error}"))
+            } else {
+                HandleError::retry(error)
+            }
+        })?;
+        match placed {
             Placement::Created(created) => {
                 tracing::info!(work_order_id = %created.work_order_id, team = %created.team, assignee = %created.assignee, "work order created");
             }
@@ -287,8 +289,12 @@ impl Dispatch {
         let relay_wake = Arc::new(Notify::new());
         let nats = &self.config.service.nats;
         let linger = std::time::Duration::from_millis(self.config.placement_linger_ms);
-        let (batcher, batching) =
-            Batcher::spawn(self.pool.clone(), self.policy.clone(), relay_wake.clone(), linger);
+        let placer = Placer {
+            pool: self.pool.clone(),
+            policy: self.policy.clone(),
+            relay_wake: relay_wake.clone(),
+        };
+        let (batcher, batching) = Batcher::spawn(placer, placement::MAX_BATCH, linger);
         let classified = consumer::spawn(
             &self.bus,
             ConsumerSpec::new(

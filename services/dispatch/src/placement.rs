@@ -1,7 +1,8 @@
 //! The hot path: classified complaints become work orders in batches. Concurrent handlers
 //! hand their complaint to one batcher task, which places whatever has queued up in a single
 //! transaction (group commit): a few set-based reads, pure decisions (merge, incident,
-//! assignment), then multi-row writes. Replicas serialise on advisory locks for the keys a
+//! assignment), then multi-row writes. A batch PostgreSQL refuses for a value one complaint
+//! carries is placed complaint by complaint, so only that one fails. Replicas serialise on advisory locks for the keys a
 //! batch touches (thread, poster + category, category + region) and on the row locks of the
 //! agents they assign to, so two replicas never open two work orders for one poster's
 //! problem, never assign past capacity and never open two incidents for one spike.
@@ -11,10 +12,11 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use closedloop_proto::v1::{IncidentOpened, WorkOrder, WorkOrderEventKind, WorkOrderState};
+use closedloop_runtime::batch::{BatchWrite, WriteError};
 use closedloop_runtime::bus::{self, OutgoingEvent};
-use closedloop_runtime::{ids, time};
+use closedloop_runtime::{db, ids, time};
 use sqlx::{PgPool, Postgres, Row, Transaction};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::Policy;
@@ -46,62 +48,39 @@ pub enum Placement {
     AlreadyHandled,
 }
 
-type Reply = oneshot::Sender<Result<Placement, String>>;
-
-/// Hands drafts to the batching task; cheap to clone.
-#[derive(Clone)]
-pub struct Batcher {
-    queue: mpsc::Sender<(Draft, Reply)>,
+/// Places what arrives together, for [`Batcher`].
+pub struct Placer {
+    pub pool: PgPool,
+    pub policy: Arc<Policy>,
+    /// Woken after each commit: its events wait in the history rows.
+    pub relay_wake: Arc<Notify>,
 }
 
-impl Batcher {
-    /// Starts the batching task. It ends when every `Batcher` clone is dropped. Each
-    /// transaction places the drafts that arrive within `linger` of its first.
-    pub fn spawn(
-        pool: PgPool,
-        policy: Arc<Policy>,
-        relay_wake: Arc<Notify>,
-        linger: std::time::Duration,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
-        let (queue, mut jobs) = mpsc::channel::<(Draft, Reply)>(MAX_BATCH * 4);
-        let task = tokio::spawn(async move {
-            while let Some(first) = jobs.recv().await {
-                let batch = closedloop_runtime::batch::gather(first, &mut jobs, MAX_BATCH, linger).await;
-                let (drafts, replies): (Vec<Draft>, Vec<Reply>) = batch.into_iter().unzip();
-                BATCH_SIZES.observe(drafts.len() as f64);
-                match place_batch(&pool, &policy, drafts).await {
-                    Ok(placements) => {
-                        relay_wake.notify_one();
-                        for (reply, placement) in replies.into_iter().zip(placements) {
-                            // The handler may have gone (shutdown); the commit stands.
-                            let _ = reply.send(Ok(placement));
-                        }
-                    }
-                    Err(error) => {
-                        let message = error.to_string();
-                        tracing::warn!(error = %message, "placing a batch failed; its complaints will be redelivered");
-                        for reply in replies {
-                            let _ = reply.send(Err(message.clone()));
-                        }
-                    }
-                }
+impl BatchWrite for Placer {
+    type Item = Draft;
+    type Answer = Placement;
+
+    async fn write(&mut self, drafts: &[Draft]) -> Result<Vec<Placement>, WriteError> {
+        BATCH_SIZES.observe(drafts.len() as f64);
+        match place_batch(&self.pool, &self.policy, drafts).await {
+            Ok(placements) => {
+                self.relay_wake.notify_one();
+                Ok(placements)
             }
-        });
-        (Self { queue }, task)
-    }
-
-    /// Places one draft with whatever else is waiting.
-    pub async fn place(&self, draft: Draft) -> Result<Placement, String> {
-        let (reply, answer) = oneshot::channel();
-        self.queue
-            .send((draft, reply))
-            .await
-            .map_err(|_| "the batcher has stopped".to_owned())?;
-        answer
-            .await
-            .map_err(|_| "the batcher dropped the complaint".to_owned())?
+            Err(StoreError::Database(error)) if db::is_data_error(&error) => {
+                Err(WriteError::Data(error.into()))
+            }
+            Err(error) => {
+                tracing::warn!(%error, "placing a batch failed; its complaints will be tried again");
+                Err(WriteError::Store(error.into()))
+            }
+        }
     }
 }
+
+/// Hands drafts to the placing task, which places whatever arrived within its linger in one
+/// transaction.
+pub type Batcher = closedloop_runtime::batch::Batcher<Placer>;
 
 static BATCH_SIZES: std::sync::LazyLock<prometheus_client::metrics::histogram::Histogram> =
     std::sync::LazyLock::new(|| {
@@ -175,7 +154,7 @@ fn record(
 pub async fn place_batch(
     pool: &PgPool,
     policy: &Policy,
-    drafts: Vec<Draft>,
+    drafts: &[Draft],
 ) -> Result<Vec<Placement>, StoreError> {
     let now = Utc::now();
     // The pool plans every statement for its arguments (see `closedloop_runtime::db`): a
@@ -269,7 +248,7 @@ pub async fn place_batch(
     }
 
     // 4. Incidents: record arrivals, find open incidents, open new ones on a spike.
-    let mut incidents = incidents_for(&mut tx, policy, &drafts, &placed, now).await?;
+    let mut incidents = incidents_for(&mut tx, policy, drafts, &placed, now).await?;
 
     // 5. Decide, in order, so a later draft can join a work order an earlier one opened.
     let mut events: Vec<Recorded> = Vec::new();
