@@ -486,4 +486,72 @@ mod tests {
         let got = fields(validate_submission(&s, "acme", &limits, Utc::now(), "c"));
         assert_eq!(got, vec!["c.poster.followers", "c.text", "c.posted_at"]);
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Short strings of anything, weighted toward what trips normalisation: controls,
+        /// format characters, full-width and expanding compatibility characters.
+        fn hostile() -> impl Strategy<Value = String> {
+            prop_oneof![
+                ".{0,40}",
+                "[\\x00-\\x1f a-z\u{200b}-\u{200f}\u{202a}-\u{202e}\u{2060}\u{feff}\u{fdfa}\u{ff10}-\u{ff19}宽带断网]{0,40}",
+            ]
+        }
+
+        fn limits() -> Limits {
+            Limits {
+                max_text_chars: 50,
+                max_id_chars: 20,
+                ..Limits::default()
+            }
+        }
+
+        proptest! {
+            /// Nothing panics, and whatever is accepted is clean: no control characters in a
+            /// field, a visible text within its limit once normalised.
+            #[test]
+            fn what_validation_accepts_is_clean(
+                id in hostile(),
+                poster in hostile(),
+                thread in hostile(),
+                region in hostile(),
+                text in hostile(),
+            ) {
+                let submission = ComplaintSubmission {
+                    channel: Channel::Wechat as i32,
+                    channel_message_id: id,
+                    thread_id: thread,
+                    region_hint: region,
+                    text,
+                    poster: Some(Poster {
+                        poster_id: poster,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                if let Ok(complaint) = validate_submission(&submission, "acme", &limits(), Utc::now(), "c") {
+                    let poster_id = complaint.poster.as_ref().map(|p| p.poster_id.clone()).unwrap_or_default();
+                    for field in [&complaint.channel_message_id, &complaint.thread_id, &complaint.region_hint, &poster_id] {
+                        prop_assert!(!field.chars().any(char::is_control), "{field:?}");
+                    }
+                    prop_assert!(!complaint.text.is_empty());
+                    prop_assert!(
+                        !complaint.text.chars().any(|c| c.is_control() || closedloop_runtime::text::is_format(c)),
+                        "{:?}", complaint.text
+                    );
+                    prop_assert!(complaint.text.chars().count() <= limits().max_text_chars);
+                }
+            }
+
+            /// Normalising a normalised text changes nothing.
+            #[test]
+            fn normalising_twice_changes_nothing(text in hostile()) {
+                let once = normalise_text(&text);
+                prop_assert_eq!(normalise_text(&once), once);
+            }
+        }
+    }
 }

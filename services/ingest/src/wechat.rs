@@ -227,4 +227,37 @@ mod tests {
         assert!("acme".parse::<WechatAccounts>().is_err());
         assert!("ACME=x".parse::<WechatAccounts>().is_err());
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        proptest! {
+            /// Anything may arrive as a push: parsing never panics, and a text message's
+            /// submission carries its content and id as sent.
+            #[test]
+            fn any_body_parses_or_is_refused(body in ".{0,200}") {
+                let _ = parse_message(&body);
+            }
+
+            #[test]
+            fn pushes_with_any_content_parse(
+                content in "[^<>&\\]\r]{0,80}",
+                id in "[0-9]{1,20}",
+                from in "[a-zA-Z0-9_-]{1,28}",
+            ) {
+                let xml = format!(
+                    "<xml><ToUserName><![CDATA[gh_1]]></ToUserName><FromUserName><![CDATA[{from}]]></FromUserName>\
+                     <CreateTime>1700000000</CreateTime><MsgType><![CDATA[text]]></MsgType>\
+                     <Content><![CDATA[{content}]]></Content><MsgId>{id}</MsgId></xml>"
+                );
+                let message = parse_message(&xml);
+                prop_assert!(message.is_ok(), "{xml}: {message:?}");
+                let submission = message.ok().as_ref().and_then(to_submission);
+                prop_assert_eq!(submission.as_ref().map(|s| s.text.as_str()), Some(content.as_str()));
+                prop_assert_eq!(submission.map(|s| s.channel_message_id), Some(id));
+            }
+        }
+    }
 }

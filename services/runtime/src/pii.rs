@@ -78,6 +78,9 @@ fn is_mobile(digits: &[u8]) -> bool {
 
 /// What a run of digits (separators removed) is, if personal data.
 fn classify_number(digits: &[u8], had_separator: bool) -> Option<PiiKind> {
+    if digits.is_empty() {
+        return None;
+    }
     let national = digits
         .strip_prefix(b"86")
         .filter(|rest| rest.len() == 11)
@@ -99,6 +102,12 @@ fn classify_number(digits: &[u8], had_separator: bool) -> Option<PiiKind> {
     None
 }
 
+/// One group of a run of digits: its digits (and a final X) and where it lies in the text.
+struct Group {
+    digits: Vec<u8>,
+    span: Range<usize>,
+}
+
 fn number_findings(text: &str, out: &mut Vec<Finding>) {
     let bytes = text.as_bytes();
     let mut i = 0;
@@ -107,38 +116,75 @@ fn number_findings(text: &str, out: &mut Vec<Finding>) {
             i += 1;
             continue;
         }
-        // A run of digits, single separators (space, hyphen) between digits, and a final X.
-        let start = if i > 0 && bytes[i - 1] == b'+' { i - 1 } else { i };
-        let mut digits = Vec::with_capacity(20);
-        let mut had_separator = false;
-        let mut end = i;
+        // A run of digit groups joined by single separators (space, hyphen), and a final X.
+        let plus = i > 0 && bytes[i - 1] == b'+';
+        let mut groups: Vec<Group> = Vec::new();
+        let mut current = Group {
+            digits: Vec::with_capacity(20),
+            span: i..i,
+        };
+        let mut total = 0;
         let mut j = i;
         while j < bytes.len() {
             match bytes[j] {
                 b'0'..=b'9' => {
-                    digits.push(bytes[j]);
-                    end = j + 1;
+                    current.digits.push(bytes[j]);
+                    current.span.end = j + 1;
+                    total += 1;
                     j += 1;
                 }
-                b'X' | b'x' if digits.len() == 17 => {
-                    digits.push(b'X');
-                    end = j + 1;
+                b'X' | b'x' if total == 17 => {
+                    current.digits.push(b'X');
+                    current.span.end = j + 1;
                     break;
                 }
-                b' ' | b'-' if j + 1 < bytes.len() && bytes[j + 1].is_ascii_digit() && !digits.is_empty() => {
-                    had_separator = true;
+                b' ' | b'-'
+                    if j + 1 < bytes.len() && bytes[j + 1].is_ascii_digit() && !current.digits.is_empty() =>
+                {
+                    let next = Group {
+                        digits: Vec::with_capacity(20),
+                        span: j + 1..j + 1,
+                    };
+                    groups.push(std::mem::replace(&mut current, next));
                     j += 1;
                 }
                 _ => break,
             }
         }
-        if let Some(kind) = classify_number(&digits, had_separator) {
-            out.push(Finding {
-                kind,
-                span: start..end,
-            });
-        }
+        let end = current.span.end;
+        groups.push(current);
+        run_findings(&groups, plus, out);
         i = end.max(i + 1);
+    }
+}
+
+/// Personal data in one run of digit groups: the whole run if it is one number, else the
+/// longest joins of neighbouring groups that are, from the left (two phone numbers written
+/// one after the other with a space are two numbers, not one run of 22 digits).
+fn run_findings(groups: &[Group], plus: bool, out: &mut Vec<Finding>) {
+    let joined = |from: usize, to: usize| -> Vec<u8> {
+        groups[from..=to]
+            .iter()
+            .flat_map(|g| g.digits.iter().copied())
+            .collect()
+    };
+    let mut from = 0;
+    while from < groups.len() {
+        let found = (from..groups.len())
+            .rev()
+            .find_map(|to| classify_number(&joined(from, to), to > from).map(|kind| (to, kind)));
+        match found {
+            Some((to, kind)) => {
+                // A leading + belongs to the number it starts.
+                let start = groups[from].span.start - usize::from(plus && from == 0);
+                out.push(Finding {
+                    kind,
+                    span: start..groups[to].span.end,
+                });
+                from = to + 1;
+            }
+            None => from += 1,
+        }
     }
 }
 
@@ -175,13 +221,26 @@ pub fn find(text: &str) -> Vec<Finding> {
     number_findings(text, &mut findings);
     email_findings(text, &mut findings);
     findings.sort_by_key(|f| f.span.start);
-    // An e-mail's local part may look like a number; the e-mail wins.
-    findings.dedup_by(|later, earlier| later.span.start < earlier.span.end);
-    findings
+    // Overlapping findings become one: an e-mail's local part may look like a number, and
+    // two addresses may share characters (`a@b.c@d.e`). The e-mail wins, and is masked up
+    // to its last `@`.
+    let mut merged: Vec<Finding> = Vec::with_capacity(findings.len());
+    for finding in findings {
+        match merged.last_mut() {
+            Some(earlier) if finding.span.start < earlier.span.end => {
+                earlier.span.end = earlier.span.end.max(finding.span.end);
+                if finding.kind == PiiKind::Email {
+                    earlier.kind = PiiKind::Email;
+                }
+            }
+            _ => merged.push(finding),
+        }
+    }
+    merged
 }
 
 /// `text` with personal data masked — numbers keep their first 3 and last 4 digits, e-mail
-/// addresses their domain — and the kinds found (each once, in order of kind). Detection
+/// addresses their domain (after the last `@`) — and the kinds found (each once, in order of kind). Detection
 /// reads the text folded, so full-width digits and invisible characters hide nothing; a
 /// text with personal data comes back folded, one without it unchanged.
 pub fn mask_all(text: &str) -> (String, Vec<PiiKind>) {
@@ -199,7 +258,7 @@ pub fn mask_all(text: &str) -> (String, Vec<PiiKind>) {
         let found = &text[finding.span.clone()];
         match finding.kind {
             PiiKind::Email => {
-                let at = found.find('@').unwrap_or(0);
+                let at = found.rfind('@').unwrap_or(0);
                 out.extend(std::iter::repeat_n('*', at));
                 out.push_str(&found[at..]);
             }
@@ -314,9 +373,68 @@ mod tests {
     }
 
     #[test]
+    fn addresses_sharing_characters_are_masked_as_one() {
+        assert_eq!(mask("a@0.0@a.a").0, "*****@a.a");
+        assert_eq!(mask("13812345678@qq.com").0, "***********@qq.com");
+    }
+
+    #[test]
+    fn numbers_written_one_after_another_are_each_found() {
+        assert_eq!(
+            kinds("13812345678 13912345678"),
+            vec![PiiKind::Mobile, PiiKind::Mobile]
+        );
+        assert_eq!(mask("13000000000 00").0, "130****0000 00");
+        assert_eq!(
+            kinds("+86 138 1234 5678"),
+            vec![PiiKind::Mobile],
+            "one number in groups"
+        );
+    }
+
+    #[test]
     fn several_kinds_are_reported_once_each() {
         let (masked, found) = mask_all("13812345678 或 13912345678，邮箱 li@qq.com");
         assert_eq!(found, vec![PiiKind::Mobile, PiiKind::Email]);
         assert!(!masked.contains("12345678") && !masked.contains("li@"));
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        /// Text made of what personal data is written with: digits (also full-width),
+        /// separators, `+`, `@`, letters, dots, and invisible characters between them.
+        fn digits_and_separators() -> impl Strategy<Value = String> {
+            "[0-9０-９ +@a-zX.\\-\u{200b}\u{2060}中]{0,48}"
+        }
+
+        fn mobile() -> impl Strategy<Value = String> {
+            "1[3-9][0-9]{9}"
+        }
+
+        proptest! {
+            /// Whatever is masked leaves nothing a second look would find.
+            #[test]
+            fn masking_leaves_nothing_to_find(text in digits_and_separators()) {
+                let (masked, _) = mask_all(&text);
+                let again = find(&crate::text::folded(&masked));
+                prop_assert!(again.is_empty(), "{text:?} masked to {masked:?} still holds {again:?}");
+            }
+
+            /// A mobile number never leaves whole, whatever surrounds it.
+            #[test]
+            fn a_mobile_number_is_always_masked(
+                before in digits_and_separators(),
+                number in mobile(),
+                after in digits_and_separators(),
+            ) {
+                // Digits glued to it make another, longer number; a separator does not.
+                let text = format!("{before}中{number} {after}");
+                let (masked, _) = mask_all(&text);
+                prop_assert!(!masked.contains(&number), "{text:?} masked to {masked:?}");
+            }
+        }
     }
 }
