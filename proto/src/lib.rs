@@ -6,6 +6,68 @@ pub mod v1 {
     tonic::include_proto!("closedloop.v1");
 }
 
+/// The protobuf codec every generated service and client uses: prost's, except that a body
+/// that does not decode is the caller's mistake (`INVALID_ARGUMENT`), not the server's
+/// (`INTERNAL`, as tonic reports it).
+pub mod codec {
+    use std::marker::PhantomData;
+
+    use tonic::codec::{BufferSettings, DecodeBuf, Decoder};
+    use tonic::{Code, Status};
+    use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+    #[derive(Debug, Clone)]
+    pub struct Codec<T, U>(PhantomData<(T, U)>);
+
+    impl<T, U> Default for Codec<T, U> {
+        fn default() -> Self {
+            Self(PhantomData)
+        }
+    }
+
+    impl<T, U> tonic::codec::Codec for Codec<T, U>
+    where
+        T: prost::Message + Send + 'static,
+        U: prost::Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = ProstEncoder<T>;
+        type Decoder = RequestDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ProstCodec::<T, U>::default().encoder()
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            RequestDecoder(ProstCodec::<T, U>::default().decoder())
+        }
+    }
+
+    /// prost's decoder, with a body that does not decode answered `INVALID_ARGUMENT`.
+    #[derive(Debug, Clone)]
+    pub struct RequestDecoder<U>(ProstDecoder<U>);
+
+    impl<U: prost::Message + Default> Decoder for RequestDecoder<U> {
+        type Item = U;
+        type Error = Status;
+
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+            self.0.decode(src).map_err(|status| {
+                if status.code() == Code::Internal {
+                    Status::invalid_argument(format!("the body is not a valid message: {}", status.message()))
+                } else {
+                    status
+                }
+            })
+        }
+
+        fn buffer_settings(&self) -> BufferSettings {
+            self.0.buffer_settings()
+        }
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every closedloop proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/closedloop_descriptor.bin"));
 

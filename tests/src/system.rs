@@ -243,6 +243,15 @@ impl System {
         Ok(())
     }
 
+    /// The services whose task has ended before being told to stop.
+    pub fn exited(&self) -> Vec<&'static str> {
+        self.tasks
+            .iter()
+            .filter(|(_, task)| task.is_finished())
+            .map(|(name, _)| *name)
+            .collect()
+    }
+
     /// The options it was started with (for further replicas).
     pub fn options(&self) -> &SystemOptions {
         &self.options
