@@ -422,3 +422,110 @@ async fn ten_thousand_bad_requests_change_nothing() -> anyhow::Result<()> {
     assert_eq!(env.webhook.count(), 0, "messages sent to customers");
     env.shutdown().await
 }
+
+/// Defence in depth behind the bus's permissions: an event whose payload names another
+/// tenant than its subject is never acted on. Each consumer parks it with the reason, and
+/// no customer hears anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_naming_another_tenant_than_its_subject_is_parked() -> anyhow::Result<()> {
+    use closedloop_runtime::bus::{Bus, OutgoingEvent, dead_letter_headers, work_order_topic};
+    let env = TestEnv::start().await?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let publisher = Bus::connect(&env.nats.url(), "test", &cancel).await?;
+    let complaint = Complaint {
+        complaint_id: uuid::Uuid::new_v4().to_string(),
+        tenant: "beta".into(),
+        channel: Channel::Wechat as i32,
+        channel_message_id: "forged-1".into(),
+        poster: Some(Poster {
+            poster_id: "o-victim".into(),
+            ..Default::default()
+        }),
+        text: "退款".into(),
+        ..Default::default()
+    };
+    let work_order = WorkOrder {
+        work_order_id: uuid::Uuid::new_v4().to_string(),
+        tenant: "beta".into(),
+        complaint_id: complaint.complaint_id.clone(),
+        channel: Channel::Wechat as i32,
+        version: 2,
+        poster: complaint.poster.clone(),
+        ..Default::default()
+    };
+    // Published on tenant acme's subjects, every payload naming tenant beta.
+    let events = vec![
+        OutgoingEvent::new(
+            bus::COMPLAINT_RECEIVED,
+            "acme",
+            "forged-received",
+            &ComplaintReceived {
+                complaint: Some(complaint.clone()),
+            },
+        ),
+        OutgoingEvent::new(
+            bus::FEEDBACK_RECEIVED,
+            "acme",
+            "forged-feedback",
+            &FeedbackReceived {
+                feedback_id: "f-1".into(),
+                tenant: "beta".into(),
+                complaint_id: complaint.complaint_id.clone(),
+                satisfaction: 1,
+                ..Default::default()
+            },
+        ),
+        OutgoingEvent::new(
+            work_order_topic("replied"),
+            "acme",
+            "forged-reply",
+            &WorkOrderEvent {
+                kind: WorkOrderEventKind::Replied as i32,
+                work_order: Some(work_order),
+                note: "请把验证码发给我".into(),
+                ..Default::default()
+            },
+        ),
+    ];
+    for published in publisher.publish_all(events).await {
+        published?;
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(env.nats.url()).await?);
+    // The watchdog reads a second behind in tests, so its verdict comes last.
+    for consumer in [
+        closedloop_classify::CONSUMER,
+        closedloop_dispatch::FEEDBACK_CONSUMER,
+        closedloop_notify::WORK_ORDER_CONSUMER,
+        closedloop_notify::WATCHDOG_CONSUMER,
+    ] {
+        let parked = closedloop_e2e::wait_for(
+            "the forged event parked",
+            std::time::Duration::from_secs(30),
+            || {
+                let js = js.clone();
+                async move {
+                    js.get_stream(bus::DEAD_LETTER_STREAM)
+                        .await
+                        .ok()?
+                        .get_last_raw_message_by_subject(&format!("closedloop.deadletter.{consumer}"))
+                        .await
+                        .ok()
+                }
+            },
+        )
+        .await?;
+        let reason = parked
+            .headers
+            .get(dead_letter_headers::REASON)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        assert!(
+            reason.contains("the subject names tenant \"acme\" but the event tenant \"beta\""),
+            "{consumer}: {reason}"
+        );
+    }
+    env.wait_idle().await?;
+    assert_eq!(env.webhook.count(), 0, "nobody was told anything");
+    cancel.cancel();
+    env.shutdown().await
+}

@@ -91,6 +91,7 @@ impl MessageHandler for ReceivedHandler {
         let complaint = received
             .complaint
             .ok_or_else(|| HandleError::reject("complaint.received without a complaint"))?;
+        consumer::check_tenant(message, &complaint.tenant)?;
         let classification = engine::classify(
             &self.rules,
             Some(&self.models),

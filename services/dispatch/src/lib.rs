@@ -173,6 +173,7 @@ impl MessageHandler for ClassifiedHandler {
                 "complaint.classified without complaint or classification",
             ));
         };
+        consumer::check_tenant(message, &complaint.tenant)?;
         if !store::needs_work_order(classification.intent()) {
             tracing::info!(complaint_id = %complaint.complaint_id, intent = ?classification.intent(), "no work order needed");
             return Ok(());
@@ -221,6 +222,7 @@ struct FeedbackHandler {
 impl MessageHandler for FeedbackHandler {
     async fn handle(&self, message: &jetstream::Message) -> Result<(), HandleError> {
         let event: FeedbackReceived = consumer::decode(message)?;
+        consumer::check_tenant(message, &event.tenant)?;
         let outcome = feedback::apply(&self.pool, &self.policy, &event)
             .await
             .map_err(|e| match e {

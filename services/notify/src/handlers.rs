@@ -44,6 +44,7 @@ impl MessageHandler for ClassifiedHandler {
                 "complaint.classified without complaint or classification",
             ));
         };
+        consumer::check_tenant(message, &complaint.tenant)?;
         let kind = if classification.needs_private_channel {
             NotificationKind::PrivateChannelInvitation
         } else {
@@ -100,6 +101,7 @@ impl MessageHandler for WatchdogHandler {
         let complaint = event
             .complaint
             .ok_or_else(|| HandleError::reject("complaint.received without a complaint"))?;
+        consumer::check_tenant(message, &complaint.tenant)?;
         let first_reply = first_reply_id(&complaint.tenant, &complaint.complaint_id);
         if self.courier.first_replies.contains(&first_reply) {
             tracing::debug!(complaint_id = %complaint.complaint_id, "first reply already in the log");
@@ -282,6 +284,7 @@ pub(crate) struct IncidentHandler(pub Arc<Courier>);
 impl MessageHandler for IncidentHandler {
     async fn handle(&self, message: &jetstream::Message) -> Result<(), HandleError> {
         let incident: IncidentOpened = consumer::decode(message)?;
+        consumer::check_tenant(message, &incident.tenant)?;
         let count = incident.complaint_count.to_string();
         let alert = StaffAlert {
             tenant: &incident.tenant,
@@ -313,6 +316,7 @@ impl MessageHandler for WorkOrderHandler {
             .work_order
             .as_ref()
             .ok_or_else(|| HandleError::reject("workorder event without a work order"))?;
+        consumer::check_tenant(message, &work_order.tenant)?;
         let telling = Telling {
             courier: &self.0,
             work_order,

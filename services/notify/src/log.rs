@@ -91,6 +91,7 @@ fn told_delivery(message: &async_nats::jetstream::Message) -> Result<Delivery, H
 impl MessageHandler for LogHandler {
     async fn handle(&self, message: &async_nats::jetstream::Message) -> Result<(), HandleError> {
         let delivery = told_delivery(message)?;
+        consumer::check_tenant(message, &delivery.tenant)?;
         self.batcher.submit(delivery).await.map_err(|error| {
             if error.is_data() {
                 HandleError::reject(format!("the delivery log refused it: {error}"))

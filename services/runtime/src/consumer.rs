@@ -73,6 +73,25 @@ pub fn decode<M: prost::Message + Default>(message: &jetstream::Message) -> Resu
         .map_err(|error| HandleError::reject(format!("undecodable payload on {}: {error}", message.subject)))
 }
 
+/// The tenant a subject `closedloop.<entity>.<event>.<tenant>` names.
+pub fn subject_tenant(subject: &str) -> &str {
+    subject.rsplit('.').next().unwrap_or_default()
+}
+
+/// Rejects (dead-letters) an event whose payload names another tenant than its subject. A
+/// publisher's permissions are granted by subject, so a payload naming another tenant is
+/// forged or broken, never to be acted on.
+pub fn check_tenant(message: &jetstream::Message, tenant: &str) -> Result<(), HandleError> {
+    let named = subject_tenant(&message.subject);
+    if named == tenant {
+        Ok(())
+    } else {
+        Err(HandleError::reject(format!(
+            "the subject names tenant {named:?} but the event tenant {tenant:?}"
+        )))
+    }
+}
+
 /// Handles one event. Must be idempotent: any event may arrive more than once, and a kept
 /// event is handled again from the start.
 pub trait MessageHandler: Send + Sync + 'static {
@@ -642,6 +661,13 @@ mod tests {
             after_failure(5, 5, base, &error),
             Disposal::DeadLetter("gave up after 5 deliveries: value too long".into())
         );
+    }
+
+    #[test]
+    fn the_tenant_is_the_subject_s_last_token() {
+        assert_eq!(subject_tenant("closedloop.complaint.received.acme"), "acme");
+        assert_eq!(subject_tenant("acme"), "acme");
+        assert_eq!(subject_tenant(""), "");
     }
 
     #[test]
