@@ -12,6 +12,16 @@ pub mod webhook;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+/// A NATS client for `url`, with the user and password the URL carries (the harness's
+/// nats-server requires them; see [`servers::NatsServer::url`]).
+pub async fn nats(url: &str) -> anyhow::Result<async_nats::Client> {
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some((user, password)) = closedloop_runtime::config::url_credentials(url) {
+        options = options.user_and_password(user, password);
+    }
+    Ok(options.connect(url).await?)
+}
+
 /// Waits until `probe` yields a value, checking every 20 ms, or fails after `timeout`
 /// with `what` in the message. Tests wait on conditions, never on fixed sleeps.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> anyhow::Result<T>

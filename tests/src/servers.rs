@@ -151,15 +151,40 @@ impl NatsServer {
         Ok(server)
     }
 
-    /// Starts it again on the same port and store (after [`NatsServer::stop`]).
+    /// Starts it again on the same port and store (after [`NatsServer::stop`]). It runs
+    /// with the users and permissions of `deploy/nats-auth.conf`, as a deployment does,
+    /// each user's password being [`nats_password`].
     pub fn resume(&mut self) -> anyhow::Result<()> {
         let binary = find_binary("nats-server", "NATS_SERVER_BIN", &[])?;
         let log = self.store.join("nats.log");
+        let config = self.store.join("nats.conf");
+        // nats-server includes files relative to the including one: a copy goes beside it.
+        let auth = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats-auth.conf");
+        std::fs::copy(&auth, self.store.join("nats-auth.conf"))
+            .with_context(|| format!("copying {}", auth.display()))?;
+        std::fs::write(
+            &config,
+            format!(
+                "host: 127.0.0.1\nport: {}\njetstream {{ store_dir: \"{}\" }}\ninclude \"nats-auth.conf\"\n",
+                self.port,
+                self.store.join("jetstream").display(),
+            ),
+        )?;
+        let passwords: Vec<String> = NATS_USERS
+            .iter()
+            .map(|user| {
+                format!(
+                    "CLOSEDLOOP_NATS_{}_PASSWORD='{}'",
+                    user.to_uppercase(),
+                    nats_password(user)
+                )
+            })
+            .collect();
         let command = format!(
-            "'{}' -js -a 127.0.0.1 -p {} -sd '{}' -P '{}'",
+            "env {} '{}' -c '{}' -P '{}'",
+            passwords.join(" "),
             binary.display(),
-            self.port,
-            self.store.join("jetstream").display(),
+            config.display(),
             self.pid_file().display()
         );
         self.process = Some(Guarded::spawn(None, &command, &log, None)?);
@@ -188,9 +213,24 @@ impl NatsServer {
         Ok(())
     }
 
+    /// Where it listens, as the `admin` user (who may do everything): for tests, tools and
+    /// benchmarks that inspect or drive the bus themselves.
     pub fn url(&self) -> String {
+        format!("nats://admin:{}@127.0.0.1:{}", nats_password("admin"), self.port)
+    }
+
+    /// Where it listens, without credentials: services connect here as their own user.
+    pub fn service_url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
+}
+
+/// The users of `deploy/nats-auth.conf`.
+pub const NATS_USERS: [&str; 5] = ["ingest", "classify", "dispatch", "notify", "admin"];
+
+/// The password the harness gives a bus user.
+pub fn nats_password(user: &str) -> String {
+    format!("harness-{user}-secret")
 }
 
 /// Sends `signal` to process `pid` and waits until it is gone.

@@ -35,7 +35,11 @@ pub const CONSUMERS: [(&str, &str); 8] = [
 /// Where the services connect and listen.
 #[derive(Debug, Clone)]
 pub struct SystemOptions {
+    /// Without credentials: see `nats_auth`.
     pub nats_url: String,
+    /// Each service connects as its own user of `deploy/nats-auth.conf`, with the password
+    /// the harness's nats-server gives it ([`crate::servers::nats_password`]).
+    pub nats_auth: bool,
     pub database_url: String,
     /// `CLOSEDLOOP_AUTH_TOKENS` syntax.
     pub auth_tokens: String,
@@ -132,6 +136,7 @@ impl Service {
 
 fn args(options: &SystemOptions, service: usize, with_database: bool) -> Vec<String> {
     let port = options.ports[service];
+    let user = Service::ALL[service].name();
     let mut args = vec![
         "closedloop".to_owned(),
         "--metrics-listen".to_owned(),
@@ -145,6 +150,14 @@ fn args(options: &SystemOptions, service: usize, with_database: bool) -> Vec<Str
         "--retry-base-ms".to_owned(),
         options.retry_base_ms.to_string(),
     ];
+    if options.nats_auth {
+        args.extend([
+            "--nats-user".to_owned(),
+            user.to_owned(),
+            "--nats-password".to_owned(),
+            crate::servers::nats_password(user),
+        ]);
+    }
     if with_database {
         args.extend(["--database-url".to_owned(), options.database_url.clone()]);
     }
@@ -154,7 +167,7 @@ fn args(options: &SystemOptions, service: usize, with_database: bool) -> Vec<Str
 
 /// Waits until these durable consumers exist: the services that own them have started.
 pub async fn wait_for_consumers(nats_url: &str, consumers: &[(&str, &str)]) -> anyhow::Result<()> {
-    let client = async_nats::connect(nats_url).await?;
+    let client = crate::nats(nats_url).await?;
     let js = async_nats::jetstream::new(client);
     wait_until("durable consumers to exist", Duration::from_secs(30), || {
         let js = js.clone();
@@ -430,7 +443,8 @@ impl TestEnv {
             supervisor: format!("sup-{}", uuid::Uuid::new_v4()),
         };
         let mut options = SystemOptions {
-            nats_url: nats.url(),
+            nats_url: nats.service_url(),
+            nats_auth: true,
             database_url: database_url.clone(),
             auth_tokens: format!(
                 "acme:gateway:{}:gateway-1;acme:agent:{}:agent-7;beta:gateway,agent:{}:beta-desk;\
@@ -499,7 +513,7 @@ impl TestEnv {
     /// dispatch has published every event it committed. Checked in pipeline order, twice, so
     /// work cannot slip past the check.
     pub async fn wait_idle(&self) -> anyhow::Result<()> {
-        let client = async_nats::connect(self.nats.url()).await?;
+        let client = crate::nats(&self.nats.url()).await?;
         let js = async_nats::jetstream::new(client);
         let pool = sqlx::PgPool::connect(&self.database_url).await?;
         let idle_once = || async {

@@ -5,6 +5,7 @@
 //! 500, nothing was stored (no complaint, feedback or work order), and no customer got a
 //! message.
 
+use closedloop_runtime::config::NatsConnectArgs;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -404,7 +405,7 @@ async fn ten_thousand_bad_requests_change_nothing() -> anyhow::Result<()> {
     let exited = env.system.exited();
     assert!(exited.is_empty(), "services stopped: {exited:?}");
     env.wait_idle().await?;
-    let js = async_nats::jetstream::new(async_nats::connect(env.nats.url()).await?);
+    let js = async_nats::jetstream::new(closedloop_e2e::nats(&env.nats.url()).await?);
     for stream in [
         bus::COMPLAINTS_STREAM,
         bus::FEEDBACK_STREAM,
@@ -431,7 +432,7 @@ async fn an_event_naming_another_tenant_than_its_subject_is_parked() -> anyhow::
     use closedloop_runtime::bus::{Bus, OutgoingEvent, dead_letter_headers, work_order_topic};
     let env = TestEnv::start().await?;
     let cancel = tokio_util::sync::CancellationToken::new();
-    let publisher = Bus::connect(&env.nats.url(), "test", &cancel).await?;
+    let publisher = Bus::connect(&NatsConnectArgs::url(env.nats.url()), "test", &cancel).await?;
     let complaint = Complaint {
         complaint_id: uuid::Uuid::new_v4().to_string(),
         tenant: "beta".into(),
@@ -490,7 +491,7 @@ async fn an_event_naming_another_tenant_than_its_subject_is_parked() -> anyhow::
     for published in publisher.publish_all(events).await {
         published?;
     }
-    let js = async_nats::jetstream::new(async_nats::connect(env.nats.url()).await?);
+    let js = async_nats::jetstream::new(closedloop_e2e::nats(&env.nats.url()).await?);
     // The watchdog reads a second behind in tests, so its verdict comes last.
     for consumer in [
         closedloop_classify::CONSUMER,
@@ -528,4 +529,84 @@ async fn an_event_naming_another_tenant_than_its_subject_is_parked() -> anyhow::
     assert_eq!(env.webhook.count(), 0, "nobody was told anything");
     cancel.cancel();
     env.shutdown().await
+}
+
+/// The bus is not open: a client without credentials is refused, and a service's user may
+/// do only what its service needs. Holding ingest's credentials, one cannot publish a
+/// work-order event (which notify would sign and send to a customer), nor delete a stream,
+/// nor read the work-order events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bus_refuses_what_a_user_may_not_do() -> anyhow::Result<()> {
+    use closedloop_e2e::servers::{NatsServer, harness_streams, nats_password};
+    use closedloop_runtime::bus::{Bus, WORK_ORDERS_STREAM};
+    let nats = NatsServer::start()?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let admin = Bus::connect(&NatsConnectArgs::url(nats.url()), "admin", &cancel).await?;
+    admin.provision(&harness_streams()).await?;
+
+    let anonymous = async_nats::ConnectOptions::new()
+        .connection_timeout(std::time::Duration::from_secs(2))
+        .connect(nats.service_url())
+        .await;
+    assert!(anonymous.is_err(), "a client without credentials connected");
+
+    let ingest_args = NatsConnectArgs {
+        nats_user: Some("ingest".into()),
+        nats_password: Some(closedloop_runtime::Secret::new(nats_password("ingest"))),
+        ..NatsConnectArgs::url(nats.service_url())
+    };
+    let ingest = Bus::connect(&ingest_args, "ingest", &cancel).await?;
+    let js = ingest.jetstream();
+    // What ingest may do, so the refusals below are about permissions, not a dead client.
+    js.publish(bus::COMPLAINT_RECEIVED.subject("demo"), "received".into())
+        .await?
+        .await?;
+    let forged = js
+        .publish(work_order_topic_replied("demo"), "forged reply".into())
+        .await;
+    let forged = match forged {
+        Ok(ack) => ack.await.map(|_| ()).map_err(anyhow::Error::from),
+        Err(error) => Err(error.into()),
+    };
+    assert!(forged.is_err(), "ingest published a work-order event");
+    assert!(
+        js.delete_stream(bus::COMPLAINTS_STREAM).await.is_err(),
+        "ingest deleted a stream"
+    );
+    let mut snooping = ingest.client().subscribe("closedloop.workorder.>").await?;
+    admin
+        .jetstream()
+        .publish(work_order_topic_replied("demo"), "a real reply".into())
+        .await?
+        .await?;
+    let snooped = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        futures::StreamExt::next(&mut snooping),
+    )
+    .await;
+    assert!(!matches!(snooped, Ok(Some(_))), "ingest read a work-order event");
+    let work_orders = admin
+        .jetstream()
+        .get_stream(WORK_ORDERS_STREAM)
+        .await?
+        .info()
+        .await?
+        .state
+        .messages;
+    assert_eq!(work_orders, 1, "the admin's event alone");
+    let complaints = admin
+        .jetstream()
+        .get_stream(bus::COMPLAINTS_STREAM)
+        .await?
+        .info()
+        .await?
+        .state
+        .messages;
+    assert_eq!(complaints, 1, "the stream is still there, with ingest's event");
+    cancel.cancel();
+    Ok(())
+}
+
+fn work_order_topic_replied(tenant: &str) -> String {
+    bus::work_order_topic("replied").subject(tenant)
 }

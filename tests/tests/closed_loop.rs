@@ -193,7 +193,7 @@ async fn a_complaint_travels_the_whole_loop() -> anyhow::Result<()> {
 
     // notify's work-order consumer is handed only the events it tells someone about: the
     // resolution, not the creation.
-    let js = async_nats::jetstream::new(async_nats::connect(env.nats.url()).await?);
+    let js = async_nats::jetstream::new(closedloop_e2e::nats(&env.nats.url()).await?);
     let mut work_order_events = js.get_stream(bus::WORK_ORDERS_STREAM).await?;
     let stored = work_order_events.info().await?.state.messages;
     let mut created = 0;
@@ -240,7 +240,7 @@ async fn duplicates_create_one_work_order_and_one_message() -> anyhow::Result<()
         text: "家里宽带又断网了".into(),
         ..Default::default()
     };
-    let client = async_nats::connect(env.nats.url()).await?;
+    let client = closedloop_e2e::nats(&env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", "replayed-after-window");
@@ -423,7 +423,7 @@ async fn malformed_requests_are_rejected_and_change_nothing() -> anyhow::Result<
 
     // Nothing reached the stream, nothing reached the customer, no work order exists.
     env.wait_idle().await?;
-    let client = async_nats::connect(env.nats.url()).await?;
+    let client = closedloop_e2e::nats(&env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
     let stream = js.get_stream(bus::COMPLAINTS_STREAM).await?.get_info().await?;
     assert_eq!(stream.state.messages, 0);
@@ -435,7 +435,7 @@ async fn malformed_requests_are_rejected_and_change_nothing() -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_event_is_dead_lettered_with_its_reason() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
-    let client = async_nats::connect(env.nats.url()).await?;
+    let client = closedloop_e2e::nats(&env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
     js.publish(
         bus::COMPLAINT_RECEIVED.subject("acme"),
@@ -563,7 +563,7 @@ async fn classify_dry_run_explains_and_publishes_nothing() -> anyhow::Result<()>
         .expect_err("not a gateway's call");
     assert_eq!(denied.code(), Code::PermissionDenied);
 
-    let client = async_nats::connect(env.nats.url()).await?;
+    let client = closedloop_e2e::nats(&env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
     let stream = js.get_stream(bus::COMPLAINTS_STREAM).await?.get_info().await?;
     assert_eq!(stream.state.messages, 0, "a dry run publishes nothing");
@@ -669,7 +669,7 @@ async fn a_gateway_that_keeps_failing_delays_the_reply_and_never_parks_it() -> a
     // Compared two apart (a 4x ratio), so scheduling noise on a busy machine cannot flip it.
     let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1].at - w[0].at).collect();
     assert!(gaps[2] > gaps[0], "gaps must grow: {gaps:?}");
-    let client = async_nats::connect(env.nats.url()).await?;
+    let client = closedloop_e2e::nats(&env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
     let parked = js
         .get_stream(bus::DEAD_LETTER_STREAM)
@@ -701,7 +701,7 @@ async fn a_refusal_for_good_is_parked_with_its_reason() -> anyhow::Result<()> {
     env.webhook.fail_next_with(usize::MAX, 410);
     let submitted = env.submit(outage_post("weibo-gateway-gone")).await?;
 
-    let client = async_nats::connect(env.nats.url()).await?;
+    let client = closedloop_e2e::nats(&env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
     let dead = wait_for("the dead letter", WAIT, || {
         let js = js.clone();
@@ -760,7 +760,7 @@ async fn one_trace_follows_a_complaint_across_the_bus() -> anyhow::Result<()> {
     env.work_order_for(&submitted.complaint_id).await?;
     env.wait_idle().await?;
 
-    let client = async_nats::connect(env.nats.url()).await?;
+    let client = closedloop_e2e::nats(&env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
     let trace_id = |message: &async_nats::jetstream::message::StreamMessage| {
         let header = message

@@ -43,7 +43,7 @@ async fn parked(js: &async_nats::jetstream::Context, consumer: &str) -> Option<u
 async fn operators_list_show_and_replay_dead_letters() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
     let nats = env.nats.url();
-    let js = async_nats::jetstream::new(async_nats::connect(&nats).await?);
+    let js = async_nats::jetstream::new(closedloop_e2e::nats(&nats).await?);
 
     // A gateway that refuses for good, and an event nothing can decode.
     env.webhook.fail_next_with(usize::MAX, 410);

@@ -2,6 +2,7 @@
 //! authority, the SLA watcher with two replicas (one escalation, not two), feedback that
 //! reopens or closes, incidents from a spike, and an abrupt crash in the middle of a stream.
 
+use closedloop_runtime::config::NatsConnectArgs;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -850,7 +851,7 @@ async fn a_crash_mid_stream_loses_nothing_and_duplicates_nothing() -> anyhow::Re
         "nobody past capacity: {per_agent:?}"
     );
     // Every event reached the stream once: one created (and at most one assigned) per work order.
-    let nats = async_nats::connect(env.nats.url()).await?;
+    let nats = closedloop_e2e::nats(&env.nats.url()).await?;
     let js = async_nats::jetstream::new(nats);
     let mut stream = js.get_stream(closedloop_runtime::bus::WORK_ORDERS_STREAM).await?;
     let info = stream.info().await?;
@@ -928,7 +929,7 @@ async fn an_event_committed_behind_an_older_transaction_waits_and_is_not_skipped
     };
     let cancel = tokio_util::sync::CancellationToken::new();
     let pool = closedloop_dispatch::connect_database(&args, &cancel).await?;
-    let bus = Bus::connect(&nats.url(), "relay-test", &cancel).await?;
+    let bus = Bus::connect(&NatsConnectArgs::url(nats.url()), "relay-test", &cancel).await?;
     bus.provision(&closedloop_e2e::servers::harness_streams()).await?;
     let created = |work_order: &WorkOrder| Recorded::new(work_order, WorkOrderEventKind::Created, "test", "");
     let (older, newer, abandoned) = (bare_work_order(1), bare_work_order(1), bare_work_order(1));
@@ -962,7 +963,7 @@ async fn an_event_committed_behind_an_older_transaction_waits_and_is_not_skipped
         "nothing goes out twice"
     );
 
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    let js = async_nats::jetstream::new(closedloop_e2e::nats(&nats.url()).await?);
     let stream = js.get_stream(WORK_ORDERS_STREAM).await?;
     let mut relayed = Vec::new();
     for sequence in 1..=2 {
@@ -1048,7 +1049,7 @@ async fn one_bad_complaint_does_not_hold_up_its_batch() -> anyhow::Result<()> {
     use closedloop_runtime::bus::{self, Bus, OutgoingEvent};
     let env = TestEnv::start().await?;
     let cancel = tokio_util::sync::CancellationToken::new();
-    let publisher = Bus::connect(&env.nats.url(), "test", &cancel).await?;
+    let publisher = Bus::connect(&NatsConnectArgs::url(env.nats.url()), "test", &cancel).await?;
     let classified = |n: usize, poster: &str| {
         let complaint_id = uuid::Uuid::new_v4().to_string();
         let event = ComplaintClassified {
@@ -1101,7 +1102,7 @@ async fn one_bad_complaint_does_not_hold_up_its_batch() -> anyhow::Result<()> {
     for complaint_id in &good {
         env.work_order_for(complaint_id).await?;
     }
-    let js = async_nats::jetstream::new(async_nats::connect(env.nats.url()).await?);
+    let js = async_nats::jetstream::new(closedloop_e2e::nats(&env.nats.url()).await?);
     for consumer in [
         closedloop_dispatch::CLASSIFIED_CONSUMER,
         closedloop_notify::LOG_CONSUMER,

@@ -107,7 +107,8 @@ impl Deployment {
         // deliveries are in flight whenever a component dies.
         webhook.slow_next(usize::MAX, GATEWAY_LATENCY);
         let options = SystemOptions {
-            nats_url: nats.url(),
+            nats_url: nats.service_url(),
+            nats_auth: true,
             database_url: database_url.clone(),
             auth_tokens: format!("{TENANT}:gateway:{}:fault-gateway", hash_token(GATEWAY_TOKEN)),
             gateways: format!("default={}|{GATEWAY_SECRET}", webhook.url()),
@@ -423,7 +424,7 @@ async fn check(
         },
     )
     .await?;
-    let js = async_nats::jetstream::new(async_nats::connect(deployment.nats.url()).await?);
+    let js = async_nats::jetstream::new(closedloop_e2e::nats(&deployment.nats.url()).await?);
     wait_until("every consumer to be idle", Duration::from_secs(60), || async {
         idle(&js).await && idle(&js).await
     })

@@ -33,7 +33,7 @@ fn post(message_id: &str, text: &str) -> ComplaintSubmission {
 
 /// Every `complaint.received` event in the stream, decoded.
 async fn received_events(env: &TestEnv) -> anyhow::Result<Vec<Complaint>> {
-    let client = async_nats::connect(env.nats.url()).await?;
+    let client = closedloop_e2e::nats(&env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
     let stream = js.get_stream(bus::COMPLAINTS_STREAM).await?;
     let consumer = stream
@@ -456,7 +456,7 @@ async fn feedback_is_published_and_bad_feedback_rejected() -> anyhow::Result<()>
         .into_inner()
         .feedback_id;
 
-    let client = async_nats::connect(env.nats.url()).await?;
+    let client = closedloop_e2e::nats(&env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
     let message = js
         .get_stream(bus::FEEDBACK_STREAM)

@@ -243,7 +243,7 @@ async fn a_late_status_update_is_not_sent() -> anyhow::Result<()> {
         actor: "agent-7".into(),
         ..Default::default()
     };
-    let client = async_nats::connect(env.nats.url()).await?;
+    let client = closedloop_e2e::nats(&env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
     js.publish(
         bus::work_order_topic("accepted").subject("acme"),
@@ -340,7 +340,7 @@ async fn the_watchdog_acknowledges_when_classify_is_down_and_never_twice() -> an
     .await?;
     // The watchdog's consumer reads complaints a deadline behind, so it saw each one once, when
     // due, rather than once at arrival and again after being put back.
-    let js = async_nats::jetstream::new(async_nats::connect(env.nats.url()).await?);
+    let js = async_nats::jetstream::new(closedloop_e2e::nats(&env.nats.url()).await?);
     let watchdog = js
         .get_stream(bus::COMPLAINTS_STREAM)
         .await?
@@ -374,7 +374,7 @@ async fn a_delivered_event_that_failed_to_publish_is_published_on_redelivery() -
         options.notify_args.extend(["--max-deliver".into(), "10".into()]);
     })
     .await?;
-    let js = async_nats::jetstream::new(async_nats::connect(env.nats.url()).await?);
+    let js = async_nats::jetstream::new(closedloop_e2e::nats(&env.nats.url()).await?);
     js.delete_stream(bus::NOTIFICATIONS_STREAM).await?;
 
     let complaint_id = env
@@ -399,7 +399,12 @@ async fn a_delivered_event_that_failed_to_publish_is_published_on_redelivery() -
     .await?;
 
     let cancel = tokio_util::sync::CancellationToken::new();
-    let bus = bus::Bus::connect(&env.nats.url(), "test", &cancel).await?;
+    let bus = bus::Bus::connect(
+        &closedloop_runtime::config::NatsConnectArgs::url(env.nats.url()),
+        "test",
+        &cancel,
+    )
+    .await?;
     bus.provision(&closedloop_e2e::servers::harness_streams()).await?;
     let subject = bus::NOTIFICATION_DELIVERED.subject("acme");
     let acknowledgements = || async {
@@ -452,7 +457,7 @@ async fn sla_and_incident_alerts_reach_staff_once() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
     let complaint_id = env.submit(wechat_message("wx-sla", "zh-CN")).await?.complaint_id;
     let work_order = env.work_order_for(&complaint_id).await?;
-    let client = async_nats::connect(env.nats.url()).await?;
+    let client = closedloop_e2e::nats(&env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
 
     // Dispatch's SLA watcher and incident detector publish these; here the test does, each
@@ -538,7 +543,7 @@ async fn claims_hold_each_delivery_for_one_live_sender() -> anyhow::Result<()> {
     use closedloop_notify::claims::{Attempt, Claim, Claims, Stage};
 
     let nats = closedloop_e2e::servers::NatsServer::start()?;
-    let client = async_nats::connect(nats.url()).await?;
+    let client = closedloop_e2e::nats(&nats.url()).await?;
     let js = async_nats::jetstream::new(client.clone());
     let settings = closedloop_e2e::servers::harness_streams();
     let lease = Duration::from_secs(60);

@@ -191,8 +191,12 @@ impl Classify {
     pub async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
         let rules = Arc::new(Rules::load(config.rules_file.as_deref())?);
         let models = Arc::new(TextModels::load(config.model_file.as_deref())?);
-        let bus = Bus::connect(&config.service.nats.nats_url, "classify", cancel).await?;
-        bus.provision(&StreamSettings::from(&config.service.nats)).await?;
+        let bus = Bus::connect(&config.service.nats.connect, "classify", cancel).await?;
+        bus.provision_streams(
+            &StreamSettings::from(&config.service.nats),
+            &[bus::COMPLAINTS_STREAM, bus::DEAD_LETTER_STREAM],
+        )
+        .await?;
         let listener = grpc::bind(config.listen).await?;
         let metrics = metrics::Exporter::bind(config.service.metrics_listen).await?;
         Ok(Self {

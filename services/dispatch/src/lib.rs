@@ -262,8 +262,16 @@ impl Dispatch {
         let policy = Arc::new(Policy::load(config.policy.as_deref())?);
         let pool = connect_database(&config.database, cancel).await?;
         directory::seed(&pool, &policy.directory, policy.router.account_manager_team()).await?;
-        let bus = Bus::connect(&config.service.nats.nats_url, "dispatch", cancel).await?;
-        bus.provision(&StreamSettings::from(&config.service.nats)).await?;
+        let bus = Bus::connect(&config.service.nats.connect, "dispatch", cancel).await?;
+        bus.provision_streams(
+            &StreamSettings::from(&config.service.nats),
+            &[
+                bus::WORK_ORDERS_STREAM,
+                bus::INCIDENTS_STREAM,
+                bus::DEAD_LETTER_STREAM,
+            ],
+        )
+        .await?;
         let listener = grpc::bind(config.listen).await?;
         let metrics = metrics::Exporter::bind(config.service.metrics_listen).await?;
         Ok(Self {

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 
 use closedloop_proto::v1::ingest_service_server::IngestServiceServer;
 use closedloop_runtime::auth::Authenticator;
-use closedloop_runtime::bus::{Bus, StreamSettings};
+use closedloop_runtime::bus::{self, Bus, StreamSettings};
 use closedloop_runtime::{grpc, metrics};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -37,9 +37,10 @@ pub struct Ingest {
 
 impl Ingest {
     pub async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
-        let bus = Bus::connect(&config.service.nats.nats_url, "ingest", cancel).await?;
+        let bus = Bus::connect(&config.service.nats.connect, "ingest", cancel).await?;
         let streams = StreamSettings::from(&config.service.nats);
-        bus.provision(&streams).await?;
+        bus.provision_streams(&streams, &[bus::COMPLAINTS_STREAM, bus::FEEDBACK_STREAM])
+            .await?;
         let nonces = nonces::Nonces::open(bus.jetstream(), &streams).await?;
         let listener = grpc::bind(config.listen).await?;
         let http_listener = grpc::bind(config.http_listen).await?;

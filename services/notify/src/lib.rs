@@ -131,9 +131,10 @@ impl Notify {
         };
         let webhooks = WebhookClient::new(config.gateways.expose().clone(), &settings)?;
         let pool = db::pool(&config.database, SCHEMA)?;
-        let bus = Bus::connect(&config.service.nats.nats_url, "notify", cancel).await?;
+        let bus = Bus::connect(&config.service.nats.connect, "notify", cancel).await?;
         let streams = StreamSettings::from(&config.service.nats);
-        bus.provision(&streams).await?;
+        bus.provision_streams(&streams, &[bus::NOTIFICATIONS_STREAM, bus::DEAD_LETTER_STREAM])
+            .await?;
         // A sender that never records an outcome yet stays alive (hung) keeps a delivery
         // this long: longer than a gateway call can take.
         let lease = Duration::from_secs(config.gateway_timeout_secs.max(1) * 2 + 5);

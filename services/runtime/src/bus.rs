@@ -15,7 +15,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use closedloop_proto::v1::WorkOrderEventKind;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::NatsArgs;
+use crate::config::{NatsArgs, NatsConnectArgs, redact_urls, url_credentials};
 
 /// One kind of event: where it is published and what CloudEvents type it has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +122,12 @@ pub enum BusError {
         #[source]
         source: async_nats::ConnectError,
     },
+    #[error("cannot read the NATS credentials file {path}: {source}")]
+    Credentials {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot provision stream {stream}: {source}")]
     Provision {
         stream: String,
@@ -221,22 +227,56 @@ pub struct Bus {
 }
 
 impl Bus {
+    /// The client options `args` ask for: credentials and TLS.
+    async fn options(args: &NatsConnectArgs, source: &str) -> Result<async_nats::ConnectOptions, BusError> {
+        let mut options = match &args.nats_creds {
+            Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|source| BusError::Credentials {
+                    path: path.display().to_string(),
+                    source,
+                })?,
+            None => async_nats::ConnectOptions::new(),
+        };
+        if let (Some(user), Some(password)) = (&args.nats_user, &args.nats_password) {
+            options = options.user_and_password(user.clone(), password.expose().clone());
+        } else if let Some((user, password)) = url_credentials(&args.nats_url) {
+            options = options.user_and_password(user, password);
+        }
+        if let Some(ca) = &args.nats_tls_ca {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&args.nats_tls_cert, &args.nats_tls_key) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        Ok(options
+            .require_tls(args.nats_tls_required)
+            // Replies come to an inbox of this service's own, which the bus's permissions
+            // let no other service read (deploy/nats-auth.conf).
+            .custom_inbox_prefix(format!("_INBOX_{source}"))
+            .name(source)
+            .connection_timeout(Duration::from_secs(5)))
+    }
+
     /// Connects, retrying with backoff until NATS answers or `cancel` fires.
-    pub async fn connect(url: &str, source: &str, cancel: &CancellationToken) -> Result<Self, BusError> {
+    pub async fn connect(
+        args: &NatsConnectArgs,
+        source: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Self, BusError> {
+        let url = args.nats_url.as_str();
+        let shown = redact_urls(url);
         let mut delay = Duration::from_millis(100);
         let client = loop {
-            let options = async_nats::ConnectOptions::new()
-                .name(source)
-                .connection_timeout(Duration::from_secs(5));
-            let error = match options.connect(url).await {
+            let error = match Self::options(args, source).await?.connect(url).await {
                 Ok(client) => break client,
                 Err(error) => error,
             };
-            tracing::warn!(url, %error, "NATS not reachable yet; retrying");
+            tracing::warn!(url = %shown, %error, "NATS not reachable yet; retrying");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = cancel.cancelled() => {
-                    return Err(BusError::Connect { url: url.to_owned(), source: error });
+                    return Err(BusError::Connect { url: shown, source: error });
                 }
             }
             delay = (delay * 2).min(Duration::from_secs(5));
@@ -272,10 +312,18 @@ impl Bus {
         Ok(())
     }
 
-    /// Creates the streams, or updates them to the configured settings. Every service
-    /// calls this at start; it is idempotent, so replicas may race.
+    /// Creates every stream, or updates them to the configured settings: for tools and
+    /// tests that run without the services (which each provision their own).
     pub async fn provision(&self, settings: &StreamSettings) -> Result<(), BusError> {
-        for (name, subjects) in STREAMS {
+        self.provision_streams(settings, &STREAMS.map(|(name, _)| name))
+            .await
+    }
+
+    /// Creates the streams named in `owned`, or updates them to the configured settings.
+    /// Each service calls this at start for the streams it publishes to (the bus lets a
+    /// service touch no other); it is idempotent, so replicas may race.
+    pub async fn provision_streams(&self, settings: &StreamSettings, owned: &[&str]) -> Result<(), BusError> {
+        for (name, subjects) in STREAMS.into_iter().filter(|(name, _)| owned.contains(name)) {
             let config = stream::Config {
                 name: name.to_owned(),
                 subjects: vec![subjects.to_owned()],

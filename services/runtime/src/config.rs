@@ -67,12 +67,95 @@ impl ServiceArgs {
     }
 }
 
+/// How to reach NATS: where, as whom, over what.
+#[derive(Clone, clap::Args)]
+pub struct NatsConnectArgs {
+    /// NATS server URL(s), comma-separated. Credentials belong in the options below: a
+    /// password in the URL is masked when the configuration is logged, but is better kept
+    /// out of it.
+    #[arg(long, env = "CLOSEDLOOP_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// User name, with `--nats-password`.
+    #[arg(long, env = "CLOSEDLOOP_NATS_USER")]
+    pub nats_user: Option<String>,
+    #[arg(long, env = "CLOSEDLOOP_NATS_PASSWORD")]
+    pub nats_password: Option<Secret<String>>,
+    /// A NATS credentials file (user JWT and nkey seed), instead of user and password.
+    #[arg(long, env = "CLOSEDLOOP_NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+    /// PEM file of the certificate authorities to trust for TLS to NATS.
+    #[arg(long, env = "CLOSEDLOOP_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate for TLS to NATS, with `--nats-tls-key`.
+    #[arg(long, env = "CLOSEDLOOP_NATS_TLS_CERT")]
+    pub nats_tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, env = "CLOSEDLOOP_NATS_TLS_KEY")]
+    pub nats_tls_key: Option<std::path::PathBuf>,
+    /// Refuse to talk to NATS without TLS.
+    #[arg(long, env = "CLOSEDLOOP_NATS_TLS_REQUIRED", default_value_t = false)]
+    pub nats_tls_required: bool,
+}
+
+impl NatsConnectArgs {
+    /// Only a URL (which may carry credentials, as tests and tools use it).
+    pub fn url(url: impl Into<String>) -> Self {
+        Self {
+            nats_url: url.into(),
+            nats_user: None,
+            nats_password: None,
+            nats_creds: None,
+            nats_tls_ca: None,
+            nats_tls_cert: None,
+            nats_tls_key: None,
+            nats_tls_required: false,
+        }
+    }
+}
+
+/// The user and password a URL carries (`nats://user:password@host:4222`), if any: the NATS
+/// client takes credentials only from its options, so they are read out of the URL here.
+pub fn url_credentials(url: &str) -> Option<(String, String)> {
+    let first = url.split(',').next()?;
+    let (scheme, at) = (first.find("://")?, first.rfind('@')?);
+    let (user, password) = first.get(scheme + 3..at)?.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
+/// `urls` (comma-separated) with any password in them masked, fit to log.
+pub fn redact_urls(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let userinfo = &url[scheme + 3..at];
+                let user = userinfo.split_once(':').map_or("", |(user, _)| user);
+                format!("{}{user}:[redacted]{}", &url[..scheme + 3], &url[at..])
+            }
+            _ => url.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl fmt::Debug for NatsConnectArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsConnectArgs")
+            .field("nats_url", &redact_urls(&self.nats_url))
+            .field("nats_user", &self.nats_user)
+            .field("nats_password", &self.nats_password)
+            .field("nats_creds", &self.nats_creds)
+            .field("nats_tls_ca", &self.nats_tls_ca)
+            .field("nats_tls_cert", &self.nats_tls_cert)
+            .field("nats_tls_key", &self.nats_tls_key)
+            .field("nats_tls_required", &self.nats_tls_required)
+            .finish()
+    }
+}
+
 /// Where NATS is and how the streams are provisioned.
 #[derive(Debug, Clone, clap::Args)]
 pub struct NatsArgs {
-    /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "CLOSEDLOOP_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
+    #[command(flatten)]
+    pub connect: NatsConnectArgs,
     /// How long streams keep events (hours).
     #[arg(long, env = "CLOSEDLOOP_STREAM_MAX_AGE_HOURS", default_value_t = 168)]
     pub stream_max_age_hours: u64,
@@ -177,6 +260,32 @@ mod tests {
             .expect("valid flags");
         let runtime = parsed.service.runtime().expect("a runtime");
         runtime.metrics().num_workers()
+    }
+
+    #[test]
+    fn passwords_in_urls_are_masked_for_the_log() {
+        assert_eq!(
+            redact_urls("nats://ingest:s3cret@nats:4222,nats://nats2:4222"),
+            "nats://ingest:[redacted]@nats:4222,nats://nats2:4222"
+        );
+        assert_eq!(
+            redact_urls("nats://token@nats:4222"),
+            "nats://:[redacted]@nats:4222"
+        );
+        assert_eq!(
+            url_credentials("nats://admin:pw@h:4222,nats://h2:4222"),
+            Some(("admin".to_owned(), "pw".to_owned()))
+        );
+        assert_eq!(url_credentials("nats://h:4222"), None);
+        let args = NatsConnectArgs {
+            nats_password: Some(Secret::new("hunter2".into())),
+            ..NatsConnectArgs::url("nats://u:pw@h:4222")
+        };
+        let logged = format!("{args:?}");
+        assert!(
+            !logged.contains("hunter2") && !logged.contains(":pw@"),
+            "{logged}"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //!
 //! Run with `cargo run --release -p closedloop-e2e --bin bench-dispatch`.
 
+use closedloop_runtime::config::NatsConnectArgs;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -139,7 +140,7 @@ async fn run_dispatch(
     let nats = NatsServer::start()?;
     let database = pg.create_database().await?;
     let cancel = CancellationToken::new();
-    let bus = Bus::connect(&nats.url(), "bench", &cancel).await?;
+    let bus = Bus::connect(&NatsConnectArgs::url(nats.url()), "bench", &cancel).await?;
     bus.provision(&closedloop_e2e::servers::harness_streams()).await?;
     for window in events.chunks(500) {
         for published in bus.publish_all(window.to_vec()).await {

@@ -10,6 +10,7 @@
 //! Run with `cargo run --release -p closedloop-e2e --bin bench-ingest`. Client and server
 //! share this machine's cores, so every figure includes the caller's own cost.
 
+use closedloop_runtime::config::NatsConnectArgs;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -196,7 +197,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let nats = NatsServer::start()?;
     let cancel = CancellationToken::new();
-    let bus = Bus::connect(&nats.url(), "bench", &cancel).await?;
+    let bus = Bus::connect(&NatsConnectArgs::url(nats.url()), "bench", &cancel).await?;
     let settings = closedloop_e2e::servers::harness_streams();
     bus.provision(&settings).await?;
 

@@ -222,7 +222,8 @@ fn loop_options(
     let ports = [free_port()?, free_port()?, free_port()?, free_port()?];
     let metrics_ports = [free_port()?, free_port()?, free_port()?, free_port()?];
     Ok(SystemOptions {
-        nats_url: nats.url(),
+        nats_url: nats.service_url(),
+        nats_auth: true,
         database_url: database_url.to_owned(),
         auth_tokens: format!("{TENANT}:gateway:{}:bench-gateway", hash_token(GATEWAY_TOKEN)),
         gateways: format!("default={url}|{GATEWAY_SECRET}", url = webhook.url()),
@@ -418,7 +419,7 @@ async fn drained(
 /// Publish rate and pull-consume-with-ack rate of a bare JetStream stream, with messages of
 /// `size` bytes: the primitive every hop of the loop is made of.
 async fn raw_jetstream(url: &str, messages: usize, size: usize) -> anyhow::Result<(f64, f64)> {
-    let client = async_nats::connect(url).await?;
+    let client = closedloop_e2e::nats(url).await?;
     let js = async_nats::jetstream::new(client);
     let stream = js
         .create_stream(async_nats::jetstream::stream::Config {
@@ -704,7 +705,7 @@ async fn main() -> anyhow::Result<()> {
     let services = Service::ALL.len();
     let idle_rss_start: Vec<u64> = watched[..services].iter().map(|w| w.rss_kib("VmRSS")).collect();
 
-    let client = async_nats::connect(nats.url()).await?;
+    let client = closedloop_e2e::nats(&nats.url()).await?;
     let js = async_nats::jetstream::new(client);
     let pool = bench::pool(&database_url, 2).await?;
     pg_sessions.refresh(&pool).await;

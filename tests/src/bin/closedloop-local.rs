@@ -79,13 +79,14 @@ async fn main() -> anyhow::Result<()> {
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
 
     let mut _nats = None;
-    let nats_url = match &args.nats_url {
-        Some(url) => url.clone(),
+    // (where services connect, where this launcher looks, whether services log in)
+    let (nats_url, admin_url, nats_auth) = match &args.nats_url {
+        Some(url) => (url.clone(), url.clone(), false),
         None => {
             let server = NatsServer::start_in(&data_dir.join("nats"), args.nats_port)?;
-            let url = server.url();
+            let urls = (server.service_url(), server.url(), true);
             _nats = Some(server);
-            url
+            urls
         }
     };
     let mut _postgres = None;
@@ -107,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let options = SystemOptions {
         nats_url: nats_url.clone(),
+        nats_auth,
         database_url,
         auth_tokens: format!(
             "{t}:gateway:{}:dev-gateway;{t}:agent,supervisor:{}:dev-agent",
@@ -132,7 +134,7 @@ async fn main() -> anyhow::Result<()> {
         without_dispatch: false,
     };
     let system = System::start(&options).await?;
-    system.wait_ready(&nats_url).await?;
+    system.wait_ready(&admin_url).await?;
 
     println!();
     println!(

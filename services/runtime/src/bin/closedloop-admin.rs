@@ -5,15 +5,15 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use closedloop_runtime::bus::Bus;
+use closedloop_runtime::config::{NatsConnectArgs, redact_urls};
 use closedloop_runtime::dead_letters::{DeadLetters, Selection, group};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(name = "closedloop-admin", about = "Closedloop operators' commands")]
 struct Admin {
-    /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "CLOSEDLOOP_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
+    #[command(flatten)]
+    nats: NatsConnectArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -80,10 +80,13 @@ async fn run(admin: Admin) -> anyhow::Result<()> {
     let Command::DeadLetters(command) = admin.command;
     // Connecting retries until NATS answers; an operator would rather hear it is away.
     let cancel = CancellationToken::new();
-    let connecting = Bus::connect(&admin.nats_url, "admin", &cancel);
+    let connecting = Bus::connect(&admin.nats, "admin", &cancel);
     let bus = match tokio::time::timeout(std::time::Duration::from_secs(10), connecting).await {
         Ok(bus) => bus?,
-        Err(_) => anyhow::bail!("NATS at {} did not answer within 10 s", admin.nats_url),
+        Err(_) => anyhow::bail!(
+            "NATS at {} did not answer within 10 s",
+            redact_urls(&admin.nats.nats_url)
+        ),
     };
     let letters = DeadLetters::new(bus.jetstream().clone());
     match command {
