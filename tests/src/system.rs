@@ -427,6 +427,18 @@ impl TestEnv {
     pub async fn start_with(adjust: impl FnOnce(&mut SystemOptions)) -> anyhow::Result<Self> {
         install_telemetry();
         let nats = NatsServer::start()?;
+        // Every stream exists from the start, as an operator would have them: a test may
+        // leave out the service that provisions some (dispatch, say), whose consumers would
+        // otherwise wait for it.
+        let provisioning = CancellationToken::new();
+        closedloop_runtime::bus::Bus::connect(
+            &closedloop_runtime::config::NatsConnectArgs::url(nats.url()),
+            "harness",
+            &provisioning,
+        )
+        .await?
+        .provision(&crate::servers::harness_streams())
+        .await?;
         let database_url = Postgres::shared()?.create_database().await?;
         let receiver_stop = CancellationToken::new();
         let webhook = WebhookReceiver::start(

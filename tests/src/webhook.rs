@@ -1,5 +1,6 @@
 //! A stand-in channel gateway: receives notify's webhook POSTs, checks their signature and
-//! keeps them for tests to inspect (or prints them, for the local launcher).
+//! keeps them for tests to inspect (or prints them, for the local launcher), and lists them
+//! at `GET /messages` for checks from outside its process.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
@@ -18,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 pub struct ReceivedMessage {
     /// When it arrived.
     pub at: std::time::Instant,
+    /// When it arrived, by the wall clock (Unix milliseconds).
+    pub at_unix_ms: i64,
     /// The HTTP status the receiver answered.
     pub answered: u16,
     pub idempotency_key: String,
@@ -88,6 +91,7 @@ async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: B
     };
     let message = ReceivedMessage {
         at: std::time::Instant::now(),
+        at_unix_ms: chrono::Utc::now().timestamp_millis(),
         answered: status.as_u16(),
         idempotency_key: header(IDEMPOTENCY_HEADER),
         signature_valid: header(SIGNATURE_HEADER) == expected,
@@ -123,6 +127,28 @@ async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: B
     status
 }
 
+/// Every request received so far, as JSON: what each was and how it was answered.
+async fn list(State(state): State<ReceiverState>) -> axum::Json<serde_json::Value> {
+    let received = state.received.lock().map(|r| r.clone()).unwrap_or_default();
+    axum::Json(serde_json::Value::Array(
+        received
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "at_unix_ms": m.at_unix_ms,
+                    "answered": m.answered,
+                    "idempotency_key": m.idempotency_key,
+                    "signature_valid": m.signature_valid,
+                    "kind": m.field("kind"),
+                    "channel": m.field("channel"),
+                    "complaint_id": m.field("complaint_id"),
+                    "work_order_id": m.field("work_order_id"),
+                })
+            })
+            .collect(),
+    ))
+}
+
 impl WebhookReceiver {
     /// Listens on `addr` (port 0 for any) until `cancel` fires.
     pub async fn start(
@@ -149,7 +175,10 @@ impl WebhookReceiver {
             slow_delay_ms: slow_delay_ms.clone(),
             print,
         };
-        let app = Router::new().route("/hook", post(receive)).with_state(state);
+        let app = Router::new()
+            .route("/hook", post(receive))
+            .route("/messages", axum::routing::get(list))
+            .with_state(state);
         tokio::spawn(async move {
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(cancel.cancelled_owned())

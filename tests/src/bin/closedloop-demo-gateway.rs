@@ -1,6 +1,6 @@
 //! `closedloop-demo-gateway`: a stand-in channel gateway for trying Closedloop out (used by
 //! docker compose). Receives notify's webhooks on `/hook`, checks the signature and prints
-//! what the customer would get.
+//! what the customer would get; `GET /messages` lists what it received, as JSON.
 
 use clap::Parser;
 use closedloop_e2e::webhook::WebhookReceiver;

@@ -1,0 +1,473 @@
+//! `compose-check`: drives a running `docker compose` deployment of Closedloop from outside,
+//! through its published ports, as scripts/compose-test.sh runs it:
+//!
+//! 1. waits until every container with a healthcheck is healthy;
+//! 2. walks the closed loop once: a complaint submitted over gRPC, its acknowledgement at the
+//!    demo gateway, its work order, resolved by an agent, and the closure message;
+//! 3. submits a stream of complaints while each service container, then NATS, then
+//!    PostgreSQL is killed with SIGKILL (its main process, as a crash would), leaving the
+//!    restart policy to bring it back;
+//! 4. counts as the fault tests do: every complaint accepted, one work order each, exactly
+//!    one first reply each (one Idempotency-Key) within 20 s of its first submission, nothing
+//!    dead-lettered, every container running.
+
+use std::collections::{HashMap, HashSet};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::Utc;
+use clap::Parser;
+use closedloop_e2e::system::authed;
+use closedloop_e2e::{wait_for, wait_until};
+use closedloop_proto::v1::ingest_service_client::IngestServiceClient;
+use closedloop_proto::v1::work_order_service_client::WorkOrderServiceClient;
+use closedloop_proto::v1::{
+    Channel, ComplaintSubmission, GetComplaintStatusRequest, Poster, ResolveWorkOrderRequest,
+    SubmitComplaintRequest,
+};
+use tonic::transport::Channel as GrpcChannel;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// The compose command, e.g. `docker compose` or `docker-compose`.
+    #[arg(long, default_value = "docker compose")]
+    compose: String,
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    ingest: std::net::SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:50053")]
+    dispatch: std::net::SocketAddr,
+    /// The demo gateway's HTTP address.
+    #[arg(long, default_value = "127.0.0.1:8088")]
+    gateway: std::net::SocketAddr,
+    #[arg(long, default_value = "dev-gateway-token")]
+    gateway_token: String,
+    #[arg(long, default_value = "dev-agent-token")]
+    agent_token: String,
+    /// The NATS admin user's password, for closedloop-admin inside a container.
+    #[arg(long, default_value = "dev-admin-nats-password")]
+    nats_admin_password: String,
+    /// Complaints in the stream.
+    #[arg(long, default_value_t = 1_000)]
+    complaints: usize,
+    #[arg(long, default_value_t = 40.0)]
+    per_second: f64,
+    /// Seconds between kills.
+    #[arg(long, default_value_t = 3)]
+    kill_every: u64,
+}
+
+const PROMISE: Duration = Duration::from_secs(20);
+/// Containers killed in turn, in this order.
+const VICTIMS: [&str; 6] = ["ingest", "classify", "dispatch", "notify", "nats", "postgres"];
+const WITH_HEALTHCHECK: [&str; 6] = ["nats", "postgres", "ingest", "classify", "dispatch", "notify"];
+
+/// Runs `docker compose …` (or `docker …`) and returns its standard output.
+fn run(program: &[&str], args: &[&str]) -> anyhow::Result<String> {
+    let (first, rest) = program
+        .split_first()
+        .ok_or_else(|| anyhow::anyhow!("no command"))?;
+    let output = Command::new(first)
+        .args(rest)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program:?} {args:?}"))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{program:?} {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+struct Deployment {
+    compose: Vec<String>,
+}
+
+impl Deployment {
+    fn compose(&self, args: &[&str]) -> anyhow::Result<String> {
+        let program: Vec<&str> = self.compose.iter().map(String::as_str).collect();
+        run(&program, args)
+    }
+
+    fn container(&self, service: &str) -> anyhow::Result<String> {
+        let id = self.compose(&["ps", "-q", service])?.trim().to_owned();
+        anyhow::ensure!(!id.is_empty(), "no container for {service}");
+        Ok(id)
+    }
+
+    /// `docker inspect` field of a service's container.
+    fn inspect(&self, service: &str, format: &str) -> anyhow::Result<String> {
+        let id = self.container(service)?;
+        Ok(run(&["docker"], &["inspect", "-f", format, &id])?
+            .trim()
+            .to_owned())
+    }
+
+    /// Kills the container's main process with SIGKILL: a crash, which the restart policy
+    /// answers (a `docker kill` would count as stopped by hand).
+    fn crash(&self, service: &str) -> anyhow::Result<()> {
+        let pid = self.inspect(service, "{{.State.Pid}}")?;
+        run(&["kill"], &["-9", &pid])?;
+        Ok(())
+    }
+
+    fn all_healthy(&self) -> bool {
+        WITH_HEALTHCHECK.iter().all(|service| {
+            self.inspect(service, "{{.State.Health.Status}}")
+                .is_ok_and(|status| status == "healthy")
+        })
+    }
+}
+
+/// What the demo gateway received, as it lists it.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct Received {
+    at_unix_ms: i64,
+    answered: u16,
+    idempotency_key: String,
+    kind: String,
+    complaint_id: String,
+    signature_valid: bool,
+}
+
+async fn received(http: &reqwest::Client, gateway: std::net::SocketAddr) -> anyhow::Result<Vec<Received>> {
+    Ok(http
+        .get(format!("http://{gateway}/messages"))
+        .send()
+        .await?
+        .json()
+        .await?)
+}
+
+fn complaint(run: &str, n: usize) -> ComplaintSubmission {
+    const TEXTS: [&str; 3] = [
+        "家里宽带又断网了，三天了还没解决！",
+        "话费被多扣了五十元，要求退款",
+        "My internet has been down since yesterday and nobody fixed it",
+    ];
+    ComplaintSubmission {
+        channel: [Channel::WeiboPost, Channel::Wechat, Channel::WebForm][n % 3] as i32,
+        channel_message_id: format!("{run}-{n}"),
+        poster: Some(Poster {
+            poster_id: format!("{run}-poster-{n}"),
+            ..Default::default()
+        }),
+        text: TEXTS[n % TEXTS.len()].to_owned(),
+        locale: "zh-CN".into(),
+        ..Default::default()
+    }
+}
+
+/// Submits until accepted, as a gateway that keeps unsent messages does; returns the
+/// complaint id and when the first attempt was made (Unix ms).
+async fn submit(
+    client: IngestServiceClient<GrpcChannel>,
+    token: String,
+    submission: ComplaintSubmission,
+) -> anyhow::Result<(String, i64)> {
+    let first = Utc::now().timestamp_millis();
+    let started = Instant::now();
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let request = authed(
+            &token,
+            SubmitComplaintRequest {
+                complaint: Some(submission.clone()),
+            },
+        );
+        let mut client = client.clone();
+        let error = match tokio::time::timeout(Duration::from_secs(5), client.submit_complaint(request)).await
+        {
+            Ok(Ok(response)) => return Ok((response.into_inner().complaint_id, first)),
+            Ok(Err(status)) => status.to_string(),
+            Err(_) => "no answer in 5 s".to_owned(),
+        };
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(90),
+            "{} not accepted: {error}",
+            submission.channel_message_id
+        );
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(1));
+    }
+}
+
+fn lazy_channel(addr: std::net::SocketAddr) -> anyhow::Result<GrpcChannel> {
+    Ok(GrpcChannel::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let deployment = Deployment {
+        compose: args.compose.split_whitespace().map(str::to_owned).collect(),
+    };
+    let http = reqwest::Client::new();
+    let ingest = IngestServiceClient::new(lazy_channel(args.ingest)?);
+    let work_orders = WorkOrderServiceClient::new(lazy_channel(args.dispatch)?);
+
+    eprintln!("compose-check: waiting for every healthcheck");
+    wait_until("every container healthy", Duration::from_secs(240), || async {
+        deployment.all_healthy()
+    })
+    .await?;
+
+    // The closed loop, once.
+    eprintln!("compose-check: one complaint around the loop");
+    let (id, _) = submit(ingest.clone(), args.gateway_token.clone(), complaint("smoke", 0)).await?;
+    let seen = |kind: &'static str| {
+        let http = http.clone();
+        let id = id.clone();
+        async move {
+            received(&http, args.gateway)
+                .await
+                .ok()?
+                .into_iter()
+                .find(|m| m.complaint_id == id && m.kind == kind && m.answered == 200)
+        }
+    };
+    let ack = wait_for(
+        "the acknowledgement at the demo gateway",
+        Duration::from_secs(60),
+        || seen("acknowledgement"),
+    )
+    .await?;
+    anyhow::ensure!(
+        ack.signature_valid,
+        "the gateway could not verify notify's signature"
+    );
+    let work_order = wait_for("the work order", Duration::from_secs(60), || {
+        let mut client = work_orders.clone();
+        let request = authed(
+            &args.agent_token,
+            GetComplaintStatusRequest {
+                complaint_id: id.clone(),
+            },
+        );
+        async move {
+            client
+                .get_complaint_status(request)
+                .await
+                .ok()?
+                .into_inner()
+                .work_order
+        }
+    })
+    .await?;
+    work_orders
+        .clone()
+        .resolve_work_order(authed(
+            &args.agent_token,
+            ResolveWorkOrderRequest {
+                work_order_id: work_order.work_order_id.clone(),
+                resolution_note: "线路已修复".into(),
+                ..Default::default()
+            },
+        ))
+        .await?;
+    wait_for("the closure message", Duration::from_secs(60), || seen("closure")).await?;
+
+    // A stream, while each component crashes in turn.
+    eprintln!(
+        "compose-check: {} complaints at {}/s, killing {} every {} s",
+        args.complaints,
+        args.per_second,
+        VICTIMS.join(", "),
+        args.kill_every
+    );
+    let accepted: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    let mut next_victim = 0;
+    let mut ticker = tokio::time::interval(Duration::from_millis(5));
+    let mut n = 0;
+    while n < args.complaints {
+        ticker.tick().await;
+        let elapsed = started.elapsed();
+        let due_kill = Duration::from_secs(args.kill_every * (next_victim as u64 + 1));
+        if next_victim < VICTIMS.len() && elapsed >= due_kill {
+            deployment.crash(VICTIMS[next_victim])?;
+            eprintln!(
+                "compose-check: {} killed at {:.1} s",
+                VICTIMS[next_victim],
+                elapsed.as_secs_f64()
+            );
+            next_victim += 1;
+        }
+        while n < args.complaints && (n as f64) < elapsed.as_secs_f64() * args.per_second {
+            let (client, token, accepted) = (ingest.clone(), args.gateway_token.clone(), accepted.clone());
+            let submission = complaint("stream", n);
+            tasks.spawn(async move {
+                let (id, first) = submit(client, token, submission).await?;
+                if let Ok(mut accepted) = accepted.lock() {
+                    accepted.insert(id, first);
+                }
+                anyhow::Ok(())
+            });
+            n += 1;
+        }
+        while let Some(done) = tasks.try_join_next() {
+            done??;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    anyhow::ensure!(
+        next_victim == VICTIMS.len(),
+        "the stream ended before every kill; send more complaints"
+    );
+    let accepted = accepted.lock().map(|a| a.clone()).unwrap_or_default();
+    anyhow::ensure!(
+        accepted.len() == args.complaints,
+        "{} of {} accepted",
+        accepted.len(),
+        args.complaints
+    );
+
+    // Count.
+    eprintln!("compose-check: waiting for every first reply and work order");
+    wait_until(
+        "a first reply to every complaint",
+        Duration::from_secs(180),
+        || async {
+            let Ok(messages) = received(&http, args.gateway).await else {
+                return false;
+            };
+            let answered: HashSet<String> = messages
+                .into_iter()
+                .filter(|m| {
+                    m.answered == 200
+                        && matches!(m.kind.as_str(), "acknowledgement" | "private_channel_invitation")
+                })
+                .map(|m| m.complaint_id)
+                .collect();
+            accepted.keys().all(|id| answered.contains(id))
+        },
+    )
+    .await?;
+    let placed_sql = "SELECT complaint_id::text || ' ' || count(*) FROM ( \
+        SELECT complaint_id FROM dispatch.work_orders \
+        UNION ALL SELECT complaint_id FROM dispatch.complaint_links) placed GROUP BY complaint_id";
+    let placed = wait_for(
+        "a work order for every complaint",
+        Duration::from_secs(180),
+        || async {
+            let rows = deployment
+                .compose(&[
+                    "exec",
+                    "-T",
+                    "postgres",
+                    "psql",
+                    "-U",
+                    "closedloop",
+                    "-d",
+                    "closedloop",
+                    "-Atc",
+                    placed_sql,
+                ])
+                .ok()?;
+            let placed: HashMap<String, usize> = rows
+                .lines()
+                .filter_map(|line| {
+                    let (id, count) = line.split_once(' ')?;
+                    Some((id.to_owned(), count.parse().ok()?))
+                })
+                .collect();
+            accepted
+                .keys()
+                .all(|id| placed.contains_key(id))
+                .then_some(placed)
+        },
+    )
+    .await?;
+
+    let messages = received(&http, args.gateway).await?;
+    let mut keys: HashMap<&str, HashSet<&str>> = HashMap::new();
+    let mut first_reply: HashMap<&str, i64> = HashMap::new();
+    for m in messages.iter().filter(|m| {
+        m.answered == 200 && matches!(m.kind.as_str(), "acknowledgement" | "private_channel_invitation")
+    }) {
+        keys.entry(&m.complaint_id)
+            .or_default()
+            .insert(&m.idempotency_key);
+        let at = first_reply.entry(&m.complaint_id).or_insert(m.at_unix_ms);
+        *at = (*at).min(m.at_unix_ms);
+    }
+    let mut latencies: Vec<i64> = accepted
+        .iter()
+        .map(|(id, submitted)| first_reply.get(id.as_str()).copied().unwrap_or(i64::MAX) - submitted)
+        .collect();
+    latencies.sort_unstable();
+    let twice = accepted
+        .keys()
+        .filter(|id| keys.get(id.as_str()).is_none_or(|k| k.len() != 1))
+        .count();
+    let doubled = accepted
+        .keys()
+        .filter(|id| placed.get(id.as_str()) != Some(&1))
+        .count();
+    let admin_password = format!("--nats-password={}", args.nats_admin_password);
+    let dead_letters = deployment.compose(&[
+        "exec",
+        "-T",
+        "ingest",
+        "closedloop-admin",
+        "--nats-url=nats://nats:4222",
+        "--nats-user=admin",
+        &admin_password,
+        "dead-letters",
+        "list",
+    ])?;
+    let running: Vec<String> = VICTIMS
+        .iter()
+        .map(|service| {
+            format!(
+                "{service} {} (restarts {})",
+                deployment
+                    .inspect(service, "{{.State.Status}}")
+                    .unwrap_or_default(),
+                deployment
+                    .inspect(service, "{{.RestartCount}}")
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    let percentile = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "compose-check: {} accepted; first reply p50 {} ms, p99 {} ms, max {} ms; {}; {}",
+        accepted.len(),
+        percentile(0.5),
+        percentile(0.99),
+        percentile(1.0),
+        dead_letters.trim(),
+        running.join(", ")
+    );
+    anyhow::ensure!(
+        twice == 0,
+        "{twice} complaints got other than one first reply key"
+    );
+    anyhow::ensure!(
+        percentile(1.0) <= PROMISE.as_millis() as i64,
+        "the slowest first reply took {} ms",
+        percentile(1.0)
+    );
+    anyhow::ensure!(
+        doubled == 0,
+        "{doubled} complaints have other than one work order"
+    );
+    anyhow::ensure!(
+        dead_letters.contains("no dead letters"),
+        "dead letters: {dead_letters}"
+    );
+    anyhow::ensure!(
+        running.iter().all(|state| state.contains("running")),
+        "not all running: {running:?}"
+    );
+    println!("compose-check: the promises held");
+    Ok(())
+}
