@@ -27,8 +27,11 @@ if ! docker image inspect "$base" >/dev/null 2>&1; then
   fi
   root=$(mktemp -d)
   log "debootstrap bookworm from $mirror (a minute or two)"
-  as_root debootstrap --variant=minbase --include=ca-certificates,wget,postgresql,procps \
-    bookworm "$root" "$mirror" >&2
+  if ! as_root debootstrap --variant=minbase --include=ca-certificates,wget,postgresql,procps \
+    bookworm "$root" "$mirror" > "$root.log" 2>&1; then
+    tail -n 30 "$root.log" >&2; exit 1
+  fi
+  rm -f "$root.log"
   as_root tar -C "$root" -c . | docker import - "$base" >&2
   as_root rm -rf "$root"
 fi

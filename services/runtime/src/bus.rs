@@ -272,6 +272,18 @@ impl Bus {
                 Ok(client) => break client,
                 Err(error) => error,
             };
+            // Credentials the server refuses stay refused: waiting helps nobody.
+            if matches!(
+                error.kind(),
+                async_nats::ConnectErrorKind::AuthorizationViolation
+                    | async_nats::ConnectErrorKind::Authentication
+                    | async_nats::ConnectErrorKind::ServerParse
+            ) {
+                return Err(BusError::Connect {
+                    url: shown,
+                    source: error,
+                });
+            }
             tracing::warn!(url = %shown, %error, "NATS not reachable yet; retrying");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}

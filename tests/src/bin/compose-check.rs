@@ -9,7 +9,8 @@
 //!    restart policy to bring it back;
 //! 4. counts as the fault tests do: every complaint accepted, one work order each, exactly
 //!    one first reply each (one Idempotency-Key) within 20 s of its first submission, nothing
-//!    dead-lettered, every container running.
+//!    dead-lettered, every container running;
+//! 5. checks that the stack's NATS refuses a client without credentials.
 
 use std::collections::{HashMap, HashSet};
 use std::process::Command;
@@ -468,6 +469,20 @@ async fn main() -> anyhow::Result<()> {
         running.iter().all(|state| state.contains("running")),
         "not all running: {running:?}"
     );
-    println!("compose-check: the promises held");
+    // The bus is locked: from inside the stack's network, no credentials, no entry.
+    let anonymous = deployment.compose(&[
+        "exec",
+        "-T",
+        "ingest",
+        "closedloop-admin",
+        "--nats-url=nats://nats:4222",
+        "dead-letters",
+        "list",
+    ]);
+    anyhow::ensure!(
+        anonymous.is_err(),
+        "a client without credentials used the stack's NATS: {anonymous:?}"
+    );
+    println!("compose-check: the promises held, and NATS refused a client without credentials");
     Ok(())
 }
