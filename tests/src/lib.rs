@@ -22,6 +22,22 @@ pub async fn nats(url: &str) -> anyhow::Result<async_nats::Client> {
     Ok(options.connect(url).await?)
 }
 
+/// Waits until `consumer` has parked an event in the dead-letter stream, and returns the
+/// last it parked.
+pub async fn dead_letter_of(
+    nats_url: &str,
+    consumer: &str,
+) -> anyhow::Result<closedloop_runtime::dead_letters::DeadLetter> {
+    let letters =
+        closedloop_runtime::dead_letters::DeadLetters::new(async_nats::jetstream::new(nats(nats_url).await?));
+    wait_for(
+        &format!("an event parked by {consumer}"),
+        Duration::from_secs(30),
+        || letters.last_of(consumer),
+    )
+    .await
+}
+
 /// Waits until `probe` yields a value, checking every 20 ms, or fails after `timeout`
 /// with `what` in the message. Tests wait on conditions, never on fixed sleeps.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> anyhow::Result<T>

@@ -429,7 +429,7 @@ async fn ten_thousand_bad_requests_change_nothing() -> anyhow::Result<()> {
 /// no customer hears anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_naming_another_tenant_than_its_subject_is_parked() -> anyhow::Result<()> {
-    use closedloop_runtime::bus::{Bus, OutgoingEvent, dead_letter_headers, work_order_topic};
+    use closedloop_runtime::bus::{Bus, OutgoingEvent, work_order_topic};
     let env = TestEnv::start().await?;
     let cancel = tokio_util::sync::CancellationToken::new();
     let publisher = Bus::connect(&NatsConnectArgs::url(env.nats.url()), "test", &cancel).await?;
@@ -491,7 +491,6 @@ async fn an_event_naming_another_tenant_than_its_subject_is_parked() -> anyhow::
     for published in publisher.publish_all(events).await {
         published?;
     }
-    let js = async_nats::jetstream::new(closedloop_e2e::nats(&env.nats.url()).await?);
     // The watchdog reads a second behind in tests, so its verdict comes last.
     for consumer in [
         closedloop_classify::CONSUMER,
@@ -499,30 +498,13 @@ async fn an_event_naming_another_tenant_than_its_subject_is_parked() -> anyhow::
         closedloop_notify::WORK_ORDER_CONSUMER,
         closedloop_notify::WATCHDOG_CONSUMER,
     ] {
-        let parked = closedloop_e2e::wait_for(
-            "the forged event parked",
-            std::time::Duration::from_secs(30),
-            || {
-                let js = js.clone();
-                async move {
-                    js.get_stream(bus::DEAD_LETTER_STREAM)
-                        .await
-                        .ok()?
-                        .get_last_raw_message_by_subject(&format!("closedloop.deadletter.{consumer}"))
-                        .await
-                        .ok()
-                }
-            },
-        )
-        .await?;
-        let reason = parked
-            .headers
-            .get(dead_letter_headers::REASON)
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_default();
+        let parked = closedloop_e2e::dead_letter_of(&env.nats.url(), consumer).await?;
         assert!(
-            reason.contains("the subject names tenant \"acme\" but the event tenant \"beta\""),
-            "{consumer}: {reason}"
+            parked
+                .reason
+                .contains("the subject names tenant \"acme\" but the event tenant \"beta\""),
+            "{consumer}: {}",
+            parked.reason
         );
     }
     env.wait_idle().await?;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use closedloop_e2e::system::{TestEnv, authed};
-use closedloop_e2e::{wait_for, wait_until};
+use closedloop_e2e::wait_until;
 use closedloop_proto::v1::*;
 use closedloop_runtime::bus;
 use prost::Message as _;
@@ -443,23 +443,12 @@ async fn a_poison_event_is_dead_lettered_with_its_reason() -> anyhow::Result<()>
     )
     .await?
     .await?;
-    let dead = wait_for("the dead letter", WAIT, || {
-        let js = js.clone();
-        async move {
-            let stream = js.get_stream(bus::DEAD_LETTER_STREAM).await.ok()?;
-            stream
-                .get_last_raw_message_by_subject("closedloop.deadletter.classify")
-                .await
-                .ok()
-        }
-    })
-    .await?;
-    let reason = dead
-        .headers
-        .get(bus::dead_letter_headers::REASON)
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_default();
-    assert!(reason.contains("undecodable"), "reason was {reason:?}");
+    let dead = closedloop_e2e::dead_letter_of(&env.nats.url(), "classify").await?;
+    assert!(
+        dead.reason.contains("undecodable"),
+        "reason was {:?}",
+        dead.reason
+    );
     assert_eq!(dead.payload.as_ref(), &[0xff, 0xff, 0xff]);
     // The pipeline is not blocked: a good complaint still goes through.
     let submitted = env.submit(outage_post("after-poison")).await?;
@@ -703,33 +692,10 @@ async fn a_refusal_for_good_is_parked_with_its_reason() -> anyhow::Result<()> {
 
     let client = closedloop_e2e::nats(&env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
-    let dead = wait_for("the dead letter", WAIT, || {
-        let js = js.clone();
-        async move {
-            let stream = js.get_stream(bus::DEAD_LETTER_STREAM).await.ok()?;
-            stream
-                .get_last_raw_message_by_subject("closedloop.deadletter.notify-classified")
-                .await
-                .ok()
-        }
-    })
-    .await?;
-    let header = |name: &str| {
-        dead.headers
-            .get(name)
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_default()
-    };
-    assert!(
-        header(bus::dead_letter_headers::REASON).contains("HTTP 410"),
-        "{}",
-        header(bus::dead_letter_headers::REASON)
-    );
-    assert_eq!(header(bus::dead_letter_headers::DELIVERIES), "1");
-    assert_eq!(
-        header(bus::dead_letter_headers::SUBJECT),
-        bus::COMPLAINT_CLASSIFIED.subject("acme")
-    );
+    let dead = closedloop_e2e::dead_letter_of(&env.nats.url(), "notify-classified").await?;
+    assert!(dead.reason.contains("HTTP 410"), "{}", dead.reason);
+    assert_eq!(dead.deliveries, "1");
+    assert_eq!(dead.subject, bus::COMPLAINT_CLASSIFIED.subject("acme"));
     env.wait_idle().await?;
     let attempts: Vec<_> = env
         .webhook

@@ -31,12 +31,10 @@ async fn admin(nats_url: &str, args: &[&str]) -> anyhow::Result<(bool, String)> 
 }
 
 async fn parked(js: &async_nats::jetstream::Context, consumer: &str) -> Option<u64> {
-    let stream = js.get_stream(bus::DEAD_LETTER_STREAM).await.ok()?;
-    stream
-        .get_last_raw_message_by_subject(&format!("closedloop.deadletter.{consumer}"))
+    closedloop_runtime::dead_letters::DeadLetters::new(js.clone())
+        .last_of(consumer)
         .await
-        .ok()
-        .map(|message| message.sequence)
+        .map(|letter| letter.sequence)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1107,31 +1107,10 @@ async fn one_bad_complaint_does_not_hold_up_its_batch() -> anyhow::Result<()> {
         closedloop_dispatch::CLASSIFIED_CONSUMER,
         closedloop_notify::LOG_CONSUMER,
     ] {
-        let parked = wait_for("the bad complaint parked", WAIT, || {
-            let js = js.clone();
-            async move {
-                js.get_stream(bus::DEAD_LETTER_STREAM)
-                    .await
-                    .ok()?
-                    .get_last_raw_message_by_subject(&format!("closedloop.deadletter.{consumer}"))
-                    .await
-                    .ok()
-            }
-        })
-        .await?;
-        let reason = parked
-            .headers
-            .get(bus::dead_letter_headers::REASON)
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_default();
-        assert!(reason.contains("refused"), "{consumer}: {reason}");
-        let deliveries = parked
-            .headers
-            .get(bus::dead_letter_headers::DELIVERIES)
-            .map(|v| v.as_str().to_owned());
+        let parked = closedloop_e2e::dead_letter_of(&env.nats.url(), consumer).await?;
+        assert!(parked.reason.contains("refused"), "{consumer}: {}", parked.reason);
         assert_eq!(
-            deliveries.as_deref(),
-            Some("1"),
+            parked.deliveries, "1",
             "{consumer}: parked at once, not after retrying with its neighbours"
         );
     }

@@ -14,9 +14,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream;
 use closedloop_proto::v1::classify_service_server::{ClassifyService, ClassifyServiceServer};
-use closedloop_proto::v1::{
-    Channel, ClassifyRequest, ClassifyResponse, ComplaintClassified, ComplaintReceived,
-};
+use closedloop_proto::v1::{Channel, ClassifyRequest, ClassifyResponse, ComplaintClassified};
 use closedloop_runtime::auth::{Authenticator, Role, principal};
 use closedloop_runtime::bus::{self, Bus, OutgoingEvent, StreamSettings};
 use closedloop_runtime::config::ServiceArgs;
@@ -87,11 +85,7 @@ struct ReceivedHandler {
 
 impl MessageHandler for ReceivedHandler {
     async fn handle(&self, message: &jetstream::Message) -> Result<(), HandleError> {
-        let received: ComplaintReceived = consumer::decode(message)?;
-        let complaint = received
-            .complaint
-            .ok_or_else(|| HandleError::reject("complaint.received without a complaint"))?;
-        consumer::check_tenant(message, &complaint.tenant)?;
+        let complaint = closedloop_runtime::events::received(message)?;
         let classification = engine::classify(
             &self.rules,
             Some(&self.models),

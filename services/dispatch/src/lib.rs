@@ -23,9 +23,9 @@ use std::sync::Arc;
 
 use async_nats::jetstream;
 use chrono::Utc;
+use closedloop_proto::v1::FeedbackReceived;
 use closedloop_proto::v1::directory_service_server::DirectoryServiceServer;
 use closedloop_proto::v1::work_order_service_server::WorkOrderServiceServer;
-use closedloop_proto::v1::{ComplaintClassified, FeedbackReceived};
 use closedloop_runtime::auth::Authenticator;
 use closedloop_runtime::bus::{self, Bus, StreamSettings};
 use closedloop_runtime::config::{DatabaseArgs, ServiceArgs};
@@ -167,13 +167,7 @@ struct ClassifiedHandler {
 
 impl MessageHandler for ClassifiedHandler {
     async fn handle(&self, message: &jetstream::Message) -> Result<(), HandleError> {
-        let event: ComplaintClassified = consumer::decode(message)?;
-        let (Some(complaint), Some(classification)) = (event.complaint, event.classification) else {
-            return Err(HandleError::reject(
-                "complaint.classified without complaint or classification",
-            ));
-        };
-        consumer::check_tenant(message, &complaint.tenant)?;
+        let (complaint, classification) = closedloop_runtime::events::classified(message)?;
         if !store::needs_work_order(classification.intent()) {
             tracing::info!(complaint_id = %complaint.complaint_id, intent = ?classification.intent(), "no work order needed");
             return Ok(());

@@ -8,8 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use chrono::Utc;
 use closedloop_proto::v1::{
-    ComplaintClassified, ComplaintReceived, Delivery, IncidentOpened, NotificationKind, WorkOrder,
-    WorkOrderEvent, WorkOrderEventKind,
+    Complaint, Delivery, IncidentOpened, NotificationKind, WorkOrder, WorkOrderEvent, WorkOrderEventKind,
 };
 use closedloop_runtime::bus;
 use closedloop_runtime::consumer::{self, HandleError, MessageHandler};
@@ -33,56 +32,67 @@ fn poster_id(poster: Option<&closedloop_proto::v1::Poster>) -> String {
     poster.map(|p| p.poster_id.clone()).unwrap_or_default()
 }
 
+/// The first reply to `complaint`, of `kind` from the template for `category`: one delivery
+/// id per complaint, whichever path sends it.
+fn first_reply<'a>(
+    courier: &Courier,
+    complaint: &'a Complaint,
+    kind: NotificationKind,
+    category: &str,
+    rule: Rule,
+) -> Result<Outgoing<'a>, HandleError> {
+    let key = TemplateKey {
+        tenant: &complaint.tenant,
+        kind,
+        channel: complaint.channel(),
+        category,
+        locale: &complaint.locale,
+    };
+    let body = courier.render(&key, &[("reference", reference(&complaint.complaint_id))])?;
+    let delivery = Delivery {
+        delivery_id: first_reply_id(&complaint.tenant, &complaint.complaint_id).to_string(),
+        tenant: complaint.tenant.clone(),
+        kind: kind as i32,
+        channel: complaint.channel,
+        recipient: poster_id(complaint.poster.as_ref()),
+        complaint_id: complaint.complaint_id.clone(),
+        body,
+        ..Default::default()
+    };
+    Ok(Outgoing {
+        delivery,
+        destination: Destination::Customer(complaint.channel()),
+        reply_to_message_id: &complaint.channel_message_id,
+        thread_id: &complaint.thread_id,
+        work_order_version: None,
+        received_at: complaint.received_at.as_ref().and_then(time::from_timestamp),
+        rule,
+    })
+}
+
 /// Acknowledges each classified complaint (or invites the customer to a private channel).
 pub(crate) struct ClassifiedHandler(pub Arc<Courier>);
 
 impl MessageHandler for ClassifiedHandler {
     async fn handle(&self, message: &jetstream::Message) -> Result<(), HandleError> {
-        let event: ComplaintClassified = consumer::decode(message)?;
-        let (Some(complaint), Some(classification)) = (event.complaint, event.classification) else {
-            return Err(HandleError::reject(
-                "complaint.classified without complaint or classification",
-            ));
-        };
-        consumer::check_tenant(message, &complaint.tenant)?;
+        let (complaint, classification) = closedloop_runtime::events::classified(message)?;
         let kind = if classification.needs_private_channel {
             NotificationKind::PrivateChannelInvitation
         } else {
             NotificationKind::Acknowledgement
         };
-        let key = TemplateKey {
-            tenant: &complaint.tenant,
+        let out = first_reply(
+            &self.0,
+            &complaint,
             kind,
-            channel: complaint.channel(),
-            category: &classification.category,
-            locale: &complaint.locale,
-        };
-        let body = self
-            .0
-            .render(&key, &[("reference", reference(&complaint.complaint_id))])?;
-        let first_reply = first_reply_id(&complaint.tenant, &complaint.complaint_id);
-        let delivery = Delivery {
-            delivery_id: first_reply.to_string(),
-            tenant: complaint.tenant.clone(),
-            kind: kind as i32,
-            channel: complaint.channel,
-            recipient: poster_id(complaint.poster.as_ref()),
-            complaint_id: complaint.complaint_id.clone(),
-            body,
-            ..Default::default()
-        };
-        let out = Outgoing {
-            delivery,
-            destination: Destination::Customer(complaint.channel()),
-            reply_to_message_id: &complaint.channel_message_id,
-            thread_id: &complaint.thread_id,
-            work_order_version: None,
-            received_at: complaint.received_at.as_ref().and_then(time::from_timestamp),
-            rule: Rule::of(message),
-        };
+            &classification.category,
+            Rule::of(message),
+        )?;
         self.0.deliver(out).await?;
-        // Delivered now or handled before: either way the log holds it.
-        self.0.first_replies.remember(first_reply);
+        // Delivered now or handled before: either way its record says so.
+        self.0
+            .first_replies
+            .remember(first_reply_id(&complaint.tenant, &complaint.complaint_id));
         Ok(())
     }
 }
@@ -97,13 +107,9 @@ pub(crate) struct WatchdogHandler {
 
 impl MessageHandler for WatchdogHandler {
     async fn handle(&self, message: &jetstream::Message) -> Result<(), HandleError> {
-        let event: ComplaintReceived = consumer::decode(message)?;
-        let complaint = event
-            .complaint
-            .ok_or_else(|| HandleError::reject("complaint.received without a complaint"))?;
-        consumer::check_tenant(message, &complaint.tenant)?;
-        let first_reply = first_reply_id(&complaint.tenant, &complaint.complaint_id);
-        if self.courier.first_replies.contains(&first_reply) {
+        let complaint = closedloop_runtime::events::received(message)?;
+        let first_reply_id = first_reply_id(&complaint.tenant, &complaint.complaint_id);
+        if self.courier.first_replies.contains(&first_reply_id) {
             tracing::debug!(complaint_id = %complaint.complaint_id, "first reply already in the log");
             return Ok(());
         }
@@ -121,35 +127,14 @@ impl MessageHandler for WatchdogHandler {
                 anyhow::anyhow!("first-response deadline not reached"),
             ));
         }
-        let key = TemplateKey {
-            tenant: &complaint.tenant,
-            kind: NotificationKind::Acknowledgement,
-            channel: complaint.channel(),
-            category: "*",
-            locale: &complaint.locale,
-        };
-        let body = self
-            .courier
-            .render(&key, &[("reference", reference(&complaint.complaint_id))])?;
-        let delivery = Delivery {
-            delivery_id: first_reply.to_string(),
-            tenant: complaint.tenant.clone(),
-            kind: NotificationKind::Acknowledgement as i32,
-            channel: complaint.channel,
-            recipient: poster_id(complaint.poster.as_ref()),
-            complaint_id: complaint.complaint_id.clone(),
-            body,
-            ..Default::default()
-        };
-        let out = Outgoing {
-            delivery,
-            destination: Destination::Customer(complaint.channel()),
-            reply_to_message_id: &complaint.channel_message_id,
-            thread_id: &complaint.thread_id,
-            work_order_version: None,
-            received_at: Some(received),
-            rule: Rule::OnlyIfNew,
-        };
+        let mut out = first_reply(
+            &self.courier,
+            &complaint,
+            NotificationKind::Acknowledgement,
+            "*",
+            Rule::OnlyIfNew,
+        )?;
+        out.received_at = Some(received);
         self.courier.deliver(out).await
     }
 }

@@ -217,6 +217,16 @@ impl DeadLetters {
         Ok(letters)
     }
 
+    /// The last event `consumer` parked, if any.
+    pub async fn last_of(&self, consumer: &str) -> Option<DeadLetter> {
+        let stream = self.stream().await.ok()?;
+        stream
+            .get_last_raw_message_by_subject(&format!("closedloop.deadletter.{consumer}"))
+            .await
+            .ok()
+            .map(DeadLetter::from_raw)
+    }
+
     /// One dead letter.
     pub async fn get(&self, sequence: u64) -> Result<DeadLetter, DeadLetterError> {
         let stream = self.stream().await?;

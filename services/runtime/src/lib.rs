@@ -12,6 +12,7 @@ pub mod config;
 pub mod consumer;
 pub mod db;
 pub mod dead_letters;
+pub mod events;
 pub mod grpc;
 pub mod ids;
 pub mod metrics;

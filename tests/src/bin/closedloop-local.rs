@@ -160,7 +160,14 @@ async fn main() -> anyhow::Result<()> {
     for (name, addr) in &system.metrics {
         println!("  metrics   http://{addr}/metrics   {name}");
     }
-    println!("  nats      {nats_url}");
+    if nats_auth {
+        println!(
+            "  nats      {nats_url}   (bus locked: user admin, password {}; closedloop-admin takes them)",
+            closedloop_e2e::servers::nats_password("admin")
+        );
+    } else {
+        println!("  nats      {nats_url}");
+    }
     println!(
         "  gateway   {} (demo: prints every message a customer would get)",
         gateway.url()
