@@ -22,6 +22,13 @@ pub async fn nats(url: &str) -> anyhow::Result<async_nats::Client> {
     Ok(options.connect(url).await?)
 }
 
+/// How many events the dead-letter stream holds.
+pub async fn dead_letter_count(nats_url: &str) -> anyhow::Result<u64> {
+    let js = async_nats::jetstream::new(nats(nats_url).await?);
+    let mut stream = js.get_stream(closedloop_runtime::bus::DEAD_LETTER_STREAM).await?;
+    Ok(stream.info().await?.state.messages)
+}
+
 /// Waits until `consumer` has parked an event in the dead-letter stream, and returns the
 /// last it parked.
 pub async fn dead_letter_of(

@@ -660,13 +660,7 @@ async fn a_gateway_that_keeps_failing_delays_the_reply_and_never_parks_it() -> a
     assert!(gaps[2] > gaps[0], "gaps must grow: {gaps:?}");
     let client = closedloop_e2e::nats(&env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
-    let parked = js
-        .get_stream(bus::DEAD_LETTER_STREAM)
-        .await?
-        .info()
-        .await?
-        .state
-        .messages;
+    let parked = closedloop_e2e::dead_letter_count(&env.nats.url()).await?;
     assert_eq!(parked, 0, "nothing dead-lettered");
     let notify = js
         .get_stream(bus::COMPLAINTS_STREAM)

@@ -1121,13 +1121,7 @@ async fn one_bad_complaint_does_not_hold_up_its_batch() -> anyhow::Result<()> {
         .await?;
     assert_eq!(placing.num_redelivered, 0, "no complaint had to come back");
     env.wait_idle().await?;
-    let parked = js
-        .get_stream(bus::DEAD_LETTER_STREAM)
-        .await?
-        .info()
-        .await?
-        .state
-        .messages;
+    let parked = closedloop_e2e::dead_letter_count(&env.nats.url()).await?;
     assert_eq!(
         parked, 2,
         "the bad complaint alone, once by each consumer that writes it"

@@ -27,7 +27,6 @@ use closedloop_e2e::{free_port, wait_for, wait_until};
 use closedloop_proto::v1::ingest_service_client::IngestServiceClient;
 use closedloop_proto::v1::{Channel, ComplaintSubmission, Poster, SubmitComplaintRequest};
 use closedloop_runtime::auth::hash_token;
-use closedloop_runtime::bus;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel as GrpcChannel;
 
@@ -443,13 +442,7 @@ async fn check(
     latencies.sort();
     let placed = work_orders_per_complaint(&pool).await?;
     let doubled: Vec<_> = placed.iter().filter(|(_, n)| **n != 1).collect();
-    let dead_letters = js
-        .get_stream(bus::DEAD_LETTER_STREAM)
-        .await?
-        .info()
-        .await?
-        .state
-        .messages;
+    let dead_letters = closedloop_e2e::dead_letter_count(&deployment.nats.url()).await?;
     // Messages a crash made notify send again (the gateway drops them by their key).
     let attempts = deployment.webhook.attempts().len();
     let resent = attempts - deployment.webhook.unique_messages().len();
