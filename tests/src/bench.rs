@@ -589,20 +589,6 @@ pub mod procfs {
             .collect()
     }
 
-    /// The first process named `name` whose command line contains every one of `parts`.
-    pub fn find(name: &str, parts: &[&str]) -> Option<u32> {
-        all_pids().into_iter().find(|pid| {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            comm.trim() == name
-                && std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|raw| {
-                        let line = String::from_utf8_lossy(&raw).replace('\0', " ");
-                        parts.iter().all(|part| line.contains(part))
-                    })
-                    .unwrap_or(false)
-        })
-    }
-
     /// The postmaster of the cluster in `data_dir` (first line of `postmaster.pid`).
     pub fn postmaster(data_dir: &Path) -> Option<u32> {
         std::fs::read_to_string(data_dir.join("postmaster.pid"))

@@ -202,6 +202,11 @@ impl NatsServer {
         self.store.join("nats.pid")
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.pid_file()).ok()?.trim().parse().ok()
+    }
+
     /// Kills the server with SIGKILL, as a crash would (the store is kept); [`resume`]
     /// starts it again.
     ///

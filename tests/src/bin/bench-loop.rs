@@ -669,8 +669,7 @@ async fn main() -> anyhow::Result<()> {
             pids: Box::new(move || vec![pid]),
         })
         .collect();
-    let nats_port = nats.port.to_string();
-    let nats_pid = procfs::find("nats-server", &["-p", &nats_port]);
+    let nats_pid = nats.pid();
     watched.push(Watched {
         name: "nats-server".into(),
         pids: Box::new(move || nats_pid.into_iter().collect()),
