@@ -19,13 +19,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use closedloop_e2e::gateway;
 use closedloop_e2e::processes::{ServiceProcesses, bin_dir};
 use closedloop_e2e::servers::{NatsServer, Postgres};
-use closedloop_e2e::system::{CONSUMERS, Service, SystemOptions, authed, wait_for_consumers};
+use closedloop_e2e::system::{CONSUMERS, Service, SystemOptions, wait_for_consumers};
 use closedloop_e2e::webhook::WebhookReceiver;
 use closedloop_e2e::{free_port, wait_for, wait_until};
 use closedloop_proto::v1::ingest_service_client::IngestServiceClient;
-use closedloop_proto::v1::{Channel, ComplaintSubmission, Poster, SubmitComplaintRequest};
 use closedloop_runtime::auth::hash_token;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel as GrpcChannel;
@@ -184,64 +184,6 @@ impl Deployment {
     }
 }
 
-/// The complaints of a run: clear complaints (each needs a work order), each from its own
-/// poster on one of three channels, none carrying personal data.
-fn complaints(run: &str, count: usize) -> Vec<ComplaintSubmission> {
-    const TEXTS: [&str; 4] = [
-        "家里宽带又断网了，三天了还没解决！",
-        "话费被多扣了五十元，要求退款",
-        "My internet has been down since yesterday and nobody fixed it",
-        "快递一直没送到，客服也不回复，太差了",
-    ];
-    const CHANNELS: [Channel; 3] = [Channel::WeiboPost, Channel::Wechat, Channel::WebForm];
-    (0..count)
-        .map(|i| ComplaintSubmission {
-            channel: CHANNELS[i % CHANNELS.len()] as i32,
-            channel_message_id: format!("{run}-{i}"),
-            poster: Some(Poster {
-                poster_id: format!("{run}-poster-{i}"),
-                ..Default::default()
-            }),
-            text: TEXTS[i % TEXTS.len()].to_owned(),
-            locale: "zh-CN".into(),
-            ..Default::default()
-        })
-        .collect()
-}
-
-/// Submits like a gateway that keeps unsent messages and retries them: until accepted (a
-/// duplicate answer carries the same id), for up to [`SUBMIT_FOR`]. Returns the complaint id
-/// and when the first attempt was made.
-async fn submit_until_accepted(
-    client: IngestServiceClient<GrpcChannel>,
-    submission: ComplaintSubmission,
-) -> anyhow::Result<(String, Instant)> {
-    let first_attempt = Instant::now();
-    let mut wait = Duration::from_millis(100);
-    loop {
-        let request = authed(
-            GATEWAY_TOKEN,
-            SubmitComplaintRequest {
-                complaint: Some(submission.clone()),
-            },
-        );
-        let mut client = client.clone();
-        let error = match tokio::time::timeout(Duration::from_secs(5), client.submit_complaint(request)).await
-        {
-            Ok(Ok(response)) => return Ok((response.into_inner().complaint_id, first_attempt)),
-            Ok(Err(status)) => status.to_string(),
-            Err(_) => "no answer within 5 s".to_owned(),
-        };
-        anyhow::ensure!(
-            first_attempt.elapsed() < SUBMIT_FOR,
-            "{} not accepted within {SUBMIT_FOR:?}: {error}",
-            submission.channel_message_id
-        );
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(1));
-    }
-}
-
 /// What a run measured.
 struct Outcome {
     /// Per accepted complaint: when its submission was first tried.
@@ -266,7 +208,10 @@ async fn submit_through(
     let accepted: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     let started = Instant::now();
-    let mut pending = complaints(run, count).into_iter().enumerate().peekable();
+    let mut pending = (0..count)
+        .map(|n| gateway::complaint(run, n))
+        .enumerate()
+        .peekable();
     // Per fault: when it was broken, and whether it is mended.
     let mut states: Vec<(Option<Instant>, bool)> = vec![(None, false); schedule.len()];
     let mut ticker = tokio::time::interval(Duration::from_millis(5));
@@ -297,9 +242,10 @@ async fn submit_through(
             let client = client.clone();
             let accepted = accepted.clone();
             tasks.spawn(async move {
-                let (id, first_attempt) = submit_until_accepted(client, submission).await?;
+                let (id, first_attempt) =
+                    gateway::submit_until_accepted(client, GATEWAY_TOKEN, submission, SUBMIT_FOR).await?;
                 if let Ok(mut accepted) = accepted.lock() {
-                    accepted.insert(id, first_attempt);
+                    accepted.insert(id, first_attempt.at);
                 }
                 anyhow::Ok(())
             });

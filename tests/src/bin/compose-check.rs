@@ -18,16 +18,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use chrono::Utc;
 use clap::Parser;
+use closedloop_e2e::gateway;
 use closedloop_e2e::system::authed;
 use closedloop_e2e::{wait_for, wait_until};
 use closedloop_proto::v1::ingest_service_client::IngestServiceClient;
 use closedloop_proto::v1::work_order_service_client::WorkOrderServiceClient;
-use closedloop_proto::v1::{
-    Channel, ComplaintSubmission, GetComplaintStatusRequest, Poster, ResolveWorkOrderRequest,
-    SubmitComplaintRequest,
-};
+use closedloop_proto::v1::{GetComplaintStatusRequest, ResolveWorkOrderRequest};
 use tonic::transport::Channel as GrpcChannel;
 
 #[derive(Debug, Parser)]
@@ -60,6 +57,8 @@ struct Args {
 }
 
 const PROMISE: Duration = Duration::from_secs(20);
+/// How long a submission is retried before the check gives up on it.
+const SUBMIT_FOR: Duration = Duration::from_secs(90);
 /// Containers killed in turn, in this order.
 const VICTIMS: [&str; 6] = ["ingest", "classify", "dispatch", "notify", "nats", "postgres"];
 const WITH_HEALTHCHECK: [&str; 6] = ["nats", "postgres", "ingest", "classify", "dispatch", "notify"];
@@ -142,59 +141,6 @@ async fn received(http: &reqwest::Client, gateway: std::net::SocketAddr) -> anyh
         .await?)
 }
 
-fn complaint(run: &str, n: usize) -> ComplaintSubmission {
-    const TEXTS: [&str; 3] = [
-        "家里宽带又断网了，三天了还没解决！",
-        "话费被多扣了五十元，要求退款",
-        "My internet has been down since yesterday and nobody fixed it",
-    ];
-    ComplaintSubmission {
-        channel: [Channel::WeiboPost, Channel::Wechat, Channel::WebForm][n % 3] as i32,
-        channel_message_id: format!("{run}-{n}"),
-        poster: Some(Poster {
-            poster_id: format!("{run}-poster-{n}"),
-            ..Default::default()
-        }),
-        text: TEXTS[n % TEXTS.len()].to_owned(),
-        locale: "zh-CN".into(),
-        ..Default::default()
-    }
-}
-
-/// Submits until accepted, as a gateway that keeps unsent messages does; returns the
-/// complaint id and when the first attempt was made (Unix ms).
-async fn submit(
-    client: IngestServiceClient<GrpcChannel>,
-    token: String,
-    submission: ComplaintSubmission,
-) -> anyhow::Result<(String, i64)> {
-    let first = Utc::now().timestamp_millis();
-    let started = Instant::now();
-    let mut wait = Duration::from_millis(100);
-    loop {
-        let request = authed(
-            &token,
-            SubmitComplaintRequest {
-                complaint: Some(submission.clone()),
-            },
-        );
-        let mut client = client.clone();
-        let error = match tokio::time::timeout(Duration::from_secs(5), client.submit_complaint(request)).await
-        {
-            Ok(Ok(response)) => return Ok((response.into_inner().complaint_id, first)),
-            Ok(Err(status)) => status.to_string(),
-            Err(_) => "no answer in 5 s".to_owned(),
-        };
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(90),
-            "{} not accepted: {error}",
-            submission.channel_message_id
-        );
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(1));
-    }
-}
-
 fn lazy_channel(addr: std::net::SocketAddr) -> anyhow::Result<GrpcChannel> {
     Ok(GrpcChannel::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(2))
@@ -219,7 +165,13 @@ async fn main() -> anyhow::Result<()> {
 
     // The closed loop, once.
     eprintln!("compose-check: one complaint around the loop");
-    let (id, _) = submit(ingest.clone(), args.gateway_token.clone(), complaint("smoke", 0)).await?;
+    let (id, _) = gateway::submit_until_accepted(
+        ingest.clone(),
+        &args.gateway_token,
+        gateway::complaint("smoke", 0),
+        SUBMIT_FOR,
+    )
+    .await?;
     let seen = |kind: &'static str| {
         let http = http.clone();
         let id = id.clone();
@@ -301,11 +253,12 @@ async fn main() -> anyhow::Result<()> {
         }
         while n < args.complaints && (n as f64) < elapsed.as_secs_f64() * args.per_second {
             let (client, token, accepted) = (ingest.clone(), args.gateway_token.clone(), accepted.clone());
-            let submission = complaint("stream", n);
+            let submission = gateway::complaint("stream", n);
             tasks.spawn(async move {
-                let (id, first) = submit(client, token, submission).await?;
+                let (id, first) =
+                    gateway::submit_until_accepted(client, &token, submission, SUBMIT_FOR).await?;
                 if let Ok(mut accepted) = accepted.lock() {
-                    accepted.insert(id, first);
+                    accepted.insert(id, first.unix_ms);
                 }
                 anyhow::Ok(())
             });
