@@ -78,11 +78,35 @@ impl v1::Priority {
         let name = self.as_str_name();
         name.strip_prefix("PRIORITY_").unwrap_or(name)
     }
+
+    /// One step more urgent; P1 stays P1 (and no priority counts as the least urgent).
+    pub fn raised(self) -> Self {
+        match self {
+            v1::Priority::P4 => v1::Priority::P3,
+            v1::Priority::P3 => v1::Priority::P2,
+            v1::Priority::P2 | v1::Priority::P1 | v1::Priority::Unspecified => v1::Priority::P1,
+        }
+    }
+}
+
+impl v1::WorkOrder {
+    /// Raises the work order's priority one step ([`v1::Priority::raised`]).
+    pub fn raise_priority(&mut self) {
+        self.priority = self.priority().raised() as i32;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::v1::Priority;
+
+    #[test]
+    fn raising_a_priority_stops_at_p1() {
+        assert_eq!(Priority::P4.raised(), Priority::P3);
+        assert_eq!(Priority::P3.raised(), Priority::P2);
+        assert_eq!(Priority::P2.raised(), Priority::P1);
+        assert_eq!(Priority::P1.raised(), Priority::P1);
+    }
 
     #[test]
     fn priority_labels_drop_the_enum_prefix() {

@@ -43,14 +43,6 @@ fn personal_data_kind(kind: PiiKind) -> PersonalDataKind {
     }
 }
 
-fn raise(priority: Priority) -> Priority {
-    match priority {
-        Priority::P4 => Priority::P3,
-        Priority::P3 => Priority::P2,
-        _ => Priority::P1,
-    }
-}
-
 /// The category with the most keyword hits (and those keywords), and all category hits.
 fn keyword_category<'r>(rules: &'r Rules, found: &Found<'r>) -> (Option<(&'r str, Vec<&'r str>)>, usize) {
     let mut best: Option<(&str, Vec<&str>)> = None;
@@ -231,28 +223,28 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
     };
     if matches!(intent, Intent::Complaint | Intent::Inquiry) && !abuse_without_problem {
         if rules.urgent_categories.contains(&category) {
-            priority = raise(priority);
+            priority = priority.raised();
             reasons.push(format!("priority raised: {category} is urgent"));
         }
         if sentiment == Sentiment::Negative || anger {
-            priority = raise(priority);
+            priority = priority.raised();
             reasons.push("priority raised: negative or angry".into());
         }
         if !repeated.is_empty() {
-            priority = raise(priority);
+            priority = priority.raised();
             reasons.push(format!("priority raised: repeated contact {repeated:?}"));
         }
         if !vulnerable.is_empty() {
-            priority = raise(priority);
+            priority = priority.raised();
             reasons.push(format!("priority raised: vulnerable customer {vulnerable:?}"));
         }
         match tier {
             InfluenceTier::KeyOpinionLeader => {
-                priority = raise(raise(priority));
+                priority = priority.raised().raised();
                 reasons.push("priority raised twice: key opinion leader".into());
             }
             InfluenceTier::Influencer => {
-                priority = raise(priority);
+                priority = priority.raised();
                 reasons.push("priority raised: influencer".into());
             }
             _ => {}

@@ -308,10 +308,7 @@ impl WorkOrderService for WorkOrderApi {
             note: &r.reason,
         };
         let work_order = self
-            .change(&caller, &r.work_order_id, change, |wo| {
-                // One step more urgent, P1 stays P1.
-                wo.priority = (wo.priority - 1).max(Priority::P1 as i32);
-            })
+            .change(&caller, &r.work_order_id, change, |wo| wo.raise_priority())
             .await?;
         Ok(Response::new(EscalateWorkOrderResponse {
             work_order: Some(work_order),

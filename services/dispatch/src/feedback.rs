@@ -4,14 +4,13 @@
 //! the same answer after the next resolution (a customer still unhappy) counts again.
 
 use chrono::Utc;
-use closedloop_proto::v1::{FeedbackReceived, Priority, WorkOrderState};
+use closedloop_proto::v1::{FeedbackReceived, WorkOrderState};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::Policy;
 use crate::lifecycle::{Action, is_open};
 use crate::store::{self, Change, StoreError};
-use crate::watcher::raise;
 
 /// What a feedback event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,15 +141,11 @@ async fn escalate(
         actor: "customer",
         note: "dissatisfied customer",
     };
-    let priority = raise(wo.priority);
-    let deadlines = policy.sla.deadlines(
-        &wo.category,
-        Priority::try_from(priority).unwrap_or_default(),
-        Utc::now(),
-    );
+    let priority = wo.priority().raised();
+    let deadlines = policy.sla.deadlines(&wo.category, priority, Utc::now());
     // The clock first, so the event carries the new deadlines.
     store::restart_clock(tx, wo, &deadlines).await?;
-    store::apply_locked(tx, wo, change, |wo| wo.priority = priority).await
+    store::apply_locked(tx, wo, change, |wo| wo.priority = priority as i32).await
 }
 
 #[cfg(test)]

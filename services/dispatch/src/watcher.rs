@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use closedloop_proto::v1::{Priority, SlaState, WorkOrder, WorkOrderState};
+use closedloop_proto::v1::{SlaState, WorkOrder, WorkOrderState};
 use sqlx::{PgPool, Row};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -33,11 +33,6 @@ pub fn sla_verdict(wo: &WorkOrder, risk: (DateTime<Utc>, DateTime<Utc>), now: Da
     } else {
         SlaState::OnTrack
     }
-}
-
-/// One step more urgent; P1 stays P1.
-pub fn raise(priority: i32) -> i32 {
-    (priority - 1).max(Priority::P1 as i32)
 }
 
 /// One round of SLA checks; returns how many work orders changed.
@@ -89,7 +84,7 @@ pub async fn check_sla(pool: &PgPool, policy: &Policy) -> Result<usize, StoreErr
                 let team = policy.sla.escalation_team.clone();
                 store::apply_locked(&mut tx, &mut wo, change, |wo| {
                     wo.sla_state = SlaState::Breached as i32;
-                    wo.priority = raise(wo.priority);
+                    wo.raise_priority();
                     wo.team = team;
                     wo.assignee.clear();
                 })
@@ -241,11 +236,5 @@ mod tests {
             sla_verdict(&wo, risk, opened + Duration::minutes(100)),
             SlaState::Breached
         );
-    }
-
-    #[test]
-    fn escalation_raises_priority_once_per_step() {
-        assert_eq!(raise(Priority::P3 as i32), Priority::P2 as i32);
-        assert_eq!(raise(Priority::P1 as i32), Priority::P1 as i32);
     }
 }
