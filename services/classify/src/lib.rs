@@ -247,3 +247,24 @@ impl Classify {
         Ok(())
     }
 }
+
+impl closedloop_runtime::service::Service for Classify {
+    type Config = Config;
+    const NAME: &'static str = "classify";
+
+    fn args(config: &Config) -> &closedloop_runtime::config::ServiceArgs {
+        &config.service
+    }
+
+    async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
+        Classify::build(config, cancel).await
+    }
+
+    fn listening(&self) -> std::io::Result<Vec<(&'static str, SocketAddr)>> {
+        Ok(vec![("grpc", self.grpc_addr()?)])
+    }
+
+    async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        Classify::run(self, cancel).await
+    }
+}

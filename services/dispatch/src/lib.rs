@@ -389,3 +389,24 @@ impl Dispatch {
         Ok(())
     }
 }
+
+impl closedloop_runtime::service::Service for Dispatch {
+    type Config = Config;
+    const NAME: &'static str = "dispatch";
+
+    fn args(config: &Config) -> &closedloop_runtime::config::ServiceArgs {
+        &config.service
+    }
+
+    async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
+        Dispatch::build(config, cancel).await
+    }
+
+    fn listening(&self) -> std::io::Result<Vec<(&'static str, SocketAddr)>> {
+        Ok(vec![("grpc", self.grpc_addr()?)])
+    }
+
+    async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        Dispatch::run(self, cancel).await
+    }
+}

@@ -101,3 +101,24 @@ impl Ingest {
         Ok(())
     }
 }
+
+impl closedloop_runtime::service::Service for Ingest {
+    type Config = Config;
+    const NAME: &'static str = "ingest";
+
+    fn args(config: &Config) -> &closedloop_runtime::config::ServiceArgs {
+        &config.service
+    }
+
+    async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
+        Ingest::build(config, cancel).await
+    }
+
+    fn listening(&self) -> std::io::Result<Vec<(&'static str, SocketAddr)>> {
+        Ok(vec![("grpc", self.grpc_addr()?), ("http", self.http_addr()?)])
+    }
+
+    async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        Ingest::run(self, cancel).await
+    }
+}

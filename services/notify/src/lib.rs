@@ -293,3 +293,24 @@ async fn write_log(bus: Bus, pool: PgPool, spec: ConsumerSpec, linger: Duration,
         tracing::error!(%error, "the delivery log's writer failed");
     }
 }
+
+impl closedloop_runtime::service::Service for Notify {
+    type Config = Config;
+    const NAME: &'static str = "notify";
+
+    fn args(config: &Config) -> &closedloop_runtime::config::ServiceArgs {
+        &config.service
+    }
+
+    async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
+        Notify::build(config, cancel).await
+    }
+
+    fn listening(&self) -> std::io::Result<Vec<(&'static str, SocketAddr)>> {
+        Ok(vec![("grpc", self.grpc_addr()?)])
+    }
+
+    async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        Notify::run(self, cancel).await
+    }
+}

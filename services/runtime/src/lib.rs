@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod ids;
 pub mod metrics;
 pub mod pii;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod text;

@@ -1,0 +1,51 @@
+//! What every service binary's `main` does: read flags and environment, start telemetry, log
+//! the configuration (secrets redacted), build the service, serve until SIGTERM or SIGINT,
+//! then give in-flight work its grace. Each service implements [`Service`]; its `main.rs`
+//! calls [`main`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServiceArgs;
+use crate::{shutdown, telemetry};
+
+/// A Closedloop service as its binary runs it.
+pub trait Service: Sized {
+    /// Its flags and environment.
+    type Config: clap::Parser + std::fmt::Debug;
+    /// Its name in logs and traces.
+    const NAME: &'static str;
+
+    /// What every service takes, within `config`.
+    fn args(config: &Self::Config) -> &ServiceArgs;
+
+    /// Connects, provisions and binds.
+    fn build(config: Self::Config, cancel: &CancellationToken) -> impl Future<Output = anyhow::Result<Self>>;
+
+    /// What it listens on, for the log: (protocol, address).
+    fn listening(&self) -> std::io::Result<Vec<(&'static str, SocketAddr)>>;
+
+    /// Serves until `cancel` fires, then finishes in-flight work.
+    fn run(self, cancel: CancellationToken) -> impl Future<Output = anyhow::Result<()>>;
+}
+
+/// The whole of a service binary's `main`.
+pub fn main<S: Service>() -> anyhow::Result<()> {
+    let config = <S::Config as clap::Parser>::parse();
+    S::args(&config).runtime()?.block_on(serve::<S>(config))
+}
+
+async fn serve<S: Service>(config: S::Config) -> anyhow::Result<()> {
+    let args = S::args(&config);
+    let _telemetry = telemetry::init(S::NAME, &args.telemetry)?;
+    let grace = std::time::Duration::from_secs(args.grpc.shutdown_grace_secs);
+    tracing::info!(service = S::NAME, ?config, "starting");
+    let cancel = shutdown::on_signal();
+    let service = S::build(config, &cancel).await?;
+    for (protocol, addr) in service.listening()? {
+        tracing::info!(service = S::NAME, protocol, %addr, "listening");
+    }
+    shutdown::run_with_grace(service.run(cancel.clone()), cancel, grace).await
+}
