@@ -180,7 +180,7 @@ impl WebhookReceiver {
             .route("/messages", axum::routing::get(list))
             .with_state(state);
         tokio::spawn(async move {
-            let served = axum::serve(listener, app)
+            let served = axum::serve(closedloop_runtime::grpc::http_listener(listener), app)
                 .with_graceful_shutdown(cancel.cancelled_owned())
                 .await;
             if let Err(error) = served {

@@ -86,7 +86,7 @@ impl Ingest {
         let exporting = self.metrics.spawn(cancel.clone());
         let http_cancel = cancel.clone();
         let http = tokio::spawn(async move {
-            axum::serve(self.http_listener, app)
+            axum::serve(grpc::http_listener(self.http_listener), app)
                 .with_graceful_shutdown(http_cancel.cancelled_owned())
                 .await
         });

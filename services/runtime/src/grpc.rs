@@ -8,10 +8,10 @@
 
 use std::net::SocketAddr;
 
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Status};
 use tonic_health::ServingStatus;
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
@@ -39,6 +39,24 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, GrpcError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| GrpcError::Bind { addr, source })
+}
+
+/// The connections `listener` accepts, with `TCP_NODELAY` set on each. Without it a
+/// response written in pieces (headers, then body, then trailers) waits for the client's
+/// delayed ACK: a flat ~40 ms on every small call.
+pub fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// `listener` for `axum::serve`, with `TCP_NODELAY` set on every accepted connection, for
+/// the same reason as [`incoming`].
+pub fn http_listener(listener: TcpListener) -> impl axum::serve::Listener<Io = TcpStream, Addr = SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|stream: &mut TcpStream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY on an accepted connection");
+        }
+    })
 }
 
 /// Serves `routes` (the service's own gRPC services, named in `service_names` for health)
@@ -79,7 +97,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .layer(crate::telemetry::GrpcTraceLayer)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     Ok(())
 }
@@ -177,5 +195,31 @@ mod tests {
         assert_eq!(page_size(-3, 50, 500), 50);
         assert_eq!(page_size(20, 50, 500), 20);
         assert_eq!(page_size(9000, 50, 500), 500);
+    }
+
+    async fn local_listener() -> (TcpListener, SocketAddr) {
+        let listener = bind(([127, 0, 0, 1], 0).into()).await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        (listener, addr)
+    }
+
+    #[tokio::test]
+    async fn grpc_connections_are_accepted_with_nodelay() {
+        use tokio_stream::StreamExt;
+        let (listener, addr) = local_listener().await;
+        let mut accepted = incoming(listener);
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let stream = accepted.next().await.expect("a connection").expect("accepted");
+        assert!(stream.nodelay().expect("read TCP_NODELAY"));
+    }
+
+    #[tokio::test]
+    async fn http_connections_are_accepted_with_nodelay() {
+        use axum::serve::Listener;
+        let (listener, addr) = local_listener().await;
+        let mut accepted = http_listener(listener);
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (stream, _) = accepted.accept().await;
+        assert!(stream.nodelay().expect("read TCP_NODELAY"));
     }
 }

@@ -183,7 +183,7 @@ impl Exporter {
             }),
         );
         tokio::spawn(async move {
-            axum::serve(self.listener, app)
+            axum::serve(crate::grpc::http_listener(self.listener), app)
                 .with_graceful_shutdown(cancel.cancelled_owned())
                 .await
         })
