@@ -957,3 +957,111 @@ async fn sequential_calls_answer_without_the_delayed_ack_stall() -> anyhow::Resu
     }
     env.shutdown().await
 }
+
+/// Pages of a filtered listing hold every match once; a page token is good only for the
+/// tenant and the filters it was issued to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_tokens_are_bound_to_their_tenant_and_filters() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let mut submitted = Vec::new();
+    for n in 0..5 {
+        // Each from its own poster, so that none joins another's work order.
+        let mut post = outage_post(&format!("paged-{n}"));
+        if let Some(poster) = post.poster.as_mut() {
+            poster.poster_id = format!("weibo-uid-paged-{n}");
+        }
+        submitted.push(env.submit(post).await?.complaint_id);
+    }
+    env.wait_idle().await?;
+
+    let mut work_orders = env.work_orders().await?;
+    let by_team = |page_token: String| ListWorkOrdersRequest {
+        team: "network-ops".into(),
+        page_size: 2,
+        page_token,
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    let mut first_token = None;
+    loop {
+        let page = work_orders
+            .list_work_orders(authed(&env.tokens.agent, by_team(page_token)))
+            .await?
+            .into_inner();
+        assert!(page.work_orders.len() <= 2);
+        seen.extend(page.work_orders.into_iter().map(|wo| wo.complaint_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        first_token.get_or_insert_with(|| page.next_page_token.clone());
+        page_token = page.next_page_token;
+    }
+    seen.sort();
+    submitted.sort();
+    assert_eq!(
+        seen, submitted,
+        "every work order of the team once, across 3 pages"
+    );
+
+    let token =
+        first_token.ok_or_else(|| anyhow::anyhow!("5 work orders in pages of 2 had no second page"))?;
+    let replayed_by_beta = work_orders
+        .list_work_orders(authed(&env.tokens.other_tenant, by_team(token.clone())))
+        .await
+        .expect_err("another tenant's token");
+    assert_eq!(replayed_by_beta.code(), Code::InvalidArgument);
+    let other_filters = ListWorkOrdersRequest {
+        team: "billing".into(),
+        ..by_team(token.clone())
+    };
+    let replayed_with_other_filters = work_orders
+        .list_work_orders(authed(&env.tokens.agent, other_filters))
+        .await
+        .expect_err("a token of another listing");
+    assert_eq!(replayed_with_other_filters.code(), Code::InvalidArgument);
+    assert!(
+        replayed_with_other_filters.message().contains("page_token"),
+        "{}",
+        replayed_with_other_filters.message()
+    );
+
+    // The delivery log's tokens, likewise.
+    let mut notifications = env.notifications().await?;
+    let one_per_page = ListDeliveriesRequest {
+        page_size: 1,
+        ..Default::default()
+    };
+    let first_page = notifications
+        .list_deliveries(authed(&env.tokens.agent, one_per_page.clone()))
+        .await?
+        .into_inner();
+    assert!(
+        !first_page.next_page_token.is_empty(),
+        "5 acknowledgements, one per page"
+    );
+    let second = ListDeliveriesRequest {
+        page_token: first_page.next_page_token.clone(),
+        ..one_per_page.clone()
+    };
+    notifications
+        .list_deliveries(authed(&env.tokens.agent, second.clone()))
+        .await?;
+    let status = notifications
+        .list_deliveries(authed(&env.tokens.other_tenant, second.clone()))
+        .await
+        .expect_err("another tenant's token");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = notifications
+        .list_deliveries(authed(
+            &env.tokens.agent,
+            ListDeliveriesRequest {
+                complaint_id: submitted[0].clone(),
+                ..second
+            },
+        ))
+        .await
+        .expect_err("a token of another listing");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    env.shutdown().await
+}

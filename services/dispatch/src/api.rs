@@ -41,9 +41,7 @@ fn status(error: StoreError) -> Status {
         StoreError::NotFound => Status::not_found("no such work order for this tenant"),
         StoreError::VersionConflict { .. } => Status::aborted(error.to_string()),
         StoreError::InvalidTransition(e) => Status::failed_precondition(e.to_string()),
-        StoreError::BadPageToken => {
-            invalid_argument(&[Violation::new("page_token", "is not a token this API issued")])
-        }
+        StoreError::BadPageToken => closedloop_runtime::grpc::foreign_page_token(),
         StoreError::Invalid(message) => Status::invalid_argument(message),
         StoreError::Database(e) => {
             tracing::error!(error = %e, "database error");

@@ -562,20 +562,77 @@ pub struct ListFilter {
     pub sla_state: Option<SlaState>,
 }
 
-/// Where the previous page ended: newest first, so the next page starts below this key.
-fn encode_page_token(created_at: DateTime<Utc>, id: Uuid) -> String {
-    grpc::encode_page_token(&format!("{}:{}", created_at.timestamp_micros(), id))
+impl ListFilter {
+    /// What a page token of this listing is bound to, with the caller's tenant.
+    fn page_scope(&self, tenant: &str) -> grpc::PageScope {
+        grpc::PageScope::new(tenant, &format!("{self:?}"))
+    }
 }
 
-fn decode_page_token(token: &str) -> Result<(DateTime<Utc>, Uuid), StoreError> {
-    let position = grpc::decode_page_token(token).ok_or(StoreError::BadPageToken)?;
+/// A listing position: newest first, so the next page starts below this key.
+fn listing_position(created_at: DateTime<Utc>, id: Uuid) -> String {
+    format!("{}:{}", created_at.timestamp_micros(), id)
+}
+
+fn parse_listing_position(position: &str) -> Result<(DateTime<Utc>, Uuid), StoreError> {
     let (micros, id) = position.split_once(':').ok_or(StoreError::BadPageToken)?;
     let micros: i64 = micros.parse().map_err(|_| StoreError::BadPageToken)?;
     let at = DateTime::from_timestamp_micros(micros).ok_or(StoreError::BadPageToken)?;
     Ok((at, Uuid::parse_str(id).map_err(|_| StoreError::BadPageToken)?))
 }
 
-/// One page of a tenant's work orders, newest first, and the token of the next page.
+/// The listing query: only the filters given become conditions, so each combination is its
+/// own prepared statement with its own plan (a generic plan over `$n IS NULL OR …` could
+/// not pick the index that fits). Keyset pagination on `(created_at, work_order_id)`, which
+/// every listing index ends with.
+fn listing_query<'a>(
+    tenant: &'a str,
+    filter: &'a ListFilter,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> sqlx::QueryBuilder<'a, Postgres> {
+    let mut query = sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM work_orders WHERE tenant = "));
+    query.push_bind(tenant);
+    if let Some(state) = filter.state {
+        query.push(" AND state = ").push_bind(state as i16);
+    }
+    if let Some(team) = &filter.team {
+        query.push(" AND team = ").push_bind(team);
+    }
+    if let Some(assignee) = &filter.assignee {
+        query.push(" AND assignee = ").push_bind(assignee);
+    }
+    if let Some(priority) = filter.priority {
+        query.push(" AND priority = ").push_bind(priority as i16);
+    }
+    if let Some(category) = &filter.category {
+        query.push(" AND category = ").push_bind(category);
+    }
+    if let Some(after) = filter.created_after {
+        query.push(" AND created_at >= ").push_bind(after);
+    }
+    if let Some(before) = filter.created_before {
+        query.push(" AND created_at < ").push_bind(before);
+    }
+    if let Some(sla_state) = filter.sla_state {
+        query.push(" AND sla_state = ").push_bind(sla_state as i16);
+    }
+    if let Some((at, id)) = after {
+        query
+            .push(" AND (created_at, work_order_id) < (")
+            .push_bind(at)
+            .push(", ")
+            .push_bind(id)
+            .push(")");
+    }
+    query
+        .push(" ORDER BY created_at DESC, work_order_id DESC LIMIT ")
+        .push_bind(limit);
+    query
+}
+
+/// One page of a tenant's work orders, newest first, and the token of the next page (bound
+/// to this tenant and these filters).
 pub async fn list(
     pool: &PgPool,
     tenant: &str,
@@ -583,43 +640,24 @@ pub async fn list(
     page_size: u32,
     page_token: &str,
 ) -> Result<(Vec<WorkOrder>, String), StoreError> {
-    let after = if page_token.is_empty() {
-        None
-    } else {
-        Some(decode_page_token(page_token)?)
-    };
-    let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM work_orders WHERE tenant = $1 \
-           AND ($2::smallint IS NULL OR state = $2) \
-           AND ($3::text IS NULL OR team = $3) \
-           AND ($4::text IS NULL OR assignee = $4) \
-           AND ($5::smallint IS NULL OR priority = $5) \
-           AND ($6::text IS NULL OR category = $6) \
-           AND ($7::timestamptz IS NULL OR created_at >= $7) \
-           AND ($8::timestamptz IS NULL OR created_at < $8) \
-           AND ($9::timestamptz IS NULL OR (created_at, work_order_id) < ($9, $10)) \
-           AND ($12::smallint IS NULL OR sla_state = $12) \
-         ORDER BY created_at DESC, work_order_id DESC LIMIT $11"
-    ))
-    .bind(tenant)
-    .bind(filter.state.map(|s| s as i16))
-    .bind(&filter.team)
-    .bind(&filter.assignee)
-    .bind(filter.priority.map(|p| p as i16))
-    .bind(&filter.category)
-    .bind(filter.created_after)
-    .bind(filter.created_before)
-    .bind(after.map(|(at, _)| at))
-    .bind(after.map(|(_, id)| id))
-    .bind(i64::from(page_size) + 1)
-    .bind(filter.sla_state.map(|s| s as i16))
-    .fetch_all(pool)
-    .await?;
+    let scope = filter.page_scope(tenant);
+    let after = scope
+        .open(page_token)
+        .map_err(|_| StoreError::BadPageToken)?
+        .map(|position| parse_listing_position(&position))
+        .transpose()?;
+    let rows = listing_query(tenant, filter, after, i64::from(page_size) + 1)
+        .build()
+        .fetch_all(pool)
+        .await?;
     let mut work_orders = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
     let next = if work_orders.len() > page_size as usize {
         work_orders.truncate(page_size as usize);
         let last = &rows[page_size as usize - 1];
-        encode_page_token(last.try_get("created_at")?, last.try_get("work_order_id")?)
+        scope.seal(&listing_position(
+            last.try_get("created_at")?,
+            last.try_get("work_order_id")?,
+        ))
     } else {
         String::new()
     };
@@ -919,19 +957,60 @@ mod tests {
     }
 
     #[test]
-    fn page_tokens_round_trip_and_reject_garbage() {
+    fn listing_positions_round_trip_and_reject_garbage() {
         let at = DateTime::from_timestamp_micros(1_700_000_000_123_456).expect("valid");
         let id = Uuid::from_u128(42);
-        let token = encode_page_token(at, id);
-        let (back_at, back_id) = decode_page_token(&token).expect("round trip");
+        let position = listing_position(at, id);
+        let (back_at, back_id) = parse_listing_position(&position).expect("round trip");
         assert_eq!((back_at, back_id), (at, id));
-        assert!(matches!(
-            decode_page_token("not base64!"),
-            Err(StoreError::BadPageToken)
-        ));
-        assert!(matches!(
-            decode_page_token("bm9wZQ"),
-            Err(StoreError::BadPageToken)
-        ));
+        for garbage in [
+            "",
+            "nope",
+            "12:not-a-uuid",
+            "x:00000000-0000-0000-0000-00000000002a",
+        ] {
+            assert!(matches!(
+                parse_listing_position(garbage),
+                Err(StoreError::BadPageToken)
+            ));
+        }
+    }
+
+    #[test]
+    fn listing_conditions_are_only_the_filters_given() {
+        let sql = |filter: &ListFilter| listing_query("acme", filter, None, 51).sql().to_owned();
+        let unfiltered = sql(&ListFilter::default());
+        assert!(
+            unfiltered.ends_with("WHERE tenant = $1 ORDER BY created_at DESC, work_order_id DESC LIMIT $2")
+        );
+        let by_team_and_state = sql(&ListFilter {
+            state: Some(WorkOrderState::Assigned),
+            team: Some("network-ops".into()),
+            ..Default::default()
+        });
+        assert!(
+            by_team_and_state.contains("WHERE tenant = $1 AND state = $2 AND team = $3 ORDER BY"),
+            "{by_team_and_state}"
+        );
+        let after = Some((Utc::now(), Uuid::from_u128(1)));
+        let next_page = listing_query("acme", &ListFilter::default(), after, 51)
+            .sql()
+            .to_owned();
+        assert!(
+            next_page.contains("AND (created_at, work_order_id) < ($2, $3)"),
+            "{next_page}"
+        );
+    }
+
+    #[test]
+    fn page_tokens_are_bound_to_tenant_and_filters() {
+        let by_team = ListFilter {
+            team: Some("network-ops".into()),
+            ..Default::default()
+        };
+        let token = by_team.page_scope("acme").seal("position");
+        assert!(by_team.page_scope("acme").open(&token).is_ok());
+        assert!(by_team.page_scope("globex").open(&token).is_err());
+        assert!(ListFilter::default().page_scope("acme").open(&token).is_err());
     }
 }

@@ -3,7 +3,7 @@
 use closedloop_proto::v1::notification_service_server::NotificationService;
 use closedloop_proto::v1::{ListDeliveriesRequest, ListDeliveriesResponse};
 use closedloop_runtime::auth::{Role, principal};
-use closedloop_runtime::grpc::{Violation, invalid_argument, page_size};
+use closedloop_runtime::grpc::{foreign_page_token, page_size};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 
@@ -48,9 +48,7 @@ impl NotificationService for NotificationApi {
         )
         .await
         .map_err(|e| match e {
-            StoreError::BadPageToken => {
-                invalid_argument(&[Violation::new("page_token", "is not a token this API issued")])
-            }
+            StoreError::BadPageToken => foreign_page_token(),
             StoreError::Database(e) => {
                 tracing::error!(error = %e, "database error");
                 Status::unavailable("delivery log unavailable; retry")

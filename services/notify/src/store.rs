@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use closedloop_proto::v1::{Delivery, DeliveryState, NotificationKind};
 use closedloop_runtime::{grpc, time};
-use sqlx::{PgPool, Row};
+use sqlx::{PgPool, Postgres, Row};
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -121,17 +121,47 @@ pub struct ListFilter {
     pub state: Option<DeliveryState>,
 }
 
-fn encode_token(seq: i64) -> String {
-    grpc::encode_page_token(&seq.to_string())
+impl ListFilter {
+    /// What a page token of this listing is bound to, with the caller's tenant.
+    fn page_scope(&self, tenant: &str) -> grpc::PageScope {
+        grpc::PageScope::new(tenant, &format!("{self:?}"))
+    }
 }
 
-fn decode_token(token: &str) -> Result<i64, StoreError> {
-    grpc::decode_page_token(token)
-        .and_then(|position| position.parse().ok())
-        .ok_or(StoreError::BadPageToken)
+/// The listing query, newest first: only the filters given become conditions, so each
+/// combination gets a plan that uses the index fitting it. Keyset pagination on `seq`.
+fn listing_query<'a>(
+    tenant: &'a str,
+    filter: &'a ListFilter,
+    before: Option<i64>,
+    limit: i64,
+) -> sqlx::QueryBuilder<'a, Postgres> {
+    let mut query = sqlx::QueryBuilder::new("SELECT * FROM deliveries WHERE tenant = ");
+    query.push_bind(tenant);
+    if let Some(complaint_id) = &filter.complaint_id {
+        query.push(" AND complaint_id = ").push_bind(complaint_id);
+    }
+    if let Some(work_order_id) = &filter.work_order_id {
+        query.push(" AND work_order_id = ").push_bind(work_order_id);
+    }
+    if let Some(recipient) = &filter.recipient {
+        query.push(" AND recipient = ").push_bind(recipient);
+    }
+    if let Some(kind) = filter.kind {
+        query.push(" AND kind = ").push_bind(kind as i16);
+    }
+    if let Some(state) = filter.state {
+        query.push(" AND state = ").push_bind(state as i16);
+    }
+    if let Some(before) = before {
+        query.push(" AND seq < ").push_bind(before);
+    }
+    query.push(" ORDER BY seq DESC LIMIT ").push_bind(limit);
+    query
 }
 
-/// One page of a tenant's deliveries, newest first.
+/// One page of a tenant's deliveries, newest first, and the token of the next page (bound
+/// to this tenant and these filters).
 pub async fn list(
     pool: &PgPool,
     tenant: &str,
@@ -139,35 +169,21 @@ pub async fn list(
     page_size: u32,
     page_token: &str,
 ) -> Result<(Vec<Delivery>, String), StoreError> {
-    let before = if page_token.is_empty() {
-        None
-    } else {
-        Some(decode_token(page_token)?)
-    };
-    let rows = sqlx::query(
-        "SELECT * FROM deliveries WHERE tenant = $1 \
-           AND ($2::text IS NULL OR complaint_id = $2) \
-           AND ($3::text IS NULL OR work_order_id = $3) \
-           AND ($4::text IS NULL OR recipient = $4) \
-           AND ($5::smallint IS NULL OR kind = $5) \
-           AND ($6::smallint IS NULL OR state = $6) \
-           AND ($7::bigint IS NULL OR seq < $7) \
-         ORDER BY seq DESC LIMIT $8",
-    )
-    .bind(tenant)
-    .bind(&filter.complaint_id)
-    .bind(&filter.work_order_id)
-    .bind(&filter.recipient)
-    .bind(filter.kind.map(|k| k as i16))
-    .bind(filter.state.map(|s| s as i16))
-    .bind(before)
-    .bind(i64::from(page_size) + 1)
-    .fetch_all(pool)
-    .await?;
+    let scope = filter.page_scope(tenant);
+    let before = scope
+        .open(page_token)
+        .map_err(|_| StoreError::BadPageToken)?
+        .map(|position| position.parse::<i64>().map_err(|_| StoreError::BadPageToken))
+        .transpose()?;
+    let rows = listing_query(tenant, filter, before, i64::from(page_size) + 1)
+        .build()
+        .fetch_all(pool)
+        .await?;
     let mut deliveries = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
     let next = if deliveries.len() > page_size as usize {
         deliveries.truncate(page_size as usize);
-        encode_token(rows[page_size as usize - 1].try_get("seq")?)
+        let last: i64 = rows[page_size as usize - 1].try_get("seq")?;
+        scope.seal(&last.to_string())
     } else {
         String::new()
     };
@@ -201,8 +217,32 @@ mod tests {
     }
 
     #[test]
-    fn page_tokens_round_trip() {
-        assert_eq!(decode_token(&encode_token(1234)).expect("valid"), 1234);
-        assert!(decode_token("!!").is_err());
+    fn listing_conditions_are_only_the_filters_given() {
+        let by_work_order = ListFilter {
+            work_order_id: Some("wo-1".into()),
+            ..Default::default()
+        };
+        let sql = listing_query("acme", &by_work_order, Some(99), 51)
+            .sql()
+            .to_owned();
+        assert!(
+            sql.ends_with("WHERE tenant = $1 AND work_order_id = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"),
+            "{sql}"
+        );
+    }
+
+    #[test]
+    fn page_tokens_are_bound_to_tenant_and_filters() {
+        let by_complaint = ListFilter {
+            complaint_id: Some("c-1".into()),
+            ..Default::default()
+        };
+        let token = by_complaint.page_scope("acme").seal("1234");
+        assert_eq!(
+            by_complaint.page_scope("acme").open(&token),
+            Ok(Some("1234".to_owned()))
+        );
+        assert!(by_complaint.page_scope("globex").open(&token).is_err());
+        assert!(ListFilter::default().page_scope("acme").open(&token).is_err());
     }
 }

@@ -139,20 +139,69 @@ pub fn invalid_argument(violations: &[Violation]) -> Status {
     )
 }
 
-/// An opaque page token for a listing position (URL-safe base64, so callers do not read
-/// meaning into it).
-pub fn encode_page_token(position: &str) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(position)
+/// What a page token is valid for: one tenant and one set of filters. A token carries where
+/// its listing stopped and a digest of its scope; replayed by another tenant or with other
+/// filters it is refused, rather than silently paging through a different listing. (The
+/// listing is scoped by the caller's tenant whatever the token says; the digest makes misuse
+/// an error instead of a wrong page.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageScope {
+    digest: [u8; PAGE_SCOPE_DIGEST],
 }
 
-/// The position inside a page token, or `None` for a token this API did not issue.
-pub fn decode_page_token(token: &str) -> Option<String> {
-    use base64::Engine as _;
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()?;
-    String::from_utf8(raw).ok()
+const PAGE_SCOPE_DIGEST: usize = 12;
+
+/// A page token that this listing did not issue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("is not a token this listing issued to this tenant for these filters")]
+pub struct ForeignPageToken;
+
+impl PageScope {
+    /// The scope of a listing by `tenant` with `filters`, given in one canonical spelling
+    /// (e.g. the `Debug` of the filter struct, so that a new filter is bound too).
+    pub fn new(tenant: &str, filters: &str) -> Self {
+        use sha2::Digest as _;
+        let hash = sha2::Sha256::new()
+            .chain_update(tenant.len().to_le_bytes())
+            .chain_update(tenant)
+            .chain_update(filters)
+            .finalize();
+        let mut digest = [0; PAGE_SCOPE_DIGEST];
+        digest.copy_from_slice(&hash[..PAGE_SCOPE_DIGEST]);
+        Self { digest }
+    }
+
+    /// An opaque token (URL-safe base64) for the next page, which starts after `position`.
+    pub fn seal(&self, position: &str) -> String {
+        use base64::Engine as _;
+        let mut raw = self.digest.to_vec();
+        raw.extend_from_slice(position.as_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// The position in `token`: `None` for the first page (an empty token), an error for a
+    /// token issued for another scope or not by this API.
+    pub fn open(&self, token: &str) -> Result<Option<String>, ForeignPageToken> {
+        use base64::Engine as _;
+        if token.is_empty() {
+            return Ok(None);
+        }
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| ForeignPageToken)?;
+        let (digest, position) = raw.split_at_checked(PAGE_SCOPE_DIGEST).ok_or(ForeignPageToken)?;
+        if digest != self.digest {
+            return Err(ForeignPageToken);
+        }
+        String::from_utf8(position.to_vec())
+            .map(Some)
+            .map_err(|_| ForeignPageToken)
+    }
+}
+
+/// `INVALID_ARGUMENT` for a page token this listing did not issue to this caller.
+pub fn foreign_page_token() -> Status {
+    invalid_argument(&[Violation::new("page_token", ForeignPageToken.to_string())])
 }
 
 /// Clamps a requested page size: 0 means the default, larger than `max` means `max`.
@@ -182,11 +231,20 @@ mod tests {
     }
 
     #[test]
-    fn page_tokens_are_opaque_and_round_trip() {
-        let token = encode_page_token("1700000000:abc");
-        assert!(!token.contains(':'));
-        assert_eq!(decode_page_token(&token).as_deref(), Some("1700000000:abc"));
-        assert_eq!(decode_page_token("not base64!"), None);
+    fn page_tokens_are_opaque_and_bound_to_their_scope() {
+        let scope = PageScope::new("acme", "state=Some(New)");
+        let token = scope.seal("1700000000:abc");
+        assert!(!token.contains("1700000000"));
+        assert_eq!(scope.open(&token), Ok(Some("1700000000:abc".to_owned())));
+        assert_eq!(scope.open(""), Ok(None));
+        let other_tenant = PageScope::new("globex", "state=Some(New)");
+        assert_eq!(other_tenant.open(&token), Err(ForeignPageToken));
+        let other_filters = PageScope::new("acme", "state=None");
+        assert_eq!(other_filters.open(&token), Err(ForeignPageToken));
+        // The tenant's length is hashed too: "ab"+"c…" is not "a"+"bc…".
+        assert_ne!(PageScope::new("ab", "c"), PageScope::new("a", "bc"));
+        assert_eq!(scope.open("not base64!"), Err(ForeignPageToken));
+        assert_eq!(scope.open("bm9wZQ"), Err(ForeignPageToken));
     }
 
     #[test]
