@@ -4,6 +4,7 @@
 //! library code their binaries run.
 
 pub mod bench;
+pub mod drive;
 pub mod gateway;
 pub mod processes;
 pub mod servers;

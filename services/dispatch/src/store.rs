@@ -519,15 +519,61 @@ pub async fn update_work_order(tx: &mut Transaction<'_, Postgres>, wo: &WorkOrde
     update_work_orders(tx, [wo]).await
 }
 
+// The API's reads are pushed onto a query builder the caller starts, so that the same
+// statement can run as it is or under `EXPLAIN` (bench-api prints their plans).
+
+/// One of the tenant's work orders by id.
+pub fn push_get<'a>(query: &mut sqlx::QueryBuilder<'a, Postgres>, tenant: &'a str, work_order_id: Uuid) {
+    query
+        .push(format!("SELECT {COLUMNS} FROM work_orders WHERE tenant = "))
+        .push_bind(tenant)
+        .push(" AND work_order_id = ")
+        .push_bind(work_order_id);
+}
+
+/// The work order handling a complaint: the one it opened, or the one it was attached to.
+pub fn push_get_by_complaint<'a>(
+    query: &mut sqlx::QueryBuilder<'a, Postgres>,
+    tenant: &'a str,
+    complaint_id: Uuid,
+) {
+    // Two index lookups in one statement, rather than an OR the planner may not split.
+    query
+        .push(format!("(SELECT {COLUMNS} FROM work_orders WHERE tenant = "))
+        .push_bind(tenant)
+        .push(" AND complaint_id = ")
+        .push_bind(complaint_id)
+        .push(format!(
+            ") UNION ALL (SELECT {COLUMNS} FROM work_orders WHERE work_order_id = \
+               (SELECT work_order_id FROM complaint_links WHERE tenant = "
+        ))
+        .push_bind(tenant)
+        .push(" AND complaint_id = ")
+        .push_bind(complaint_id)
+        .push(")) LIMIT 1");
+}
+
+/// The audit timeline of one of the tenant's work orders, oldest first.
+pub fn push_history<'a>(query: &mut sqlx::QueryBuilder<'a, Postgres>, tenant: &'a str, work_order_id: Uuid) {
+    query
+        .push(
+            "SELECT h.version, h.kind, h.actor, h.note, h.occurred_at FROM work_order_history h \
+             JOIN work_orders w USING (work_order_id) WHERE w.tenant = ",
+        )
+        .push_bind(tenant)
+        .push(" AND h.work_order_id = ")
+        .push_bind(work_order_id)
+        .push(" ORDER BY h.version");
+}
+
 pub async fn get(pool: &PgPool, tenant: &str, work_order_id: &str) -> Result<WorkOrder, StoreError> {
-    let row = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM work_orders WHERE tenant = $1 AND work_order_id = $2"
-    ))
-    .bind(tenant)
-    .bind(parse_uuid(work_order_id)?)
-    .fetch_optional(pool)
-    .await?
-    .ok_or(StoreError::NotFound)?;
+    let mut query = sqlx::QueryBuilder::new("");
+    push_get(&mut query, tenant, parse_uuid(work_order_id)?);
+    let row = query
+        .build()
+        .fetch_optional(pool)
+        .await?
+        .ok_or(StoreError::NotFound)?;
     Ok(from_row(&row)?)
 }
 
@@ -537,15 +583,13 @@ pub async fn get_by_complaint(
     tenant: &str,
     complaint_id: &str,
 ) -> Result<WorkOrder, StoreError> {
-    let row = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM work_orders WHERE tenant = $1 AND (complaint_id = $2 OR work_order_id = \
-           (SELECT work_order_id FROM complaint_links WHERE tenant = $1 AND complaint_id = $2)) LIMIT 1"
-    ))
-    .bind(tenant)
-    .bind(parse_uuid(complaint_id)?)
-    .fetch_optional(pool)
-    .await?
-    .ok_or(StoreError::NotFound)?;
+    let mut query = sqlx::QueryBuilder::new("");
+    push_get_by_complaint(&mut query, tenant, parse_uuid(complaint_id)?);
+    let row = query
+        .build()
+        .fetch_optional(pool)
+        .await?
+        .ok_or(StoreError::NotFound)?;
     Ok(from_row(&row)?)
 }
 
@@ -585,14 +629,16 @@ fn parse_listing_position(position: &str) -> Result<(DateTime<Utc>, Uuid), Store
 /// own prepared statement with its own plan (a generic plan over `$n IS NULL OR …` could
 /// not pick the index that fits). Keyset pagination on `(created_at, work_order_id)`, which
 /// every listing index ends with.
-fn listing_query<'a>(
+pub fn push_listing<'a>(
+    query: &mut sqlx::QueryBuilder<'a, Postgres>,
     tenant: &'a str,
     filter: &'a ListFilter,
     after: Option<(DateTime<Utc>, Uuid)>,
     limit: i64,
-) -> sqlx::QueryBuilder<'a, Postgres> {
-    let mut query = sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM work_orders WHERE tenant = "));
-    query.push_bind(tenant);
+) {
+    query
+        .push(format!("SELECT {COLUMNS} FROM work_orders WHERE tenant = "))
+        .push_bind(tenant);
     if let Some(state) = filter.state {
         query.push(" AND state = ").push_bind(state as i16);
     }
@@ -628,7 +674,6 @@ fn listing_query<'a>(
     query
         .push(" ORDER BY created_at DESC, work_order_id DESC LIMIT ")
         .push_bind(limit);
-    query
 }
 
 /// One page of a tenant's work orders, newest first, and the token of the next page (bound
@@ -646,10 +691,9 @@ pub async fn list(
         .map_err(|_| StoreError::BadPageToken)?
         .map(|position| parse_listing_position(&position))
         .transpose()?;
-    let rows = listing_query(tenant, filter, after, i64::from(page_size) + 1)
-        .build()
-        .fetch_all(pool)
-        .await?;
+    let mut query = sqlx::QueryBuilder::new("");
+    push_listing(&mut query, tenant, filter, after, i64::from(page_size) + 1);
+    let rows = query.build().fetch_all(pool).await?;
     let mut work_orders = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
     let next = if work_orders.len() > page_size as usize {
         work_orders.truncate(page_size as usize);
@@ -774,15 +818,9 @@ pub async fn history(
     tenant: &str,
     work_order_id: &str,
 ) -> Result<Vec<HistoryEntry>, StoreError> {
-    let id = parse_uuid(work_order_id)?;
-    let rows = sqlx::query(
-        "SELECT h.version, h.kind, h.actor, h.note, h.occurred_at FROM work_order_history h \
-         JOIN work_orders w USING (work_order_id) WHERE w.tenant = $1 AND h.work_order_id = $2 ORDER BY h.version",
-    )
-    .bind(tenant)
-    .bind(id)
-    .fetch_all(pool)
-    .await?;
+    let mut query = sqlx::QueryBuilder::new("");
+    push_history(&mut query, tenant, parse_uuid(work_order_id)?);
+    let rows = query.build().fetch_all(pool).await?;
     if rows.is_empty() {
         return Err(StoreError::NotFound);
     }
@@ -978,7 +1016,11 @@ mod tests {
 
     #[test]
     fn listing_conditions_are_only_the_filters_given() {
-        let sql = |filter: &ListFilter| listing_query("acme", filter, None, 51).sql().to_owned();
+        let sql = |filter: &ListFilter| {
+            let mut query = sqlx::QueryBuilder::new("");
+            push_listing(&mut query, "acme", filter, None, 51);
+            query.into_sql()
+        };
         let unfiltered = sql(&ListFilter::default());
         assert!(
             unfiltered.ends_with("WHERE tenant = $1 ORDER BY created_at DESC, work_order_id DESC LIMIT $2")
@@ -993,9 +1035,10 @@ mod tests {
             "{by_team_and_state}"
         );
         let after = Some((Utc::now(), Uuid::from_u128(1)));
-        let next_page = listing_query("acme", &ListFilter::default(), after, 51)
-            .sql()
-            .to_owned();
+        let unfiltered = ListFilter::default();
+        let mut next_page = sqlx::QueryBuilder::new("");
+        push_listing(&mut next_page, "acme", &unfiltered, after, 51);
+        let next_page = next_page.into_sql();
         assert!(
             next_page.contains("AND (created_at, work_order_id) < ($2, $3)"),
             "{next_page}"

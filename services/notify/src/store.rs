@@ -130,14 +130,17 @@ impl ListFilter {
 
 /// The listing query, newest first: only the filters given become conditions, so each
 /// combination gets a plan that uses the index fitting it. Keyset pagination on `seq`.
-fn listing_query<'a>(
+/// Pushed onto a builder the caller starts, so that it can also run under `EXPLAIN`.
+pub fn push_listing<'a>(
+    query: &mut sqlx::QueryBuilder<'a, Postgres>,
     tenant: &'a str,
     filter: &'a ListFilter,
     before: Option<i64>,
     limit: i64,
-) -> sqlx::QueryBuilder<'a, Postgres> {
-    let mut query = sqlx::QueryBuilder::new("SELECT * FROM deliveries WHERE tenant = ");
-    query.push_bind(tenant);
+) {
+    query
+        .push("SELECT * FROM deliveries WHERE tenant = ")
+        .push_bind(tenant);
     if let Some(complaint_id) = &filter.complaint_id {
         query.push(" AND complaint_id = ").push_bind(complaint_id);
     }
@@ -157,7 +160,6 @@ fn listing_query<'a>(
         query.push(" AND seq < ").push_bind(before);
     }
     query.push(" ORDER BY seq DESC LIMIT ").push_bind(limit);
-    query
 }
 
 /// One page of a tenant's deliveries, newest first, and the token of the next page (bound
@@ -175,10 +177,9 @@ pub async fn list(
         .map_err(|_| StoreError::BadPageToken)?
         .map(|position| position.parse::<i64>().map_err(|_| StoreError::BadPageToken))
         .transpose()?;
-    let rows = listing_query(tenant, filter, before, i64::from(page_size) + 1)
-        .build()
-        .fetch_all(pool)
-        .await?;
+    let mut query = sqlx::QueryBuilder::new("");
+    push_listing(&mut query, tenant, filter, before, i64::from(page_size) + 1);
+    let rows = query.build().fetch_all(pool).await?;
     let mut deliveries = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
     let next = if deliveries.len() > page_size as usize {
         deliveries.truncate(page_size as usize);
@@ -222,9 +223,9 @@ mod tests {
             work_order_id: Some("wo-1".into()),
             ..Default::default()
         };
-        let sql = listing_query("acme", &by_work_order, Some(99), 51)
-            .sql()
-            .to_owned();
+        let mut query = sqlx::QueryBuilder::new("");
+        push_listing(&mut query, "acme", &by_work_order, Some(99), 51);
+        let sql = query.into_sql();
         assert!(
             sql.ends_with("WHERE tenant = $1 AND work_order_id = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"),
             "{sql}"

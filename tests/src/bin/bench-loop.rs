@@ -22,7 +22,7 @@
 //! service binaries first: `scripts/bench-loop.sh` does both.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,22 +30,19 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use clap::Parser;
 use closedloop_e2e::bench::{self, Kind, Mix, Workload, millis, nats_version, procfs, quantile, rate, table};
-use closedloop_e2e::free_port;
 use closedloop_e2e::processes::{self, ServiceProcesses};
 use closedloop_e2e::servers::{NatsServer, Postgres};
-use closedloop_e2e::system::{CONSUMERS, Service, SystemOptions, WECHAT_TOKEN, authed, wait_for_consumers};
+use closedloop_e2e::system::{CONSUMERS, Service, wait_for_consumers};
 use closedloop_e2e::webhook::WebhookReceiver;
-use closedloop_proto::v1::ingest_service_client::IngestServiceClient;
-use closedloop_proto::v1::{ComplaintSubmission, SubmitComplaintRequest};
+use closedloop_e2e::{drive, free_port};
+use closedloop_proto::v1::ComplaintSubmission;
 use closedloop_runtime::auth::hash_token;
 use futures::StreamExt;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel as GrpcChannel;
 
 const TENANT: &str = "acme";
 const GATEWAY_TOKEN: &str = "bench-gateway-token";
-const GATEWAY_SECRET: &str = "bench-gateway-secret";
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Parser)]
@@ -85,21 +82,6 @@ struct Args {
     /// Where the service binaries are (default: beside this one).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
-}
-
-/// One submission the bench made, by complaint id.
-struct Sent {
-    phase: usize,
-    at: Instant,
-    wall: DateTime<Utc>,
-}
-
-#[derive(Default)]
-struct Ledger {
-    sent: Mutex<HashMap<String, Sent>>,
-    accepted: AtomicUsize,
-    duplicates: AtomicUsize,
-    failed: AtomicUsize,
 }
 
 /// A service or server process and what it used.
@@ -208,211 +190,6 @@ impl PhaseResult {
     /// the phase: what each complaint costs it, comparable across rates and runs.
     fn cpu_ms_per_complaint(&self, cores: f64) -> f64 {
         cores * self.complete_secs * 1e3 / (self.accepted.max(1) as f64)
-    }
-}
-
-fn loop_options(
-    nats: &NatsServer,
-    database_url: &str,
-    webhook: &WebhookReceiver,
-    policy: &Path,
-    notify_args: &[String],
-    worker_threads: usize,
-) -> anyhow::Result<SystemOptions> {
-    let ports = [free_port()?, free_port()?, free_port()?, free_port()?];
-    let metrics_ports = [free_port()?, free_port()?, free_port()?, free_port()?];
-    Ok(SystemOptions {
-        nats_url: nats.service_url(),
-        nats_auth: true,
-        database_url: database_url.to_owned(),
-        auth_tokens: format!("{TENANT}:gateway:{}:bench-gateway", hash_token(GATEWAY_TOKEN)),
-        gateways: format!("default={url}|{GATEWAY_SECRET}", url = webhook.url()),
-        host: "127.0.0.1".parse()?,
-        ports,
-        metrics_ports,
-        retry_base_ms: 500,
-        ingest_http_port: free_port()?,
-        wechat_accounts: format!("{TENANT}={WECHAT_TOKEN}"),
-        extra_args: vec![
-            "--log-filter".into(),
-            "warn".into(),
-            "--worker-threads".into(),
-            worker_threads.to_string(),
-        ],
-        // As docker-compose.yml runs it, unless `--notify-arg` says otherwise.
-        notify_args: if notify_args
-            .iter()
-            .any(|a| a.starts_with("--consumer-concurrency"))
-        {
-            notify_args.to_vec()
-        } else {
-            ["--consumer-concurrency".to_owned(), "256".to_owned()]
-                .into_iter()
-                .chain(notify_args.iter().cloned())
-                .collect()
-        },
-        without_classify: false,
-        // As docker-compose.yml runs it: more in flight makes bigger batches.
-        dispatch_args: vec![
-            "--policy".into(),
-            policy.display().to_string(),
-            "--consumer-concurrency".into(),
-            "256".into(),
-        ],
-        without_dispatch: false,
-    })
-}
-
-async fn ingest_client(addr: std::net::SocketAddr) -> anyhow::Result<IngestServiceClient<GrpcChannel>> {
-    let channel = closedloop_e2e::wait_for(
-        "ingest to accept connections",
-        Duration::from_secs(30),
-        || async move {
-            GrpcChannel::from_shared(format!("http://{addr}"))
-                .ok()?
-                .connect()
-                .await
-                .ok()
-        },
-    )
-    .await?;
-    Ok(IngestServiceClient::new(channel))
-}
-
-async fn submit(
-    client: &mut IngestServiceClient<GrpcChannel>,
-    ledger: &Ledger,
-    phase: usize,
-    submission: ComplaintSubmission,
-) {
-    let at = Instant::now();
-    let wall = Utc::now();
-    let request = SubmitComplaintRequest {
-        complaint: Some(submission),
-    };
-    match client.submit_complaint(authed(GATEWAY_TOKEN, request)).await {
-        Ok(response) => {
-            let response = response.into_inner();
-            if response.duplicate {
-                ledger.duplicates.fetch_add(1, Ordering::Relaxed);
-            } else {
-                ledger.accepted.fetch_add(1, Ordering::Relaxed);
-                if let Ok(mut sent) = ledger.sent.lock() {
-                    sent.insert(response.complaint_id, Sent { phase, at, wall });
-                }
-            }
-        }
-        Err(status) => {
-            if ledger.failed.fetch_add(1, Ordering::Relaxed) < 5 {
-                eprintln!("submission failed: {status}");
-            }
-        }
-    }
-}
-
-/// Submits `submissions` at `per_second`, each on its own task (at most 2,000 in flight).
-async fn at_rate(
-    clients: &[IngestServiceClient<GrpcChannel>],
-    ledger: &Arc<Ledger>,
-    phase: usize,
-    submissions: Vec<ComplaintSubmission>,
-    per_second: f64,
-) -> anyhow::Result<()> {
-    let limit = Arc::new(tokio::sync::Semaphore::new(2_000));
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut pending = submissions.into_iter().enumerate().peekable();
-    let mut ticker = tokio::time::interval(Duration::from_millis(2));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    while pending.peek().is_some() {
-        ticker.tick().await;
-        let due = (started.elapsed().as_secs_f64() * per_second) as usize;
-        while let Some((index, submission)) = pending.next_if(|(index, _)| *index < due) {
-            let permit = limit.clone().acquire_owned().await?;
-            let mut client = clients[index % clients.len()].clone();
-            let ledger = ledger.clone();
-            tasks.spawn(async move {
-                submit(&mut client, &ledger, phase, submission).await;
-                drop(permit);
-            });
-        }
-        while tasks.try_join_next().is_some() {}
-    }
-    while tasks.join_next().await.is_some() {}
-    Ok(())
-}
-
-/// Submits `submissions` from `callers` concurrent loops, as fast as they are answered.
-async fn flat_out(
-    clients: &[IngestServiceClient<GrpcChannel>],
-    ledger: &Arc<Ledger>,
-    phase: usize,
-    submissions: Vec<ComplaintSubmission>,
-    callers: usize,
-) {
-    let queue = Arc::new(Mutex::new(submissions.into_iter()));
-    let mut tasks = tokio::task::JoinSet::new();
-    for caller in 0..callers.max(1) {
-        let mut client = clients[caller % clients.len()].clone();
-        let ledger = ledger.clone();
-        let queue = queue.clone();
-        tasks.spawn(async move {
-            loop {
-                let next = queue.lock().ok().and_then(|mut q| q.next());
-                let Some(submission) = next else { break };
-                submit(&mut client, &ledger, phase, submission).await;
-            }
-        });
-    }
-    while tasks.join_next().await.is_some() {}
-}
-
-/// Unfinished work of each of the pipeline's consumers, but the watchdog's, which reads a
-/// first-response deadline behind by design.
-async fn backlog(js: &async_nats::jetstream::Context) -> anyhow::Result<Vec<(&'static str, u64)>> {
-    let mut lag = Vec::new();
-    for (stream, durable) in CONSUMERS {
-        if durable == closedloop_notify::WATCHDOG_CONSUMER {
-            continue;
-        }
-        let info = js.get_stream(stream).await?.consumer_info(durable).await?;
-        lag.push((durable, info.num_pending + info.num_ack_pending as u64));
-    }
-    Ok(lag)
-}
-
-/// Whether dispatch has published every event it committed (its outbox and the history rows
-/// past the relay's cursor).
-async fn events_published(pool: &sqlx::PgPool) -> anyhow::Result<bool> {
-    let waiting: i64 = sqlx::query_scalar("SELECT events FROM dispatch.unpublished_events")
-        .fetch_one(pool)
-        .await?;
-    Ok(waiting == 0)
-}
-
-/// Waits until the pipeline is idle twice in a row; returns when it first was.
-async fn drained(
-    js: &async_nats::jetstream::Context,
-    pool: &sqlx::PgPool,
-    started: Instant,
-) -> anyhow::Result<Duration> {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let mut idle_since = None;
-    loop {
-        let lag: u64 = backlog(js).await?.iter().map(|(_, n)| n).sum();
-        if lag == 0 && events_published(pool).await? {
-            if let Some(at) = idle_since {
-                return Ok(at);
-            }
-            idle_since = Some(started.elapsed());
-        } else {
-            idle_since = None;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the pipeline did not drain in 10 minutes (lag {lag})"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -632,8 +409,13 @@ async fn main() -> anyhow::Result<()> {
     let raw_rows = bench::batched_inserts(&pg.create_database().await?, args.raw_messages, 10).await?;
 
     let cancel = CancellationToken::new();
-    let webhook =
-        WebhookReceiver::start("127.0.0.1:0".parse()?, GATEWAY_SECRET, false, cancel.clone()).await?;
+    let webhook = WebhookReceiver::start(
+        "127.0.0.1:0".parse()?,
+        drive::GATEWAY_SECRET,
+        false,
+        cancel.clone(),
+    )
+    .await?;
     let database_url = pg.create_database().await?;
     let policy = scratch.path().join("policy.json");
     // A fresh database has no baseline, so any category and region would look like a spike
@@ -642,11 +424,12 @@ async fn main() -> anyhow::Result<()> {
         serde_json::from_str(&bench::staffed_policy(TENANT, args.agents_per_team, true)?)?;
     staffed["incidents"]["min_count"] = json!(1_000);
     std::fs::write(&policy, serde_json::to_vec_pretty(&staffed)?)?;
-    let options = loop_options(
+    let options = drive::loop_options(
         &nats,
         &database_url,
         &webhook,
         &policy,
+        format!("{TENANT}:gateway:{}:bench-gateway", hash_token(GATEWAY_TOKEN)),
         &args.notify_arg,
         args.service_worker_threads,
     )?;
@@ -656,10 +439,7 @@ async fn main() -> anyhow::Result<()> {
         return Err(error.context(children.exited_report()));
     }
     let ingest_addr = std::net::SocketAddr::new(options.host, options.ports[0]);
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        clients.push(ingest_client(ingest_addr).await?);
-    }
+    let submitters = drive::Submitters::connect(ingest_addr, 4, GATEWAY_TOKEN).await?;
 
     let mut watched: Vec<Watched> = children
         .pids()
@@ -708,7 +488,7 @@ async fn main() -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(client);
     let pool = bench::pool(&database_url, 2).await?;
     pg_sessions.refresh(&pool).await;
-    let ledger = Arc::new(Ledger::default());
+    let ledger = submitters.ledger.clone();
 
     // Samples every half second, with progress on stderr.
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
@@ -746,7 +526,7 @@ async fn main() -> anyhow::Result<()> {
                     .collect();
                 last_ticks = now_ticks;
                 last_at = Instant::now();
-                let by_consumer = backlog(&js).await.unwrap_or_default();
+                let by_consumer = drive::backlog(&js).await.unwrap_or_default();
                 let lag = by_consumer.iter().map(|(_, n)| n).sum();
                 let sample = Sample {
                     secs: bench_started.elapsed().as_secs_f64(),
@@ -833,11 +613,11 @@ async fn main() -> anyhow::Result<()> {
         let cpu_before: Vec<u64> = watched.iter().map(Watched::cpu_ticks).collect();
         let started = Instant::now();
         match per_second {
-            Some(r) => at_rate(&clients, &ledger, phase, submissions, r).await?,
-            None => flat_out(&clients, &ledger, phase, submissions, args.submitters).await,
+            Some(r) => submitters.at_rate(phase, submissions, r).await?,
+            None => submitters.flat_out(phase, submissions, args.submitters).await,
         }
         let submit_secs = started.elapsed().as_secs_f64();
-        let complete = drained(&js, &pool, started).await?;
+        let complete = drive::drained(&js, &pool, started).await?;
         pg_sessions.refresh(&pool).await;
         let cores = watched
             .iter()
