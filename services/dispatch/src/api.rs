@@ -39,6 +39,9 @@ const MAX_REMEDY_MINOR: i64 = 100_000_000;
 fn status(error: StoreError) -> Status {
     match error {
         StoreError::NotFound => Status::not_found("no such work order for this tenant"),
+        StoreError::Archived => Status::failed_precondition(
+            "the work order is archived (closed before the retention age): it can be read, not changed",
+        ),
         StoreError::VersionConflict { .. } => Status::aborted(error.to_string()),
         StoreError::InvalidTransition(e) => Status::failed_precondition(e.to_string()),
         StoreError::BadPageToken => closedloop_runtime::grpc::foreign_page_token(),
@@ -189,6 +192,7 @@ impl WorkOrderService for WorkOrderApi {
             created_after: r.created_after.as_ref().and_then(time::from_timestamp),
             created_before: r.created_before.as_ref().and_then(time::from_timestamp),
             sla_state: enum_filter(r.sla_state),
+            include_archived: r.include_archived,
         };
         let size = page_size(r.page_size, 50, 500);
         let (work_orders, next_page_token) =

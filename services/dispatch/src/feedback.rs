@@ -58,7 +58,8 @@ pub async fn apply(
     };
     let mut wo = match store::lock(&mut tx, &feedback.tenant, &work_order_id).await {
         Ok(wo) => wo,
-        Err(StoreError::NotFound) => return Ok(FeedbackOutcome::NoWorkOrder),
+        // An archived work order was closed long ago: a late answer changes nothing.
+        Err(StoreError::NotFound | StoreError::Archived) => return Ok(FeedbackOutcome::NoWorkOrder),
         Err(other) => return Err(other),
     };
     let seen = seen_key(&feedback.feedback_id, wo.resolved_at.as_ref());

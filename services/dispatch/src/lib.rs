@@ -5,6 +5,7 @@
 //! from there by the relay.
 
 pub mod api;
+pub mod archive;
 pub mod assignment;
 pub mod directory;
 pub mod feedback;
@@ -28,7 +29,7 @@ use closedloop_proto::v1::directory_service_server::DirectoryServiceServer;
 use closedloop_proto::v1::work_order_service_server::WorkOrderServiceServer;
 use closedloop_runtime::auth::Authenticator;
 use closedloop_runtime::bus::{self, Bus, StreamSettings};
-use closedloop_runtime::config::{DatabaseArgs, ServiceArgs};
+use closedloop_runtime::config::{ArchiveArgs, DatabaseArgs, ServiceArgs};
 use closedloop_runtime::consumer::{self, ConsumerSpec, HandleError, MessageHandler};
 use closedloop_runtime::{db, grpc, metrics};
 use sqlx::PgPool;
@@ -85,6 +86,8 @@ pub struct Config {
     pub watch_buffer: usize,
     #[command(flatten)]
     pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
     #[command(flatten)]
     pub service: ServiceArgs,
 }
@@ -335,6 +338,22 @@ impl Dispatch {
             relay_wake.clone(),
             cancel.clone(),
         ));
+        let archive = &self.config.archive;
+        let (pool, feedback_pool) = (self.pool.clone(), self.pool.clone());
+        let archiving = [
+            tokio::spawn(closedloop_runtime::archive::run(
+                "work_orders",
+                archive.clone(),
+                move |cutoff, limit| archive::move_closed(pool.clone(), cutoff, limit),
+                cancel.clone(),
+            )),
+            tokio::spawn(closedloop_runtime::archive::run(
+                "feedback_seen",
+                archive.clone(),
+                move |cutoff, limit| archive::forget_feedback(feedback_pool.clone(), cutoff, limit),
+                cancel.clone(),
+            )),
+        ];
         let exporting = self.metrics.spawn(cancel.clone());
         // The relay outlives the consumers and the API so their last commits get published.
         let relay_stop = CancellationToken::new();
@@ -381,6 +400,9 @@ impl Dispatch {
         // The handlers (and their batcher handles) are gone: the batcher drains and ends.
         batching.await?;
         watching.await?;
+        for task in archiving {
+            task.await?;
+        }
         relay_stop.cancel();
         relaying.await?;
         exporting.await??;

@@ -220,23 +220,9 @@ fn default_capacity() -> i32 {
     10
 }
 
-/// Parses "90s", "15m", "4h", "3d".
+/// Parses "90s", "15m", "4h", "3d" (see [`closedloop_runtime::time::parse_duration`]).
 pub fn parse_duration(text: &str) -> Result<Duration, SettingsError> {
-    let text = text.trim();
-    let bad = || invalid(format!("{text:?} is not a duration like 90s, 15m, 4h or 3d"));
-    let split = text.len().checked_sub(1).ok_or_else(bad)?;
-    let (number, unit) = text.split_at(split);
-    let number: i64 = number.parse().map_err(|_| bad())?;
-    if number <= 0 {
-        return Err(bad());
-    }
-    match unit {
-        "s" => Ok(Duration::seconds(number)),
-        "m" => Ok(Duration::minutes(number)),
-        "h" => Ok(Duration::hours(number)),
-        "d" => Ok(Duration::days(number)),
-        _ => Err(bad()),
-    }
+    closedloop_runtime::time::parse_duration(text).map_err(|e| invalid(e.to_string()))
 }
 
 /// `weibo_post` or `CHANNEL_WEIBO_POST` → the enum, via prost's generated names.

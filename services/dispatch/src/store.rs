@@ -28,6 +28,8 @@ pub enum StoreError {
     InvalidTransition(#[from] InvalidTransition),
     #[error("invalid page token")]
     BadPageToken,
+    #[error("work order is archived: it can be read, not changed")]
+    Archived,
     #[error("{0}")]
     Invalid(String),
     #[error("database error: {0}")]
@@ -106,6 +108,8 @@ pub(crate) fn from_row(row: &sqlx::postgres::PgRow) -> Result<WorkOrder, sqlx::E
             .try_get::<Option<DateTime<Utc>>, _>("first_responded_at")?
             .and_then(ts),
         skill: row.try_get("skill")?,
+        // Only the API's reads select it (see [`Tier`]); every other row is hot.
+        archived: row.try_get::<bool, _>("archived").unwrap_or(false),
     })
 }
 
@@ -519,13 +523,58 @@ pub async fn update_work_order(tx: &mut Transaction<'_, Postgres>, wo: &WorkOrde
     update_work_orders(tx, [wo]).await
 }
 
+/// Where a work order lives: the hot tables the loop writes, or the archive that closed
+/// work orders move to at the retention age (`crate::archive`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Hot,
+    Archive,
+}
+
+impl Tier {
+    fn work_orders(self) -> &'static str {
+        match self {
+            Tier::Hot => "work_orders",
+            Tier::Archive => "work_orders_archive",
+        }
+    }
+
+    fn history(self) -> &'static str {
+        match self {
+            Tier::Hot => "work_order_history",
+            Tier::Archive => "work_order_history_archive",
+        }
+    }
+
+    fn links(self) -> &'static str {
+        match self {
+            Tier::Hot => "complaint_links",
+            Tier::Archive => "complaint_links_archive",
+        }
+    }
+
+    /// The work order columns and whether the row is archived, as [`from_row`] reads them.
+    fn select(self) -> String {
+        let archived = self == Tier::Archive;
+        format!(
+            "SELECT {COLUMNS}, {archived} AS archived FROM {}",
+            self.work_orders()
+        )
+    }
+}
+
 // The API's reads are pushed onto a query builder the caller starts, so that the same
 // statement can run as it is or under `EXPLAIN` (bench-api prints their plans).
 
 /// One of the tenant's work orders by id.
-pub fn push_get<'a>(query: &mut sqlx::QueryBuilder<'a, Postgres>, tenant: &'a str, work_order_id: Uuid) {
+pub fn push_get<'a>(
+    query: &mut sqlx::QueryBuilder<'a, Postgres>,
+    tier: Tier,
+    tenant: &'a str,
+    work_order_id: Uuid,
+) {
     query
-        .push(format!("SELECT {COLUMNS} FROM work_orders WHERE tenant = "))
+        .push(format!("{} WHERE tenant = ", tier.select()))
         .push_bind(tenant)
         .push(" AND work_order_id = ")
         .push_bind(work_order_id);
@@ -534,18 +583,20 @@ pub fn push_get<'a>(query: &mut sqlx::QueryBuilder<'a, Postgres>, tenant: &'a st
 /// The work order handling a complaint: the one it opened, or the one it was attached to.
 pub fn push_get_by_complaint<'a>(
     query: &mut sqlx::QueryBuilder<'a, Postgres>,
+    tier: Tier,
     tenant: &'a str,
     complaint_id: Uuid,
 ) {
     // Two index lookups in one statement, rather than an OR the planner may not split.
     query
-        .push(format!("(SELECT {COLUMNS} FROM work_orders WHERE tenant = "))
+        .push(format!("({} WHERE tenant = ", tier.select()))
         .push_bind(tenant)
         .push(" AND complaint_id = ")
         .push_bind(complaint_id)
         .push(format!(
-            ") UNION ALL (SELECT {COLUMNS} FROM work_orders WHERE work_order_id = \
-               (SELECT work_order_id FROM complaint_links WHERE tenant = "
+            ") UNION ALL ({} WHERE work_order_id = (SELECT work_order_id FROM {} WHERE tenant = ",
+            tier.select(),
+            tier.links()
         ))
         .push_bind(tenant)
         .push(" AND complaint_id = ")
@@ -554,40 +605,58 @@ pub fn push_get_by_complaint<'a>(
 }
 
 /// The audit timeline of one of the tenant's work orders, oldest first.
-pub fn push_history<'a>(query: &mut sqlx::QueryBuilder<'a, Postgres>, tenant: &'a str, work_order_id: Uuid) {
+pub fn push_history<'a>(
+    query: &mut sqlx::QueryBuilder<'a, Postgres>,
+    tier: Tier,
+    tenant: &'a str,
+    work_order_id: Uuid,
+) {
     query
-        .push(
-            "SELECT h.version, h.kind, h.actor, h.note, h.occurred_at FROM work_order_history h \
-             JOIN work_orders w USING (work_order_id) WHERE w.tenant = ",
-        )
+        .push(format!(
+            "SELECT h.version, h.kind, h.actor, h.note, h.occurred_at FROM {} h \
+             JOIN {} w USING (work_order_id) WHERE w.tenant = ",
+            tier.history(),
+            tier.work_orders()
+        ))
         .push_bind(tenant)
         .push(" AND h.work_order_id = ")
         .push_bind(work_order_id)
         .push(" ORDER BY h.version");
 }
 
+/// The first row `push` finds in the hot tables, else in the archive.
+async fn hot_then_archive<'a>(
+    pool: &PgPool,
+    push: impl Fn(&mut sqlx::QueryBuilder<'a, Postgres>, Tier),
+) -> Result<Option<sqlx::postgres::PgRow>, StoreError> {
+    for tier in [Tier::Hot, Tier::Archive] {
+        let mut query = sqlx::QueryBuilder::<'a, Postgres>::new("");
+        push(&mut query, tier);
+        if let Some(row) = query.build().fetch_optional(pool).await? {
+            return Ok(Some(row));
+        }
+    }
+    Ok(None)
+}
+
+/// One of the tenant's work orders, hot or archived.
 pub async fn get(pool: &PgPool, tenant: &str, work_order_id: &str) -> Result<WorkOrder, StoreError> {
-    let mut query = sqlx::QueryBuilder::new("");
-    push_get(&mut query, tenant, parse_uuid(work_order_id)?);
-    let row = query
-        .build()
-        .fetch_optional(pool)
+    let id = parse_uuid(work_order_id)?;
+    let row = hot_then_archive(pool, |query, tier| push_get(query, tier, tenant, id))
         .await?
         .ok_or(StoreError::NotFound)?;
     Ok(from_row(&row)?)
 }
 
-/// The work order handling a complaint: the one it opened, or the one it was attached to.
+/// The work order handling a complaint (hot or archived): the one it opened, or the one it
+/// was attached to.
 pub async fn get_by_complaint(
     pool: &PgPool,
     tenant: &str,
     complaint_id: &str,
 ) -> Result<WorkOrder, StoreError> {
-    let mut query = sqlx::QueryBuilder::new("");
-    push_get_by_complaint(&mut query, tenant, parse_uuid(complaint_id)?);
-    let row = query
-        .build()
-        .fetch_optional(pool)
+    let id = parse_uuid(complaint_id)?;
+    let row = hot_then_archive(pool, |query, tier| push_get_by_complaint(query, tier, tenant, id))
         .await?
         .ok_or(StoreError::NotFound)?;
     Ok(from_row(&row)?)
@@ -604,6 +673,8 @@ pub struct ListFilter {
     pub created_after: Option<DateTime<Utc>>,
     pub created_before: Option<DateTime<Utc>>,
     pub sla_state: Option<SlaState>,
+    /// Archived work orders too.
+    pub include_archived: bool,
 }
 
 impl ListFilter {
@@ -631,13 +702,14 @@ fn parse_listing_position(position: &str) -> Result<(DateTime<Utc>, Uuid), Store
 /// every listing index ends with.
 pub fn push_listing<'a>(
     query: &mut sqlx::QueryBuilder<'a, Postgres>,
+    tier: Tier,
     tenant: &'a str,
     filter: &'a ListFilter,
     after: Option<(DateTime<Utc>, Uuid)>,
     limit: i64,
 ) {
     query
-        .push(format!("SELECT {COLUMNS} FROM work_orders WHERE tenant = "))
+        .push(format!("{} WHERE tenant = ", tier.select()))
         .push_bind(tenant);
     if let Some(state) = filter.state {
         query.push(" AND state = ").push_bind(state as i16);
@@ -691,8 +763,20 @@ pub async fn list(
         .map_err(|_| StoreError::BadPageToken)?
         .map(|position| parse_listing_position(&position))
         .transpose()?;
+    let limit = i64::from(page_size) + 1;
     let mut query = sqlx::QueryBuilder::new("");
-    push_listing(&mut query, tenant, filter, after, i64::from(page_size) + 1);
+    if filter.include_archived {
+        // Each part walks its own index in listing order; the merge takes the first pages.
+        query.push("(");
+        push_listing(&mut query, Tier::Hot, tenant, filter, after, limit);
+        query.push(") UNION ALL (");
+        push_listing(&mut query, Tier::Archive, tenant, filter, after, limit);
+        query
+            .push(") ORDER BY created_at DESC, work_order_id DESC LIMIT ")
+            .push_bind(limit);
+    } else {
+        push_listing(&mut query, Tier::Hot, tenant, filter, after, limit);
+    }
     let rows = query.build().fetch_all(pool).await?;
     let mut work_orders = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
     let next = if work_orders.len() > page_size as usize {
@@ -747,15 +831,31 @@ pub async fn lock(
     tenant: &str,
     work_order_id: &str,
 ) -> Result<WorkOrder, StoreError> {
+    let id = parse_uuid(work_order_id)?;
     let row = sqlx::query(&format!(
         "SELECT {COLUMNS} FROM work_orders WHERE tenant = $1 AND work_order_id = $2 FOR UPDATE"
     ))
     .bind(tenant)
-    .bind(parse_uuid(work_order_id)?)
+    .bind(id)
     .fetch_optional(&mut **tx)
-    .await?
-    .ok_or(StoreError::NotFound)?;
-    Ok(from_row(&row)?)
+    .await?;
+    match row {
+        Some(row) => Ok(from_row(&row)?),
+        None => {
+            let archived: Option<i32> = sqlx::query_scalar(
+                "SELECT 1 FROM work_orders_archive WHERE tenant = $1 AND work_order_id = $2",
+            )
+            .bind(tenant)
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?;
+            Err(if archived.is_some() {
+                StoreError::Archived
+            } else {
+                StoreError::NotFound
+            })
+        }
+    }
 }
 
 /// Applies a lifecycle action to a locked work order: checks version and transition, bumps
@@ -818,9 +918,16 @@ pub async fn history(
     tenant: &str,
     work_order_id: &str,
 ) -> Result<Vec<HistoryEntry>, StoreError> {
-    let mut query = sqlx::QueryBuilder::new("");
-    push_history(&mut query, tenant, parse_uuid(work_order_id)?);
-    let rows = query.build().fetch_all(pool).await?;
+    let id = parse_uuid(work_order_id)?;
+    let mut rows = Vec::new();
+    for tier in [Tier::Hot, Tier::Archive] {
+        let mut query = sqlx::QueryBuilder::new("");
+        push_history(&mut query, tier, tenant, id);
+        rows = query.build().fetch_all(pool).await?;
+        if !rows.is_empty() {
+            break;
+        }
+    }
     if rows.is_empty() {
         return Err(StoreError::NotFound);
     }
@@ -847,7 +954,8 @@ pub async fn list_incidents(
 ) -> Result<Vec<Incident>, StoreError> {
     let rows = sqlx::query(
         "SELECT i.incident_id, i.category, i.region, i.summary, i.opened_at, i.resolved_at, \
-           (SELECT count(*) FROM work_orders w WHERE w.incident_id = i.incident_id) AS work_orders \
+           (SELECT count(*) FROM work_orders w WHERE w.incident_id = i.incident_id) \
+           + (SELECT count(*) FROM work_orders_archive w WHERE w.incident_id = i.incident_id) AS work_orders \
          FROM incidents i WHERE i.tenant = $1 AND (NOT $2 OR i.resolved_at IS NULL) \
            AND ($3::uuid IS NULL OR i.incident_id = $3) ORDER BY i.opened_at DESC LIMIT 500",
     )
@@ -964,6 +1072,7 @@ pub fn new_work_order(
         satisfaction: 0,
         first_responded_at: None,
         skill: route.skill.clone(),
+        archived: false,
     };
     NewWorkOrder {
         work_order,
@@ -1018,7 +1127,7 @@ mod tests {
     fn listing_conditions_are_only_the_filters_given() {
         let sql = |filter: &ListFilter| {
             let mut query = sqlx::QueryBuilder::new("");
-            push_listing(&mut query, "acme", filter, None, 51);
+            push_listing(&mut query, Tier::Hot, "acme", filter, None, 51);
             query.into_sql()
         };
         let unfiltered = sql(&ListFilter::default());
@@ -1037,7 +1146,7 @@ mod tests {
         let after = Some((Utc::now(), Uuid::from_u128(1)));
         let unfiltered = ListFilter::default();
         let mut next_page = sqlx::QueryBuilder::new("");
-        push_listing(&mut next_page, "acme", &unfiltered, after, 51);
+        push_listing(&mut next_page, Tier::Hot, "acme", &unfiltered, after, 51);
         let next_page = next_page.into_sql();
         assert!(
             next_page.contains("AND (created_at, work_order_id) < ($2, $3)"),

@@ -38,6 +38,7 @@ impl NotificationService for NotificationApi {
             } else {
                 r.state.try_into().ok()
             },
+            include_archived: r.include_archived,
         };
         let (deliveries, next_page_token) = store::list(
             &self.pool,

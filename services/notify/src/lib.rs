@@ -33,7 +33,7 @@ use closedloop_proto::v1::notification_service_server::NotificationServiceServer
 use closedloop_runtime::auth::Authenticator;
 use closedloop_runtime::batch::Batcher;
 use closedloop_runtime::bus::{self, Bus, StreamSettings};
-use closedloop_runtime::config::{DatabaseArgs, ServiceArgs};
+use closedloop_runtime::config::{ArchiveArgs, DatabaseArgs, ServiceArgs};
 use closedloop_runtime::consumer::{self, ConsumerSpec};
 use closedloop_runtime::{Secret, db, grpc, metrics};
 use sqlx::PgPool;
@@ -96,6 +96,8 @@ pub struct Config {
     pub delivery_log_linger_ms: u64,
     #[command(flatten)]
     pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
     #[command(flatten)]
     pub service: ServiceArgs,
 }
@@ -240,6 +242,7 @@ impl Notify {
                 nats,
             ),
             linger,
+            self.config.archive.clone(),
             cancel.clone(),
         ));
         let server = NotificationServiceServer::new(api::NotificationApi {
@@ -265,9 +268,16 @@ impl Notify {
     }
 }
 
-/// Prepares the delivery log's schema once PostgreSQL answers, then writes outcomes into it
-/// until `cancel` fires.
-async fn write_log(bus: Bus, pool: PgPool, spec: ConsumerSpec, linger: Duration, cancel: CancellationToken) {
+/// Prepares the delivery log's schema once PostgreSQL answers, then writes outcomes into it,
+/// and archives its old entries, until `cancel` fires.
+async fn write_log(
+    bus: Bus,
+    pool: PgPool,
+    spec: ConsumerSpec,
+    linger: Duration,
+    archive: ArchiveArgs,
+    cancel: CancellationToken,
+) {
     let mut delay = Duration::from_millis(500);
     loop {
         match db::prepare(&pool, SCHEMA, &MIGRATOR, &cancel).await {
@@ -286,11 +296,21 @@ async fn write_log(bus: Bus, pool: PgPool, spec: ConsumerSpec, linger: Duration,
             }
         }
     }
+    let archive_pool = pool.clone();
+    let archiving = tokio::spawn(closedloop_runtime::archive::run(
+        "deliveries",
+        archive,
+        move |cutoff, limit| store::move_old(archive_pool.clone(), cutoff, limit),
+        cancel.clone(),
+    ));
     let (batcher, writing) = Batcher::spawn(LogWriter { pool: pool.clone() }, log::MAX_BATCH, linger);
     consumer::run(bus, spec, Arc::new(LogHandler { batcher, pool }), cancel).await;
     // The handler and its batcher handle are gone: the writer finishes what it holds.
     if let Err(error) = writing.await {
         tracing::error!(%error, "the delivery log's writer failed");
+    }
+    if let Err(error) = archiving.await {
+        tracing::error!(%error, "the delivery log's archiver failed");
     }
 }
 

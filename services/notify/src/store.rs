@@ -119,6 +119,8 @@ pub struct ListFilter {
     pub recipient: Option<String>,
     pub kind: Option<NotificationKind>,
     pub state: Option<DeliveryState>,
+    /// Archived entries too.
+    pub include_archived: bool,
 }
 
 impl ListFilter {
@@ -131,15 +133,22 @@ impl ListFilter {
 /// The listing query, newest first: only the filters given become conditions, so each
 /// combination gets a plan that uses the index fitting it. Keyset pagination on `seq`.
 /// Pushed onto a builder the caller starts, so that it can also run under `EXPLAIN`.
+/// `archive` reads the archive table instead of the hot one.
 pub fn push_listing<'a>(
     query: &mut sqlx::QueryBuilder<'a, Postgres>,
+    archive: bool,
     tenant: &'a str,
     filter: &'a ListFilter,
     before: Option<i64>,
     limit: i64,
 ) {
+    let table = if archive {
+        "deliveries_archive"
+    } else {
+        "deliveries"
+    };
     query
-        .push("SELECT * FROM deliveries WHERE tenant = ")
+        .push(format!("SELECT * FROM {table} WHERE tenant = "))
         .push_bind(tenant);
     if let Some(complaint_id) = &filter.complaint_id {
         query.push(" AND complaint_id = ").push_bind(complaint_id);
@@ -177,8 +186,18 @@ pub async fn list(
         .map_err(|_| StoreError::BadPageToken)?
         .map(|position| position.parse::<i64>().map_err(|_| StoreError::BadPageToken))
         .transpose()?;
+    let limit = i64::from(page_size) + 1;
     let mut query = sqlx::QueryBuilder::new("");
-    push_listing(&mut query, tenant, filter, before, i64::from(page_size) + 1);
+    if filter.include_archived {
+        // Each part walks its own index newest first; the merge takes the first page.
+        query.push("(");
+        push_listing(&mut query, false, tenant, filter, before, limit);
+        query.push(") UNION ALL (");
+        push_listing(&mut query, true, tenant, filter, before, limit);
+        query.push(") ORDER BY seq DESC LIMIT ").push_bind(limit);
+    } else {
+        push_listing(&mut query, false, tenant, filter, before, limit);
+    }
     let rows = query.build().fetch_all(pool).await?;
     let mut deliveries = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
     let next = if deliveries.len() > page_size as usize {
@@ -189,6 +208,24 @@ pub async fn list(
         String::new()
     };
     Ok((deliveries, next))
+}
+
+/// Moves up to `limit` delivery log entries written before `cutoff` to the archive, in one
+/// transaction; returns how many moved.
+pub async fn move_old(pool: PgPool, cutoff: DateTime<Utc>, limit: i64) -> Result<u64, sqlx::Error> {
+    let moved: i64 = sqlx::query_scalar(
+        "WITH picked AS (SELECT delivery_id FROM deliveries WHERE created_at < $1 ORDER BY created_at \
+                         LIMIT $2 FOR UPDATE SKIP LOCKED), \
+              moved AS (DELETE FROM deliveries d USING picked p WHERE d.delivery_id = p.delivery_id \
+                        RETURNING d.*), \
+              kept AS (INSERT INTO deliveries_archive SELECT * FROM moved RETURNING 1) \
+         SELECT count(*) FROM kept",
+    )
+    .bind(cutoff)
+    .bind(limit)
+    .fetch_one(&pool)
+    .await?;
+    Ok(u64::try_from(moved).unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -224,7 +261,7 @@ mod tests {
             ..Default::default()
         };
         let mut query = sqlx::QueryBuilder::new("");
-        push_listing(&mut query, "acme", &by_work_order, Some(99), 51);
+        push_listing(&mut query, false, "acme", &by_work_order, Some(99), 51);
         let sql = query.into_sql();
         assert!(
             sql.ends_with("WHERE tenant = $1 AND work_order_id = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"),

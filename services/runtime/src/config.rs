@@ -37,6 +37,46 @@ impl<T: FromStr> FromStr for Secret<T> {
     }
 }
 
+/// How long finished records stay in the hot tables the loop writes and the API lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// Everything stays hot.
+    Forever,
+    /// Finished records older than this move to the archive tables.
+    After(chrono::Duration),
+}
+
+impl FromStr for Retention {
+    type Err = crate::time::BadDuration;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.trim().eq_ignore_ascii_case("off") {
+            Ok(Retention::Forever)
+        } else {
+            crate::time::parse_duration(text).map(Retention::After)
+        }
+    }
+}
+
+/// Moving finished records to the archive tables (see `runtime::archive`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ArchiveArgs {
+    /// Age at which finished records (closed work orders with their history and links,
+    /// delivery log entries) move from the hot tables to the archive tables, which the API
+    /// still reads: e.g. 90d; `off` keeps everything hot.
+    #[arg(long, env = "CLOSEDLOOP_ARCHIVE_AFTER", default_value = "90d")]
+    pub archive_after: Retention,
+    /// How often to look for records to archive, e.g. 10m.
+    #[arg(long, env = "CLOSEDLOOP_ARCHIVE_INTERVAL", default_value = "10m", value_parser = parse_std_duration)]
+    pub archive_interval: Duration,
+}
+
+fn parse_std_duration(text: &str) -> Result<Duration, crate::time::BadDuration> {
+    let parsed = crate::time::parse_duration(text)?;
+    parsed
+        .to_std()
+        .map_err(|_| crate::time::BadDuration(text.to_owned()))
+}
+
 /// What every service takes: NATS, its gRPC front, telemetry, its runtime.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServiceArgs {

@@ -4,6 +4,7 @@
 //!
 //! Services stay thin: they hold their domain logic and wire it to these edges.
 
+pub mod archive;
 pub mod auth;
 pub mod batch;
 pub mod bus;
