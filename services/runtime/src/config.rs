@@ -328,6 +328,30 @@ mod tests {
         );
     }
 
+    #[derive(Parser)]
+    struct Archiving {
+        #[command(flatten)]
+        archive: ArchiveArgs,
+    }
+
+    fn archiving(args: &[&str]) -> Result<ArchiveArgs, clap::Error> {
+        Archiving::try_parse_from(std::iter::once("service").chain(args.iter().copied()))
+            .map(|parsed| parsed.archive)
+    }
+
+    #[test]
+    fn archiving_defaults_to_ninety_days_and_can_be_turned_off() {
+        let defaults = archiving(&[]).expect("defaults parse");
+        assert!(matches!(defaults.archive_after, Retention::After(age) if age == chrono::Duration::days(90)));
+        assert_eq!(defaults.archive_interval, Duration::from_secs(600));
+        let off = archiving(&["--archive-after", "OFF"]).expect("off parses");
+        assert!(matches!(off.archive_after, Retention::Forever));
+        for bad in ["0d", "-3d", "forever", "90"] {
+            assert!(archiving(&["--archive-after", bad]).is_err(), "{bad}");
+        }
+        assert!(archiving(&["--archive-interval", "off"]).is_err());
+    }
+
     #[test]
     fn worker_threads_sets_the_runtime_size() {
         assert_eq!(workers(&["--worker-threads", "1"]), 1);
