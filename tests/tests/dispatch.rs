@@ -1039,6 +1039,103 @@ async fn watch_streams_are_bounded_per_caller() -> anyhow::Result<()> {
     env.shutdown().await
 }
 
+/// The first event a watch stream carries, within the deadline.
+async fn first_event(
+    stream: &mut tonic::Streaming<WatchWorkOrdersResponse>,
+) -> anyhow::Result<WorkOrderEvent> {
+    tokio::time::timeout(WAIT, stream.message())
+        .await??
+        .and_then(|response| response.event)
+        .ok_or_else(|| anyhow::anyhow!("the watch ended"))
+}
+
+fn complaint_of(event: &WorkOrderEvent) -> (&str, &str) {
+    event
+        .work_order
+        .as_ref()
+        .map_or(("", ""), |wo| (wo.tenant.as_str(), wo.complaint_id.as_str()))
+}
+
+/// A tenant's watch streams share one subscription: each stream still gets its own
+/// tenant's events (filtered by team when it asks), never another tenant's, and the
+/// tenant's events reach streams opened after every earlier one has closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_share_their_tenants_events() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let mut client = env.work_orders().await?;
+    let mut ingest = IngestServiceClient::new(TestEnv::channel(env.system.ingest).await?);
+    let submit_beta = |n: usize| {
+        authed(
+            &env.tokens.other_tenant,
+            SubmitComplaintRequest {
+                complaint: Some(outage(&format!("beta-watch-{n}"), "beta-poster", "宽带断网了")),
+            },
+        )
+    };
+    let first = env.submit(outage("watch-0", "poster-w0", "宽带断网了")).await?;
+    let team = env.work_order_for(&first.complaint_id).await?.team;
+    env.wait_idle().await?;
+
+    let watch = |token: &str, team: &str| {
+        authed(
+            token,
+            WatchWorkOrdersRequest {
+                team: team.to_owned(),
+                assignee: String::new(),
+            },
+        )
+    };
+    let mut by_team = client
+        .watch_work_orders(watch(&env.tokens.agent, &team))
+        .await?
+        .into_inner();
+    let mut whole_tenant = client
+        .watch_work_orders(watch(&env.tokens.supervisor, ""))
+        .await?
+        .into_inner();
+    let mut beta = client
+        .watch_work_orders(watch(&env.tokens.other_tenant, ""))
+        .await?
+        .into_inner();
+    let second = env.submit(outage("watch-1", "poster-w1", "宽带断网了")).await?;
+    let beta_complaint = ingest.submit_complaint(submit_beta(1)).await?.into_inner();
+    for stream in [&mut by_team, &mut whole_tenant] {
+        let event = first_event(stream).await?;
+        assert_eq!(
+            complaint_of(&event),
+            ("acme", second.complaint_id.as_str()),
+            "{event:?}"
+        );
+    }
+    // Acme's complaint went first: a stream that saw other tenants would see it first.
+    let event = first_event(&mut beta).await?;
+    assert_eq!(
+        complaint_of(&event),
+        ("beta", beta_complaint.complaint_id.as_str()),
+        "{event:?}"
+    );
+
+    // Every acme stream closes; the tenant's next events find no stream. A new one gets
+    // what follows.
+    drop((by_team, whole_tenant));
+    let unwatched = env.submit(outage("watch-2", "poster-w2", "宽带断网了")).await?;
+    env.work_order_for(&unwatched.complaint_id).await?;
+    env.wait_idle().await?;
+    let mut later = client
+        .watch_work_orders(watch(&env.tokens.agent, ""))
+        .await?
+        .into_inner();
+    let third = env.submit(outage("watch-3", "poster-w3", "宽带断网了")).await?;
+    let event = first_event(&mut later).await?;
+    assert_eq!(
+        complaint_of(&event),
+        ("acme", third.complaint_id.as_str()),
+        "{event:?}"
+    );
+    drop(beta);
+    env.shutdown().await
+}
+
 /// The second line of defence behind ingest's validation: a classified complaint carrying a
 /// value PostgreSQL refuses (a NUL in the poster's id, as an older ingest let through)
 /// fails alone. The batch it came with is placed complaint by complaint, its neighbours get

@@ -14,7 +14,6 @@ use tonic::{Request, Response, Status};
 use crate::lifecycle::Action;
 use crate::store::{self, Change, ListFilter, StoreError};
 use crate::{Policy, directory, placement};
-use prost::Message;
 
 pub const SERVICE_NAME: &str = "closedloop.v1.WorkOrderService";
 const MAX_NOTE_CHARS: usize = 4_000;
@@ -24,8 +23,8 @@ pub struct WorkOrderApi {
     /// Wakes the event relay after a change commits.
     pub relay_wake: Arc<Notify>,
     pub policy: Arc<Policy>,
-    /// For WatchWorkOrders: a plain subscription to the work-order subjects.
-    pub nats: async_nats::Client,
+    /// For WatchWorkOrders: each tenant's work-order events, read once for all its streams.
+    pub feeds: Arc<crate::watch::Feeds>,
     /// Ends open watches when the service shuts down (graceful shutdown waits for streams).
     pub shutdown: tokio_util::sync::CancellationToken,
     /// The open watch streams, within their limits.
@@ -395,31 +394,25 @@ impl WorkOrderService for WorkOrderApi {
         &self,
         request: Request<WatchWorkOrdersRequest>,
     ) -> Result<Response<Self::WatchWorkOrdersStream>, Status> {
-        use futures::StreamExt;
         let caller = reader(&request)?;
         let slot = self.watchers.admit(&caller.tenant, &caller.name)?;
         let r = request.into_inner();
-        // Events are published by the relay; a core subscription sees them as they land in
-        // the stream. A desk that reconnects re-reads with ListWorkOrders.
-        let subject = format!("closedloop.workorder.*.{}", caller.tenant);
-        let subscription = self
-            .nats
-            .subscribe(subject)
+        let feed = self
+            .feeds
+            .subscribe(&caller.tenant)
             .await
             .map_err(|e| Status::unavailable(format!("cannot watch work orders now: {e}")))?;
         let (team, assignee) = (r.team, r.assignee);
-        let events = subscription.filter_map(move |message| {
-            let event = WorkOrderEvent::decode(message.payload.as_ref()).ok();
-            std::future::ready(event.filter(|event| {
-                event.work_order.as_ref().is_some_and(|wo| {
-                    (team.is_empty() || wo.team == team) && (assignee.is_empty() || wo.assignee == assignee)
-                })
-            }))
-        });
+        let wants = move |event: &WorkOrderEvent| {
+            event.work_order.as_ref().is_some_and(|wo| {
+                (team.is_empty() || wo.team == team) && (assignee.is_empty() || wo.assignee == assignee)
+            })
+        };
         let buffer = self.watchers.limits().buffer;
         let (out, stream) = tokio::sync::mpsc::channel(buffer + 1);
         tokio::spawn(crate::watch::forward(
-            events,
+            feed,
+            wants,
             out,
             buffer,
             self.shutdown.clone(),

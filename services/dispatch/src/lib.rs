@@ -50,6 +50,11 @@ pub const CLASSIFIED_CONSUMER: &str = "dispatch-classified";
 pub const FEEDBACK_CONSUMER: &str = "dispatch-feedback";
 /// Database schema dispatch owns.
 pub const SCHEMA: &str = "dispatch";
+/// Events a tenant's watch feed keeps for its streams: a stream that falls this far behind
+/// the feed is closed as a slow reader is. Streams only move events into their own buffers
+/// (`CLOSEDLOOP_WATCH_BUFFER`), so this covers a busy core, not a slow desk; the feed
+/// holds the last this many events in memory per watched tenant.
+const WATCH_FEED_CAPACITY: usize = 1024;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -370,7 +375,7 @@ impl Dispatch {
             pool: self.pool.clone(),
             relay_wake: relay_wake.clone(),
             policy: self.policy.clone(),
-            nats: self.bus.client().clone(),
+            feeds: watch::Feeds::new(self.bus.client().clone(), WATCH_FEED_CAPACITY),
             shutdown: cancel.clone(),
             watchers: watch::Watchers::new(watch::WatchLimits {
                 per_caller: self.config.watch_max_per_caller.max(1),
