@@ -284,10 +284,16 @@ mod tests {
         feed
     }
 
-    /// Everything the reader got, in order, once the stream ended.
-    async fn read_all(
-        mut reader: mpsc::Receiver<Result<WatchWorkOrdersResponse, Status>>,
+    /// Runs one stream of `watchers` over `feed` to its end: everything its reader got, in
+    /// order.
+    async fn watch_all(
+        watchers: &Arc<Watchers>,
+        feed: Feed,
+        wants: impl Fn(&WorkOrderEvent) -> bool,
     ) -> Vec<Result<WatchWorkOrdersResponse, Status>> {
+        let slot = watchers.admit("acme", "desk-1").expect("admitted");
+        let (out, mut reader) = mpsc::channel(limits().buffer + 1);
+        forward(feed, wants, out, limits().buffer, CancellationToken::new(), slot).await;
         let mut received = Vec::new();
         while let Some(item) = reader.recv().await {
             received.push(item);
@@ -314,19 +320,8 @@ mod tests {
     #[tokio::test]
     async fn a_reader_that_falls_behind_is_told_and_dropped() {
         let watchers = Watchers::new(limits());
-        let slot = watchers.admit("acme", "desk-1").expect("admitted");
-        let (out, reader) = mpsc::channel(limits().buffer + 1);
         let feed = feed_of((1..=10).map(|version| event(version, "ops")), 16);
-        forward(
-            feed,
-            |_| true,
-            out,
-            limits().buffer,
-            CancellationToken::new(),
-            slot,
-        )
-        .await;
-        let received = read_all(reader).await;
+        let received = watch_all(&watchers, feed, |_| true).await;
         assert_eq!(received.len(), limits().buffer + 1, "the buffer, then the reason");
         assert_eq!(versions(&received), vec![1, 2, 3, 4]);
         assert_eq!(last_code(&received), Some(tonic::Code::ResourceExhausted));
@@ -338,38 +333,22 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_the_shared_feed_moved_past_is_told_and_dropped() {
-        let watchers = Watchers::new(limits());
-        let slot = watchers.admit("acme", "desk-1").expect("admitted");
-        let (out, reader) = mpsc::channel(limits().buffer + 1);
         // The feed keeps 2 events; 5 were handed on before this stream read any.
         let feed = feed_of((1..=5).map(|version| event(version, "ops")), 2);
-        forward(
-            feed,
-            |_| true,
-            out,
-            limits().buffer,
-            CancellationToken::new(),
-            slot,
-        )
-        .await;
-        let received = read_all(reader).await;
+        let received = watch_all(&Watchers::new(limits()), feed, |_| true).await;
         assert_eq!(versions(&received), Vec::<i64>::new(), "{received:?}");
         assert_eq!(last_code(&received), Some(tonic::Code::ResourceExhausted));
     }
 
     #[tokio::test]
     async fn a_reader_gets_only_what_it_watches_and_the_stream_ends_with_the_feed() {
-        let watchers = Watchers::new(limits());
-        let slot = watchers.admit("acme", "desk-1").expect("admitted");
-        let (out, reader) = mpsc::channel(limits().buffer + 1);
         let teams = ["ops", "billing", "ops", "billing", "billing", "ops"];
         let feed = feed_of(
             teams.iter().zip(1..).map(|(team, version)| event(version, team)),
             16,
         );
         let wants = |event: &WorkOrderEvent| event.work_order.as_ref().is_some_and(|wo| wo.team == "ops");
-        forward(feed, wants, out, limits().buffer, CancellationToken::new(), slot).await;
-        let received = read_all(reader).await;
+        let received = watch_all(&Watchers::new(limits()), feed, wants).await;
         assert_eq!(versions(&received), vec![1, 3, 6]);
         assert!(
             received.iter().all(Result::is_ok),
