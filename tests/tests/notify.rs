@@ -673,8 +673,8 @@ async fn the_delivery_log_keeps_the_latest_word_of_each_delivery() -> anyhow::Re
     env.shutdown().await
 }
 
-/// Every service pool works in its own schema, names its sessions after the service, and
-/// plans each execution for its arguments and the table as it is then. Under PostgreSQL's
+/// Every service pool works in its own schema, names its sessions after the service, plans
+/// each execution for its arguments and the table as it is then, and compiles nothing. Under PostgreSQL's
 /// default a connection may settle on a generic plan costed while a table was nearly
 /// empty: in bench-loop, notify's 40-key `customer_progress` lookup kept scanning the whole
 /// table (20 ms a batch, growing with the table) for as long as nothing analysed it.
@@ -696,6 +696,8 @@ async fn service_pools_use_their_schema_and_plan_every_execution() -> anyhow::Re
     let application_name: String = sqlx::query_scalar("SHOW application_name")
         .fetch_one(&pool)
         .await?;
+    let jit: String = sqlx::query_scalar("SHOW jit").fetch_one(&pool).await?;
+    assert_eq!(jit, "off", "no JIT compilation of short statements");
     assert_eq!(search_path, "pool_probe");
     assert_eq!(plan_cache_mode, "force_custom_plan");
     assert_eq!(

@@ -50,9 +50,17 @@ pub fn pool(args: &DatabaseArgs, schema: &'static str) -> Result<PgPool, DbError
     // costed once on a near-empty table, kept scanning `customer_progress` in full for a
     // 40-key lookup (20 ms a batch in bench-loop). Batching keeps executions few: the
     // planning this adds cost PostgreSQL less than the bad plans did (BENCHMARKS.md).
-    let mut options = base
-        .clone()
-        .options([("search_path", schema), ("plan_cache_mode", "force_custom_plan")]);
+    //
+    // No JIT compilation. PostgreSQL compiles a statement whose estimated cost passes
+    // `jit_above_cost`, and estimates for array probes grow with the table while their
+    // work does not: at a million work orders, placement's lookup of the open work orders a
+    // batch may join was costed past the threshold and spent about 80 ms compiling for
+    // 20 ms of work, each batch (bench-api, BENCHMARKS.md). Our statements are short.
+    let mut options = base.clone().options([
+        ("search_path", schema),
+        ("plan_cache_mode", "force_custom_plan"),
+        ("jit", "off"),
+    ]);
     // Named after the service, so `pg_stat_activity` (and bench-loop's CPU split) can tell
     // whose sessions they are; a name given in the URL wins.
     if base.get_application_name().is_none() {
