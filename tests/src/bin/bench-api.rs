@@ -809,6 +809,44 @@ fn seq_scans_since(before: &HashMap<String, i64>, now: &HashMap<String, i64>) ->
 }
 
 /// The loop's completed rate for `n` complaints from `callers` flat out.
+/// Whether `pg_stat_statements` is loaded (with
+/// `CLOSEDLOOP_POSTGRES_FLAGS="-c shared_preload_libraries=pg_stat_statements"`); if so its
+/// counts start again from zero.
+async fn reset_statements(pool: &PgPool) -> bool {
+    let created = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(pool)
+        .await;
+    created.is_ok()
+        && sqlx::query("SELECT pg_stat_statements_reset()")
+            .execute(pool)
+            .await
+            .is_ok()
+}
+
+/// The statements PostgreSQL spent most time on since `reset_statements`, as a table.
+async fn costliest_statements(pool: &PgPool) -> anyhow::Result<String> {
+    let rows: Vec<(f64, i64, String)> = sqlx::query_as(
+        "SELECT total_exec_time + total_plan_time, calls, \
+                left(regexp_replace(query, '\\s+', ' ', 'g'), 110) \
+         FROM pg_stat_statements ORDER BY 1 DESC LIMIT 8",
+    )
+    .fetch_all(pool)
+    .await?;
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|(ms, calls, query)| {
+            let per_call = ms / (calls.max(1) as f64);
+            vec![
+                format!("{ms:.0}"),
+                calls.to_string(),
+                format!("{per_call:.3}"),
+                query,
+            ]
+        })
+        .collect();
+    Ok(table(&["ms", "calls", "ms/call", "statement"], &rows))
+}
+
 async fn max_rate(
     submitters: &drive::Submitters,
     js: &async_nats::jetstream::Context,
@@ -818,11 +856,18 @@ async fn max_rate(
     callers: usize,
 ) -> anyhow::Result<f64> {
     let submissions = (0..n).map(|_| workload.next_steady().1).collect();
+    let statements = reset_statements(pool).await;
     let accepted_before = submitters.ledger.accepted.load(Ordering::Relaxed);
     let started = Instant::now();
     submitters.flat_out(0, submissions, callers).await;
     let complete = drive::drained(js, pool, started).await?;
     let accepted = submitters.ledger.accepted.load(Ordering::Relaxed) - accepted_before;
+    if statements {
+        eprintln!(
+            "  PostgreSQL's costliest statements meanwhile:\n{}",
+            costliest_statements(pool).await?
+        );
+    }
     Ok(accepted as f64 / complete.as_secs_f64().max(f64::EPSILON))
 }
 
@@ -1116,6 +1161,14 @@ async fn main() -> anyhow::Result<()> {
         .await?;
 
     eprintln!("loop at its maximum rate, {work_orders_total} work orders");
+    // New posters, as on the empty database: the first measurement's posters have open work
+    // orders now, which the same posters' complaints would join instead of opening their own.
+    let mut workload = Workload::new(
+        &format!("api-{}", Uuid::new_v4().simple()),
+        TENANTS[0],
+        12,
+        Mix::default(),
+    );
     let scans_before_loaded_max = seq_scans(&pool).await?;
     let loaded_rate = max_rate(
         &submitters,
