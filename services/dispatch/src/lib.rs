@@ -138,13 +138,14 @@ impl Policy {
         Self::from_file(&SettingsFile::load(path)?)
     }
 
-    /// The work order a classified complaint would open (pure).
+    /// The work order a classified complaint would open (pure); an error if the complaint's
+    /// id is not a UUID.
     pub fn draft(
         &self,
         complaint: &closedloop_proto::v1::Complaint,
         classification: &closedloop_proto::v1::Classification,
         now: chrono::DateTime<Utc>,
-    ) -> Draft {
+    ) -> Result<Draft, uuid::Error> {
         let route = self.router.route(&RouteFacts {
             intent: classification.intent(),
             category: &classification.category,
@@ -156,12 +157,13 @@ impl Policy {
         let deadlines = self
             .sla
             .deadlines(&classification.category, classification.priority(), now);
-        Draft {
+        Ok(Draft {
+            complaint: uuid::Uuid::parse_str(&complaint.complaint_id)?,
             new: store::new_work_order(complaint, classification, &route, &deadlines, now),
             account_managed: route.account_managed,
             route_reason: format!("routed to {} by {}", route.team, route.reason),
             trace: closedloop_runtime::telemetry::current_trace_headers(),
-        }
+        })
     }
 }
 
@@ -180,10 +182,10 @@ impl MessageHandler for ClassifiedHandler {
             tracing::info!(complaint_id = %complaint.complaint_id, intent = ?classification.intent(), "no work order needed");
             return Ok(());
         }
-        if uuid::Uuid::parse_str(&complaint.complaint_id).is_err() {
-            return Err(HandleError::reject("complaint id is not a UUID"));
-        }
-        let draft = self.policy.draft(&complaint, &classification, Utc::now());
+        let draft = self
+            .policy
+            .draft(&complaint, &classification, Utc::now())
+            .map_err(|_| HandleError::reject("complaint id is not a UUID"))?;
         let placed = self.batcher.submit(draft).await.map_err(|error| {
             if error.is_data() {
                 HandleError::reject(format!("PostgreSQL refused this complaint: {error}"))

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::{COLUMNS, StoreError, parse_uuid, to_time};
 
 /// A new work order with the SLA risk points that are kept beside it.
+#[derive(Debug, Clone, PartialEq)]
 pub struct NewWorkOrder {
     pub work_order: WorkOrder,
     pub first_response_risk_at: DateTime<Utc>,

@@ -183,6 +183,7 @@ pub fn work_order_event(
 }
 
 /// A committed change, as history row and event: the work order after it.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Recorded {
     pub work_order: WorkOrder,
     pub kind: WorkOrderEventKind,
