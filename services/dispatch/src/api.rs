@@ -328,8 +328,14 @@ impl WorkOrderService for WorkOrderApi {
                 "team or assignee must be set",
             )]));
         }
+        let assignee = r.assignee.trim();
         let change = Change {
-            action: Action::Reassign,
+            // Nobody named to hold it: it waits in the team's queue.
+            action: if assignee.is_empty() {
+                Action::Requeue
+            } else {
+                Action::Reassign
+            },
             expected_version: r.expected_version,
             actor: &caller.name,
             note: "",
@@ -339,11 +345,7 @@ impl WorkOrderService for WorkOrderApi {
                 if !r.team.trim().is_empty() {
                     wo.team = r.team.trim().to_owned();
                 }
-                wo.assignee = r.assignee.trim().to_owned();
-                if wo.assignee.is_empty() {
-                    // Nobody holds it: it waits in the team's queue.
-                    wo.set_state(WorkOrderState::New);
-                }
+                wo.assignee = assignee.to_owned();
             })
             .await?;
         self.offer_queue(&caller.tenant, &work_order.team).await;

@@ -1,6 +1,9 @@
-//! The work-order state machine: which action may move a work order from which state.
+//! The work-order state machine: which action may move a work order from which state, and
+//! what every transition changes besides the state. Every change to a work order, by an
+//! agent, the watcher, feedback, placement or an incident, goes through [`apply`].
 
-use closedloop_proto::v1::{WorkOrderEventKind, WorkOrderState};
+use chrono::{DateTime, Utc};
+use closedloop_proto::v1::{SlaState, WorkOrder, WorkOrderEventKind, WorkOrderState};
 
 /// Something done to a work order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,11 +14,16 @@ pub enum Action {
     Close,
     Reopen,
     Escalate,
+    /// Given to another agent (or team and agent) by a person.
     Reassign,
+    /// Taken from whoever held it and put back in a (possibly other) team's queue.
+    Requeue,
     /// Given to an agent by the assigner.
     Assign,
     /// Attached to an incident.
     LinkIncident,
+    /// Took in another complaint about the same problem.
+    Merge,
     /// The SLA clock: a target is close.
     SlaAtRisk,
     /// The SLA clock: a target was missed; the work goes back to a queue.
@@ -34,9 +42,10 @@ impl Action {
             Action::Close => WorkOrderEventKind::Closed,
             Action::Reopen => WorkOrderEventKind::Reopened,
             Action::Escalate => WorkOrderEventKind::Escalated,
-            Action::Reassign => WorkOrderEventKind::Reassigned,
+            Action::Reassign | Action::Requeue => WorkOrderEventKind::Reassigned,
             Action::Assign => WorkOrderEventKind::Assigned,
             Action::LinkIncident => WorkOrderEventKind::IncidentLinked,
+            Action::Merge => WorkOrderEventKind::Merged,
             Action::SlaAtRisk => WorkOrderEventKind::SlaAtRisk,
             Action::SlaBreach => WorkOrderEventKind::SlaBreached,
             Action::Feedback => WorkOrderEventKind::Feedback,
@@ -66,8 +75,9 @@ pub fn next_state(from: WorkOrderState, action: Action) -> Result<WorkOrderState
         (Action::Escalate, s) if is_open(s) => s,
         (Action::Resolve, s) if is_open(s) => Resolved,
         (Action::Reassign, s) if is_open(s) => Assigned,
+        (Action::Requeue, s) if is_open(s) => New,
         (Action::Assign, New | Reopened) => Assigned,
-        (Action::LinkIncident, s) if is_open(s) => s,
+        (Action::LinkIncident | Action::Merge, s) if is_open(s) => s,
         (Action::SlaAtRisk, s) if is_open(s) => s,
         // Back to a queue: nobody holds it until the escalation team's assigner picks it.
         (Action::SlaBreach, s) if is_open(s) => New,
@@ -77,6 +87,37 @@ pub fn next_state(from: WorkOrderState, action: Action) -> Result<WorkOrderState
         _ => return Err(InvalidTransition { from, action }),
     };
     Ok(to)
+}
+
+/// Applies `action` to a work order at `now`: the state the machine allows, a new version,
+/// and the action's own effects (resolution time and note, the first response, a reopened
+/// SLA clock). Fields that depend on who asked (assignee, team, remedy) are the caller's.
+pub fn apply(
+    wo: &mut WorkOrder,
+    action: Action,
+    note: &str,
+    now: DateTime<Utc>,
+) -> Result<(), InvalidTransition> {
+    let next = next_state(wo.state(), action)?;
+    wo.set_state(next);
+    wo.version += 1;
+    wo.updated_at = Some(closedloop_runtime::time::to_timestamp(now));
+    match action {
+        Action::Resolve => {
+            wo.resolved_at = wo.updated_at;
+            wo.resolution_note = note.to_owned();
+        }
+        Action::Reopen => {
+            wo.resolved_at = None;
+            wo.sla_state = SlaState::OnTrack as i32;
+        }
+        Action::Accept | Action::Reply if wo.first_responded_at.is_none() => {
+            wo.first_responded_at = wo.updated_at;
+        }
+        Action::Requeue => wo.assignee.clear(),
+        _ => {}
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -103,6 +144,7 @@ mod tests {
             Action::Resolve,
             Action::Escalate,
             Action::Reassign,
+            Action::Requeue,
         ] {
             assert!(next_state(Closed, action).is_err(), "{action:?} on closed");
             assert!(next_state(Resolved, action).is_err(), "{action:?} on resolved");
@@ -134,6 +176,40 @@ mod tests {
         assert_eq!(next_state(Assigned, Action::SlaAtRisk), Ok(Assigned));
         assert_eq!(next_state(Closed, Action::Feedback), Ok(Closed));
         assert!(next_state(Closed, Action::LinkIncident).is_err());
+        assert_eq!(next_state(PendingCustomer, Action::Merge), Ok(PendingCustomer));
+        assert!(
+            next_state(Resolved, Action::Merge).is_err(),
+            "a new problem, not a merge"
+        );
+    }
+
+    #[test]
+    fn apply_records_each_actions_effects() {
+        let now = Utc::now();
+        let stamp = Some(closedloop_runtime::time::to_timestamp(now));
+        let mut wo = WorkOrder {
+            version: 3,
+            assignee: "a".into(),
+            state: Assigned as i32,
+            ..WorkOrder::default()
+        };
+        apply(&mut wo, Action::Reply, "hello", now).expect("reply");
+        assert_eq!((wo.state(), wo.version), (Assigned, 4));
+        assert_eq!(wo.first_responded_at, stamp);
+        apply(&mut wo, Action::Requeue, "", now).expect("requeue");
+        assert_eq!((wo.state(), wo.assignee.as_str()), (New, ""));
+        apply(&mut wo, Action::Resolve, "fixed", now).expect("resolve");
+        assert_eq!((wo.resolved_at, wo.resolution_note.as_str()), (stamp, "fixed"));
+        wo.sla_state = SlaState::Breached as i32;
+        apply(&mut wo, Action::Reopen, "not fixed", now).expect("reopen");
+        assert_eq!(
+            (wo.state(), wo.resolved_at, wo.sla_state()),
+            (Reopened, None, SlaState::OnTrack)
+        );
+        assert_eq!(wo.version, 7, "one version per action");
+        let before = wo.clone();
+        assert!(apply(&mut wo, Action::Close, "", now).is_err());
+        assert_eq!(wo, before, "a refused action changes nothing");
     }
 
     #[test]

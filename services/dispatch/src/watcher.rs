@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use crate::Policy;
 use crate::lifecycle::Action;
 use crate::placement;
-use crate::store::{self, COLUMNS, Change, OPEN_STATES_SQL, StoreError, from_row, to_time};
+use crate::store::{
+    self, COLUMNS, Change, OPEN_STATES_SQL, QUEUED_STATES_SQL, StoreError, from_row, to_time,
+};
 
 /// Work orders handled per transaction.
 const CHUNK: i64 = 200;
@@ -39,11 +41,13 @@ pub fn sla_verdict(wo: &WorkOrder, risk: (DateTime<Utc>, DateTime<Utc>), now: Da
 pub async fn check_sla(pool: &PgPool, policy: &Policy) -> Result<usize, StoreError> {
     let now = Utc::now();
     let mut tx = pool.begin().await?;
+    // Values inlined, so the planner can match them against partial indexes.
+    let (at_risk, breached) = (SlaState::AtRisk as i32, SlaState::Breached as i32);
     let rows = sqlx::query(&format!(
         "SELECT {COLUMNS}, first_response_risk_at, resolution_risk_at FROM work_orders \
          WHERE state IN {OPEN_STATES_SQL} AND ( \
-           (sla_state < 2 AND ((first_responded_at IS NULL AND first_response_risk_at <= $1) OR resolution_risk_at <= $1)) \
-           OR (sla_state < 3 AND ((first_responded_at IS NULL AND first_response_due <= $1) OR resolution_due <= $1))) \
+           (sla_state < {at_risk} AND ((first_responded_at IS NULL AND first_response_risk_at <= $1) OR resolution_risk_at <= $1)) \
+           OR (sla_state < {breached} AND ((first_responded_at IS NULL AND first_response_due <= $1) OR resolution_due <= $1))) \
          ORDER BY resolution_due LIMIT $2 FOR UPDATE SKIP LOCKED"
     ))
     .bind(now)
@@ -146,11 +150,11 @@ pub async fn close_unanswered(pool: &PgPool, policy: &Policy) -> Result<usize, S
 
 /// Offers every team's queue to its agents (covers capacity freed on another replica).
 pub async fn offer_queues(pool: &PgPool, policy: &Policy) -> Result<usize, StoreError> {
-    let teams = sqlx::query(
-        "SELECT DISTINCT w.tenant, w.team FROM work_orders w WHERE w.assignee = '' AND w.state IN (1, 7) \
+    let teams = sqlx::query(&format!(
+        "SELECT DISTINCT w.tenant, w.team FROM work_orders w WHERE w.assignee = '' AND w.state IN {QUEUED_STATES_SQL} \
            AND w.incident_id IS NULL AND EXISTS (SELECT 1 FROM agents a WHERE a.tenant = w.tenant \
-           AND a.team_id = w.team AND a.online)",
-    )
+           AND a.team_id = w.team AND a.online)"
+    ))
     .fetch_all(pool)
     .await?;
     let mut assigned = 0;

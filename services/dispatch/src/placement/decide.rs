@@ -14,6 +14,7 @@ use super::load::Snapshot;
 use super::staffing::{self, StaffChanges};
 use super::{Draft, IncidentKey, Placement, poster_id, record, region_key};
 use crate::Policy;
+use crate::lifecycle::{self, Action};
 use crate::store::{NewWorkOrder, Recorded};
 
 /// A complaint attached to an open work order.
@@ -86,6 +87,8 @@ impl InPlay {
     /// The open work order a new complaint joins: its thread's, else its poster's for the
     /// same category.
     fn join_target(&self, wo: &WorkOrder) -> Option<usize> {
+        let takes_merges =
+            |at: &usize| lifecycle::next_state(self.orders[*at].state(), Action::Merge).is_ok();
         let by_thread = (!wo.thread_id.is_empty())
             .then(|| self.by_thread.get(&(wo.tenant.clone(), wo.thread_id.clone())))
             .flatten();
@@ -97,7 +100,10 @@ impl InPlay {
                 })
                 .flatten()
         };
-        by_thread.or_else(by_poster).copied()
+        by_thread
+            .filter(|at| takes_merges(at))
+            .or_else(|| by_poster().filter(|at| takes_merges(at)))
+            .copied()
     }
 
     fn position(&self, work_order_id: &str) -> Option<usize> {
@@ -153,7 +159,7 @@ pub fn decide(snapshot: &Snapshot, drafts: &[Draft], policy: &Policy, now: DateT
             });
             record(
                 open,
-                WorkOrderEventKind::Merged,
+                Action::Merge,
                 format!("{how}: complaint {} attached", wo.complaint_id),
                 now,
                 &mut plan.events,
@@ -196,11 +202,13 @@ pub fn decide(snapshot: &Snapshot, drafts: &[Draft], policy: &Policy, now: DateT
                 None => in_play.add(wo.clone(), true),
             };
             let target = &mut in_play.orders[at];
-            if target.incident_id.is_empty() {
+            if target.incident_id.is_empty()
+                && lifecycle::next_state(target.state(), Action::LinkIncident).is_ok()
+            {
                 target.incident_id = incident_id.clone();
                 record(
                     target,
-                    WorkOrderEventKind::IncidentLinked,
+                    Action::LinkIncident,
                     format!("part of incident {incident_id}"),
                     now,
                     &mut plan.events,

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use closedloop_proto::v1::{WorkOrder, WorkOrderState};
+use closedloop_proto::v1::WorkOrder;
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
@@ -13,7 +13,7 @@ use super::staffing::{Staff, TeamAgents};
 use super::{Draft, IncidentKey, poster_id, region_key};
 use crate::Policy;
 use crate::assignment::Candidate;
-use crate::store::{COLUMNS, OPEN_STATES_SQL, StoreError, from_row};
+use crate::store::{COLUMNS, OPEN_STATES_SQL, QUEUED_STATES_SQL, StoreError, from_row};
 
 /// What a batch's decisions are made over.
 #[derive(Debug, Clone, Default)]
@@ -389,12 +389,11 @@ pub(super) async fn queued(
 ) -> Result<Vec<WorkOrder>, StoreError> {
     let rows = sqlx::query(&format!(
         "SELECT {COLUMNS} FROM work_orders WHERE tenant = $1 AND team = $2 AND assignee = '' \
-           AND state = ANY($3) AND incident_id IS NULL \
-         ORDER BY priority, created_at LIMIT $4 FOR UPDATE SKIP LOCKED"
+           AND state IN {QUEUED_STATES_SQL} AND incident_id IS NULL \
+         ORDER BY priority, created_at LIMIT $3 FOR UPDATE SKIP LOCKED"
     ))
     .bind(tenant)
     .bind(team)
-    .bind(vec![WorkOrderState::New as i16, WorkOrderState::Reopened as i16])
     .bind(limit)
     .fetch_all(&mut **tx)
     .await?;

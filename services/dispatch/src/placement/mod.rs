@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use closedloop_proto::v1::{WorkOrder, WorkOrderEventKind};
+use closedloop_proto::v1::WorkOrder;
 use closedloop_runtime::batch::{BatchWrite, WriteError};
 use closedloop_runtime::db;
 use sqlx::PgPool;
@@ -32,7 +32,8 @@ mod write;
 pub use queue::{assign_queued, offer_queue};
 
 use crate::Policy;
-use crate::store::{NewWorkOrder, Recorded, StoreError, ts};
+use crate::lifecycle::{self, Action};
+use crate::store::{NewWorkOrder, Recorded, StoreError};
 
 /// Most complaints placed in one transaction.
 pub const MAX_BATCH: usize = 256;
@@ -119,17 +120,20 @@ pub(super) fn poster_id(wo: &WorkOrder) -> &str {
     wo.poster.as_ref().map_or("", |p| p.poster_id.as_str())
 }
 
-/// Bumps a work order's version for a system change and records it.
+/// Applies a system action (see [`lifecycle::apply`]) and records it; an action the work
+/// order's state refuses changes and records nothing. Returns whether it was applied.
 pub(super) fn record(
     wo: &mut WorkOrder,
-    kind: WorkOrderEventKind,
+    action: Action,
     note: String,
     now: DateTime<Utc>,
     events: &mut Vec<Recorded>,
-) {
-    wo.version += 1;
-    wo.updated_at = ts(now);
-    events.push(Recorded::new(wo, kind, "system", note));
+) -> bool {
+    if lifecycle::apply(wo, action, &note, now).is_err() {
+        return false;
+    }
+    events.push(Recorded::new(wo, action.event_kind(), "system", note));
+    true
 }
 
 /// Places a batch of drafts in one transaction: load, decide, write. One result per

@@ -5,10 +5,11 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Duration, Utc};
-use closedloop_proto::v1::{WorkOrder, WorkOrderEventKind, WorkOrderState};
+use closedloop_proto::v1::WorkOrder;
 
 use super::{poster_id, record};
 use crate::assignment::{self, Candidate};
+use crate::lifecycle::{self, Action};
 use crate::store::Recorded;
 
 /// One team's agents, as assignment sees them.
@@ -72,6 +73,9 @@ pub fn assign(
     let mut tick = 0;
     for at in order {
         let wo = &in_play[at];
+        if lifecycle::next_state(wo.state(), Action::Assign).is_err() {
+            continue;
+        }
         let Some(team) = staff
             .teams
             .iter_mut()
@@ -114,10 +118,9 @@ pub fn assign(
         }
         let wo = &mut in_play[at];
         wo.assignee = agent.clone();
-        wo.set_state(WorkOrderState::Assigned);
         record(
             wo,
-            WorkOrderEventKind::Assigned,
+            Action::Assign,
             format!("assigned to {agent} ({why})"),
             now,
             events,

@@ -79,11 +79,7 @@ pub async fn resolve_incident(
     let mut changes = Vec::with_capacity(rows.len());
     for row in &rows {
         let mut wo = from_row(row)?;
-        wo.set_state(lifecycle::next_state(wo.state(), Action::Resolve)?);
-        wo.version += 1;
-        wo.updated_at = ts(now);
-        wo.resolved_at = ts(now);
-        wo.resolution_note = note.to_owned();
+        lifecycle::apply(&mut wo, Action::Resolve, note, now)?;
         changes.push(Recorded::new(&wo, WorkOrderEventKind::Resolved, actor, note));
     }
     update_work_orders(&mut tx, changes.iter().map(|c| &c.work_order)).await?;

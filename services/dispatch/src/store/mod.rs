@@ -307,6 +307,9 @@ pub async fn write_outbox(
 /// uses the partial indexes (`WHERE state IN (1, 2, 3, 4, 7)`) when it can see the values.
 pub(crate) const OPEN_STATES_SQL: &str = "(1, 2, 3, 4, 7)";
 
+/// The states assignment takes work from (queued, nobody holding it), as [`OPEN_STATES_SQL`].
+pub(crate) const QUEUED_STATES_SQL: &str = "(1, 7)";
+
 /// Restarts the SLA clock of a work order (on reopen): new deadlines and risk points.
 pub async fn restart_clock(
     tx: &mut Transaction<'_, Postgres>,
@@ -387,25 +390,7 @@ pub async fn apply_locked(
             actual: work_order.version,
         });
     }
-    let next = lifecycle::next_state(work_order.state(), change.action)?;
-    let now = Utc::now();
-    work_order.set_state(next);
-    work_order.version += 1;
-    work_order.updated_at = ts(now);
-    match change.action {
-        Action::Resolve => {
-            work_order.resolved_at = ts(now);
-            work_order.resolution_note = change.note.to_owned();
-        }
-        Action::Reopen => {
-            work_order.resolved_at = None;
-            work_order.sla_state = SlaState::OnTrack as i32;
-        }
-        Action::Accept | Action::Reply if work_order.first_responded_at.is_none() => {
-            work_order.first_responded_at = ts(now);
-        }
-        _ => {}
-    }
+    lifecycle::apply(work_order, change.action, change.note, Utc::now())?;
     edit(work_order);
     update_work_order(tx, work_order).await?;
     let recorded = Recorded::new(work_order, change.action.event_kind(), change.actor, change.note);
@@ -486,16 +471,26 @@ pub fn needs_work_order(intent: Intent) -> bool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn open_states_sql_lists_exactly_the_open_states() {
-        let listed: Vec<i32> = (0..16)
-            .filter(|n| WorkOrderState::try_from(*n).is_ok_and(crate::lifecycle::is_open))
-            .collect();
-        let written: Vec<i32> = OPEN_STATES_SQL
-            .trim_matches(|c| c == '(' || c == ')')
+    fn states_where(holds: impl Fn(WorkOrderState) -> bool) -> Vec<i32> {
+        (0..16)
+            .filter(|n| WorkOrderState::try_from(*n).is_ok_and(&holds))
+            .collect()
+    }
+
+    fn numbers(list: &str) -> Vec<i32> {
+        list.trim_matches(|c| c == '(' || c == ')')
             .split(", ")
             .map(|n| n.parse().expect("a number"))
-            .collect();
-        assert_eq!(written, listed);
+            .collect()
+    }
+
+    #[test]
+    fn state_lists_in_sql_match_the_state_machine() {
+        use crate::lifecycle::{Action, is_open, next_state};
+        assert_eq!(numbers(OPEN_STATES_SQL), states_where(is_open));
+        assert_eq!(
+            numbers(QUEUED_STATES_SQL),
+            states_where(|s| next_state(s, Action::Assign).is_ok())
+        );
     }
 }
