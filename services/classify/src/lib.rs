@@ -67,13 +67,11 @@ struct VerdictLabels {
 }
 
 static CLASSIFIED: std::sync::LazyLock<Family<VerdictLabels, Counter>> = std::sync::LazyLock::new(|| {
-    let family = Family::default();
     metrics::register(
         "complaints_classified",
         "Complaints classified, by intent and priority",
-        family.clone(),
-    );
-    family
+        Family::default(),
+    )
 });
 
 /// Classifies received complaints and publishes the verdict.
@@ -203,15 +201,6 @@ impl Classify {
         })
     }
 
-    pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
-    /// Where `/metrics` is served.
-    pub fn metrics_addr(&self) -> std::io::Result<SocketAddr> {
-        self.metrics.addr()
-    }
-
     /// Consumes and serves until `cancel` fires, then drains in-flight work.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let spec = ConsumerSpec::new(
@@ -248,23 +237,4 @@ impl Classify {
     }
 }
 
-impl closedloop_runtime::service::Service for Classify {
-    type Config = Config;
-    const NAME: &'static str = "classify";
-
-    fn args(config: &Config) -> &closedloop_runtime::config::ServiceArgs {
-        &config.service
-    }
-
-    async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
-        Classify::build(config, cancel).await
-    }
-
-    fn listening(&self) -> std::io::Result<Vec<(&'static str, SocketAddr)>> {
-        Ok(vec![("grpc", self.grpc_addr()?)])
-    }
-
-    async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        Classify::run(self, cancel).await
-    }
-}
+closedloop_runtime::impl_service!(Classify, Config, "classify");

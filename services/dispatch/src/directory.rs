@@ -57,27 +57,14 @@ pub async fn upsert_agent(pool: &PgPool, tenant: &str, agent: &Agent) -> Result<
 }
 
 fn team_from_row(row: &sqlx::postgres::PgRow) -> Result<Team, sqlx::Error> {
-    Ok(Team {
-        team_id: row.try_get("team_id")?,
-        name: row.try_get("name")?,
-        region: row.try_get("region")?,
-        skills: row.try_get("skills")?,
-        supervisors: row.try_get("supervisors")?,
-    })
+    Ok(closedloop_runtime::from_columns![Team; row; team_id, name, region, skills, supervisors])
 }
 
 fn agent_from_row(row: &sqlx::postgres::PgRow) -> Result<Agent, sqlx::Error> {
-    Ok(Agent {
-        agent_id: row.try_get("agent_id")?,
-        team_id: row.try_get("team_id")?,
-        display_name: row.try_get("display_name")?,
-        skills: row.try_get("skills")?,
-        capacity: row.try_get("capacity")?,
-        online: row.try_get("online")?,
-        authority_limit_minor: row.try_get("authority_limit_minor")?,
-        supervisor: row.try_get("supervisor")?,
+    Ok(closedloop_runtime::from_columns![Agent; row;
+        agent_id, team_id, display_name, skills, capacity, online, authority_limit_minor, supervisor;
         open_work_orders: row.try_get("open_load")?,
-    })
+    ])
 }
 
 /// Agents matching `filter`, each with the open work it holds.

@@ -288,15 +288,6 @@ impl Dispatch {
         })
     }
 
-    pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
-    /// Where `/metrics` is served.
-    pub fn metrics_addr(&self) -> std::io::Result<SocketAddr> {
-        self.metrics.addr()
-    }
-
     /// Consumes, watches, relays and serves until `cancel` fires; then drains in-flight
     /// work and publishes what was committed.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
@@ -419,23 +410,4 @@ impl Dispatch {
     }
 }
 
-impl closedloop_runtime::service::Service for Dispatch {
-    type Config = Config;
-    const NAME: &'static str = "dispatch";
-
-    fn args(config: &Config) -> &closedloop_runtime::config::ServiceArgs {
-        &config.service
-    }
-
-    async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
-        Dispatch::build(config, cancel).await
-    }
-
-    fn listening(&self) -> std::io::Result<Vec<(&'static str, SocketAddr)>> {
-        Ok(vec![("grpc", self.grpc_addr()?)])
-    }
-
-    async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        Dispatch::run(self, cancel).await
-    }
-}
+closedloop_runtime::impl_service!(Dispatch, Config, "dispatch");

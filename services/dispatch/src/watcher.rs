@@ -215,30 +215,19 @@ mod tests {
 
     #[test]
     fn verdicts_follow_the_clock_and_the_first_response() {
+        use SlaState::*;
         let opened = Utc::now();
         let risk = (opened + Duration::minutes(8), opened + Duration::minutes(80));
         let mut wo = work_order(opened);
-        assert_eq!(sla_verdict(&wo, risk, opened), SlaState::OnTrack);
-        assert_eq!(
-            sla_verdict(&wo, risk, opened + Duration::minutes(9)),
-            SlaState::AtRisk
-        );
-        assert_eq!(
-            sla_verdict(&wo, risk, opened + Duration::minutes(10)),
-            SlaState::Breached
-        );
-        wo.first_responded_at = ts(opened + Duration::minutes(5));
-        assert_eq!(
-            sla_verdict(&wo, risk, opened + Duration::minutes(30)),
-            SlaState::OnTrack
-        );
-        assert_eq!(
-            sla_verdict(&wo, risk, opened + Duration::minutes(85)),
-            SlaState::AtRisk
-        );
-        assert_eq!(
-            sla_verdict(&wo, risk, opened + Duration::minutes(100)),
-            SlaState::Breached
-        );
+        let at = |minutes| opened + Duration::minutes(minutes);
+        // Not yet answered: the first-response targets count.
+        for (minutes, expected) in [(0, OnTrack), (9, AtRisk), (10, Breached)] {
+            assert_eq!(sla_verdict(&wo, risk, at(minutes)), expected, "minute {minutes}");
+        }
+        // Answered at minute 5: only the resolution targets count.
+        wo.first_responded_at = ts(at(5));
+        for (minutes, expected) in [(30, OnTrack), (85, AtRisk), (100, Breached)] {
+            assert_eq!(sla_verdict(&wo, risk, at(minutes)), expected, "minute {minutes}");
+        }
     }
 }

@@ -27,13 +27,11 @@ struct OutcomeLabel {
 }
 
 static RECEIVED: LazyLock<Family<OutcomeLabel, Counter>> = LazyLock::new(|| {
-    let family = Family::default();
     metrics::register(
         "complaints_received",
         "Complaints submitted to ingest, by outcome",
-        family.clone(),
-    );
-    family
+        Family::default(),
+    )
 });
 
 /// Every outcome [`RECEIVED`] counts, so each series is scraped from the start (at zero).

@@ -56,16 +56,6 @@ impl Ingest {
         })
     }
 
-    /// The bound gRPC address (useful when configured with port 0).
-    pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
-    /// Where `/metrics` is served.
-    pub fn metrics_addr(&self) -> std::io::Result<SocketAddr> {
-        self.metrics.addr()
-    }
-
     /// The bound HTTP address.
     pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
         self.http_listener.local_addr()
@@ -102,23 +92,4 @@ impl Ingest {
     }
 }
 
-impl closedloop_runtime::service::Service for Ingest {
-    type Config = Config;
-    const NAME: &'static str = "ingest";
-
-    fn args(config: &Config) -> &closedloop_runtime::config::ServiceArgs {
-        &config.service
-    }
-
-    async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
-        Ingest::build(config, cancel).await
-    }
-
-    fn listening(&self) -> std::io::Result<Vec<(&'static str, SocketAddr)>> {
-        Ok(vec![("grpc", self.grpc_addr()?), ("http", self.http_addr()?)])
-    }
-
-    async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        Ingest::run(self, cancel).await
-    }
-}
+closedloop_runtime::impl_service!(Ingest, Config, "ingest", [("http", http_addr)]);

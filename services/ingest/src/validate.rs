@@ -277,6 +277,23 @@ mod tests {
         }
     }
 
+    /// The fields a submission's violations name, under `prefix`, with the default limits.
+    fn offending(submission: &ComplaintSubmission, prefix: &str) -> Vec<String> {
+        fields(validate_submission(
+            submission,
+            "acme",
+            &Limits::default(),
+            Utc::now(),
+            prefix,
+        ))
+    }
+
+    fn assert_names(got: &[String], expected: &[&str]) {
+        for expected in expected {
+            assert!(got.iter().any(|f| f == expected), "missing {expected} in {got:?}");
+        }
+    }
+
     fn fields(result: Result<Complaint, Vec<Violation>>) -> Vec<String> {
         result
             .expect_err("should be invalid")
@@ -324,52 +341,29 @@ mod tests {
             p.poster_id = "u\u{0}".into();
             p.display_name = "name\n".into();
         }
-        let got = fields(validate_submission(
-            &s,
-            "acme",
-            &Limits::default(),
-            Utc::now(),
-            "c",
-        ));
-        for expected in [
-            "c.channel_message_id",
-            "c.thread_id",
-            "c.in_reply_to",
-            "c.poster.poster_id",
-            "c.poster.display_name",
-            "c.region_hint",
-            "c.tenant",
-        ] {
-            assert!(got.iter().any(|f| f == expected), "missing {expected} in {got:?}");
-        }
+        let got = offending(&s, "c");
+        assert_names(
+            &got,
+            &[
+                "c.channel_message_id",
+                "c.thread_id",
+                "c.in_reply_to",
+                "c.poster.poster_id",
+                "c.poster.display_name",
+                "c.region_hint",
+                "c.tenant",
+            ],
+        );
         s = submission();
         s.locale = "zh\u{0}".into();
-        assert_eq!(
-            fields(validate_submission(
-                &s,
-                "acme",
-                &Limits::default(),
-                Utc::now(),
-                "c"
-            )),
-            ["c.locale"]
-        );
+        assert_eq!(offending(&s, "c"), ["c.locale"]);
     }
 
     #[test]
     fn invisible_text_is_empty() {
         let mut s = submission();
         s.text = "\u{200b}\u{200d}\u{2060}\u{202e}  \u{feff}".into();
-        assert_eq!(
-            fields(validate_submission(
-                &s,
-                "acme",
-                &Limits::default(),
-                Utc::now(),
-                "c"
-            )),
-            ["c.text"]
-        );
+        assert_eq!(offending(&s, "c"), ["c.text"]);
     }
 
     #[test]
@@ -377,16 +371,7 @@ mod tests {
         let mut s = submission();
         // 2,000 characters that NFKC expands to 36,000.
         s.text = "\u{fdfa}".repeat(2_000);
-        assert_eq!(
-            fields(validate_submission(
-                &s,
-                "acme",
-                &Limits::default(),
-                Utc::now(),
-                "c"
-            )),
-            ["c.text"]
-        );
+        assert_eq!(offending(&s, "c"), ["c.text"]);
         s.text = "好".repeat(5_000);
         assert!(validate_submission(&s, "acme", &Limits::default(), Utc::now(), "c").is_ok());
     }
@@ -426,13 +411,7 @@ mod tests {
         if let Some(p) = s.poster.as_mut() {
             p.followers = MAX_FOLLOWERS + 1;
         }
-        let got = fields(validate_submission(
-            &s,
-            "acme",
-            &Limits::default(),
-            Utc::now(),
-            "c",
-        ));
+        let got = offending(&s, "c");
         assert_eq!(got, vec!["c.poster.followers", "c.attachment_urls"]);
     }
 
@@ -452,23 +431,18 @@ mod tests {
             attachment_urls: vec!["http://x".into()],
             ..Default::default()
         };
-        let got = fields(validate_submission(
-            &bad,
-            "acme",
-            &Limits::default(),
-            Utc::now(),
-            "complaint",
-        ));
-        for expected in [
-            "complaint.tenant",
-            "complaint.channel",
-            "complaint.channel_message_id",
-            "complaint.poster.poster_id",
-            "complaint.text",
-            "complaint.attachment_urls[0]",
-        ] {
-            assert!(got.iter().any(|f| f == expected), "missing {expected} in {got:?}");
-        }
+        let got = offending(&bad, "complaint");
+        assert_names(
+            &got,
+            &[
+                "complaint.tenant",
+                "complaint.channel",
+                "complaint.channel_message_id",
+                "complaint.poster.poster_id",
+                "complaint.text",
+                "complaint.attachment_urls[0]",
+            ],
+        )
     }
 
     #[test]

@@ -82,28 +82,22 @@ struct NotifyMetrics {
     step_seconds: Family<StepLabels, Histogram, fn() -> Histogram>,
 }
 
-static METRICS: std::sync::LazyLock<NotifyMetrics> = std::sync::LazyLock::new(|| {
-    let found = NotifyMetrics {
-        deliveries: Family::default(),
-        first_response_seconds: metrics::seconds_histogram(),
-        step_seconds: Family::new_with_constructor(metrics::seconds_histogram),
-    };
-    metrics::register(
+static METRICS: std::sync::LazyLock<NotifyMetrics> = std::sync::LazyLock::new(|| NotifyMetrics {
+    deliveries: metrics::register(
         "deliveries",
         "Gateway calls by message kind and outcome",
-        found.deliveries.clone(),
-    );
-    metrics::register(
+        Family::default(),
+    ),
+    first_response_seconds: metrics::register(
         "first_response_seconds",
         "From receipt of a complaint to its first reply delivered",
-        found.first_response_seconds.clone(),
-    );
-    metrics::register(
+        metrics::seconds_histogram(),
+    ),
+    step_seconds: metrics::register(
         "delivery_step_seconds",
         "Time a delivery spends in each step: claim, send, record, publish",
-        found.step_seconds.clone(),
-    );
-    found
+        Family::new_with_constructor(metrics::seconds_histogram),
+    ),
 });
 
 /// Runs `step` and records how long it took under `name`.

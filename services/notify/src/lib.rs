@@ -155,15 +155,6 @@ impl Notify {
         })
     }
 
-    pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
-    /// Where `/metrics` is served.
-    pub fn metrics_addr(&self) -> std::io::Result<SocketAddr> {
-        self.metrics.addr()
-    }
-
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let nats = &self.config.service.nats;
         let answering = tokio::spawn(self.claims.clone().answer_while_alive(cancel.clone()));
@@ -314,23 +305,4 @@ async fn write_log(
     }
 }
 
-impl closedloop_runtime::service::Service for Notify {
-    type Config = Config;
-    const NAME: &'static str = "notify";
-
-    fn args(config: &Config) -> &closedloop_runtime::config::ServiceArgs {
-        &config.service
-    }
-
-    async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
-        Notify::build(config, cancel).await
-    }
-
-    fn listening(&self) -> std::io::Result<Vec<(&'static str, SocketAddr)>> {
-        Ok(vec![("grpc", self.grpc_addr()?)])
-    }
-
-    async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        Notify::run(self, cancel).await
-    }
-}
+closedloop_runtime::impl_service!(Notify, Config, "notify");

@@ -24,22 +24,17 @@ struct LogMetrics {
     batch_size: Histogram,
 }
 
-static METRICS: std::sync::LazyLock<LogMetrics> = std::sync::LazyLock::new(|| {
-    let found = LogMetrics {
-        write_seconds: metrics::seconds_histogram(),
-        batch_size: metrics::batch_size_histogram(),
-    };
-    metrics::register(
+static METRICS: std::sync::LazyLock<LogMetrics> = std::sync::LazyLock::new(|| LogMetrics {
+    write_seconds: metrics::register(
         "notify_log_write_seconds",
         "Time of one delivery-log transaction",
-        found.write_seconds.clone(),
-    );
-    metrics::register(
+        metrics::seconds_histogram(),
+    ),
+    batch_size: metrics::register(
         "notify_log_batch_size",
         "Outcomes written by one delivery-log transaction",
-        found.batch_size.clone(),
-    );
-    found
+        metrics::batch_size_histogram(),
+    ),
 });
 
 /// Writes outcomes to the log.

@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use closedloop_proto::v1::{Delivery, DeliveryState, NotificationKind};
+use closedloop_runtime::db::{self, Tier};
 use closedloop_runtime::{grpc, time};
 use sqlx::{PgPool, Postgres, Row};
 use uuid::Uuid;
@@ -94,21 +95,15 @@ fn from_row(row: &sqlx::postgres::PgRow) -> Result<Delivery, sqlx::Error> {
     let channel: i16 = row.try_get("channel")?;
     let created_at: DateTime<Utc> = row.try_get("created_at")?;
     let delivered_at: Option<DateTime<Utc>> = row.try_get("delivered_at")?;
-    Ok(Delivery {
+    Ok(closedloop_runtime::from_columns![Delivery; row;
+        tenant, recipient, complaint_id, work_order_id, body, attempts, last_error;
         delivery_id: row.try_get::<Uuid, _>("delivery_id")?.to_string(),
-        tenant: row.try_get("tenant")?,
         kind: i32::from(kind),
         state: i32::from(state),
         channel: i32::from(channel),
-        recipient: row.try_get("recipient")?,
-        complaint_id: row.try_get("complaint_id")?,
-        work_order_id: row.try_get("work_order_id")?,
-        body: row.try_get("body")?,
-        attempts: row.try_get("attempts")?,
-        last_error: row.try_get("last_error")?,
         created_at: Some(time::to_timestamp(created_at)),
         delivered_at: delivered_at.map(time::to_timestamp),
-    })
+    ])
 }
 
 /// Filters of a listing; `None` does not filter.
@@ -123,30 +118,19 @@ pub struct ListFilter {
     pub include_archived: bool,
 }
 
-impl ListFilter {
-    /// What a page token of this listing is bound to, with the caller's tenant.
-    fn page_scope(&self, tenant: &str) -> grpc::PageScope {
-        grpc::PageScope::new(tenant, &format!("{self:?}"))
-    }
-}
-
 /// The listing query, newest first: only the filters given become conditions, so each
 /// combination gets a plan that uses the index fitting it. Keyset pagination on `seq`.
 /// Pushed onto a builder the caller starts, so that it can also run under `EXPLAIN`.
 /// `archive` reads the archive table instead of the hot one.
 pub fn push_listing<'a>(
     query: &mut sqlx::QueryBuilder<'a, Postgres>,
-    archive: bool,
+    tier: Tier,
     tenant: &'a str,
     filter: &'a ListFilter,
     before: Option<i64>,
     limit: i64,
 ) {
-    let table = if archive {
-        "deliveries_archive"
-    } else {
-        "deliveries"
-    };
+    let table = tier.table("deliveries", "deliveries_archive");
     query
         .push(format!("SELECT * FROM {table} WHERE tenant = "))
         .push_bind(tenant);
@@ -180,7 +164,7 @@ pub async fn list(
     page_size: u32,
     page_token: &str,
 ) -> Result<(Vec<Delivery>, String), StoreError> {
-    let scope = filter.page_scope(tenant);
+    let scope = grpc::PageScope::of(tenant, filter);
     let before = scope
         .open(page_token)
         .map_err(|_| StoreError::BadPageToken)?
@@ -188,25 +172,18 @@ pub async fn list(
         .transpose()?;
     let limit = i64::from(page_size) + 1;
     let mut query = sqlx::QueryBuilder::new("");
-    if filter.include_archived {
-        // Each part walks its own index newest first; the merge takes the first page.
-        query.push("(");
-        push_listing(&mut query, false, tenant, filter, before, limit);
-        query.push(") UNION ALL (");
-        push_listing(&mut query, true, tenant, filter, before, limit);
-        query.push(") ORDER BY seq DESC LIMIT ").push_bind(limit);
-    } else {
-        push_listing(&mut query, false, tenant, filter, before, limit);
-    }
+    db::push_tiers(
+        &mut query,
+        filter.include_archived,
+        "seq DESC",
+        limit,
+        |query, tier| push_listing(query, tier, tenant, filter, before, limit),
+    );
     let rows = query.build().fetch_all(pool).await?;
     let mut deliveries = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
-    let next = if deliveries.len() > page_size as usize {
-        deliveries.truncate(page_size as usize);
-        let last: i64 = rows[page_size as usize - 1].try_get("seq")?;
-        scope.seal(&last.to_string())
-    } else {
-        String::new()
-    };
+    let next = db::next_page(&mut deliveries, &rows, page_size, &scope, |last| {
+        Ok(last.try_get::<i64, _>("seq")?.to_string())
+    })?;
     Ok((deliveries, next))
 }
 
@@ -261,26 +238,11 @@ mod tests {
             ..Default::default()
         };
         let mut query = sqlx::QueryBuilder::new("");
-        push_listing(&mut query, false, "acme", &by_work_order, Some(99), 51);
+        push_listing(&mut query, Tier::Hot, "acme", &by_work_order, Some(99), 51);
         let sql = query.into_sql();
         assert!(
             sql.ends_with("WHERE tenant = $1 AND work_order_id = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"),
             "{sql}"
         );
-    }
-
-    #[test]
-    fn page_tokens_are_bound_to_tenant_and_filters() {
-        let by_complaint = ListFilter {
-            complaint_id: Some("c-1".into()),
-            ..Default::default()
-        };
-        let token = by_complaint.page_scope("acme").seal("1234");
-        assert_eq!(
-            by_complaint.page_scope("acme").open(&token),
-            Ok(Some("1234".to_owned()))
-        );
-        assert!(by_complaint.page_scope("globex").open(&token).is_err());
-        assert!(ListFilter::default().page_scope("acme").open(&token).is_err());
     }
 }

@@ -26,13 +26,11 @@ struct ArchiveLabels {
 }
 
 static ARCHIVED: LazyLock<Family<ArchiveLabels, Counter>> = LazyLock::new(|| {
-    let family = Family::default();
     crate::metrics::register(
         "archived_records",
         "Records moved from the hot tables to the archive tables",
-        family.clone(),
-    );
-    family
+        Family::default(),
+    )
 });
 
 /// Every `args.archive_interval` until `cancel`, moves what finished before the retention

@@ -129,3 +129,75 @@ pub fn is_data_error(error: &sqlx::Error) -> bool {
 pub fn application_name(schema: &str) -> String {
     format!("closedloop-{schema}")
 }
+
+/// Builds a struct from a row: each listed field from the column of the same name, then any
+/// fields after a second `;` as written there. A column that is missing or of another type
+/// returns the `sqlx::Error` from the enclosing function.
+/// `from_columns![Team; row; team_id, name; skills: Vec::new()]`
+#[macro_export]
+macro_rules! from_columns {
+    [$ty:ident; $row:expr; $($field:ident),* $(,)? $(; $($rest:tt)*)?] => {
+        $ty { $($field: ::sqlx::Row::try_get($row, stringify!($field))?,)* $($($rest)*)? }
+    };
+}
+
+/// Where a record lives: the hot tables the loop writes, or the archive tables finished
+/// records move to at the retention age (see `crate::archive`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Hot,
+    Archive,
+}
+
+impl Tier {
+    /// Both tiers, hot first.
+    pub const BOTH: [Tier; 2] = [Tier::Hot, Tier::Archive];
+
+    /// The table of this tier: `hot`, or its archive `archive`.
+    pub fn table(self, hot: &'static str, archive: &'static str) -> &'static str {
+        match self {
+            Tier::Hot => hot,
+            Tier::Archive => archive,
+        }
+    }
+}
+
+/// Pushes a keyset listing: the hot tier's statement, or with `include_archived` both
+/// tiers' merged in `order_by` order. Each tier's statement (`push_tier`) walks its own
+/// index in that order with its own `LIMIT limit`, so the merge reads two first pages.
+pub fn push_tiers<'a>(
+    query: &mut sqlx::QueryBuilder<'a, sqlx::Postgres>,
+    include_archived: bool,
+    order_by: &str,
+    limit: i64,
+    mut push_tier: impl FnMut(&mut sqlx::QueryBuilder<'a, sqlx::Postgres>, Tier),
+) {
+    if !include_archived {
+        return push_tier(query, Tier::Hot);
+    }
+    query.push("(");
+    push_tier(query, Tier::Hot);
+    query.push(") UNION ALL (");
+    push_tier(query, Tier::Archive);
+    query
+        .push(format!(") ORDER BY {order_by} LIMIT "))
+        .push_bind(limit);
+}
+
+/// Cuts a page of `page_size` from `items` read with one row more than that: if the extra
+/// row came, the token of the next page seals the position of the page's last row (read
+/// from its row by `position`); at the end it is empty.
+pub fn next_page<T>(
+    items: &mut Vec<T>,
+    rows: &[sqlx::postgres::PgRow],
+    page_size: u32,
+    scope: &crate::grpc::PageScope,
+    position: impl FnOnce(&sqlx::postgres::PgRow) -> Result<String, sqlx::Error>,
+) -> Result<String, sqlx::Error> {
+    let size = page_size as usize;
+    if items.len() <= size || size == 0 {
+        return Ok(String::new());
+    }
+    items.truncate(size);
+    Ok(scope.seal(&position(&rows[size - 1])?))
+}

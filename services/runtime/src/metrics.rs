@@ -22,11 +22,12 @@ static REGISTRY: LazyLock<Mutex<Registry>> =
     LazyLock::new(|| Mutex::new(Registry::with_prefix("closedloop")));
 
 /// Adds a metric to the registry (names get the `closedloop_` prefix).
-pub fn register(name: &str, help: &str, metric: impl Metric) {
+pub fn register<M: Metric + Clone>(name: &str, help: &str, metric: M) -> M {
     REGISTRY
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .register(name, help, metric);
+        .register(name, help, metric.clone());
+    metric
 }
 
 /// The registry in Prometheus text format.

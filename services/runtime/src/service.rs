@@ -49,3 +49,49 @@ async fn serve<S: Service>(config: S::Config) -> anyhow::Result<()> {
     }
     shutdown::run_with_grace(service.run(cancel.clone()), cancel, grace).await
 }
+
+/// Implements [`Service`] for a service type over its inherent `build(config, &cancel)` and
+/// `run(self, cancel)`, for a `Config` with a `service: ServiceArgs` field and a service with
+/// `listener` (gRPC) and `metrics` fields, and gives it `grpc_addr` and `metrics_addr`.
+/// Other addresses it listens on follow as `(protocol, method)` pairs:
+/// `closedloop_runtime::impl_service!(Ingest, Config, "ingest", [("http", http_addr)]);`
+#[macro_export]
+macro_rules! impl_service {
+    ($service:ty, $config:ty, $name:literal $(, [$(($protocol:literal, $addr:ident)),+ $(,)?])?) => {
+        impl $service {
+            /// The bound gRPC address (useful when configured with port 0).
+            pub fn grpc_addr(&self) -> ::std::io::Result<::std::net::SocketAddr> {
+                self.listener.local_addr()
+            }
+
+            /// Where `/metrics` is served.
+            pub fn metrics_addr(&self) -> ::std::io::Result<::std::net::SocketAddr> {
+                self.metrics.addr()
+            }
+        }
+
+        impl $crate::service::Service for $service {
+            type Config = $config;
+            const NAME: &'static str = $name;
+
+            fn args(config: &$config) -> &$crate::config::ServiceArgs {
+                &config.service
+            }
+
+            async fn build(
+                config: $config,
+                cancel: &::tokio_util::sync::CancellationToken,
+            ) -> ::anyhow::Result<Self> {
+                <$service>::build(config, cancel).await
+            }
+
+            fn listening(&self) -> ::std::io::Result<::std::vec::Vec<(&'static str, ::std::net::SocketAddr)>> {
+                Ok(vec![("grpc", self.grpc_addr()?) $($(, ($protocol, self.$addr()?))+)?])
+            }
+
+            async fn run(self, cancel: ::tokio_util::sync::CancellationToken) -> ::anyhow::Result<()> {
+                <$service>::run(self, cancel).await
+            }
+        }
+    };
+}

@@ -1043,7 +1043,7 @@ async fn explain_reads(
         (
             "ListDeliveries (work order)",
             explain(notify, |q| {
-                delivery_store::push_listing(q, false, tenant, &deliveries, None, limit)
+                delivery_store::push_listing(q, Tier::Hot, tenant, &deliveries, None, limit)
             })
             .await?,
         ),

@@ -338,14 +338,12 @@ pub(super) async fn lock_agents(
         let tenant: String = row.try_get("tenant")?;
         let team: String = row.try_get("team_id")?;
         if let Some(entry) = result.iter_mut().find(|t| t.tenant == tenant && t.team == team) {
-            entry.candidates.push(Candidate {
-                agent_id: row.try_get("agent_id")?,
-                skills: row.try_get("skills")?,
-                capacity: row.try_get("capacity")?,
-                online: row.try_get("online")?,
-                load: row.try_get("open_load")?,
-                last_assigned_at: row.try_get("last_assigned_at")?,
-            });
+            entry
+                .candidates
+                .push(closedloop_runtime::from_columns![Candidate; &row;
+                    agent_id, skills, capacity, online, last_assigned_at;
+                    load: row.try_get("open_load")?,
+                ]);
         }
     }
     Ok(result)

@@ -95,13 +95,11 @@ pub type Batcher = closedloop_runtime::batch::Batcher<Placer>;
 
 static BATCH_SIZES: std::sync::LazyLock<prometheus_client::metrics::histogram::Histogram> =
     std::sync::LazyLock::new(|| {
-        let histogram = closedloop_runtime::metrics::batch_size_histogram();
         closedloop_runtime::metrics::register(
             "dispatch_placement_batch_size",
             "Complaints placed per transaction",
-            histogram.clone(),
-        );
-        histogram
+            closedloop_runtime::metrics::batch_size_histogram(),
+        )
     });
 
 /// (tenant, category, region): what incidents are counted and opened by.

@@ -58,37 +58,26 @@ pub(crate) fn from_row(row: &sqlx::postgres::PgRow) -> Result<WorkOrder, sqlx::E
     let intent: i16 = row.try_get("intent")?;
     let channel: i16 = row.try_get("channel")?;
     let resolved_at: Option<DateTime<Utc>> = row.try_get("resolved_at")?;
-    Ok(WorkOrder {
+    Ok(closedloop_runtime::from_columns![WorkOrder; row;
+        tenant, version, team, assignee, category, channel_message_id, summary, resolution_note,
+        thread_id, locale, needs_private_channel, province, city, skill;
         work_order_id: row.try_get::<Uuid, _>("work_order_id")?.to_string(),
-        tenant: row.try_get("tenant")?,
         complaint_id: row.try_get::<Uuid, _>("complaint_id")?.to_string(),
         state: i32::from(state),
-        version: row.try_get("version")?,
-        team: row.try_get("team")?,
-        assignee: row.try_get("assignee")?,
-        category: row.try_get("category")?,
         priority: i32::from(priority),
         intent: i32::from(intent),
         channel: i32::from(channel),
-        channel_message_id: row.try_get("channel_message_id")?,
         poster: Some(Poster {
             poster_id: row.try_get("poster_id")?,
             display_name: row.try_get("poster_name")?,
             followers: row.try_get("poster_followers")?,
             verified: row.try_get("poster_verified")?,
         }),
-        summary: row.try_get("summary")?,
         created_at: ts(row.try_get("created_at")?),
         updated_at: ts(row.try_get("updated_at")?),
         first_response_due: ts(row.try_get("first_response_due")?),
         resolution_due: ts(row.try_get("resolution_due")?),
         resolved_at: resolved_at.and_then(ts),
-        resolution_note: row.try_get("resolution_note")?,
-        thread_id: row.try_get("thread_id")?,
-        locale: row.try_get("locale")?,
-        needs_private_channel: row.try_get("needs_private_channel")?,
-        province: row.try_get("province")?,
-        city: row.try_get("city")?,
         influence_tier: i32::from(row.try_get::<i16, _>("influence_tier")?),
         sla_state: i32::from(row.try_get::<i16, _>("sla_state")?),
         incident_id: row
@@ -112,10 +101,9 @@ pub(crate) fn from_row(row: &sqlx::postgres::PgRow) -> Result<WorkOrder, sqlx::E
         first_responded_at: row
             .try_get::<Option<DateTime<Utc>>, _>("first_responded_at")?
             .and_then(ts),
-        skill: row.try_get("skill")?,
         // Only the API's reads select it (see [`Tier`]); every other row is hot.
         archived: row.try_get::<bool, _>("archived").unwrap_or(false),
-    })
+    ])
 }
 
 pub(crate) fn parse_uuid(id: &str) -> Result<Uuid, StoreError> {
@@ -134,13 +122,11 @@ struct EventLabels {
 static EVENTS: std::sync::LazyLock<
     prometheus_client::metrics::family::Family<EventLabels, prometheus_client::metrics::counter::Counter>,
 > = std::sync::LazyLock::new(|| {
-    let family = prometheus_client::metrics::family::Family::default();
     closedloop_runtime::metrics::register(
         "work_order_events",
         "Committed work-order changes, by event kind",
-        family.clone(),
-    );
-    family
+        prometheus_client::metrics::family::Family::default(),
+    )
 });
 
 /// Counts a committed change.

@@ -4,43 +4,36 @@
 use chrono::{DateTime, Utc};
 use closedloop_proto::v1::{HistoryEntry, Priority, SlaState, WorkOrder, WorkOrderState};
 use closedloop_runtime::bus::work_order_event_kind;
-use closedloop_runtime::grpc;
+use closedloop_runtime::{db, grpc};
 use sqlx::{PgPool, Postgres, Row};
 use uuid::Uuid;
 
 use super::{COLUMNS, StoreError, from_row, parse_uuid, ts};
 
-/// Where a work order lives: the hot tables the loop writes, or the archive that closed
-/// work orders move to at the retention age (`crate::archive`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tier {
-    Hot,
-    Archive,
+pub use closedloop_runtime::db::Tier;
+
+/// Dispatch's tables in each [`Tier`].
+trait Tables {
+    fn work_orders(self) -> &'static str;
+    fn history(self) -> &'static str;
+    fn links(self) -> &'static str;
+    /// The work order columns and whether the row is archived, as [`from_row`] reads them.
+    fn select(self) -> String;
 }
 
-impl Tier {
+impl Tables for Tier {
     fn work_orders(self) -> &'static str {
-        match self {
-            Tier::Hot => "work_orders",
-            Tier::Archive => "work_orders_archive",
-        }
+        self.table("work_orders", "work_orders_archive")
     }
 
     fn history(self) -> &'static str {
-        match self {
-            Tier::Hot => "work_order_history",
-            Tier::Archive => "work_order_history_archive",
-        }
+        self.table("work_order_history", "work_order_history_archive")
     }
 
     fn links(self) -> &'static str {
-        match self {
-            Tier::Hot => "complaint_links",
-            Tier::Archive => "complaint_links_archive",
-        }
+        self.table("complaint_links", "complaint_links_archive")
     }
 
-    /// The work order columns and whether the row is archived, as [`from_row`] reads them.
     fn select(self) -> String {
         let archived = self == Tier::Archive;
         format!(
@@ -116,7 +109,7 @@ async fn hot_then_archive<'a>(
     pool: &PgPool,
     push: impl Fn(&mut sqlx::QueryBuilder<'a, Postgres>, Tier),
 ) -> Result<Option<sqlx::postgres::PgRow>, StoreError> {
-    for tier in [Tier::Hot, Tier::Archive] {
+    for tier in Tier::BOTH {
         let mut query = sqlx::QueryBuilder::<'a, Postgres>::new("");
         push(&mut query, tier);
         if let Some(row) = query.build().fetch_optional(pool).await? {
@@ -162,13 +155,6 @@ pub struct ListFilter {
     pub sla_state: Option<SlaState>,
     /// Archived work orders too.
     pub include_archived: bool,
-}
-
-impl ListFilter {
-    /// What a page token of this listing is bound to, with the caller's tenant.
-    fn page_scope(&self, tenant: &str) -> grpc::PageScope {
-        grpc::PageScope::new(tenant, &format!("{self:?}"))
-    }
 }
 
 /// A listing position: newest first, so the next page starts below this key.
@@ -244,7 +230,7 @@ pub async fn list(
     page_size: u32,
     page_token: &str,
 ) -> Result<(Vec<WorkOrder>, String), StoreError> {
-    let scope = filter.page_scope(tenant);
+    let scope = grpc::PageScope::of(tenant, filter);
     let after = scope
         .open(page_token)
         .map_err(|_| StoreError::BadPageToken)?
@@ -252,30 +238,21 @@ pub async fn list(
         .transpose()?;
     let limit = i64::from(page_size) + 1;
     let mut query = sqlx::QueryBuilder::new("");
-    if filter.include_archived {
-        // Each part walks its own index in listing order; the merge takes the first pages.
-        query.push("(");
-        push_listing(&mut query, Tier::Hot, tenant, filter, after, limit);
-        query.push(") UNION ALL (");
-        push_listing(&mut query, Tier::Archive, tenant, filter, after, limit);
-        query
-            .push(") ORDER BY created_at DESC, work_order_id DESC LIMIT ")
-            .push_bind(limit);
-    } else {
-        push_listing(&mut query, Tier::Hot, tenant, filter, after, limit);
-    }
+    db::push_tiers(
+        &mut query,
+        filter.include_archived,
+        "created_at DESC, work_order_id DESC",
+        limit,
+        |query, tier| push_listing(query, tier, tenant, filter, after, limit),
+    );
     let rows = query.build().fetch_all(pool).await?;
     let mut work_orders = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
-    let next = if work_orders.len() > page_size as usize {
-        work_orders.truncate(page_size as usize);
-        let last = &rows[page_size as usize - 1];
-        scope.seal(&listing_position(
+    let next = db::next_page(&mut work_orders, &rows, page_size, &scope, |last| {
+        Ok(listing_position(
             last.try_get("created_at")?,
             last.try_get("work_order_id")?,
         ))
-    } else {
-        String::new()
-    };
+    })?;
     Ok((work_orders, next))
 }
 
@@ -287,7 +264,7 @@ pub async fn history(
 ) -> Result<Vec<HistoryEntry>, StoreError> {
     let id = parse_uuid(work_order_id)?;
     let mut rows = Vec::new();
-    for tier in [Tier::Hot, Tier::Archive] {
+    for tier in Tier::BOTH {
         let mut query = sqlx::QueryBuilder::new("");
         push_history(&mut query, tier, tenant, id);
         rows = query.build().fetch_all(pool).await?;
@@ -365,17 +342,5 @@ mod tests {
             next_page.contains("AND (created_at, work_order_id) < ($2, $3)"),
             "{next_page}"
         );
-    }
-
-    #[test]
-    fn page_tokens_are_bound_to_tenant_and_filters() {
-        let by_team = ListFilter {
-            team: Some("network-ops".into()),
-            ..Default::default()
-        };
-        let token = by_team.page_scope("acme").seal("position");
-        assert!(by_team.page_scope("acme").open(&token).is_ok());
-        assert!(by_team.page_scope("globex").open(&token).is_err());
-        assert!(ListFilter::default().page_scope("acme").open(&token).is_err());
     }
 }
