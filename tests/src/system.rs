@@ -515,6 +515,16 @@ impl TestEnv {
             Self::channel(self.system.dispatch).await?,
         ))
     }
+    /// Every work order `token` may list, following page tokens `page_size` at a time.
+    pub async fn list_work_orders(
+        &self,
+        token: &str,
+        page_size: i32,
+        include_archived: bool,
+    ) -> anyhow::Result<Vec<closedloop_proto::v1::WorkOrder>> {
+        list_work_orders(&mut self.work_orders().await?, token, page_size, include_archived).await
+    }
+
     pub async fn notifications(&self) -> anyhow::Result<NotificationServiceClient<Channel>> {
         Ok(NotificationServiceClient::new(
             Self::channel(self.system.notify).await?,
@@ -626,6 +636,56 @@ fn install_telemetry() {
 }
 
 /// A request carrying `authorization: Bearer <token>`.
+/// Every work order `token` may list through `client`, following page tokens `page_size` at
+/// a time.
+pub async fn list_work_orders(
+    client: &mut WorkOrderServiceClient<Channel>,
+    token: &str,
+    page_size: i32,
+    include_archived: bool,
+) -> anyhow::Result<Vec<closedloop_proto::v1::WorkOrder>> {
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let request = closedloop_proto::v1::ListWorkOrdersRequest {
+            page_size,
+            page_token,
+            include_archived,
+            ..Default::default()
+        };
+        let page = client
+            .list_work_orders(authed(token, request))
+            .await?
+            .into_inner();
+        all.extend(page.work_orders);
+        if page.next_page_token.is_empty() {
+            return Ok(all);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// A contact as a gateway submits it: `text` on `channel`, from a poster with `followers`.
+pub fn contact(
+    channel: closedloop_proto::v1::Channel,
+    message_id: &str,
+    poster_id: &str,
+    followers: i64,
+    text: &str,
+) -> closedloop_proto::v1::ComplaintSubmission {
+    closedloop_proto::v1::ComplaintSubmission {
+        channel: channel as i32,
+        channel_message_id: message_id.to_owned(),
+        poster: Some(closedloop_proto::v1::Poster {
+            poster_id: poster_id.to_owned(),
+            followers,
+            ..Default::default()
+        }),
+        text: text.to_owned(),
+        ..Default::default()
+    }
+}
+
 pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Ok(value) = format!("Bearer {token}").parse() {

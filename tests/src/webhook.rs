@@ -55,12 +55,8 @@ struct ReceiverState {
 pub struct WebhookReceiver {
     pub addr: SocketAddr,
     pub secret: String,
-    received: Arc<Mutex<Vec<ReceivedMessage>>>,
-    failures_left: Arc<AtomicUsize>,
-    failure_status: Arc<AtomicU16>,
-    down_channel: Arc<Mutex<Option<String>>>,
-    slow_left: Arc<AtomicUsize>,
-    slow_delay_ms: Arc<AtomicUsize>,
+    /// Shared with the server's handlers.
+    state: ReceiverState,
 }
 
 async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: Bytes) -> StatusCode {
@@ -159,26 +155,20 @@ impl WebhookReceiver {
     ) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let failures_left = Arc::new(AtomicUsize::new(0));
-        let failure_status = Arc::new(AtomicU16::new(500));
-        let down_channel = Arc::new(Mutex::new(None));
-        let slow_left = Arc::new(AtomicUsize::new(0));
-        let slow_delay_ms = Arc::new(AtomicUsize::new(0));
         let state = ReceiverState {
             secret: secret.to_owned(),
-            received: received.clone(),
-            failures_left: failures_left.clone(),
-            failure_status: failure_status.clone(),
-            down_channel: down_channel.clone(),
-            slow_left: slow_left.clone(),
-            slow_delay_ms: slow_delay_ms.clone(),
+            received: Arc::new(Mutex::new(Vec::new())),
+            failures_left: Arc::new(AtomicUsize::new(0)),
+            failure_status: Arc::new(AtomicU16::new(500)),
+            down_channel: Arc::new(Mutex::new(None)),
+            slow_left: Arc::new(AtomicUsize::new(0)),
+            slow_delay_ms: Arc::new(AtomicUsize::new(0)),
             print,
         };
         let app = Router::new()
             .route("/hook", post(receive))
             .route("/messages", axum::routing::get(list))
-            .with_state(state);
+            .with_state(state.clone());
         tokio::spawn(async move {
             let served = axum::serve(closedloop_runtime::grpc::http_listener(listener), app)
                 .with_graceful_shutdown(cancel.cancelled_owned())
@@ -190,20 +180,16 @@ impl WebhookReceiver {
         Ok(Self {
             addr,
             secret: secret.to_owned(),
-            received,
-            failures_left,
-            failure_status,
-            down_channel,
-            slow_left,
-            slow_delay_ms,
+            state,
         })
     }
 
     /// Answers the next `n` requests (successfully) only after `delay`.
     pub fn slow_next(&self, n: usize, delay: std::time::Duration) {
-        self.slow_delay_ms
+        self.state
+            .slow_delay_ms
             .store(delay.as_millis() as usize, Ordering::SeqCst);
-        self.slow_left.store(n, Ordering::SeqCst);
+        self.state.slow_left.store(n, Ordering::SeqCst);
     }
 
     /// Accepted messages counted once per Idempotency-Key, as a gateway that honours the key
@@ -224,15 +210,15 @@ impl WebhookReceiver {
     /// Answers every request for webhook `channel` (e.g. `staff`) with HTTP 503, as a
     /// gateway that is down; `None` brings it back.
     pub fn set_down_channel(&self, channel: Option<&str>) {
-        if let Ok(mut down) = self.down_channel.lock() {
+        if let Ok(mut down) = self.state.down_channel.lock() {
             *down = channel.map(str::to_owned);
         }
     }
 
     /// Answers the next `n` requests with HTTP `status`.
     pub fn fail_next_with(&self, n: usize, status: u16) {
-        self.failure_status.store(status, Ordering::SeqCst);
-        self.failures_left.store(n, Ordering::SeqCst);
+        self.state.failure_status.store(status, Ordering::SeqCst);
+        self.state.failures_left.store(n, Ordering::SeqCst);
     }
 
     pub fn url(&self) -> String {
@@ -241,12 +227,12 @@ impl WebhookReceiver {
 
     /// Every request received so far, accepted or failed on purpose.
     pub fn attempts(&self) -> Vec<ReceivedMessage> {
-        self.received.lock().map(|r| r.clone()).unwrap_or_default()
+        self.state.received.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
     /// How many requests arrived so far, without copying them.
     pub fn count(&self) -> usize {
-        self.received.lock().map(|r| r.len()).unwrap_or_default()
+        self.state.received.lock().map(|r| r.len()).unwrap_or_default()
     }
 
     /// The messages the gateway accepted (answered 200).

@@ -6,7 +6,7 @@ use closedloop_runtime::config::NatsConnectArgs;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use closedloop_e2e::system::{DispatchReplica, SystemOptions, TestEnv, authed};
+use closedloop_e2e::system::{DispatchReplica, SystemOptions, TestEnv, authed, contact, list_work_orders};
 use closedloop_e2e::{wait_for, wait_until};
 use closedloop_proto::v1::ingest_service_client::IngestServiceClient;
 use closedloop_proto::v1::work_order_service_client::WorkOrderServiceClient;
@@ -91,16 +91,8 @@ fn resolution(id: &str) -> ResolveWorkOrderRequest {
 
 fn outage(message_id: &str, poster: &str, text: &str) -> ComplaintSubmission {
     ComplaintSubmission {
-        channel: Channel::WeiboPost as i32,
-        channel_message_id: message_id.to_owned(),
-        poster: Some(Poster {
-            poster_id: poster.to_owned(),
-            followers: 300,
-            ..Default::default()
-        }),
-        text: text.to_owned(),
         locale: "zh-CN".into(),
-        ..Default::default()
+        ..contact(Channel::WeiboPost, message_id, poster, 300, text)
     }
 }
 
@@ -153,32 +145,6 @@ async fn wait_work_order(
         async move { get(&mut client, &token, &id).await.ok().filter(done) }
     })
     .await
-}
-
-async fn all_work_orders(
-    client: &mut WorkOrderServiceClient<GrpcChannel>,
-    token: &str,
-) -> anyhow::Result<Vec<WorkOrder>> {
-    let mut all = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .list_work_orders(authed(
-                token,
-                ListWorkOrdersRequest {
-                    page_size: 500,
-                    page_token: page_token.clone(),
-                    ..Default::default()
-                },
-            ))
-            .await?
-            .into_inner();
-        all.extend(page.work_orders);
-        if page.next_page_token.is_empty() {
-            return Ok(all);
-        }
-        page_token = page.next_page_token;
-    }
 }
 
 /// Every agent's trigger-kept `open_load` equals a count of the open work orders they hold.
@@ -820,7 +786,7 @@ async fn a_crash_mid_stream_loses_nothing_and_duplicates_nothing() -> anyhow::Re
         let mut client = client.clone();
         let token = env.tokens.agent.clone();
         async move {
-            all_work_orders(&mut client, &token)
+            list_work_orders(&mut client, &token, 500, false)
                 .await
                 .is_ok_and(|all| !all.is_empty())
         }
@@ -833,7 +799,7 @@ async fn a_crash_mid_stream_loses_nothing_and_duplicates_nothing() -> anyhow::Re
     let restarted = DispatchReplica::start(env.system.options()).await?;
     env.wait_idle().await?;
 
-    let all = all_work_orders(&mut client, &env.tokens.agent).await?;
+    let all = list_work_orders(&mut client, &env.tokens.agent, 500, false).await?;
     assert_eq!(all.len(), total, "exactly one work order per complaint");
     let complaints: HashSet<_> = all.iter().map(|w| w.complaint_id.clone()).collect();
     assert_eq!(complaints.len(), total);

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use closedloop_e2e::system::{TestEnv, WECHAT_TOKEN, authed};
+use closedloop_e2e::system::{TestEnv, WECHAT_TOKEN, authed, contact};
 use closedloop_e2e::{wait_for, wait_until};
 use closedloop_proto::v1::*;
 use closedloop_runtime::bus;
@@ -18,17 +18,7 @@ use tonic_types::StatusExt;
 const WAIT: Duration = Duration::from_secs(30);
 
 fn post(message_id: &str, text: &str) -> ComplaintSubmission {
-    ComplaintSubmission {
-        channel: Channel::WeiboPost as i32,
-        channel_message_id: message_id.to_owned(),
-        poster: Some(Poster {
-            poster_id: "weibo-uid-7".into(),
-            followers: 10,
-            ..Default::default()
-        }),
-        text: text.to_owned(),
-        ..Default::default()
-    }
+    contact(Channel::WeiboPost, message_id, "weibo-uid-7", 10, text)
 }
 
 /// Every `complaint.received` event in the stream, decoded.
@@ -55,16 +45,7 @@ async fn received_events(env: &TestEnv) -> anyhow::Result<Vec<Complaint>> {
 }
 
 async fn work_orders(env: &TestEnv) -> anyhow::Result<Vec<WorkOrder>> {
-    let mut client = env.work_orders().await?;
-    let request = ListWorkOrdersRequest {
-        page_size: 500,
-        ..Default::default()
-    };
-    Ok(client
-        .list_work_orders(authed(&env.tokens.agent, request))
-        .await?
-        .into_inner()
-        .work_orders)
+    env.list_work_orders(&env.tokens.agent, 500, false).await
 }
 
 struct Http {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use closedloop_e2e::system::{TestEnv, authed};
+use closedloop_e2e::system::{TestEnv, authed, contact};
 use closedloop_e2e::wait_until;
 use closedloop_e2e::webhook::ReceivedMessage;
 use closedloop_proto::v1::*;
@@ -14,16 +14,10 @@ use prost::Message as _;
 const WAIT: Duration = Duration::from_secs(30);
 
 fn wechat_message(message_id: &str, locale: &str) -> ComplaintSubmission {
+    let text = "My bill was charged twice this month, please refund";
     ComplaintSubmission {
-        channel: Channel::Wechat as i32,
-        channel_message_id: message_id.to_owned(),
-        poster: Some(Poster {
-            poster_id: "o-customer".into(),
-            ..Default::default()
-        }),
-        text: "My bill was charged twice this month, please refund".into(),
         locale: locale.to_owned(),
-        ..Default::default()
+        ..contact(Channel::Wechat, message_id, "o-customer", 0, text)
     }
 }
 
@@ -85,6 +79,16 @@ async fn every_message_kind_reaches_customer_and_staff_once() -> anyhow::Result<
             },
         ))
         .await?;
+    // Events of one work order are handled concurrently, so messages of different events
+    // are only ordered by time: reopen once the resolution's survey has been delivered, as
+    // a customer answering it would.
+    wait_until("the survey to reach the customer", WAIT, || async {
+        env.webhook
+            .messages()
+            .iter()
+            .any(|m| m.field("kind") == "satisfaction_survey")
+    })
+    .await?;
     client
         .reopen_work_order(authed(
             agent,

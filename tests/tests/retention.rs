@@ -28,20 +28,10 @@ fn post(message_id: &str, poster: &str, thread: &str) -> ComplaintSubmission {
 }
 
 async fn listed(env: &TestEnv, include_archived: bool) -> anyhow::Result<Vec<String>> {
-    let mut client = env.work_orders().await?;
-    let request = ListWorkOrdersRequest {
-        include_archived,
-        page_size: 500,
-        ..Default::default()
-    };
-    Ok(client
-        .list_work_orders(authed(&env.tokens.agent, request))
-        .await?
-        .into_inner()
-        .work_orders
-        .into_iter()
-        .map(|wo| wo.work_order_id)
-        .collect())
+    let listed = env
+        .list_work_orders(&env.tokens.agent, 500, include_archived)
+        .await?;
+    Ok(listed.into_iter().map(|wo| wo.work_order_id).collect())
 }
 
 async fn deliveries_about(
