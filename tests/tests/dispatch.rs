@@ -1192,3 +1192,25 @@ async fn one_bad_complaint_does_not_hold_up_its_batch() -> anyhow::Result<()> {
     cancel.cancel();
     env.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committing_a_recording_wakes_the_relay_and_a_rollback_does_not() -> anyhow::Result<()> {
+    let postgres = closedloop_e2e::servers::Postgres::shared()?;
+    let pool = sqlx::PgPool::connect(&postgres.create_database().await?).await?;
+    let db = closedloop_dispatch::store::Db::new(pool);
+    let wake = db.relay_wake();
+
+    let rolled_back = db.begin().await?;
+    drop(rolled_back);
+    let woken = tokio::time::timeout(Duration::from_millis(300), wake.notified()).await;
+    assert!(woken.is_err(), "a rollback records nothing and wakes nobody");
+
+    let mut recording = db.begin().await?;
+    sqlx::query("SELECT 1").execute(&mut **recording).await?;
+    recording.commit().await?;
+    // The permit waits for the relay even if it was not waiting at the commit.
+    tokio::time::timeout(WAIT, wake.notified())
+        .await
+        .map_err(|_| anyhow::anyhow!("the commit did not wake the relay"))?;
+    Ok(())
+}

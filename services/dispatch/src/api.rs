@@ -7,21 +7,17 @@ use closedloop_proto::v1::*;
 use closedloop_runtime::auth::{Principal, Role, principal};
 use closedloop_runtime::grpc::{Violation, invalid_argument, page_size};
 use closedloop_runtime::time;
-use sqlx::PgPool;
-use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
 use crate::lifecycle::Action;
-use crate::store::{self, Change, ListFilter, StoreError};
+use crate::store::{self, Change, Db, ListFilter, StoreError};
 use crate::{Policy, directory, placement};
 
 pub const SERVICE_NAME: &str = "closedloop.v1.WorkOrderService";
 const MAX_NOTE_CHARS: usize = 4_000;
 
 pub struct WorkOrderApi {
-    pub pool: PgPool,
-    /// Wakes the event relay after a change commits.
-    pub relay_wake: Arc<Notify>,
+    pub db: Db,
     pub policy: Arc<Policy>,
     /// For WatchWorkOrders: each tenant's work-order events, read once for all its streams.
     pub feeds: Arc<crate::watch::Feeds>,
@@ -89,7 +85,7 @@ impl WorkOrderApi {
     /// Capacity freed in `team`: its queue goes to whoever has room now.
     async fn offer_queue(&self, tenant: &str, team: &str) {
         let managers = self.policy.router.account_manager_team();
-        placement::offer_queue(&self.pool, &self.relay_wake, tenant, team, managers).await;
+        placement::offer_queue(&self.db, tenant, team, managers).await;
     }
 
     async fn change(
@@ -100,10 +96,9 @@ impl WorkOrderApi {
         edit: impl FnOnce(&mut WorkOrder),
     ) -> Result<WorkOrder, Status> {
         require_id("work_order_id", work_order_id)?;
-        let work_order = store::apply(&self.pool, &caller.tenant, work_order_id, change, edit)
+        let work_order = store::apply(&self.db, &caller.tenant, work_order_id, change, edit)
             .await
             .map_err(status)?;
-        self.relay_wake.notify_one();
         Ok(work_order)
     }
 
@@ -136,7 +131,7 @@ impl WorkOrderApi {
             remedy.approved_by = caller.name.clone();
             return Ok(());
         }
-        let limit = directory::get_agent(&self.pool, &caller.tenant, &caller.name)
+        let limit = directory::get_agent(&self.db.pool, &caller.tenant, &caller.name)
             .await
             .map_err(|e| status(StoreError::Database(e)))?
             .map_or(0, |agent| agent.authority_limit_minor);
@@ -168,7 +163,7 @@ impl WorkOrderService for WorkOrderApi {
         let caller = reader(&request)?;
         let id = request.into_inner().work_order_id;
         require_id("work_order_id", &id)?;
-        let work_order = store::get(&self.pool, &caller.tenant, &id)
+        let work_order = store::get(&self.db.pool, &caller.tenant, &id)
             .await
             .map_err(status)?;
         Ok(Response::new(GetWorkOrderResponse {
@@ -195,7 +190,7 @@ impl WorkOrderService for WorkOrderApi {
         };
         let size = page_size(r.page_size, 50, 500);
         let (work_orders, next_page_token) =
-            store::list(&self.pool, &caller.tenant, &filter, size, &r.page_token)
+            store::list(&self.db.pool, &caller.tenant, &filter, size, &r.page_token)
                 .await
                 .map_err(status)?;
         Ok(Response::new(ListWorkOrdersResponse {
@@ -211,7 +206,7 @@ impl WorkOrderService for WorkOrderApi {
         let caller = reader(&request)?;
         let complaint_id = request.into_inner().complaint_id;
         require_id("complaint_id", &complaint_id)?;
-        let work_order = store::get_by_complaint(&self.pool, &caller.tenant, &complaint_id)
+        let work_order = store::get_by_complaint(&self.db.pool, &caller.tenant, &complaint_id)
             .await
             .map_err(|e| match e {
                 StoreError::NotFound => Status::not_found("no work order for this complaint (yet)"),
@@ -368,7 +363,7 @@ impl WorkOrderService for WorkOrderApi {
             note: &r.reason,
         };
         require_id("work_order_id", &r.work_order_id)?;
-        let mut tx = self.pool.begin().await.map_err(|e| status(e.into()))?;
+        let mut tx = self.db.begin().await.map_err(|e| status(e.into()))?;
         let mut work_order = store::lock(&mut tx, &caller.tenant, &r.work_order_id)
             .await
             .map_err(status)?;
@@ -383,7 +378,6 @@ impl WorkOrderService for WorkOrderApi {
             .await
             .map_err(status)?;
         tx.commit().await.map_err(|e| status(e.into()))?;
-        self.relay_wake.notify_one();
         Ok(Response::new(ReopenWorkOrderResponse {
             work_order: Some(work_order),
         }))
@@ -433,7 +427,7 @@ impl WorkOrderService for WorkOrderApi {
         let caller = reader(&request)?;
         let id = request.into_inner().work_order_id;
         require_id("work_order_id", &id)?;
-        let entries = store::history(&self.pool, &caller.tenant, &id)
+        let entries = store::history(&self.db.pool, &caller.tenant, &id)
             .await
             .map_err(status)?;
         Ok(Response::new(GetWorkOrderHistoryResponse { entries }))
@@ -445,7 +439,7 @@ impl WorkOrderService for WorkOrderApi {
     ) -> Result<Response<ListIncidentsResponse>, Status> {
         let caller = reader(&request)?;
         let open_only = request.into_inner().open_only;
-        let incidents = store::list_incidents(&self.pool, &caller.tenant, open_only, None)
+        let incidents = store::list_incidents(&self.db.pool, &caller.tenant, open_only, None)
             .await
             .map_err(status)?;
         Ok(Response::new(ListIncidentsResponse { incidents }))
@@ -461,7 +455,7 @@ impl WorkOrderService for WorkOrderApi {
         require_id("incident_id", &r.incident_id)?;
         check_note("resolution_note", &r.resolution_note, false)?;
         let (incident, resolved) = store::resolve_incident(
-            &self.pool,
+            &self.db,
             &caller.tenant,
             &r.incident_id,
             &caller.name,
@@ -472,7 +466,6 @@ impl WorkOrderService for WorkOrderApi {
             StoreError::NotFound => Status::not_found("no open incident with this id for this tenant"),
             other => status(other),
         })?;
-        self.relay_wake.notify_one();
         Ok(Response::new(ResolveIncidentResponse {
             incident: Some(incident),
             resolved_work_orders: resolved,

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::placement;
 use crate::settings::TenantDirectory;
-use crate::store::{OPEN_STATES_SQL, StoreError};
+use crate::store::{Db, OPEN_STATES_SQL, StoreError};
 
 pub const SERVICE_NAME: &str = "closedloop.v1.DirectoryService";
 const MAX_ID_CHARS: usize = 128;
@@ -97,7 +97,7 @@ pub async fn get_agent(pool: &PgPool, tenant: &str, agent_id: &str) -> Result<Op
 
 /// Upserts the policy file's directory, then hands queued work to whoever has room.
 pub async fn seed(
-    pool: &PgPool,
+    db: &Db,
     directories: &[TenantDirectory],
     account_manager_team: Option<&str>,
 ) -> Result<(), StoreError> {
@@ -113,7 +113,7 @@ pub async fn seed(
             validate_team(&team).map_err(|e| {
                 StoreError::Invalid(format!("directory of {}: {}", directory.tenant, e.message()))
             })?;
-            upsert_team(pool, &directory.tenant, &team).await?;
+            upsert_team(&db.pool, &directory.tenant, &team).await?;
         }
         for agent in &directory.agents {
             let agent = Agent {
@@ -130,13 +130,13 @@ pub async fn seed(
             validate_agent(&agent).map_err(|e| {
                 StoreError::Invalid(format!("directory of {}: {}", directory.tenant, e.message()))
             })?;
-            upsert_agent(pool, &directory.tenant, &agent).await?;
+            upsert_agent(&db.pool, &directory.tenant, &agent).await?;
         }
         let mut teams: Vec<&str> = directory.agents.iter().map(|a| a.team_id.as_str()).collect();
         teams.sort_unstable();
         teams.dedup();
         for team in teams {
-            placement::assign_queued(pool, &directory.tenant, team, account_manager_team).await?;
+            placement::assign_queued(db, &directory.tenant, team, account_manager_team).await?;
         }
     }
     Ok(())
@@ -203,9 +203,7 @@ fn database(error: impl std::fmt::Display) -> Status {
 }
 
 pub struct DirectoryApi {
-    pub pool: PgPool,
-    /// Wakes the event relay when queued work gets assigned.
-    pub relay_wake: std::sync::Arc<tokio::sync::Notify>,
+    pub db: Db,
     /// The policy's account-manager team, whose queue goes to posters' managers.
     pub account_manager_team: Option<String>,
 }
@@ -224,7 +222,7 @@ fn reader(request: &Request<impl Sized>) -> Result<Principal, Status> {
 
 impl DirectoryApi {
     async fn agent(&self, tenant: &str, agent_id: &str) -> Result<Agent, Status> {
-        get_agent(&self.pool, tenant, agent_id)
+        get_agent(&self.db.pool, tenant, agent_id)
             .await
             .map_err(database)?
             .ok_or_else(|| Status::not_found(format!("no agent {agent_id:?} in this tenant")))
@@ -243,7 +241,7 @@ impl DirectoryService for DirectoryApi {
             .team
             .ok_or_else(|| invalid_argument(&[Violation::new("team", "is required")]))?;
         validate_team(&team)?;
-        upsert_team(&self.pool, &caller.tenant, &team)
+        upsert_team(&self.db.pool, &caller.tenant, &team)
             .await
             .map_err(database)?;
         Ok(Response::new(UpsertTeamResponse { team: Some(team) }))
@@ -258,7 +256,7 @@ impl DirectoryService for DirectoryApi {
             "SELECT team_id, name, region, skills, supervisors FROM teams WHERE tenant = $1 ORDER BY team_id",
         )
         .bind(&caller.tenant)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await
         .map_err(database)?;
         let teams = rows
@@ -279,12 +277,11 @@ impl DirectoryService for DirectoryApi {
             .agent
             .ok_or_else(|| invalid_argument(&[Violation::new("agent", "is required")]))?;
         validate_agent(&agent)?;
-        upsert_agent(&self.pool, &caller.tenant, &agent)
+        upsert_agent(&self.db.pool, &caller.tenant, &agent)
             .await
             .map_err(database)?;
         placement::offer_queue(
-            &self.pool,
-            &self.relay_wake,
+            &self.db,
             &caller.tenant,
             &agent.team_id,
             self.account_manager_team.as_deref(),
@@ -300,7 +297,7 @@ impl DirectoryService for DirectoryApi {
     ) -> Result<Response<ListAgentsResponse>, Status> {
         let caller = reader(&request)?;
         let team = request.into_inner().team_id;
-        let agents = list_agents(&self.pool, &caller.tenant, &team)
+        let agents = list_agents(&self.db.pool, &caller.tenant, &team)
             .await
             .map_err(database)?;
         Ok(Response::new(ListAgentsResponse { agents }))
@@ -322,7 +319,7 @@ impl DirectoryService for DirectoryApi {
         .bind(&caller.tenant)
         .bind(&r.agent_id)
         .bind(r.online)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.db.pool)
         .await
         .map_err(database)?;
         let Some(row) = updated else {
@@ -334,8 +331,7 @@ impl DirectoryService for DirectoryApi {
         if r.online {
             let team: String = row.try_get("team_id").map_err(database)?;
             placement::offer_queue(
-                &self.pool,
-                &self.relay_wake,
+                &self.db,
                 &caller.tenant,
                 &team,
                 self.account_manager_team.as_deref(),

@@ -5,11 +5,11 @@
 
 use chrono::Utc;
 use closedloop_proto::v1::{FeedbackReceived, WorkOrderState};
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::Policy;
 use crate::lifecycle::{Action, is_open};
+use crate::store::Db;
 use crate::store::{self, Change, StoreError};
 
 /// What a feedback event did.
@@ -34,11 +34,11 @@ pub fn action_for(satisfaction: i32, state: WorkOrderState) -> Option<Action> {
 }
 
 pub async fn apply(
-    pool: &PgPool,
+    db: &Db,
     policy: &Policy,
     feedback: &FeedbackReceived,
 ) -> Result<FeedbackOutcome, StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     let work_order_id = if !feedback.work_order_id.is_empty() {
         Some(feedback.work_order_id.clone())
     } else {
@@ -49,7 +49,7 @@ pub async fn apply(
         )
         .bind(&feedback.tenant)
         .bind(complaint)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await?
         .map(|id| id.to_string())
     };
@@ -65,7 +65,7 @@ pub async fn apply(
     let seen = seen_key(&feedback.feedback_id, wo.resolved_at.as_ref());
     let fresh = sqlx::query("INSERT INTO feedback_seen (feedback_id) VALUES ($1) ON CONFLICT DO NOTHING")
         .bind(&seen)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?
         .rows_affected();
     if fresh == 0 {

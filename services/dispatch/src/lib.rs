@@ -34,7 +34,6 @@ use closedloop_runtime::consumer::{self, ConsumerSpec, HandleError, MessageHandl
 use closedloop_runtime::{db, grpc, metrics};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
@@ -43,6 +42,7 @@ use crate::assignment::SpikeRule;
 use crate::placement::{Batcher, Draft, Placement, Placer};
 use crate::routing::{RouteFacts, Router, SlaPolicy};
 use crate::settings::{SettingsError, SettingsFile, TenantDirectory};
+use crate::store::Db;
 
 /// Durable consumer of classified complaints, shared by all dispatch replicas.
 pub const CLASSIFIED_CONSUMER: &str = "dispatch-classified";
@@ -218,28 +218,26 @@ impl MessageHandler for ClassifiedHandler {
 
 /// Applies customer feedback to work orders.
 struct FeedbackHandler {
-    pool: PgPool,
+    db: Db,
     policy: Arc<Policy>,
-    relay_wake: Arc<Notify>,
 }
 
 impl MessageHandler for FeedbackHandler {
     async fn handle(&self, message: &jetstream::Message) -> Result<(), HandleError> {
         let event: FeedbackReceived = consumer::decode(message)?;
         consumer::check_tenant(message, &event.tenant)?;
-        let outcome = feedback::apply(&self.pool, &self.policy, &event)
+        let outcome = feedback::apply(&self.db, &self.policy, &event)
             .await
             .map_err(|e| match e {
                 store::StoreError::Database(db) => HandleError::retry(db),
                 other => HandleError::reject(other.to_string()),
             })?;
-        self.relay_wake.notify_one();
         tracing::info!(feedback_id = %event.feedback_id, ?outcome, "feedback applied");
         Ok(())
     }
 
     async fn dependencies_ready(&self) -> anyhow::Result<()> {
-        Ok(db::ping(&self.pool).await?)
+        Ok(db::ping(&self.db.pool).await?)
     }
 }
 
@@ -256,7 +254,7 @@ pub struct Dispatch {
     listener: TcpListener,
     metrics: metrics::Exporter,
     bus: Bus,
-    pool: PgPool,
+    db: Db,
     policy: Arc<Policy>,
     config: Config,
 }
@@ -264,8 +262,8 @@ pub struct Dispatch {
 impl Dispatch {
     pub async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
         let policy = Arc::new(Policy::load(config.policy.as_deref())?);
-        let pool = connect_database(&config.database, cancel).await?;
-        directory::seed(&pool, &policy.directory, policy.router.account_manager_team()).await?;
+        let db = Db::new(connect_database(&config.database, cancel).await?);
+        directory::seed(&db, &policy.directory, policy.router.account_manager_team()).await?;
         let bus = Bus::connect(&config.service.nats.connect, "dispatch", cancel).await?;
         bus.provision_streams(
             &StreamSettings::from(&config.service.nats),
@@ -282,7 +280,7 @@ impl Dispatch {
             listener,
             metrics,
             bus,
-            pool,
+            db,
             policy,
             config,
         })
@@ -291,13 +289,11 @@ impl Dispatch {
     /// Consumes, watches, relays and serves until `cancel` fires; then drains in-flight
     /// work and publishes what was committed.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let relay_wake = Arc::new(Notify::new());
         let nats = &self.config.service.nats;
         let linger = std::time::Duration::from_millis(self.config.placement_linger_ms);
         let placer = Placer {
-            pool: self.pool.clone(),
+            db: self.db.clone(),
             policy: self.policy.clone(),
-            relay_wake: relay_wake.clone(),
         };
         let (batcher, batching) = Batcher::spawn(placer, placement::MAX_BATCH, linger);
         let classified = consumer::spawn(
@@ -311,7 +307,7 @@ impl Dispatch {
             ClassifiedHandler {
                 policy: self.policy.clone(),
                 batcher,
-                pool: self.pool.clone(),
+                pool: self.db.pool.clone(),
             },
             &cancel,
         );
@@ -324,20 +320,14 @@ impl Dispatch {
                 nats,
             ),
             FeedbackHandler {
-                pool: self.pool.clone(),
+                db: self.db.clone(),
                 policy: self.policy.clone(),
-                relay_wake: relay_wake.clone(),
             },
             &cancel,
         );
-        let watching = tokio::spawn(watcher::run(
-            self.pool.clone(),
-            self.policy.clone(),
-            relay_wake.clone(),
-            cancel.clone(),
-        ));
+        let watching = tokio::spawn(watcher::run(self.db.clone(), self.policy.clone(), cancel.clone()));
         let archive = &self.config.archive;
-        let (pool, feedback_pool) = (self.pool.clone(), self.pool.clone());
+        let (pool, feedback_pool) = (self.db.pool.clone(), self.db.pool.clone());
         let archiving = [
             tokio::spawn(closedloop_runtime::archive::run(
                 "work_orders",
@@ -356,17 +346,16 @@ impl Dispatch {
         // The relay outlives the consumers and the API so their last commits get published.
         let relay_stop = CancellationToken::new();
         let relaying = tokio::spawn(relay::run(
-            self.pool.clone(),
+            self.db.pool.clone(),
             self.bus.clone(),
-            relay_wake.clone(),
+            self.db.relay_wake(),
             relay_stop.clone(),
         ));
 
         let authenticator = Authenticator::new(self.config.service.grpc.auth_tokens.clone());
         let max_request = self.config.service.grpc.max_request_bytes;
         let work_orders = WorkOrderServiceServer::new(api::WorkOrderApi {
-            pool: self.pool.clone(),
-            relay_wake: relay_wake.clone(),
+            db: self.db.clone(),
             policy: self.policy.clone(),
             feeds: watch::Feeds::new(self.bus.client().clone(), WATCH_FEED_CAPACITY),
             shutdown: cancel.clone(),
@@ -378,8 +367,7 @@ impl Dispatch {
         })
         .max_decoding_message_size(max_request);
         let directory = DirectoryServiceServer::new(directory::DirectoryApi {
-            pool: self.pool.clone(),
-            relay_wake: relay_wake.clone(),
+            db: self.db.clone(),
             account_manager_team: self.policy.router.account_manager_team().map(str::to_owned),
         })
         .max_decoding_message_size(max_request);
@@ -404,7 +392,7 @@ impl Dispatch {
         relay_stop.cancel();
         relaying.await?;
         exporting.await??;
-        self.pool.close().await;
+        self.db.pool.close().await;
         served?;
         Ok(())
     }

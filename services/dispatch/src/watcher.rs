@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use closedloop_proto::v1::{SlaState, WorkOrder, WorkOrderState};
-use sqlx::{PgPool, Row};
-use tokio::sync::Notify;
+use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
 use crate::Policy;
 use crate::lifecycle::Action;
 use crate::placement;
+use crate::store::Db;
 use crate::store::{
     self, COLUMNS, Change, OPEN_STATES_SQL, QUEUED_STATES_SQL, StoreError, from_row, to_time,
 };
@@ -38,9 +38,9 @@ pub fn sla_verdict(wo: &WorkOrder, risk: (DateTime<Utc>, DateTime<Utc>), now: Da
 }
 
 /// One round of SLA checks; returns how many work orders changed.
-pub async fn check_sla(pool: &PgPool, policy: &Policy) -> Result<usize, StoreError> {
+pub async fn check_sla(db: &Db, policy: &Policy) -> Result<usize, StoreError> {
     let now = Utc::now();
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     // Values inlined, so the planner can match them against partial indexes.
     let (at_risk, breached) = (SlaState::AtRisk as i32, SlaState::Breached as i32);
     let rows = sqlx::query(&format!(
@@ -52,7 +52,7 @@ pub async fn check_sla(pool: &PgPool, policy: &Policy) -> Result<usize, StoreErr
     ))
     .bind(now)
     .bind(CHUNK)
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut **tx)
     .await?;
     let mut changed = 0;
     let mut queues = Vec::new();
@@ -116,15 +116,15 @@ pub async fn check_sla(pool: &PgPool, policy: &Policy) -> Result<usize, StoreErr
     queues.sort();
     queues.dedup();
     for (tenant, team) in queues {
-        placement::assign_queued(pool, &tenant, &team, policy.router.account_manager_team()).await?;
+        placement::assign_queued(db, &tenant, &team, policy.router.account_manager_team()).await?;
     }
     Ok(changed)
 }
 
 /// Closes resolved work orders nobody answered in time; returns how many.
-pub async fn close_unanswered(pool: &PgPool, policy: &Policy) -> Result<usize, StoreError> {
+pub async fn close_unanswered(db: &Db, policy: &Policy) -> Result<usize, StoreError> {
     let cutoff = Utc::now() - policy.close_unanswered_after;
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     let rows = sqlx::query(&format!(
         "SELECT {COLUMNS} FROM work_orders WHERE state = $1 AND resolved_at <= $2 \
          ORDER BY resolved_at LIMIT $3 FOR UPDATE SKIP LOCKED"
@@ -132,7 +132,7 @@ pub async fn close_unanswered(pool: &PgPool, policy: &Policy) -> Result<usize, S
     .bind(WorkOrderState::Resolved as i16)
     .bind(cutoff)
     .bind(CHUNK)
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut **tx)
     .await?;
     for row in &rows {
         let mut wo = from_row(row)?;
@@ -149,47 +149,44 @@ pub async fn close_unanswered(pool: &PgPool, policy: &Policy) -> Result<usize, S
 }
 
 /// Offers every team's queue to its agents (covers capacity freed on another replica).
-pub async fn offer_queues(pool: &PgPool, policy: &Policy) -> Result<usize, StoreError> {
+pub async fn offer_queues(db: &Db, policy: &Policy) -> Result<usize, StoreError> {
     let teams = sqlx::query(&format!(
         "SELECT DISTINCT w.tenant, w.team FROM work_orders w WHERE w.assignee = '' AND w.state IN {QUEUED_STATES_SQL} \
            AND w.incident_id IS NULL AND EXISTS (SELECT 1 FROM agents a WHERE a.tenant = w.tenant \
            AND a.team_id = w.team AND a.online)"
     ))
-    .fetch_all(pool)
+    .fetch_all(&db.pool)
     .await?;
     let mut assigned = 0;
     for row in teams {
         let tenant: String = row.try_get("tenant")?;
         let team: String = row.try_get("team")?;
         assigned +=
-            placement::assign_queued(pool, &tenant, &team, policy.router.account_manager_team()).await?;
+            placement::assign_queued(db, &tenant, &team, policy.router.account_manager_team()).await?;
     }
     Ok(assigned)
 }
 
 /// Runs rounds until `cancel` fires.
-pub async fn run(pool: PgPool, policy: Arc<Policy>, relay_wake: Arc<Notify>, cancel: CancellationToken) {
+pub async fn run(db: Db, policy: Arc<Policy>, cancel: CancellationToken) {
     loop {
         let round = async {
             let mut changed = 0;
             // Drain: a backlog larger than one chunk is worked off in one round.
             loop {
-                let n = check_sla(&pool, &policy).await?;
+                let n = check_sla(&db, &policy).await?;
                 changed += n;
                 if n < CHUNK as usize {
                     break;
                 }
             }
-            changed += close_unanswered(&pool, &policy).await?;
-            changed += offer_queues(&pool, &policy).await?;
+            changed += close_unanswered(&db, &policy).await?;
+            changed += offer_queues(&db, &policy).await?;
             Ok::<usize, StoreError>(changed)
         };
         match round.await {
             Ok(0) => {}
-            Ok(changed) => {
-                tracing::info!(changed, "SLA watcher round");
-                relay_wake.notify_one();
-            }
+            Ok(changed) => tracing::info!(changed, "SLA watcher round"),
             Err(error) => tracing::warn!(%error, "SLA watcher round failed; next round retries"),
         }
         tokio::select! {

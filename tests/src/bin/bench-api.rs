@@ -264,7 +264,7 @@ struct ApiDesk {
 enum Desk {
     Api(Box<ApiDesk>),
     Direct {
-        dispatch: PgPool,
+        dispatch: work_order_store::Db,
         notify: PgPool,
         name: String,
     },
@@ -313,7 +313,8 @@ impl Desk {
                 Ok(page.next_page_token)
             }
             Desk::Direct { dispatch, .. } => {
-                let (_, next) = work_order_store::list(dispatch, tenant, filter, PAGE, &page_token).await?;
+                let (_, next) =
+                    work_order_store::list(&dispatch.pool, tenant, filter, PAGE, &page_token).await?;
                 Ok(next)
             }
         }
@@ -376,13 +377,13 @@ impl Desk {
                 name,
             } => match rpc {
                 Rpc::GetWorkOrder => {
-                    work_order_store::get(dispatch, tenant, &id).await?;
+                    work_order_store::get(&dispatch.pool, tenant, &id).await?;
                 }
                 Rpc::GetComplaintStatus => {
-                    work_order_store::get_by_complaint(dispatch, tenant, &target.complaint_id).await?;
+                    work_order_store::get_by_complaint(&dispatch.pool, tenant, &target.complaint_id).await?;
                 }
                 Rpc::GetWorkOrderHistory => {
-                    work_order_store::history(dispatch, tenant, &id).await?;
+                    work_order_store::history(&dispatch.pool, tenant, &id).await?;
                 }
                 Rpc::ListDeliveries => {
                     let filter = delivery_store::ListFilter {
@@ -1260,7 +1261,7 @@ async fn main() -> anyhow::Result<()> {
         .map(|n| {
             (
                 Desk::Direct {
-                    dispatch: dispatch_pool.clone(),
+                    dispatch: work_order_store::Db::new(dispatch_pool.clone()),
                     notify: notify_pool.clone(),
                     name: format!("desk-{n}"),
                 },

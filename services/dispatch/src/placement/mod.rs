@@ -18,8 +18,6 @@ use chrono::{DateTime, Utc};
 use closedloop_proto::v1::WorkOrder;
 use closedloop_runtime::batch::{BatchWrite, WriteError};
 use closedloop_runtime::db;
-use sqlx::PgPool;
-use tokio::sync::Notify;
 use uuid::Uuid;
 
 mod decide;
@@ -33,6 +31,7 @@ pub use queue::{assign_queued, offer_queue};
 
 use crate::Policy;
 use crate::lifecycle::{self, Action};
+use crate::store::Db;
 use crate::store::{NewWorkOrder, Recorded, StoreError};
 
 /// Most complaints placed in one transaction.
@@ -61,10 +60,8 @@ pub enum Placement {
 
 /// Places what arrives together, for [`Batcher`].
 pub struct Placer {
-    pub pool: PgPool,
+    pub db: Db,
     pub policy: Arc<Policy>,
-    /// Woken after each commit: its events wait in the history rows.
-    pub relay_wake: Arc<Notify>,
 }
 
 impl BatchWrite for Placer {
@@ -73,11 +70,8 @@ impl BatchWrite for Placer {
 
     async fn write(&mut self, drafts: &[Draft]) -> Result<Vec<Placement>, WriteError> {
         BATCH_SIZES.observe(drafts.len() as f64);
-        match place_batch(&self.pool, &self.policy, drafts).await {
-            Ok(placements) => {
-                self.relay_wake.notify_one();
-                Ok(placements)
-            }
+        match place_batch(&self.db, &self.policy, drafts).await {
+            Ok(placements) => Ok(placements),
             Err(StoreError::Database(error)) if db::is_data_error(&error) => {
                 Err(WriteError::Data(error.into()))
             }
@@ -136,16 +130,12 @@ pub(super) fn record(
 
 /// Places a batch of drafts in one transaction: load, decide, write. One result per
 /// draft, in order.
-pub async fn place_batch(
-    pool: &PgPool,
-    policy: &Policy,
-    drafts: &[Draft],
-) -> Result<Vec<Placement>, StoreError> {
+pub async fn place_batch(db: &Db, policy: &Policy, drafts: &[Draft]) -> Result<Vec<Placement>, StoreError> {
     let now = Utc::now();
     // The pool plans every statement for its arguments (see `closedloop_runtime::db`): a
     // cached generic plan made while the tables were nearly empty picked an index that matched
     // only the tenant, and a batch of 256 then took seconds.
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     let snapshot = load::load(&mut tx, policy, drafts, now).await?;
     let plan = decide::decide(&snapshot, drafts, policy, now);
     write::write(&mut tx, &plan).await?;

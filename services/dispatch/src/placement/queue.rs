@@ -4,26 +4,15 @@
 use std::collections::HashSet;
 
 use chrono::Utc;
-use sqlx::PgPool;
-use tokio::sync::Notify;
 
 use super::staffing::{self, Staff};
 use super::{load, poster_id, write};
-use crate::store::{self, StoreError};
+use crate::store::{self, Db, StoreError};
 
-/// Offers a team's queue and wakes the relay for the assignments. Failures only delay the
-/// work: the watcher's round tries again.
-pub async fn offer_queue(
-    pool: &PgPool,
-    relay_wake: &Notify,
-    tenant: &str,
-    team: &str,
-    account_manager_team: Option<&str>,
-) {
-    match assign_queued(pool, tenant, team, account_manager_team).await {
-        Ok(0) => {}
-        Ok(_) => relay_wake.notify_one(),
-        Err(error) => tracing::warn!(%error, %team, "assigning queued work failed; the watcher retries"),
+/// Offers a team's queue. Failures only delay the work: the watcher's round tries again.
+pub async fn offer_queue(db: &Db, tenant: &str, team: &str, account_manager_team: Option<&str>) {
+    if let Err(error) = assign_queued(db, tenant, team, account_manager_team).await {
+        tracing::warn!(%error, %team, "assigning queued work failed; the watcher retries");
     }
 }
 
@@ -31,13 +20,13 @@ pub async fn offer_queue(
 /// account-manager team goes to the poster's manager, or makes whoever takes it their
 /// manager. Returns how many were assigned.
 pub async fn assign_queued(
-    pool: &PgPool,
+    db: &Db,
     tenant: &str,
     team: &str,
     account_manager_team: Option<&str>,
 ) -> Result<usize, StoreError> {
     let now = Utc::now();
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     // Take the team first (as placement does), then the queue.
     let mut staff = Staff {
         teams: load::lock_agents(&mut tx, &[(tenant.to_owned(), team.to_owned())]).await?,

@@ -6,7 +6,7 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use super::{
-    COLUMNS, OPEN_STATES_SQL, Recorded, StoreError, from_row, parse_uuid, ts, update_work_orders,
+    COLUMNS, Db, OPEN_STATES_SQL, Recorded, StoreError, from_row, parse_uuid, ts, update_work_orders,
     write_events,
 };
 use crate::lifecycle::{self, Action};
@@ -50,21 +50,21 @@ pub async fn list_incidents(
 /// Resolves an open incident and every open work order attached to it, in one transaction,
 /// so every customer of the incident gets the closure message.
 pub async fn resolve_incident(
-    pool: &PgPool,
+    db: &Db,
     tenant: &str,
     incident_id: &str,
     actor: &str,
     note: &str,
 ) -> Result<(Incident, i64), StoreError> {
     let id = parse_uuid(incident_id)?;
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     let locked = sqlx::query(
         "UPDATE incidents SET resolved_at = now() WHERE tenant = $1 AND incident_id = $2 AND resolved_at IS NULL \
          RETURNING incident_id",
     )
     .bind(tenant)
     .bind(id)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut **tx)
     .await?;
     if locked.is_none() {
         return Err(StoreError::NotFound);
@@ -73,7 +73,7 @@ pub async fn resolve_incident(
         "SELECT {COLUMNS} FROM work_orders WHERE incident_id = $1 AND state IN {OPEN_STATES_SQL} ORDER BY created_at FOR UPDATE"
     ))
     .bind(id)
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut **tx)
     .await?;
     let now = Utc::now();
     let mut changes = Vec::with_capacity(rows.len());
@@ -85,7 +85,7 @@ pub async fn resolve_incident(
     update_work_orders(&mut tx, changes.iter().map(|c| &c.work_order)).await?;
     write_events(&mut tx, &changes).await?;
     tx.commit().await?;
-    let incident = list_incidents(pool, tenant, false, Some(id))
+    let incident = list_incidents(&db.pool, tenant, false, Some(id))
         .await?
         .into_iter()
         .next()

@@ -5,10 +5,12 @@
 mod columns;
 mod incidents;
 mod reads;
+mod recording;
 
 pub use columns::*;
 pub use incidents::*;
 pub use reads::*;
+pub use recording::{Db, Recording};
 
 use std::collections::HashMap;
 
@@ -18,7 +20,7 @@ use closedloop_proto::v1::{
 };
 use closedloop_runtime::bus::{OutgoingEvent, work_order_event_name, work_order_event_topic};
 use closedloop_runtime::{ids, telemetry, time};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::lifecycle::{self, Action, InvalidTransition};
@@ -385,13 +387,13 @@ pub async fn apply_locked(
 
 /// [`apply_locked`] in a transaction of its own.
 pub async fn apply(
-    pool: &PgPool,
+    db: &Db,
     tenant: &str,
     work_order_id: &str,
     change: Change<'_>,
     edit: impl FnOnce(&mut WorkOrder),
 ) -> Result<WorkOrder, StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     let mut work_order = lock(&mut tx, tenant, work_order_id).await?;
     apply_locked(&mut tx, &mut work_order, change, edit).await?;
     tx.commit().await?;
