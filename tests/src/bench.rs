@@ -600,3 +600,43 @@ pub mod procfs {
             .ok()
     }
 }
+
+/// What a whole-system benchmark runs on: the service binaries (`bin_dir`, else the ones
+/// built beside the benchmark), a scratch directory, and a durable PostgreSQL and a
+/// nats-server of its own. `out` is created for the results.
+pub struct BenchServers {
+    pub bin_dir: std::path::PathBuf,
+    pub scratch: tempfile::TempDir,
+    /// The PostgreSQL data directory, kept after the run.
+    pub pg_dir: std::path::PathBuf,
+    pub pg: crate::servers::Postgres,
+    pub nats: crate::servers::NatsServer,
+}
+
+impl BenchServers {
+    pub fn start(
+        name: &str,
+        bin_dir: Option<&std::path::Path>,
+        out: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let bin_dir = match bin_dir {
+            Some(dir) => dir.to_owned(),
+            None => crate::processes::bin_dir()?,
+        };
+        std::fs::create_dir_all(out)?;
+        let scratch = tempfile::Builder::new().prefix(&format!("{name}-")).tempdir()?;
+        let pg_dir = tempfile::Builder::new()
+            .prefix(&format!("{name}-pg-"))
+            .tempdir()?
+            .keep();
+        let pg = crate::servers::Postgres::start_durable_in(&pg_dir, crate::free_port()?)?;
+        let nats = crate::servers::NatsServer::start()?;
+        Ok(Self {
+            bin_dir,
+            scratch,
+            pg_dir,
+            pg,
+            nats,
+        })
+    }
+}

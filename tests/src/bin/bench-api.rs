@@ -36,12 +36,11 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use closedloop_dispatch::lifecycle::Action;
 use closedloop_dispatch::store::{self as work_order_store, Change, ListFilter, Tier};
-use closedloop_e2e::bench::{self, Mix, Workload, millis, quantile, table};
-use closedloop_e2e::processes::{self, ServiceProcesses};
-use closedloop_e2e::servers::{NatsServer, Postgres};
+use closedloop_e2e::bench::{self, BenchServers, Mix, Workload, millis, quantile, table};
+use closedloop_e2e::drive;
+use closedloop_e2e::processes::ServiceProcesses;
 use closedloop_e2e::system::{CONSUMERS, authed, wait_for_consumers};
 use closedloop_e2e::webhook::WebhookReceiver;
-use closedloop_e2e::{drive, free_port};
 use closedloop_notify::store as delivery_store;
 use closedloop_proto::v1::notification_service_client::NotificationServiceClient;
 use closedloop_proto::v1::work_order_service_client::WorkOrderServiceClient;
@@ -1078,15 +1077,13 @@ async fn table_sizes(pool: &PgPool) -> anyhow::Result<Vec<(String, i64, i64)>> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let bin_dir = match &args.bin_dir {
-        Some(dir) => dir.clone(),
-        None => processes::bin_dir()?,
-    };
-    std::fs::create_dir_all(&args.out)?;
-    let scratch = tempfile::Builder::new().prefix("bench-api-").tempdir()?;
-    let pg_dir = tempfile::Builder::new().prefix("bench-api-pg-").tempdir()?.keep();
-    let pg = Postgres::start_durable_in(&pg_dir, free_port()?)?;
-    let nats = NatsServer::start()?;
+    let BenchServers {
+        bin_dir,
+        scratch,
+        pg,
+        nats,
+        ..
+    } = BenchServers::start("bench-api", args.bin_dir.as_deref(), &args.out)?;
     let cancel = CancellationToken::new();
     let webhook = WebhookReceiver::start(
         "127.0.0.1:0".parse()?,

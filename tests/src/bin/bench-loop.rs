@@ -29,12 +29,13 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use clap::Parser;
-use closedloop_e2e::bench::{self, Kind, Mix, Workload, millis, nats_version, procfs, quantile, rate, table};
-use closedloop_e2e::processes::{self, ServiceProcesses};
-use closedloop_e2e::servers::{NatsServer, Postgres};
+use closedloop_e2e::bench::{
+    self, BenchServers, Kind, Mix, Workload, millis, nats_version, procfs, quantile, rate, table,
+};
+use closedloop_e2e::drive;
+use closedloop_e2e::processes::ServiceProcesses;
 use closedloop_e2e::system::{CONSUMERS, Service, wait_for_consumers};
 use closedloop_e2e::webhook::WebhookReceiver;
-use closedloop_e2e::{drive, free_port};
 use closedloop_proto::v1::ComplaintSubmission;
 use closedloop_runtime::auth::hash_token;
 use futures::StreamExt;
@@ -385,18 +386,13 @@ fn panel(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let bin_dir = match &args.bin_dir {
-        Some(dir) => dir.clone(),
-        None => processes::bin_dir()?,
-    };
-    std::fs::create_dir_all(&args.out)?;
-    let scratch = tempfile::Builder::new().prefix("bench-loop-").tempdir()?;
-    let pg_dir = tempfile::Builder::new()
-        .prefix("bench-loop-pg-")
-        .tempdir()?
-        .keep();
-    let pg = Postgres::start_durable_in(&pg_dir, free_port()?)?;
-    let nats = NatsServer::start()?;
+    let BenchServers {
+        bin_dir,
+        scratch,
+        pg_dir,
+        pg,
+        nats,
+    } = BenchServers::start("bench-loop", args.bin_dir.as_deref(), &args.out)?;
     let ticks = procfs::ticks_per_second();
 
     // The raw bound's primitives, measured first on the same servers.
