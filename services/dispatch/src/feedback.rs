@@ -9,8 +9,7 @@ use uuid::Uuid;
 
 use crate::Policy;
 use crate::lifecycle::{Action, is_open};
-use crate::store::Db;
-use crate::store::{self, Change, StoreError};
+use crate::store::{self, Change, Db, StoreError};
 
 /// What a feedback event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,9 +14,8 @@ use tokio_util::sync::CancellationToken;
 use crate::Policy;
 use crate::lifecycle::Action;
 use crate::placement;
-use crate::store::Db;
 use crate::store::{
-    self, COLUMNS, Change, OPEN_STATES_SQL, QUEUED_STATES_SQL, StoreError, from_row, to_time,
+    self, COLUMNS, Change, Db, OPEN_STATES_SQL, QUEUED_STATES_SQL, StoreError, from_row, to_time,
 };
 
 /// Work orders handled per transaction.

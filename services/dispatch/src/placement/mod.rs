@@ -31,8 +31,7 @@ pub use queue::{assign_queued, offer_queue};
 
 use crate::Policy;
 use crate::lifecycle::{self, Action};
-use crate::store::Db;
-use crate::store::{NewWorkOrder, Recorded, StoreError};
+use crate::store::{Db, NewWorkOrder, Recorded, StoreError};
 
 /// Most complaints placed in one transaction.
 pub const MAX_BATCH: usize = 256;
