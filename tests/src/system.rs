@@ -635,7 +635,6 @@ fn install_telemetry() {
     });
 }
 
-/// A request carrying `authorization: Bearer <token>`.
 /// Every work order `token` may list through `client`, following page tokens `page_size` at
 /// a time.
 pub async fn list_work_orders(
@@ -686,10 +685,25 @@ pub fn contact(
     }
 }
 
+/// A request carrying `authorization: Bearer <token>`.
 pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Ok(value) = format!("Bearer {token}").parse() {
         request.metadata_mut().insert("authorization", value);
     }
     request
+}
+
+/// The status of a call that must fail with `code`; `why` names the refusal in the error
+/// when the call succeeds or fails otherwise.
+pub fn refused<T>(
+    result: Result<tonic::Response<T>, tonic::Status>,
+    code: tonic::Code,
+    why: &str,
+) -> anyhow::Result<tonic::Status> {
+    match result {
+        Ok(_) => anyhow::bail!("{why}: the call succeeded where {code:?} was expected"),
+        Err(status) if status.code() == code => Ok(status),
+        Err(status) => anyhow::bail!("{why}: expected {code:?}, got {status:?}"),
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use closedloop_e2e::system::{TestEnv, authed, contact};
+use closedloop_e2e::system::{TestEnv, authed, contact, refused};
 use closedloop_e2e::wait_until;
 use closedloop_proto::v1::*;
 use closedloop_runtime::bus;
@@ -90,17 +90,19 @@ async fn a_complaint_travels_the_whole_loop() -> anyhow::Result<()> {
     assert!(!closure.field("text").contains("线路已修复"));
 
     // Resolving again is not a valid transition.
-    let again = work_orders
-        .resolve_work_order(authed(
-            &env.tokens.agent,
-            ResolveWorkOrderRequest {
-                work_order_id: work_order.work_order_id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect_err("already resolved");
-    assert_eq!(again.code(), Code::FailedPrecondition);
+    refused(
+        work_orders
+            .resolve_work_order(authed(
+                &env.tokens.agent,
+                ResolveWorkOrderRequest {
+                    work_order_id: work_order.work_order_id.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await,
+        Code::FailedPrecondition,
+        "already resolved",
+    )?;
 
     // The delivery log has the three messages, delivered.
     env.wait_idle().await?;
@@ -250,38 +252,44 @@ async fn calls_without_a_valid_token_are_unauthenticated() -> anyhow::Result<()>
     let request = SubmitComplaintRequest {
         complaint: Some(outage_post("no-token")),
     };
-    let status = ingest
-        .submit_complaint(request.clone())
-        .await
-        .expect_err("no token");
-    assert_eq!(status.code(), Code::Unauthenticated);
-    let status = ingest
-        .submit_complaint(authed("not-a-token", request.clone()))
-        .await
-        .expect_err("bad token");
-    assert_eq!(status.code(), Code::Unauthenticated);
+    refused(
+        ingest.submit_complaint(request.clone()).await,
+        Code::Unauthenticated,
+        "no token",
+    )?;
+    refused(
+        ingest
+            .submit_complaint(authed("not-a-token", request.clone()))
+            .await,
+        Code::Unauthenticated,
+        "bad token",
+    )?;
     // An agent token may not submit as a gateway.
-    let status = ingest
-        .submit_complaint(authed(&env.tokens.agent, request))
-        .await
-        .expect_err("wrong role");
-    assert_eq!(status.code(), Code::PermissionDenied);
+    refused(
+        ingest.submit_complaint(authed(&env.tokens.agent, request)).await,
+        Code::PermissionDenied,
+        "wrong role",
+    )?;
 
     let mut work_orders = env.work_orders().await?;
-    let status = work_orders
-        .list_work_orders(ListWorkOrdersRequest::default())
-        .await
-        .expect_err("no token");
-    assert_eq!(status.code(), Code::Unauthenticated);
+    refused(
+        work_orders
+            .list_work_orders(ListWorkOrdersRequest::default())
+            .await,
+        Code::Unauthenticated,
+        "no token",
+    )?;
     let mut classify = env.classify().await?;
-    let status = classify
-        .classify(ClassifyRequest {
-            text: "断网了".into(),
-            ..Default::default()
-        })
-        .await
-        .expect_err("no token");
-    assert_eq!(status.code(), Code::Unauthenticated);
+    refused(
+        classify
+            .classify(ClassifyRequest {
+                text: "断网了".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::Unauthenticated,
+        "no token",
+    )?;
     env.shutdown().await
 }
 
@@ -293,37 +301,43 @@ async fn another_tenants_work_orders_are_invisible() -> anyhow::Result<()> {
 
     let mut work_orders = env.work_orders().await?;
     let beta = &env.tokens.other_tenant;
-    let status = work_orders
-        .get_work_order(authed(
-            beta,
-            GetWorkOrderRequest {
-                work_order_id: work_order.work_order_id.clone(),
-            },
-        ))
-        .await
-        .expect_err("other tenant");
-    assert_eq!(status.code(), Code::NotFound);
-    let status = work_orders
-        .get_complaint_status(authed(
-            beta,
-            GetComplaintStatusRequest {
-                complaint_id: submitted.complaint_id.clone(),
-            },
-        ))
-        .await
-        .expect_err("other tenant");
-    assert_eq!(status.code(), Code::NotFound);
-    let status = work_orders
-        .resolve_work_order(authed(
-            beta,
-            ResolveWorkOrderRequest {
-                work_order_id: work_order.work_order_id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect_err("other tenant");
-    assert_eq!(status.code(), Code::NotFound);
+    refused(
+        work_orders
+            .get_work_order(authed(
+                beta,
+                GetWorkOrderRequest {
+                    work_order_id: work_order.work_order_id.clone(),
+                },
+            ))
+            .await,
+        Code::NotFound,
+        "other tenant",
+    )?;
+    refused(
+        work_orders
+            .get_complaint_status(authed(
+                beta,
+                GetComplaintStatusRequest {
+                    complaint_id: submitted.complaint_id.clone(),
+                },
+            ))
+            .await,
+        Code::NotFound,
+        "other tenant",
+    )?;
+    refused(
+        work_orders
+            .resolve_work_order(authed(
+                beta,
+                ResolveWorkOrderRequest {
+                    work_order_id: work_order.work_order_id.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await,
+        Code::NotFound,
+        "other tenant",
+    )?;
     assert!(list_all(&env, beta).await?.is_empty());
     assert_eq!(list_all(&env, &env.tokens.agent).await?.len(), 1);
 
@@ -349,14 +363,16 @@ async fn malformed_requests_are_rejected_and_change_nothing() -> anyhow::Result<
         attachment_urls: vec!["ftp://example.com/a.png".into()],
         ..Default::default()
     };
-    let status = ingest
-        .submit_complaint(authed(
-            &env.tokens.gateway,
-            SubmitComplaintRequest { complaint: Some(bad) },
-        ))
-        .await
-        .expect_err("invalid");
-    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = refused(
+        ingest
+            .submit_complaint(authed(
+                &env.tokens.gateway,
+                SubmitComplaintRequest { complaint: Some(bad) },
+            ))
+            .await,
+        Code::InvalidArgument,
+        "invalid",
+    )?;
     let details = status.get_error_details();
     let fields: Vec<&str> = details
         .bad_request()
@@ -371,29 +387,33 @@ async fn malformed_requests_are_rejected_and_change_nothing() -> anyhow::Result<
     ] {
         assert!(fields.contains(&expected), "{expected} missing from {fields:?}");
     }
-    let status = ingest
-        .submit_complaint(authed(
-            &env.tokens.gateway,
-            SubmitComplaintRequest { complaint: None },
-        ))
-        .await
-        .expect_err("missing complaint");
-    assert_eq!(status.code(), Code::InvalidArgument);
+    refused(
+        ingest
+            .submit_complaint(authed(
+                &env.tokens.gateway,
+                SubmitComplaintRequest { complaint: None },
+            ))
+            .await,
+        Code::InvalidArgument,
+        "missing complaint",
+    )?;
 
     // An oversized request is refused from its length prefix, before decoding; tonic
     // answers OUT_OF_RANGE naming the limit.
     let mut huge = outage_post("huge");
     huge.text = "断".repeat(2_000_000);
-    let status = ingest
-        .submit_complaint(authed(
-            &env.tokens.gateway,
-            SubmitComplaintRequest {
-                complaint: Some(huge),
-            },
-        ))
-        .await
-        .expect_err("too large");
-    assert_eq!(status.code(), Code::OutOfRange);
+    let status = refused(
+        ingest
+            .submit_complaint(authed(
+                &env.tokens.gateway,
+                SubmitComplaintRequest {
+                    complaint: Some(huge),
+                },
+            ))
+            .await,
+        Code::OutOfRange,
+        "too large",
+    )?;
     assert!(status.message().contains("too large"), "{}", status.message());
 
     // Nothing reached the stream, nothing reached the customer, no work order exists.
@@ -463,26 +483,28 @@ async fn classify_dry_run_explains_and_publishes_nothing() -> anyhow::Result<()>
         classification.reasons
     );
     assert!(!classification.reasons.is_empty());
-    let status = classify
-        .classify(authed(
-            &env.tokens.agent,
-            ClassifyRequest {
-                text: " ".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect_err("empty");
-    assert_eq!(status.code(), Code::InvalidArgument);
+    refused(
+        classify
+            .classify(authed(
+                &env.tokens.agent,
+                ClassifyRequest {
+                    text: " ".into(),
+                    ..Default::default()
+                },
+            ))
+            .await,
+        Code::InvalidArgument,
+        "empty",
+    )?;
     let oversized = ClassifyRequest {
         text: "断".repeat(20_001),
         ..Default::default()
     };
-    let status = classify
-        .classify(authed(&env.tokens.agent, oversized))
-        .await
-        .expect_err("too long");
-    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = refused(
+        classify.classify(authed(&env.tokens.agent, oversized)).await,
+        Code::InvalidArgument,
+        "too long",
+    )?;
     assert!(
         status.message().contains("at most 20000 characters"),
         "{}",
@@ -503,29 +525,33 @@ async fn classify_dry_run_explains_and_publishes_nothing() -> anyhow::Result<()>
         .classification
         .ok_or_else(|| anyhow::anyhow!("no classification"))?;
     assert!(folded.escalation_risk, "{:?}", folded.reasons);
-    let invisible = classify
-        .classify(authed(
-            &env.tokens.agent,
-            ClassifyRequest {
-                text: "\u{200b}\u{2060} \u{feff}".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect_err("nothing visible");
-    assert_eq!(invisible.code(), Code::InvalidArgument);
+    refused(
+        classify
+            .classify(authed(
+                &env.tokens.agent,
+                ClassifyRequest {
+                    text: "\u{200b}\u{2060} \u{feff}".into(),
+                    ..Default::default()
+                },
+            ))
+            .await,
+        Code::InvalidArgument,
+        "nothing visible",
+    )?;
     // A gateway's token submits contacts; it does not classify them.
-    let denied = classify
-        .classify(authed(
-            &env.tokens.gateway,
-            ClassifyRequest {
-                text: "话费乱扣".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect_err("not a gateway's call");
-    assert_eq!(denied.code(), Code::PermissionDenied);
+    refused(
+        classify
+            .classify(authed(
+                &env.tokens.gateway,
+                ClassifyRequest {
+                    text: "话费乱扣".into(),
+                    ..Default::default()
+                },
+            ))
+            .await,
+        Code::PermissionDenied,
+        "not a gateway's call",
+    )?;
 
     let client = closedloop_e2e::nats(&env.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
@@ -981,20 +1007,24 @@ async fn page_tokens_are_bound_to_their_tenant_and_filters() -> anyhow::Result<(
 
     let token =
         first_token.ok_or_else(|| anyhow::anyhow!("5 work orders in pages of 2 had no second page"))?;
-    let replayed_by_beta = work_orders
-        .list_work_orders(authed(&env.tokens.other_tenant, by_team(token.clone())))
-        .await
-        .expect_err("another tenant's token");
-    assert_eq!(replayed_by_beta.code(), Code::InvalidArgument);
+    refused(
+        work_orders
+            .list_work_orders(authed(&env.tokens.other_tenant, by_team(token.clone())))
+            .await,
+        Code::InvalidArgument,
+        "another tenant's token",
+    )?;
     let other_filters = ListWorkOrdersRequest {
         team: "billing".into(),
         ..by_team(token.clone())
     };
-    let replayed_with_other_filters = work_orders
-        .list_work_orders(authed(&env.tokens.agent, other_filters))
-        .await
-        .expect_err("a token of another listing");
-    assert_eq!(replayed_with_other_filters.code(), Code::InvalidArgument);
+    let replayed_with_other_filters = refused(
+        work_orders
+            .list_work_orders(authed(&env.tokens.agent, other_filters))
+            .await,
+        Code::InvalidArgument,
+        "a token of another listing",
+    )?;
     assert!(
         replayed_with_other_filters.message().contains("page_token"),
         "{}",
@@ -1022,21 +1052,25 @@ async fn page_tokens_are_bound_to_their_tenant_and_filters() -> anyhow::Result<(
     notifications
         .list_deliveries(authed(&env.tokens.agent, second.clone()))
         .await?;
-    let status = notifications
-        .list_deliveries(authed(&env.tokens.other_tenant, second.clone()))
-        .await
-        .expect_err("another tenant's token");
-    assert_eq!(status.code(), Code::InvalidArgument);
-    let status = notifications
-        .list_deliveries(authed(
-            &env.tokens.agent,
-            ListDeliveriesRequest {
-                complaint_id: submitted[0].clone(),
-                ..second
-            },
-        ))
-        .await
-        .expect_err("a token of another listing");
-    assert_eq!(status.code(), Code::InvalidArgument);
+    refused(
+        notifications
+            .list_deliveries(authed(&env.tokens.other_tenant, second.clone()))
+            .await,
+        Code::InvalidArgument,
+        "another tenant's token",
+    )?;
+    refused(
+        notifications
+            .list_deliveries(authed(
+                &env.tokens.agent,
+                ListDeliveriesRequest {
+                    complaint_id: submitted[0].clone(),
+                    ..second
+                },
+            ))
+            .await,
+        Code::InvalidArgument,
+        "a token of another listing",
+    )?;
     env.shutdown().await
 }

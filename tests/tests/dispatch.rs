@@ -6,7 +6,9 @@ use closedloop_runtime::config::NatsConnectArgs;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use closedloop_e2e::system::{DispatchReplica, SystemOptions, TestEnv, authed, contact, list_work_orders};
+use closedloop_e2e::system::{
+    DispatchReplica, SystemOptions, TestEnv, authed, contact, list_work_orders, refused,
+};
 use closedloop_e2e::{wait_for, wait_until};
 use closedloop_proto::v1::ingest_service_client::IngestServiceClient;
 use closedloop_proto::v1::work_order_service_client::WorkOrderServiceClient;
@@ -229,23 +231,27 @@ async fn assignment_merge_and_remedy_authority() -> anyhow::Result<()> {
         currency: "CNY".into(),
         approved_by: String::new(),
     };
-    let denied = client
-        .resolve_work_order(authed(
-            &env.tokens.agent,
-            resolve(waiver(5_000), &first_wo.work_order_id),
-        ))
-        .await
-        .expect_err("above the authority limit");
-    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    let denied = refused(
+        client
+            .resolve_work_order(authed(
+                &env.tokens.agent,
+                resolve(waiver(5_000), &first_wo.work_order_id),
+            ))
+            .await,
+        tonic::Code::PermissionDenied,
+        "above the authority limit",
+    )?;
     assert!(denied.message().contains("supervisor"), "{}", denied.message());
-    let bad = client
-        .resolve_work_order(authed(
-            &env.tokens.agent,
-            resolve(waiver(-1), &first_wo.work_order_id),
-        ))
-        .await
-        .expect_err("negative amount");
-    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    refused(
+        client
+            .resolve_work_order(authed(
+                &env.tokens.agent,
+                resolve(waiver(-1), &first_wo.work_order_id),
+            ))
+            .await,
+        tonic::Code::InvalidArgument,
+        "negative amount",
+    )?;
     assert_eq!(
         get(&mut client, &env.tokens.agent, &first_wo.work_order_id)
             .await?
@@ -318,11 +324,13 @@ async fn assignment_merge_and_remedy_authority() -> anyhow::Result<()> {
         .map(|a| (a.agent_id.as_str(), a.open_work_orders))
         .collect();
     assert_eq!(loads, HashMap::from([("agent-7", 1), ("agent-8", 0)]));
-    let refused = directory
-        .upsert_agent(authed(&env.tokens.agent, UpsertAgentRequest { agent: None }))
-        .await
-        .expect_err("agents do not manage the directory");
-    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    refused(
+        directory
+            .upsert_agent(authed(&env.tokens.agent, UpsertAgentRequest { agent: None }))
+            .await,
+        tonic::Code::PermissionDenied,
+        "agents do not manage the directory",
+    )?;
     assert_loads_counted(&env).await?;
     env.shutdown().await
 }
@@ -703,17 +711,19 @@ async fn a_spike_opens_one_incident_and_resolving_it_tells_every_customer() -> a
     })
     .await?;
 
-    let denied = client
-        .resolve_incident(authed(
-            &env.tokens.agent,
-            ResolveIncidentRequest {
-                incident_id: incident.incident_id.clone(),
-                resolution_note: "光缆已修复".into(),
-            },
-        ))
-        .await
-        .expect_err("supervisors resolve incidents");
-    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    refused(
+        client
+            .resolve_incident(authed(
+                &env.tokens.agent,
+                ResolveIncidentRequest {
+                    incident_id: incident.incident_id.clone(),
+                    resolution_note: "光缆已修复".into(),
+                },
+            ))
+            .await,
+        tonic::Code::PermissionDenied,
+        "supervisors resolve incidents",
+    )?;
     let resolved = client
         .resolve_incident(authed(
             &env.tokens.supervisor,
@@ -731,17 +741,19 @@ async fn a_spike_opens_one_incident_and_resolving_it_tells_every_customer() -> a
         })
         .await?;
     }
-    let again = client
-        .resolve_incident(authed(
-            &env.tokens.supervisor,
-            ResolveIncidentRequest {
-                incident_id: incident.incident_id.clone(),
-                resolution_note: String::new(),
-            },
-        ))
-        .await
-        .expect_err("already resolved");
-    assert_eq!(again.code(), tonic::Code::NotFound);
+    refused(
+        client
+            .resolve_incident(authed(
+                &env.tokens.supervisor,
+                ResolveIncidentRequest {
+                    incident_id: incident.incident_id.clone(),
+                    resolution_note: String::new(),
+                },
+            ))
+            .await,
+        tonic::Code::NotFound,
+        "already resolved",
+    )?;
     assert_loads_counted(&env).await?;
     env.shutdown().await
 }

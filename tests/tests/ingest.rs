@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use closedloop_e2e::system::{TestEnv, WECHAT_TOKEN, authed, contact};
+use closedloop_e2e::system::{TestEnv, WECHAT_TOKEN, authed, contact, refused};
 use closedloop_e2e::{wait_for, wait_until};
 use closedloop_proto::v1::*;
 use closedloop_runtime::bus;
@@ -456,11 +456,11 @@ async fn feedback_is_published_and_bad_feedback_rejected() -> anyhow::Result<()>
         satisfaction: 9,
         ..Default::default()
     };
-    let status = ingest
-        .submit_feedback(authed(&env.tokens.gateway, bad))
-        .await
-        .expect_err("invalid");
-    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = refused(
+        ingest.submit_feedback(authed(&env.tokens.gateway, bad)).await,
+        Code::InvalidArgument,
+        "invalid",
+    )?;
     let fields: Vec<String> = status
         .get_error_details()
         .bad_request()
