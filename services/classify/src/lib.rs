@@ -9,7 +9,6 @@ pub mod model;
 pub mod region;
 pub mod rules;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_nats::jetstream;
@@ -17,14 +16,13 @@ use closedloop_proto::v1::classify_service_server::{ClassifyService, ClassifySer
 use closedloop_proto::v1::{Channel, ClassifyRequest, ClassifyResponse, ComplaintClassified};
 use closedloop_runtime::auth::{Authenticator, Role, principal};
 use closedloop_runtime::bus::{self, Bus, OutgoingEvent, StreamSettings};
-use closedloop_runtime::config::ServiceArgs;
 use closedloop_runtime::consumer::{self, ConsumerSpec, HandleError, MessageHandler};
 use closedloop_runtime::grpc::{self, Violation, invalid_argument};
 use closedloop_runtime::metrics;
+use closedloop_runtime::service::Endpoints;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
@@ -38,15 +36,9 @@ pub const SERVICE_NAME: &str = "closedloop.v1.ClassifyService";
 /// Durable consumer shared by all classify replicas.
 pub const CONSUMER: &str = "classify";
 
-#[derive(Debug, Clone, clap::Parser)]
-#[command(
-    name = "closedloop-classify",
-    about = "Closedloop classify: what each contact is and how urgent"
-)]
-pub struct Config {
-    /// gRPC listen address.
-    #[arg(long, env = "CLOSEDLOOP_CLASSIFY_LISTEN", default_value = "0.0.0.0:50052")]
-    pub listen: SocketAddr,
+closedloop_runtime::service_config! {
+    /// Closedloop classify: what each contact is and how urgent
+    name = "closedloop-classify", listen = ("CLOSEDLOOP_CLASSIFY_LISTEN", "0.0.0.0:50052");
     /// Trained model file replacing the shipped one (see classify-train).
     #[arg(long, env = "CLOSEDLOOP_CLASSIFY_MODEL")]
     pub model_file: Option<String>,
@@ -56,8 +48,6 @@ pub struct Config {
     /// Longest text the dry-run `Classify` accepts, in characters.
     #[arg(long, env = "CLOSEDLOOP_MAX_TEXT_CHARS", default_value_t = 20_000)]
     pub max_text_chars: usize,
-    #[command(flatten)]
-    pub service: ServiceArgs,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -171,8 +161,7 @@ impl ClassifyService for ClassifyApi {
 
 /// A built classify service: connected, rules loaded, listener bound.
 pub struct Classify {
-    listener: TcpListener,
-    metrics: metrics::Exporter,
+    endpoints: Endpoints,
     bus: Bus,
     rules: Arc<Rules>,
     models: Arc<TextModels>,
@@ -189,11 +178,9 @@ impl Classify {
             &[bus::COMPLAINTS_STREAM, bus::DEAD_LETTER_STREAM],
         )
         .await?;
-        let listener = grpc::bind(config.listen).await?;
-        let metrics = metrics::Exporter::bind(config.service.metrics_listen).await?;
+        let endpoints = Endpoints::bind(config.listen, &config.service).await?;
         Ok(Self {
-            listener,
-            metrics,
+            endpoints,
             bus,
             rules,
             models,
@@ -215,7 +202,7 @@ impl Classify {
             models: self.models.clone(),
         };
         let consuming = consumer::spawn(&self.bus, spec, handler, &cancel);
-        let exporting = self.metrics.spawn(cancel.clone());
+        let exporting = self.endpoints.metrics.spawn(cancel.clone());
 
         let api = ClassifyApi {
             rules: self.rules,
@@ -228,7 +215,7 @@ impl Classify {
             server,
             Authenticator::new(self.config.service.grpc.auth_tokens.clone()),
         ));
-        let served = grpc::serve(self.listener, routes, &[SERVICE_NAME], cancel.clone()).await;
+        let served = grpc::serve(self.endpoints.grpc, routes, &[SERVICE_NAME], cancel.clone()).await;
         cancel.cancel();
         consuming.await?;
         exporting.await??;

@@ -18,7 +18,6 @@ pub mod store;
 pub mod watch;
 pub mod watcher;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -29,11 +28,11 @@ use closedloop_proto::v1::directory_service_server::DirectoryServiceServer;
 use closedloop_proto::v1::work_order_service_server::WorkOrderServiceServer;
 use closedloop_runtime::auth::Authenticator;
 use closedloop_runtime::bus::{self, Bus, StreamSettings};
-use closedloop_runtime::config::{ArchiveArgs, DatabaseArgs, ServiceArgs};
+use closedloop_runtime::config::{ArchiveArgs, DatabaseArgs};
 use closedloop_runtime::consumer::{self, ConsumerSpec, HandleError, MessageHandler};
-use closedloop_runtime::{db, grpc, metrics};
+use closedloop_runtime::service::Endpoints;
+use closedloop_runtime::{db, grpc};
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
@@ -58,15 +57,9 @@ const WATCH_FEED_CAPACITY: usize = 1024;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-#[derive(Debug, Clone, clap::Parser)]
-#[command(
-    name = "closedloop-dispatch",
-    about = "Closedloop dispatch: work orders, routing, assignment, deadlines and incidents"
-)]
-pub struct Config {
-    /// gRPC listen address.
-    #[arg(long, env = "CLOSEDLOOP_DISPATCH_LISTEN", default_value = "0.0.0.0:50053")]
-    pub listen: SocketAddr,
+closedloop_runtime::service_config! {
+    /// Closedloop dispatch: work orders, routing, assignment, deadlines and incidents
+    name = "closedloop-dispatch", listen = ("CLOSEDLOOP_DISPATCH_LISTEN", "0.0.0.0:50053");
     /// Policy file (JSON): routing rules, SLA targets and business hours, incident detection,
     /// feedback and the directory seed. Built-in defaults when unset (see
     /// services/dispatch/default_dispatch.json).
@@ -93,8 +86,6 @@ pub struct Config {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub archive: ArchiveArgs,
-    #[command(flatten)]
-    pub service: ServiceArgs,
 }
 
 /// The validated policy file.
@@ -251,8 +242,7 @@ pub async fn connect_database(
 
 /// A built dispatch service: connected, migrated, directory seeded, listener bound.
 pub struct Dispatch {
-    listener: TcpListener,
-    metrics: metrics::Exporter,
+    endpoints: Endpoints,
     bus: Bus,
     db: Db,
     policy: Arc<Policy>,
@@ -274,11 +264,9 @@ impl Dispatch {
             ],
         )
         .await?;
-        let listener = grpc::bind(config.listen).await?;
-        let metrics = metrics::Exporter::bind(config.service.metrics_listen).await?;
+        let endpoints = Endpoints::bind(config.listen, &config.service).await?;
         Ok(Self {
-            listener,
-            metrics,
+            endpoints,
             bus,
             db,
             policy,
@@ -342,7 +330,7 @@ impl Dispatch {
                 cancel.clone(),
             )),
         ];
-        let exporting = self.metrics.spawn(cancel.clone());
+        let exporting = self.endpoints.metrics.spawn(cancel.clone());
         // The relay outlives the consumers and the API so their last commits get published.
         let relay_stop = CancellationToken::new();
         let relaying = tokio::spawn(relay::run(
@@ -374,7 +362,7 @@ impl Dispatch {
         let routes = Routes::new(InterceptedService::new(work_orders, authenticator.clone()))
             .add_service(InterceptedService::new(directory, authenticator));
         let served = grpc::serve(
-            self.listener,
+            self.endpoints.grpc,
             routes,
             &[api::SERVICE_NAME, directory::SERVICE_NAME],
             cancel.clone(),

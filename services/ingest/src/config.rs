@@ -3,20 +3,13 @@
 use std::net::SocketAddr;
 
 use closedloop_runtime::Secret;
-use closedloop_runtime::config::ServiceArgs;
 
 use crate::validate::Limits;
 use crate::wechat::WechatAccounts;
 
-#[derive(Debug, Clone, clap::Parser)]
-#[command(
-    name = "closedloop-ingest",
-    about = "Closedloop ingest: the front door for channel gateways"
-)]
-pub struct Config {
-    /// gRPC listen address.
-    #[arg(long, env = "CLOSEDLOOP_INGEST_LISTEN", default_value = "0.0.0.0:50051")]
-    pub listen: SocketAddr,
+closedloop_runtime::service_config! {
+    /// Closedloop ingest: the front door for channel gateways
+    name = "closedloop-ingest", listen = ("CLOSEDLOOP_INGEST_LISTEN", "0.0.0.0:50051");
     /// HTTP listen address: JSON submissions and the WeChat callback.
     #[arg(long, env = "CLOSEDLOOP_INGEST_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
     pub http_listen: SocketAddr,
@@ -32,8 +25,6 @@ pub struct Config {
     /// WeChat official accounts: `tenant=callback-token` entries separated by `;`.
     #[arg(long, env = "CLOSEDLOOP_WECHAT_ACCOUNTS", default_value = "")]
     pub wechat_accounts: Secret<WechatAccounts>,
-    #[command(flatten)]
-    pub service: ServiceArgs,
 }
 
 impl Config {

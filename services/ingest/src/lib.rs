@@ -17,7 +17,8 @@ use std::net::SocketAddr;
 use closedloop_proto::v1::ingest_service_server::IngestServiceServer;
 use closedloop_runtime::auth::Authenticator;
 use closedloop_runtime::bus::{self, Bus, StreamSettings};
-use closedloop_runtime::{grpc, metrics};
+use closedloop_runtime::service::Endpoints;
+use closedloop_runtime::grpc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
@@ -27,9 +28,8 @@ pub use config::Config;
 
 /// A built ingest service: connected, streams provisioned, listeners bound.
 pub struct Ingest {
-    listener: TcpListener,
+    endpoints: Endpoints,
     http_listener: TcpListener,
-    metrics: metrics::Exporter,
     intake: intake::Intake,
     nonces: nonces::Nonces,
     config: Config,
@@ -42,14 +42,12 @@ impl Ingest {
         bus.provision_streams(&streams, &[bus::COMPLAINTS_STREAM, bus::FEEDBACK_STREAM])
             .await?;
         let nonces = nonces::Nonces::open(bus.jetstream(), &streams).await?;
-        let listener = grpc::bind(config.listen).await?;
+        let endpoints = Endpoints::bind(config.listen, &config.service).await?;
         let http_listener = grpc::bind(config.http_listen).await?;
-        let metrics = metrics::Exporter::bind(config.service.metrics_listen).await?;
         let intake = intake::Intake::new(bus, config.limits());
         Ok(Self {
-            listener,
+            endpoints,
             http_listener,
-            metrics,
             intake,
             nonces,
             config,
@@ -73,7 +71,7 @@ impl Ingest {
             },
             self.config.service.grpc.max_request_bytes,
         );
-        let exporting = self.metrics.spawn(cancel.clone());
+        let exporting = self.endpoints.metrics.spawn(cancel.clone());
         let http_cancel = cancel.clone();
         let http = tokio::spawn(async move {
             axum::serve(grpc::http_listener(self.http_listener), app)
@@ -83,7 +81,13 @@ impl Ingest {
         let server = IngestServiceServer::new(service::IngestApi { intake: self.intake })
             .max_decoding_message_size(self.config.service.grpc.max_request_bytes);
         let routes = Routes::new(InterceptedService::new(server, auth));
-        let served = grpc::serve(self.listener, routes, &[service::SERVICE_NAME], cancel.clone()).await;
+        let served = grpc::serve(
+            self.endpoints.grpc,
+            routes,
+            &[service::SERVICE_NAME],
+            cancel.clone(),
+        )
+        .await;
         cancel.cancel();
         http.await??;
         exporting.await??;

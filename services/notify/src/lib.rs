@@ -25,7 +25,6 @@ pub mod recent;
 pub mod store;
 pub mod templates;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,11 +32,11 @@ use closedloop_proto::v1::notification_service_server::NotificationServiceServer
 use closedloop_runtime::auth::Authenticator;
 use closedloop_runtime::batch::Batcher;
 use closedloop_runtime::bus::{self, Bus, StreamSettings};
-use closedloop_runtime::config::{ArchiveArgs, DatabaseArgs, ServiceArgs};
+use closedloop_runtime::config::{ArchiveArgs, DatabaseArgs};
 use closedloop_runtime::consumer::{self, ConsumerSpec};
-use closedloop_runtime::{Secret, db, grpc, metrics};
+use closedloop_runtime::service::Endpoints;
+use closedloop_runtime::{Secret, db, grpc};
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
@@ -58,15 +57,9 @@ pub const SCHEMA: &str = "notify";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-#[derive(Debug, Clone, clap::Parser)]
-#[command(
-    name = "closedloop-notify",
-    about = "Closedloop notify: replies to customers on their own channel"
-)]
-pub struct Config {
-    /// gRPC listen address.
-    #[arg(long, env = "CLOSEDLOOP_NOTIFY_LISTEN", default_value = "0.0.0.0:50054")]
-    pub listen: SocketAddr,
+closedloop_runtime::service_config! {
+    /// Closedloop notify: replies to customers on their own channel
+    name = "closedloop-notify", listen = ("CLOSEDLOOP_NOTIFY_LISTEN", "0.0.0.0:50054");
     /// Channel-gateway webhooks: `channel=url|secret` entries separated by `;`, with
     /// `default` for channels not named and `staff` for alerts to staff.
     #[arg(long, env = "CLOSEDLOOP_GATEWAYS", default_value = "")]
@@ -98,8 +91,6 @@ pub struct Config {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub archive: ArchiveArgs,
-    #[command(flatten)]
-    pub service: ServiceArgs,
 }
 
 /// First replies [`recent::RecentIds`] holds per generation: more than a first-response
@@ -109,8 +100,7 @@ const FIRST_REPLIES_REMEMBERED: usize = 65_536;
 /// A built notify service: connected to NATS, its bucket open, listener bound. PostgreSQL
 /// is not needed to start: the delivery log is prepared, and written, once it answers.
 pub struct Notify {
-    listener: TcpListener,
-    metrics: metrics::Exporter,
+    endpoints: Endpoints,
     bus: Bus,
     claims: Claims,
     pool: PgPool,
@@ -141,11 +131,9 @@ impl Notify {
         // this long: longer than a gateway call can take.
         let lease = Duration::from_secs(config.gateway_timeout_secs.max(1) * 2 + 5);
         let claims = Claims::open(bus.jetstream(), bus.client().clone(), &streams, lease).await?;
-        let listener = grpc::bind(config.listen).await?;
-        let metrics = metrics::Exporter::bind(config.service.metrics_listen).await?;
+        let endpoints = Endpoints::bind(config.listen, &config.service).await?;
         Ok(Self {
-            listener,
-            metrics,
+            endpoints,
             bus,
             claims,
             pool,
@@ -244,8 +232,8 @@ impl Notify {
             server,
             Authenticator::new(self.config.service.grpc.auth_tokens.clone()),
         ));
-        let exporting = self.metrics.spawn(cancel.clone());
-        let served = grpc::serve(self.listener, routes, &[api::SERVICE_NAME], cancel.clone()).await;
+        let exporting = self.endpoints.metrics.spawn(cancel.clone());
+        let served = grpc::serve(self.endpoints.grpc, routes, &[api::SERVICE_NAME], cancel.clone()).await;
         cancel.cancel();
         for consuming in consumers {
             consuming.await?;

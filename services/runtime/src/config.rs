@@ -10,6 +10,30 @@ use std::time::Duration;
 
 use crate::auth::TokenTable;
 
+/// Declares a service's `Config`: the struct's doc comment is its `--help` summary, then
+/// its command name, the gRPC listen address's variable and default, and the service's
+/// own settings. The settings every service shares follow under `service`.
+#[macro_export]
+macro_rules! service_config {
+    (
+        $(#[$meta:meta])*
+        name = $name:literal, listen = ($env:literal, $default:literal);
+        $($(#[$field_meta:meta])* pub $field:ident: $ty:ty,)*
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, clap::Parser)]
+        #[command(name = $name)]
+        pub struct Config {
+            /// gRPC listen address.
+            #[arg(long, env = $env, default_value = $default)]
+            pub listen: ::std::net::SocketAddr,
+            $($(#[$field_meta])* pub $field: $ty,)*
+            #[command(flatten)]
+            pub service: $crate::config::ServiceArgs,
+        }
+    };
+}
+
 /// A value that must never reach a log: `Debug` prints `[redacted]`.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret<T>(T);
@@ -285,7 +309,7 @@ pub enum LogFormat {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
+    use clap::{CommandFactory, Parser};
 
     use super::*;
 
@@ -293,6 +317,31 @@ mod tests {
     struct Service {
         #[command(flatten)]
         service: ServiceArgs,
+    }
+
+    mod declared {
+        crate::service_config! {
+            /// A service declared as the services declare theirs.
+            name = "closedloop-example", listen = ("CLOSEDLOOP_EXAMPLE_LISTEN", "0.0.0.0:50099");
+            /// A setting of its own.
+            #[arg(long, default_value_t = 3)]
+            pub retries: u32,
+        }
+    }
+
+    #[test]
+    fn a_declared_config_has_its_listen_default_its_own_settings_and_the_shared_ones() {
+        let config =
+            declared::Config::try_parse_from(["closedloop-example", "--retries", "4"]).expect("parses");
+        assert_eq!(config.listen, "0.0.0.0:50099".parse().expect("address"));
+        assert_eq!(config.retries, 4);
+        assert_eq!(config.service.worker_threads, 0);
+        let help = declared::Config::command().render_help().to_string();
+        assert!(
+            help.starts_with("A service declared as the services declare theirs"),
+            "{help}"
+        );
+        assert!(help.contains("CLOSEDLOOP_EXAMPLE_LISTEN"), "{help}");
     }
 
     fn workers(args: &[&str]) -> usize {

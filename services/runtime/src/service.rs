@@ -12,6 +12,22 @@ use crate::config::ServiceArgs;
 use crate::{shutdown, telemetry};
 
 /// A Closedloop service as its binary runs it.
+/// Where a service is reached: its gRPC listener and its `/metrics` exporter. Both are
+/// bound while the service builds, so an address in use fails start-up.
+pub struct Endpoints {
+    pub grpc: tokio::net::TcpListener,
+    pub metrics: crate::metrics::Exporter,
+}
+
+impl Endpoints {
+    pub async fn bind(grpc: SocketAddr, args: &ServiceArgs) -> Result<Self, crate::grpc::GrpcError> {
+        Ok(Self {
+            grpc: crate::grpc::bind(grpc).await?,
+            metrics: crate::metrics::Exporter::bind(args.metrics_listen).await?,
+        })
+    }
+}
+
 pub trait Service: Sized {
     /// Its flags and environment.
     type Config: clap::Parser + std::fmt::Debug;
@@ -61,12 +77,12 @@ macro_rules! impl_service {
         impl $service {
             /// The bound gRPC address (useful when configured with port 0).
             pub fn grpc_addr(&self) -> ::std::io::Result<::std::net::SocketAddr> {
-                self.listener.local_addr()
+                self.endpoints.grpc.local_addr()
             }
 
             /// Where `/metrics` is served.
             pub fn metrics_addr(&self) -> ::std::io::Result<::std::net::SocketAddr> {
-                self.metrics.addr()
+                self.endpoints.metrics.addr()
             }
         }
 
