@@ -8,7 +8,7 @@
 #
 # Every run rebuilds the optimised services in full, since each training gives a new profile.
 # The optimised binaries' folder is printed at the end; hand it to the benchmark with
-# `scripts/bench-loop.sh --bin-dir DIR`, or copy the binaries where they are deployed.
+# `scripts/bench.sh loop --bin-dir DIR`, or copy the binaries where they are deployed.
 # Extra arguments go to the training bench-loop run. Both builds name a --target so that
 # RUSTFLAGS reach only the code that ships, not build scripts and proc macros.
 set -euo pipefail

@@ -640,3 +640,72 @@ impl BenchServers {
         })
     }
 }
+
+/// The four services running as processes on a [`BenchServers`]' fresh database, with a
+/// webhook receiver standing in for the gateway and submitters connected to ingest.
+pub struct LoopUnderTest {
+    pub webhook: crate::webhook::WebhookReceiver,
+    pub database_url: String,
+    pub options: crate::system::SystemOptions,
+    pub children: crate::processes::ServiceProcesses,
+    pub submitters: crate::drive::Submitters,
+}
+
+impl BenchServers {
+    /// Starts the loop with dispatch on `policy`, [`crate::drive::GATEWAY_TOKEN`] as
+    /// `gateway_tenant`'s gateway plus `more_tokens` (`CLOSEDLOOP_AUTH_TOKENS` entries), and
+    /// every consumer bound before it returns. The receiver stops with `cancel`.
+    pub async fn start_loop(
+        &self,
+        policy: &impl serde::Serialize,
+        gateway_tenant: &str,
+        more_tokens: &[String],
+        notify_args: &[String],
+        worker_threads: usize,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<LoopUnderTest> {
+        let webhook = crate::webhook::WebhookReceiver::start(
+            "127.0.0.1:0".parse()?,
+            crate::drive::GATEWAY_SECRET,
+            false,
+            cancel.clone(),
+        )
+        .await?;
+        let database_url = self.pg.create_database().await?;
+        let policy_path = self.scratch.path().join("policy.json");
+        std::fs::write(&policy_path, serde_json::to_vec_pretty(policy)?)?;
+        let options = crate::drive::loop_options(
+            &self.nats,
+            &database_url,
+            &webhook,
+            &policy_path,
+            std::iter::once(format!(
+                "{gateway_tenant}:gateway:{}:bench-gateway",
+                closedloop_runtime::auth::hash_token(crate::drive::GATEWAY_TOKEN)
+            ))
+            .chain(more_tokens.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(";"),
+            notify_args,
+            worker_threads,
+        )?;
+        eprintln!("starting the four services from {}", self.bin_dir.display());
+        let mut children =
+            crate::processes::ServiceProcesses::spawn(&self.bin_dir, &options, self.scratch.path())?;
+        if let Err(error) =
+            crate::system::wait_for_consumers(&self.nats.url(), &crate::system::CONSUMERS).await
+        {
+            return Err(error.context(children.exited_report()));
+        }
+        let ingest_addr = std::net::SocketAddr::new(options.host, options.ports[0]);
+        let submitters =
+            crate::drive::Submitters::connect(ingest_addr, 4, crate::drive::GATEWAY_TOKEN).await?;
+        Ok(LoopUnderTest {
+            webhook,
+            database_url,
+            options,
+            children,
+            submitters,
+        })
+    }
+}

@@ -18,6 +18,9 @@ use crate::servers::NatsServer;
 use crate::system::{CONSUMERS, SystemOptions, WECHAT_TOKEN, authed};
 use crate::webhook::WebhookReceiver;
 
+/// The token the benchmarks' gateway submits with.
+pub const GATEWAY_TOKEN: &str = "bench-gateway-token";
+
 /// The secret the stand-in gateway verifies notify's signatures with.
 pub const GATEWAY_SECRET: &str = "bench-gateway-secret";
 

@@ -25,7 +25,7 @@
 //! then, and a new PostgreSQL backend's first queries fill its catalog caches.
 //!
 //! Prints tables; writes `bench-api.json` and `bench-api.svg` to `--out`.
-//! `scripts/bench-api.sh` builds what it needs and runs it.
+//! `scripts/bench.sh api` builds what it needs and runs it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -36,11 +36,9 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use closedloop_dispatch::lifecycle::Action;
 use closedloop_dispatch::store::{self as work_order_store, Change, ListFilter, Tier};
-use closedloop_e2e::bench::{self, BenchServers, Mix, Workload, millis, quantile, table};
+use closedloop_e2e::bench::{self, BenchServers, LoopUnderTest, Mix, Workload, millis, quantile, table};
 use closedloop_e2e::drive;
-use closedloop_e2e::processes::ServiceProcesses;
-use closedloop_e2e::system::{CONSUMERS, authed, wait_for_consumers};
-use closedloop_e2e::webhook::WebhookReceiver;
+use closedloop_e2e::system::authed;
 use closedloop_notify::store as delivery_store;
 use closedloop_proto::v1::notification_service_client::NotificationServiceClient;
 use closedloop_proto::v1::work_order_service_client::WorkOrderServiceClient;
@@ -54,7 +52,6 @@ use tonic::transport::Channel as GrpcChannel;
 use uuid::Uuid;
 
 const TENANTS: [&str; 2] = ["acme", "globex"];
-const GATEWAY_TOKEN: &str = "bench-gateway-token";
 /// Rows per loading statement.
 const LOAD_CHUNK: usize = 50_000;
 /// What a page of `ListWorkOrders` and `ListDeliveries` holds.
@@ -913,10 +910,13 @@ async fn phase(
 }
 
 /// `EXPLAIN (ANALYZE, FORMAT JSON)` of a read, run as its store runs it.
-async fn explain<'a>(
-    pool: &PgPool,
-    push: impl FnOnce(&mut QueryBuilder<'a, Pg>),
-) -> anyhow::Result<serde_json::Value> {
+/// A statement pushed onto a query builder the caller starts.
+/// The tier the reads are explained on: the hot one, which the API reads first.
+const HOT: Tier = Tier::Hot;
+
+type Push<'a> = Box<dyn FnOnce(&mut QueryBuilder<'a, Pg>) + 'a>;
+
+async fn explain<'a>(pool: &PgPool, push: Push<'a>) -> anyhow::Result<serde_json::Value> {
     let mut query = QueryBuilder::new("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ");
     push(&mut query);
     let (plan,): (serde_json::Value,) = query.build_query_as().fetch_one(pool).await?;
@@ -990,64 +990,28 @@ async fn explain_reads(
         ..Default::default()
     };
     let limit = i64::from(PAGE) + 1;
-    let plans = vec![
-        (
-            "GetWorkOrder",
-            explain(dispatch, |q| {
-                work_order_store::push_get(q, Tier::Hot, tenant, work_order_id)
-            })
-            .await?,
-        ),
-        (
-            "GetComplaintStatus (opening complaint)",
-            explain(dispatch, |q| {
-                work_order_store::push_get_by_complaint(q, Tier::Hot, tenant, complaint_id)
-            })
-            .await?,
-        ),
-        (
-            "GetComplaintStatus (follow-up)",
-            explain(dispatch, |q| {
-                work_order_store::push_get_by_complaint(q, Tier::Hot, tenant, linked)
-            })
-            .await?,
-        ),
-        (
-            "GetWorkOrderHistory",
-            explain(dispatch, |q| {
-                work_order_store::push_history(q, Tier::Hot, tenant, work_order_id)
-            })
-            .await?,
-        ),
-        (
-            "ListWorkOrders (team, state; first page)",
-            explain(dispatch, |q| {
-                work_order_store::push_listing(q, Tier::Hot, tenant, &by_team_state, None, limit)
-            })
-            .await?,
-        ),
-        (
-            "ListWorkOrders (team, state; last page)",
-            explain(dispatch, |q| {
-                work_order_store::push_listing(q, Tier::Hot, tenant, &by_team_state, after, limit)
-            })
-            .await?,
-        ),
-        (
-            "ListWorkOrders (tenant; first page)",
-            explain(dispatch, |q| {
-                work_order_store::push_listing(q, Tier::Hot, tenant, &unfiltered, None, limit)
-            })
-            .await?,
-        ),
-        (
-            "ListDeliveries (work order)",
-            explain(notify, |q| {
-                delivery_store::push_listing(q, Tier::Hot, tenant, &deliveries, None, limit)
-            })
-            .await?,
-        ),
+    // Each read as the API runs it, pushed onto `EXPLAIN` in place of a plain query.
+    let by_complaint =
+        |id| -> Push { Box::new(move |q| work_order_store::push_get_by_complaint(q, HOT, tenant, id)) };
+    let listing = |filter, after| -> Push {
+        Box::new(move |q| work_order_store::push_listing(q, HOT, tenant, filter, after, limit))
+    };
+    // A table, one read a line.
+    #[rustfmt::skip]
+    let statements: Vec<(&str, &PgPool, Push)> = vec![
+        ("GetWorkOrder", dispatch, Box::new(|q| work_order_store::push_get(q, HOT, tenant, work_order_id))),
+        ("GetComplaintStatus (opening complaint)", dispatch, by_complaint(complaint_id)),
+        ("GetComplaintStatus (follow-up)", dispatch, by_complaint(linked)),
+        ("GetWorkOrderHistory", dispatch, Box::new(|q| work_order_store::push_history(q, HOT, tenant, work_order_id))),
+        ("ListWorkOrders (team, state; first page)", dispatch, listing(&by_team_state, None)),
+        ("ListWorkOrders (team, state; last page)", dispatch, listing(&by_team_state, after)),
+        ("ListWorkOrders (tenant; first page)", dispatch, listing(&unfiltered, None)),
+        ("ListDeliveries (work order)", notify, Box::new(|q| delivery_store::push_listing(q, HOT, tenant, &deliveries, None, limit))),
     ];
+    let mut plans = Vec::new();
+    for (name, pool, push) in statements {
+        plans.push((name, explain(pool, push).await?));
+    }
     Ok(plans
         .into_iter()
         .map(|(name, plan)| {
@@ -1077,79 +1041,67 @@ async fn table_sizes(pool: &PgPool) -> anyhow::Result<Vec<(String, i64, i64)>> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let BenchServers {
-        bin_dir,
-        scratch,
-        pg,
-        nats,
-        ..
-    } = BenchServers::start("bench-api", args.bin_dir.as_deref(), &args.out)?;
+    let servers = BenchServers::start("bench-api", args.bin_dir.as_deref(), &args.out)?;
     let cancel = CancellationToken::new();
-    let webhook = WebhookReceiver::start(
-        "127.0.0.1:0".parse()?,
-        drive::GATEWAY_SECRET,
-        false,
-        cancel.clone(),
-    )
-    .await?;
-    let database_url = pg.create_database().await?;
-
     let (policy, teams) = policy(args.teams_per_tenant, args.agents_per_team)?;
-    let policy_path = scratch.path().join("policy.json");
-    std::fs::write(&policy_path, serde_json::to_vec_pretty(&policy)?)?;
-    let mut auth_tokens = vec![format!(
-        "acme:gateway:{}:bench-gateway",
-        hash_token(GATEWAY_TOKEN)
-    )];
-    for desk in 0..args.clients.max(args.watchers) {
-        let tenant = tenant_of(desk);
-        auth_tokens.push(format!(
-            "{}:agent:{}:desk-{desk}",
-            TENANTS[tenant],
-            hash_token(&desk_token(tenant, desk))
-        ));
-    }
-    let options = drive::loop_options(
-        &nats,
-        &database_url,
-        &webhook,
-        &policy_path,
-        auth_tokens.join(";"),
-        &[],
-        args.service_worker_threads,
-    )?;
-    eprintln!("starting the four services from {}", bin_dir.display());
-    let mut children = ServiceProcesses::spawn(&bin_dir, &options, scratch.path())?;
-    if let Err(error) = wait_for_consumers(&nats.url(), &CONSUMERS).await {
-        return Err(error.context(children.exited_report()));
-    }
-    let host = options.host;
-    let ingest_addr = std::net::SocketAddr::new(host, options.ports[0]);
-    let dispatch_addr = std::net::SocketAddr::new(host, options.ports[2]);
-    let notify_addr = std::net::SocketAddr::new(host, options.ports[3]);
-    let submitters = drive::Submitters::connect(ingest_addr, 4, GATEWAY_TOKEN).await?;
-    let js = async_nats::jetstream::new(closedloop_e2e::nats(&nats.url()).await?);
+    let desk_tokens: Vec<String> = (0..args.clients.max(args.watchers))
+        .map(|desk| {
+            let tenant = tenant_of(desk);
+            format!(
+                "{}:agent:{}:desk-{desk}",
+                TENANTS[tenant],
+                hash_token(&desk_token(tenant, desk))
+            )
+        })
+        .collect();
+    let LoopUnderTest {
+        // Kept to the end: it stands in for the gateway notify calls.
+        webhook: _webhook,
+        database_url,
+        options,
+        children,
+        submitters,
+    } = servers
+        .start_loop(
+            &policy,
+            TENANTS[0],
+            &desk_tokens,
+            &[],
+            args.service_worker_threads,
+            &cancel,
+        )
+        .await?;
+    let dispatch_addr = std::net::SocketAddr::new(options.host, options.ports[2]);
+    let notify_addr = std::net::SocketAddr::new(options.host, options.ports[3]);
+    let js = async_nats::jetstream::new(closedloop_e2e::nats(&servers.nats.url()).await?);
     let pool = bench::pool(&database_url, 4).await?;
-    let mut workload = Workload::new(
-        &format!("api-{}", Uuid::new_v4().simple()),
-        TENANTS[0],
-        11,
-        Mix::default(),
-    );
+    // Each measurement's posters are new, so their complaints open work orders of their own.
+    let fresh_workload = |seed| {
+        Workload::new(
+            &format!("api-{}", Uuid::new_v4().simple()),
+            TENANTS[0],
+            seed,
+            Mix::default(),
+        )
+    };
+    let measure_max_rate = async |workload: &mut Workload| {
+        max_rate(
+            &submitters,
+            &js,
+            &pool,
+            workload,
+            args.max_complaints,
+            args.submitters,
+        )
+        .await
+    };
+    let mut workload = fresh_workload(11);
 
     eprintln!(
         "loop at its maximum rate, empty database: {} complaints",
         args.max_complaints
     );
-    let empty_rate = max_rate(
-        &submitters,
-        &js,
-        &pool,
-        &mut workload,
-        args.max_complaints,
-        args.submitters,
-    )
-    .await?;
+    let empty_rate = measure_max_rate(&mut workload).await?;
     eprintln!("  {empty_rate:.0} completed/s");
 
     eprintln!("loading {} work orders", args.work_orders);
@@ -1161,22 +1113,9 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("loop at its maximum rate, {work_orders_total} work orders");
     // New posters, as on the empty database: the first measurement's posters have open work
     // orders now, which the same posters' complaints would join instead of opening their own.
-    let mut workload = Workload::new(
-        &format!("api-{}", Uuid::new_v4().simple()),
-        TENANTS[0],
-        12,
-        Mix::default(),
-    );
+    let mut workload = fresh_workload(12);
     let scans_before_loaded_max = seq_scans(&pool).await?;
-    let loaded_rate = max_rate(
-        &submitters,
-        &js,
-        &pool,
-        &mut workload,
-        args.max_complaints,
-        args.submitters,
-    )
-    .await?;
+    let loaded_rate = measure_max_rate(&mut workload).await?;
     let loaded_max_scans = seq_scans_since(&scans_before_loaded_max, &seq_scans(&pool).await?);
     eprintln!("  {loaded_rate:.0} completed/s");
 

@@ -19,7 +19,7 @@
 //! a share of it.
 //!
 //! Prints a table; writes `bench-loop.json` and `bench-loop.svg` to `--out`. Build the
-//! service binaries first: `scripts/bench-loop.sh` does both.
+//! service binaries first: `scripts/bench.sh loop` does both.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,20 +30,17 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use clap::Parser;
 use closedloop_e2e::bench::{
-    self, BenchServers, Kind, Mix, Workload, millis, nats_version, procfs, quantile, rate, table,
+    self, BenchServers, Kind, LoopUnderTest, Mix, Workload, millis, nats_version, procfs, quantile, rate,
+    table,
 };
 use closedloop_e2e::drive;
-use closedloop_e2e::processes::ServiceProcesses;
-use closedloop_e2e::system::{CONSUMERS, Service, wait_for_consumers};
-use closedloop_e2e::webhook::WebhookReceiver;
+use closedloop_e2e::system::{CONSUMERS, Service};
 use closedloop_proto::v1::ComplaintSubmission;
-use closedloop_runtime::auth::hash_token;
 use futures::StreamExt;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 const TENANT: &str = "acme";
-const GATEWAY_TOKEN: &str = "bench-gateway-token";
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Parser)]
@@ -386,13 +383,8 @@ fn panel(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let BenchServers {
-        bin_dir,
-        scratch,
-        pg_dir,
-        pg,
-        nats,
-    } = BenchServers::start("bench-loop", args.bin_dir.as_deref(), &args.out)?;
+    let servers = BenchServers::start("bench-loop", args.bin_dir.as_deref(), &args.out)?;
+    let (pg, nats) = (&servers.pg, &servers.nats);
     let ticks = procfs::ticks_per_second();
 
     // The raw bound's primitives, measured first on the same servers.
@@ -405,37 +397,27 @@ async fn main() -> anyhow::Result<()> {
     let raw_rows = bench::batched_inserts(&pg.create_database().await?, args.raw_messages, 10).await?;
 
     let cancel = CancellationToken::new();
-    let webhook = WebhookReceiver::start(
-        "127.0.0.1:0".parse()?,
-        drive::GATEWAY_SECRET,
-        false,
-        cancel.clone(),
-    )
-    .await?;
-    let database_url = pg.create_database().await?;
-    let policy = scratch.path().join("policy.json");
     // A fresh database has no baseline, so any category and region would look like a spike
     // at the minimum count; this one only the outage phase reaches.
-    let mut staffed: serde_json::Value =
+    let mut policy: serde_json::Value =
         serde_json::from_str(&bench::staffed_policy(TENANT, args.agents_per_team, true)?)?;
-    staffed["incidents"]["min_count"] = json!(1_000);
-    std::fs::write(&policy, serde_json::to_vec_pretty(&staffed)?)?;
-    let options = drive::loop_options(
-        &nats,
-        &database_url,
-        &webhook,
-        &policy,
-        format!("{TENANT}:gateway:{}:bench-gateway", hash_token(GATEWAY_TOKEN)),
-        &args.notify_arg,
-        args.service_worker_threads,
-    )?;
-    eprintln!("starting the four services from {}", bin_dir.display());
-    let mut children = ServiceProcesses::spawn(&bin_dir, &options, scratch.path())?;
-    if let Err(error) = wait_for_consumers(&nats.url(), &CONSUMERS).await {
-        return Err(error.context(children.exited_report()));
-    }
-    let ingest_addr = std::net::SocketAddr::new(options.host, options.ports[0]);
-    let submitters = drive::Submitters::connect(ingest_addr, 4, GATEWAY_TOKEN).await?;
+    policy["incidents"]["min_count"] = json!(1_000);
+    let LoopUnderTest {
+        webhook,
+        database_url,
+        children,
+        submitters,
+        ..
+    } = servers
+        .start_loop(
+            &policy,
+            TENANT,
+            &[],
+            &args.notify_arg,
+            args.service_worker_threads,
+            &cancel,
+        )
+        .await?;
 
     let mut watched: Vec<Watched> = children
         .pids()
@@ -459,7 +441,7 @@ async fn main() -> anyhow::Result<()> {
     // PostgreSQL's CPU by whose sessions used it: backends map to services by the
     // `application_name` their pools set (refreshed from pg_stat_activity with each sample);
     // the rest is the server's own processes and bench-loop's sessions.
-    let pg_sessions = PgSessions::new(pg_dir.join("cluster"));
+    let pg_sessions = PgSessions::new(servers.pg_dir.join("cluster"));
     for (service, schema) in [
         ("dispatch", closedloop_dispatch::SCHEMA),
         ("notify", closedloop_notify::SCHEMA),
