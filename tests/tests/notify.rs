@@ -650,7 +650,7 @@ async fn the_delivery_log_keeps_the_latest_word_of_each_delivery() -> anyhow::Re
     )
     .await?;
     closedloop_notify::store::log_outcomes(&pool, &[outcome(1, DeliveryState::Failed, 2)]).await?;
-    let (logged, _) = closedloop_notify::store::list(
+    let (logged, _) = closedloop_runtime::db::list_page(
         &pool,
         "acme",
         &closedloop_notify::store::ListFilter {

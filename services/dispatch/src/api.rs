@@ -6,7 +6,7 @@ use closedloop_proto::v1::work_order_service_server::WorkOrderService;
 use closedloop_proto::v1::*;
 use closedloop_runtime::auth::{Principal, Role, principal};
 use closedloop_runtime::grpc::{Violation, invalid_argument, page_size};
-use closedloop_runtime::time;
+use closedloop_runtime::{db, time};
 use tonic::{Request, Response, Status};
 
 use crate::lifecycle::Action;
@@ -39,7 +39,7 @@ fn status(error: StoreError) -> Status {
         ),
         StoreError::VersionConflict { .. } => Status::aborted(error.to_string()),
         StoreError::InvalidTransition(e) => Status::failed_precondition(e.to_string()),
-        StoreError::BadPageToken => closedloop_runtime::grpc::foreign_page_token(),
+        StoreError::BadPageToken(_) => closedloop_runtime::grpc::foreign_page_token(),
         StoreError::Invalid(message) => Status::invalid_argument(message),
         StoreError::Database(e) => {
             tracing::error!(error = %e, "database error");
@@ -163,7 +163,8 @@ impl WorkOrderService for WorkOrderApi {
         let caller = reader(&request)?;
         let id = request.into_inner().work_order_id;
         require_id("work_order_id", &id)?;
-        let work_order = store::get(&self.db.pool, &caller.tenant, &id)
+        let lookup = store::Lookup::work_order(&id).map_err(status)?;
+        let work_order = store::get(&self.db.pool, &caller.tenant, lookup)
             .await
             .map_err(status)?;
         Ok(Response::new(GetWorkOrderResponse {
@@ -190,7 +191,7 @@ impl WorkOrderService for WorkOrderApi {
         };
         let size = page_size(r.page_size, 50, 500);
         let (work_orders, next_page_token) =
-            store::list(&self.db.pool, &caller.tenant, &filter, size, &r.page_token)
+            db::list_page(&self.db.pool, &caller.tenant, &filter, size, &r.page_token)
                 .await
                 .map_err(status)?;
         Ok(Response::new(ListWorkOrdersResponse {
@@ -206,7 +207,8 @@ impl WorkOrderService for WorkOrderApi {
         let caller = reader(&request)?;
         let complaint_id = request.into_inner().complaint_id;
         require_id("complaint_id", &complaint_id)?;
-        let work_order = store::get_by_complaint(&self.db.pool, &caller.tenant, &complaint_id)
+        let lookup = store::Lookup::complaint(&complaint_id).map_err(status)?;
+        let work_order = store::get(&self.db.pool, &caller.tenant, lookup)
             .await
             .map_err(|e| match e {
                 StoreError::NotFound => Status::not_found("no work order for this complaint (yet)"),

@@ -3,11 +3,12 @@
 use closedloop_proto::v1::notification_service_server::NotificationService;
 use closedloop_proto::v1::{ListDeliveriesRequest, ListDeliveriesResponse};
 use closedloop_runtime::auth::{Role, principal};
+use closedloop_runtime::db;
 use closedloop_runtime::grpc::{foreign_page_token, page_size};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 
-use crate::store::{self, ListFilter, StoreError};
+use crate::store::{ListFilter, StoreError};
 
 pub const SERVICE_NAME: &str = "closedloop.v1.NotificationService";
 
@@ -40,7 +41,7 @@ impl NotificationService for NotificationApi {
             },
             include_archived: r.include_archived,
         };
-        let (deliveries, next_page_token) = store::list(
+        let (deliveries, next_page_token) = db::list_page(
             &self.pool,
             &caller.tenant,
             &filter,
@@ -49,7 +50,7 @@ impl NotificationService for NotificationApi {
         )
         .await
         .map_err(|e| match e {
-            StoreError::BadPageToken => foreign_page_token(),
+            StoreError::BadPageToken(_) => foreign_page_token(),
             StoreError::Database(e) => {
                 tracing::error!(error = %e, "database error");
                 Status::unavailable("delivery log unavailable; retry")

@@ -9,8 +9,8 @@ use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("invalid page token")]
-    BadPageToken,
+    #[error("invalid page token: {0}")]
+    BadPageToken(#[from] grpc::ForeignPageToken),
     #[error("not a delivery id: {0}")]
     BadId(String),
     #[error("database error: {0}")]
@@ -118,73 +118,49 @@ pub struct ListFilter {
     pub include_archived: bool,
 }
 
-/// The listing query, newest first: only the filters given become conditions, so each
-/// combination gets a plan that uses the index fitting it. Keyset pagination on `seq`.
-/// Pushed onto a builder the caller starts, so that it can also run under `EXPLAIN`.
-/// `archive` reads the archive table instead of the hot one.
-pub fn push_listing<'a>(
-    query: &mut sqlx::QueryBuilder<'a, Postgres>,
-    tier: Tier,
-    tenant: &'a str,
-    filter: &'a ListFilter,
-    before: Option<i64>,
-    limit: i64,
-) {
-    let table = tier.table("deliveries", "deliveries_archive");
-    query
-        .push(format!("SELECT * FROM {table} WHERE tenant = "))
-        .push_bind(tenant);
-    if let Some(complaint_id) = &filter.complaint_id {
-        query.push(" AND complaint_id = ").push_bind(complaint_id);
-    }
-    if let Some(work_order_id) = &filter.work_order_id {
-        query.push(" AND work_order_id = ").push_bind(work_order_id);
-    }
-    if let Some(recipient) = &filter.recipient {
-        query.push(" AND recipient = ").push_bind(recipient);
-    }
-    if let Some(kind) = filter.kind {
-        query.push(" AND kind = ").push_bind(kind as i16);
-    }
-    if let Some(state) = filter.state {
-        query.push(" AND state = ").push_bind(state as i16);
-    }
-    if let Some(before) = before {
-        query.push(" AND seq < ").push_bind(before);
-    }
-    query.push(" ORDER BY seq DESC LIMIT ").push_bind(limit);
-}
+/// Keyset pagination on `seq`.
+impl db::Listing for ListFilter {
+    type Item = Delivery;
+    type Position = i64;
+    type Error = StoreError;
+    const KEY: &'static str = "seq";
+    const ORDER_BY: &'static str = "seq DESC";
 
-/// One page of a tenant's deliveries, newest first, and the token of the next page (bound
-/// to this tenant and these filters).
-pub async fn list(
-    pool: &PgPool,
-    tenant: &str,
-    filter: &ListFilter,
-    page_size: u32,
-    page_token: &str,
-) -> Result<(Vec<Delivery>, String), StoreError> {
-    let scope = grpc::PageScope::of(tenant, filter);
-    let before = scope
-        .open(page_token)
-        .map_err(|_| StoreError::BadPageToken)?
-        .map(|position| position.parse::<i64>().map_err(|_| StoreError::BadPageToken))
-        .transpose()?;
-    let limit = i64::from(page_size) + 1;
-    let mut query = sqlx::QueryBuilder::new("");
-    db::push_tiers(
-        &mut query,
-        filter.include_archived,
-        "seq DESC",
-        limit,
-        |query, tier| push_listing(query, tier, tenant, filter, before, limit),
-    );
-    let rows = query.build().fetch_all(pool).await?;
-    let mut deliveries = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
-    let next = db::next_page(&mut deliveries, &rows, page_size, &scope, |last| {
-        Ok(last.try_get::<i64, _>("seq")?.to_string())
-    })?;
-    Ok((deliveries, next))
+    fn include_archived(&self) -> bool {
+        self.include_archived
+    }
+
+    fn select(tier: Tier) -> String {
+        format!("SELECT * FROM {}", tier.table("deliveries", "deliveries_archive"))
+    }
+
+    fn push_filters<'a>(&'a self, query: &mut sqlx::QueryBuilder<'a, Postgres>) {
+        db::and_eq(query, "complaint_id", self.complaint_id.as_ref());
+        db::and_eq(query, "work_order_id", self.work_order_id.as_ref());
+        db::and_eq(query, "recipient", self.recipient.as_ref());
+        db::and_eq(query, "kind", self.kind.map(|kind| kind as i16));
+        db::and_eq(query, "state", self.state.map(|state| state as i16));
+    }
+
+    fn push_position(query: &mut sqlx::QueryBuilder<'_, Postgres>, seq: i64) {
+        query.push_bind(seq);
+    }
+
+    fn item(row: &sqlx::postgres::PgRow) -> Result<Delivery, StoreError> {
+        Ok(from_row(row)?)
+    }
+
+    fn position(row: &sqlx::postgres::PgRow) -> Result<i64, sqlx::Error> {
+        row.try_get("seq")
+    }
+
+    fn encode(seq: i64) -> String {
+        seq.to_string()
+    }
+
+    fn decode(text: &str) -> Option<i64> {
+        text.parse().ok()
+    }
 }
 
 /// Moves up to `limit` delivery log entries written before `cutoff` to the archive, in one
@@ -238,7 +214,7 @@ mod tests {
             ..Default::default()
         };
         let mut query = sqlx::QueryBuilder::new("");
-        push_listing(&mut query, Tier::Hot, "acme", &by_work_order, Some(99), 51);
+        db::push_listing(&mut query, &by_work_order, Tier::Hot, "acme", Some(99), 51);
         let sql = query.into_sql();
         assert!(
             sql.ends_with("WHERE tenant = $1 AND work_order_id = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"),

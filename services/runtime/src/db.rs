@@ -162,42 +162,108 @@ impl Tier {
     }
 }
 
-/// Pushes a keyset listing: the hot tier's statement, or with `include_archived` both
-/// tiers' merged in `order_by` order. Each tier's statement (`push_tier`) walks its own
-/// index in that order with its own `LIMIT limit`, so the merge reads two first pages.
-pub fn push_tiers<'a>(
-    query: &mut sqlx::QueryBuilder<'a, sqlx::Postgres>,
-    include_archived: bool,
-    order_by: &str,
-    limit: i64,
-    mut push_tier: impl FnMut(&mut sqlx::QueryBuilder<'a, sqlx::Postgres>, Tier),
-) {
-    if !include_archived {
-        return push_tier(query, Tier::Hot);
+/// A keyset listing of a tenant's records, newest first, over the hot tier or both: the
+/// filter of a listing, and what [`list_page`] needs to read one page of it. Its `Debug`
+/// spelling binds page tokens to it (see [`crate::grpc::PageScope::of`]).
+pub trait Listing: std::fmt::Debug {
+    type Item;
+    /// The key of a row; the next page starts below the key of this page's last row.
+    type Position: Copy;
+    type Error: From<sqlx::Error> + From<crate::grpc::ForeignPageToken>;
+    /// The key's columns, as a row value (`seq`, `(created_at, id)`); every index a listing
+    /// walks ends with them.
+    const KEY: &'static str;
+    /// The same columns in descending order.
+    const ORDER_BY: &'static str;
+
+    /// Whether archived records are listed too.
+    fn include_archived(&self) -> bool;
+    /// `SELECT … FROM` the tier's table, with the columns [`Self::item`] reads.
+    fn select(tier: Tier) -> String;
+    /// One ` AND column = value` for each filter given, and none for the others: each
+    /// combination is its own prepared statement with its own plan, where a generic plan
+    /// over `$n IS NULL OR …` could not pick the index that fits.
+    fn push_filters<'a>(&'a self, query: &mut sqlx::QueryBuilder<'a, sqlx::Postgres>);
+    /// The position's values, in the shape of [`Self::KEY`].
+    fn push_position(query: &mut sqlx::QueryBuilder<'_, sqlx::Postgres>, position: Self::Position);
+    fn item(row: &sqlx::postgres::PgRow) -> Result<Self::Item, Self::Error>;
+    fn position(row: &sqlx::postgres::PgRow) -> Result<Self::Position, sqlx::Error>;
+    /// The position as a page token carries it, and back (`None` for text it did not write).
+    fn encode(position: Self::Position) -> String;
+    fn decode(text: &str) -> Option<Self::Position>;
+}
+
+/// Pushes ` AND {column} = value` when `value` is given.
+pub fn and_eq<'a, T>(query: &mut sqlx::QueryBuilder<'a, sqlx::Postgres>, column: &str, value: Option<T>)
+where
+    T: 'a + sqlx::Encode<'a, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    if let Some(value) = value {
+        query.push(format!(" AND {column} = ")).push_bind(value);
     }
-    query.push("(");
-    push_tier(query, Tier::Hot);
-    query.push(") UNION ALL (");
-    push_tier(query, Tier::Archive);
+}
+
+/// One tier's statement of `listing`: at most `limit` of `tenant`'s rows below `after`,
+/// newest first. Pushed onto a builder the caller starts, so that it can also run under
+/// `EXPLAIN` (bench-api prints the plans).
+pub fn push_listing<'a, L: Listing>(
+    query: &mut sqlx::QueryBuilder<'a, sqlx::Postgres>,
+    listing: &'a L,
+    tier: Tier,
+    tenant: &'a str,
+    after: Option<L::Position>,
+    limit: i64,
+) {
     query
-        .push(format!(") ORDER BY {order_by} LIMIT "))
+        .push(format!("{} WHERE tenant = ", L::select(tier)))
+        .push_bind(tenant);
+    listing.push_filters(query);
+    if let Some(position) = after {
+        query.push(format!(" AND {} < ", L::KEY));
+        L::push_position(query, position);
+    }
+    query
+        .push(format!(" ORDER BY {} LIMIT ", L::ORDER_BY))
         .push_bind(limit);
 }
 
-/// Cuts a page of `page_size` from `items` read with one row more than that: if the extra
-/// row came, the token of the next page seals the position of the page's last row (read
-/// from its row by `position`); at the end it is empty.
-pub fn next_page<T>(
-    items: &mut Vec<T>,
-    rows: &[sqlx::postgres::PgRow],
+/// One page of `tenant`'s records under `listing` and the token of the next page (empty at
+/// the end), bound to this tenant and this filter. With archived records included, both
+/// tiers' statements are merged; each walks its own index with its own limit, so the merge
+/// reads two first pages.
+pub async fn list_page<L: Listing>(
+    pool: &PgPool,
+    tenant: &str,
+    listing: &L,
     page_size: u32,
-    scope: &crate::grpc::PageScope,
-    position: impl FnOnce(&sqlx::postgres::PgRow) -> Result<String, sqlx::Error>,
-) -> Result<String, sqlx::Error> {
+    page_token: &str,
+) -> Result<(Vec<L::Item>, String), L::Error> {
+    let scope = crate::grpc::PageScope::of(tenant, listing);
+    let after = match scope.open(page_token)? {
+        Some(text) => Some(L::decode(&text).ok_or(crate::grpc::ForeignPageToken)?),
+        None => None,
+    };
+    // One row more than the page: if it comes, there is a next page.
+    let limit = i64::from(page_size) + 1;
+    let mut query = sqlx::QueryBuilder::new("");
+    if listing.include_archived() {
+        query.push("(");
+        push_listing(&mut query, listing, Tier::Hot, tenant, after, limit);
+        query.push(") UNION ALL (");
+        push_listing(&mut query, listing, Tier::Archive, tenant, after, limit);
+        query
+            .push(format!(") ORDER BY {} LIMIT ", L::ORDER_BY))
+            .push_bind(limit);
+    } else {
+        push_listing(&mut query, listing, Tier::Hot, tenant, after, limit);
+    }
+    let rows = query.build().fetch_all(pool).await?;
+    let mut items = rows.iter().map(L::item).collect::<Result<Vec<_>, _>>()?;
     let size = page_size as usize;
     if items.len() <= size || size == 0 {
-        return Ok(String::new());
+        return Ok((items, String::new()));
     }
     items.truncate(size);
-    Ok(scope.seal(&position(&rows[size - 1])?))
+    let next = scope.seal(&L::encode(L::position(&rows[size - 1])?));
+    Ok((items, next))
 }

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use closedloop_dispatch::lifecycle::Action;
-use closedloop_dispatch::store::{self as work_order_store, Change, ListFilter, Tier};
+use closedloop_dispatch::store::{self as work_order_store, Change, ListFilter, Lookup, Tier};
 use closedloop_e2e::bench::{self, BenchServers, LoopUnderTest, Mix, Workload, millis, quantile, table};
 use closedloop_e2e::drive;
 use closedloop_e2e::system::authed;
@@ -45,6 +45,7 @@ use closedloop_proto::v1::work_order_service_client::WorkOrderServiceClient;
 use closedloop_proto::v1::*;
 use closedloop_runtime::auth::hash_token;
 use closedloop_runtime::config::{DatabaseArgs, Secret};
+use closedloop_runtime::db;
 use serde_json::json;
 use sqlx::{PgPool, Postgres as Pg, QueryBuilder};
 use tokio_util::sync::CancellationToken;
@@ -309,8 +310,7 @@ impl Desk {
                 Ok(page.next_page_token)
             }
             Desk::Direct { dispatch, .. } => {
-                let (_, next) =
-                    work_order_store::list(&dispatch.pool, tenant, filter, PAGE, &page_token).await?;
+                let (_, next) = db::list_page(&dispatch.pool, tenant, filter, PAGE, &page_token).await?;
                 Ok(next)
             }
         }
@@ -373,10 +373,11 @@ impl Desk {
                 name,
             } => match rpc {
                 Rpc::GetWorkOrder => {
-                    work_order_store::get(&dispatch.pool, tenant, &id).await?;
+                    work_order_store::get(&dispatch.pool, tenant, Lookup::work_order(&id)?).await?;
                 }
                 Rpc::GetComplaintStatus => {
-                    work_order_store::get_by_complaint(&dispatch.pool, tenant, &target.complaint_id).await?;
+                    let lookup = Lookup::complaint(&target.complaint_id)?;
+                    work_order_store::get(&dispatch.pool, tenant, lookup).await?;
                 }
                 Rpc::GetWorkOrderHistory => {
                     work_order_store::history(&dispatch.pool, tenant, &id).await?;
@@ -386,7 +387,7 @@ impl Desk {
                         work_order_id: Some(id),
                         ..Default::default()
                     };
-                    delivery_store::list(notify, tenant, &filter, PAGE, "").await?;
+                    db::list_page(notify, tenant, &filter, PAGE, "").await?;
                 }
                 Rpc::AcceptWorkOrder | Rpc::ResolveWorkOrder => {
                     let (action, note) = if rpc == Rpc::AcceptWorkOrder {
@@ -968,10 +969,10 @@ async fn explain_reads(
         ..Default::default()
     };
     // The last page of that listing, where an offset-paged API would be slowest.
-    let (_, mut token) = work_order_store::list(dispatch, tenant, &by_team_state, PAGE, "").await?;
+    let (_, mut token) = db::list_page(dispatch, tenant, &by_team_state, PAGE, "").await?;
     let mut after = None;
     while !token.is_empty() {
-        let (page, next) = work_order_store::list(dispatch, tenant, &by_team_state, PAGE, &token).await?;
+        let (page, next) = db::list_page(dispatch, tenant, &by_team_state, PAGE, &token).await?;
         if let Some(last) = page.last() {
             let at = last
                 .created_at
@@ -992,21 +993,20 @@ async fn explain_reads(
     let limit = i64::from(PAGE) + 1;
     // Each read as the API runs it, pushed onto `EXPLAIN` in place of a plain query.
     let by_complaint =
-        |id| -> Push { Box::new(move |q| work_order_store::push_get_by_complaint(q, HOT, tenant, id)) };
-    let listing = |filter, after| -> Push {
-        Box::new(move |q| work_order_store::push_listing(q, HOT, tenant, filter, after, limit))
-    };
+        |id| -> Push { Box::new(move |q| work_order_store::push_get(q, HOT, tenant, Lookup::Complaint(id))) };
+    let listing =
+        |filter, after| -> Push { Box::new(move |q| db::push_listing(q, filter, HOT, tenant, after, limit)) };
     // A table, one read a line.
     #[rustfmt::skip]
     let statements: Vec<(&str, &PgPool, Push)> = vec![
-        ("GetWorkOrder", dispatch, Box::new(|q| work_order_store::push_get(q, HOT, tenant, work_order_id))),
+        ("GetWorkOrder", dispatch, Box::new(|q| work_order_store::push_get(q, HOT, tenant, Lookup::WorkOrder(work_order_id)))),
         ("GetComplaintStatus (opening complaint)", dispatch, by_complaint(complaint_id)),
         ("GetComplaintStatus (follow-up)", dispatch, by_complaint(linked)),
         ("GetWorkOrderHistory", dispatch, Box::new(|q| work_order_store::push_history(q, HOT, tenant, work_order_id))),
         ("ListWorkOrders (team, state; first page)", dispatch, listing(&by_team_state, None)),
         ("ListWorkOrders (team, state; last page)", dispatch, listing(&by_team_state, after)),
         ("ListWorkOrders (tenant; first page)", dispatch, listing(&unfiltered, None)),
-        ("ListDeliveries (work order)", notify, Box::new(|q| delivery_store::push_listing(q, HOT, tenant, &deliveries, None, limit))),
+        ("ListDeliveries (work order)", notify, Box::new(|q| db::push_listing(q, &deliveries, HOT, tenant, None, limit))),
     ];
     let mut plans = Vec::new();
     for (name, pool, push) in statements {

@@ -33,8 +33,8 @@ pub enum StoreError {
     VersionConflict { expected: i64, actual: i64 },
     #[error(transparent)]
     InvalidTransition(#[from] InvalidTransition),
-    #[error("invalid page token")]
-    BadPageToken,
+    #[error("invalid page token: {0}")]
+    BadPageToken(#[from] closedloop_runtime::grpc::ForeignPageToken),
     #[error("work order is archived: it can be read, not changed")]
     Archived,
     #[error("{0}")]

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use closedloop_proto::v1::{HistoryEntry, Priority, SlaState, WorkOrder, WorkOrderState};
 use closedloop_runtime::bus::work_order_event_kind;
-use closedloop_runtime::{db, grpc};
+use closedloop_runtime::db;
 use sqlx::{PgPool, Postgres, Row};
 use uuid::Uuid;
 
@@ -46,42 +46,59 @@ impl Tables for Tier {
 // The API's reads are pushed onto a query builder the caller starts, so that the same
 // statement can run as it is or under `EXPLAIN` (bench-api prints their plans).
 
-/// One of the tenant's work orders by id.
+/// How a read finds one work order.
+#[derive(Debug, Clone, Copy)]
+pub enum Lookup {
+    /// By its id.
+    WorkOrder(Uuid),
+    /// The work order handling a complaint: the one it opened, or the one it was attached to.
+    Complaint(Uuid),
+}
+
+impl Lookup {
+    /// A work order id as the API takes it; one that is not a UUID names no work order.
+    pub fn work_order(id: &str) -> Result<Self, StoreError> {
+        parse_uuid(id).map(Lookup::WorkOrder)
+    }
+
+    pub fn complaint(id: &str) -> Result<Self, StoreError> {
+        parse_uuid(id).map(Lookup::Complaint)
+    }
+}
+
+/// One of the tenant's work orders, found by `lookup` in `tier`.
 pub fn push_get<'a>(
     query: &mut sqlx::QueryBuilder<'a, Postgres>,
     tier: Tier,
     tenant: &'a str,
-    work_order_id: Uuid,
+    lookup: Lookup,
 ) {
-    query
-        .push(format!("{} WHERE tenant = ", tier.select()))
-        .push_bind(tenant)
-        .push(" AND work_order_id = ")
-        .push_bind(work_order_id);
-}
-
-/// The work order handling a complaint: the one it opened, or the one it was attached to.
-pub fn push_get_by_complaint<'a>(
-    query: &mut sqlx::QueryBuilder<'a, Postgres>,
-    tier: Tier,
-    tenant: &'a str,
-    complaint_id: Uuid,
-) {
-    // Two index lookups in one statement, rather than an OR the planner may not split.
-    query
-        .push(format!("({} WHERE tenant = ", tier.select()))
-        .push_bind(tenant)
-        .push(" AND complaint_id = ")
-        .push_bind(complaint_id)
-        .push(format!(
-            ") UNION ALL ({} WHERE work_order_id = (SELECT work_order_id FROM {} WHERE tenant = ",
-            tier.select(),
-            tier.links()
-        ))
-        .push_bind(tenant)
-        .push(" AND complaint_id = ")
-        .push_bind(complaint_id)
-        .push(")) LIMIT 1");
+    match lookup {
+        Lookup::WorkOrder(id) => {
+            query
+                .push(format!("{} WHERE tenant = ", tier.select()))
+                .push_bind(tenant)
+                .push(" AND work_order_id = ")
+                .push_bind(id);
+        }
+        // Two index lookups in one statement, rather than an OR the planner may not split.
+        Lookup::Complaint(id) => {
+            query
+                .push(format!("({} WHERE tenant = ", tier.select()))
+                .push_bind(tenant)
+                .push(" AND complaint_id = ")
+                .push_bind(id)
+                .push(format!(
+                    ") UNION ALL ({} WHERE work_order_id = (SELECT work_order_id FROM {} WHERE tenant = ",
+                    tier.select(),
+                    tier.links()
+                ))
+                .push_bind(tenant)
+                .push(" AND complaint_id = ")
+                .push_bind(id)
+                .push(")) LIMIT 1");
+        }
+    }
 }
 
 /// The audit timeline of one of the tenant's work orders, oldest first.
@@ -120,23 +137,8 @@ async fn hot_then_archive<'a>(
 }
 
 /// One of the tenant's work orders, hot or archived.
-pub async fn get(pool: &PgPool, tenant: &str, work_order_id: &str) -> Result<WorkOrder, StoreError> {
-    let id = parse_uuid(work_order_id)?;
-    let row = hot_then_archive(pool, |query, tier| push_get(query, tier, tenant, id))
-        .await?
-        .ok_or(StoreError::NotFound)?;
-    Ok(from_row(&row)?)
-}
-
-/// The work order handling a complaint (hot or archived): the one it opened, or the one it
-/// was attached to.
-pub async fn get_by_complaint(
-    pool: &PgPool,
-    tenant: &str,
-    complaint_id: &str,
-) -> Result<WorkOrder, StoreError> {
-    let id = parse_uuid(complaint_id)?;
-    let row = hot_then_archive(pool, |query, tier| push_get_by_complaint(query, tier, tenant, id))
+pub async fn get(pool: &PgPool, tenant: &str, lookup: Lookup) -> Result<WorkOrder, StoreError> {
+    let row = hot_then_archive(pool, |query, tier| push_get(query, tier, tenant, lookup))
         .await?
         .ok_or(StoreError::NotFound)?;
     Ok(from_row(&row)?)
@@ -157,103 +159,58 @@ pub struct ListFilter {
     pub include_archived: bool,
 }
 
-/// A listing position: newest first, so the next page starts below this key.
-fn listing_position(created_at: DateTime<Utc>, id: Uuid) -> String {
-    format!("{}:{}", created_at.timestamp_micros(), id)
-}
+/// Keyset pagination on `(created_at, work_order_id)`, which every listing index ends with.
+impl db::Listing for ListFilter {
+    type Item = WorkOrder;
+    type Position = (DateTime<Utc>, Uuid);
+    type Error = StoreError;
+    const KEY: &'static str = "(created_at, work_order_id)";
+    const ORDER_BY: &'static str = "created_at DESC, work_order_id DESC";
 
-fn parse_listing_position(position: &str) -> Result<(DateTime<Utc>, Uuid), StoreError> {
-    let (micros, id) = position.split_once(':').ok_or(StoreError::BadPageToken)?;
-    let micros: i64 = micros.parse().map_err(|_| StoreError::BadPageToken)?;
-    let at = DateTime::from_timestamp_micros(micros).ok_or(StoreError::BadPageToken)?;
-    Ok((at, Uuid::parse_str(id).map_err(|_| StoreError::BadPageToken)?))
-}
+    fn include_archived(&self) -> bool {
+        self.include_archived
+    }
 
-/// The listing query: only the filters given become conditions, so each combination is its
-/// own prepared statement with its own plan (a generic plan over `$n IS NULL OR …` could
-/// not pick the index that fits). Keyset pagination on `(created_at, work_order_id)`, which
-/// every listing index ends with.
-pub fn push_listing<'a>(
-    query: &mut sqlx::QueryBuilder<'a, Postgres>,
-    tier: Tier,
-    tenant: &'a str,
-    filter: &'a ListFilter,
-    after: Option<(DateTime<Utc>, Uuid)>,
-    limit: i64,
-) {
-    query
-        .push(format!("{} WHERE tenant = ", tier.select()))
-        .push_bind(tenant);
-    if let Some(state) = filter.state {
-        query.push(" AND state = ").push_bind(state as i16);
+    fn select(tier: Tier) -> String {
+        tier.select()
     }
-    if let Some(team) = &filter.team {
-        query.push(" AND team = ").push_bind(team);
-    }
-    if let Some(assignee) = &filter.assignee {
-        query.push(" AND assignee = ").push_bind(assignee);
-    }
-    if let Some(priority) = filter.priority {
-        query.push(" AND priority = ").push_bind(priority as i16);
-    }
-    if let Some(category) = &filter.category {
-        query.push(" AND category = ").push_bind(category);
-    }
-    if let Some(after) = filter.created_after {
-        query.push(" AND created_at >= ").push_bind(after);
-    }
-    if let Some(before) = filter.created_before {
-        query.push(" AND created_at < ").push_bind(before);
-    }
-    if let Some(sla_state) = filter.sla_state {
-        query.push(" AND sla_state = ").push_bind(sla_state as i16);
-    }
-    if let Some((at, id)) = after {
-        query
-            .push(" AND (created_at, work_order_id) < (")
-            .push_bind(at)
-            .push(", ")
-            .push_bind(id)
-            .push(")");
-    }
-    query
-        .push(" ORDER BY created_at DESC, work_order_id DESC LIMIT ")
-        .push_bind(limit);
-}
 
-/// One page of a tenant's work orders, newest first, and the token of the next page (bound
-/// to this tenant and these filters).
-pub async fn list(
-    pool: &PgPool,
-    tenant: &str,
-    filter: &ListFilter,
-    page_size: u32,
-    page_token: &str,
-) -> Result<(Vec<WorkOrder>, String), StoreError> {
-    let scope = grpc::PageScope::of(tenant, filter);
-    let after = scope
-        .open(page_token)
-        .map_err(|_| StoreError::BadPageToken)?
-        .map(|position| parse_listing_position(&position))
-        .transpose()?;
-    let limit = i64::from(page_size) + 1;
-    let mut query = sqlx::QueryBuilder::new("");
-    db::push_tiers(
-        &mut query,
-        filter.include_archived,
-        "created_at DESC, work_order_id DESC",
-        limit,
-        |query, tier| push_listing(query, tier, tenant, filter, after, limit),
-    );
-    let rows = query.build().fetch_all(pool).await?;
-    let mut work_orders = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
-    let next = db::next_page(&mut work_orders, &rows, page_size, &scope, |last| {
-        Ok(listing_position(
-            last.try_get("created_at")?,
-            last.try_get("work_order_id")?,
-        ))
-    })?;
-    Ok((work_orders, next))
+    fn push_filters<'a>(&'a self, query: &mut sqlx::QueryBuilder<'a, Postgres>) {
+        db::and_eq(query, "state", self.state.map(|state| state as i16));
+        db::and_eq(query, "team", self.team.as_ref());
+        db::and_eq(query, "assignee", self.assignee.as_ref());
+        db::and_eq(query, "priority", self.priority.map(|priority| priority as i16));
+        db::and_eq(query, "category", self.category.as_ref());
+        if let Some(after) = self.created_after {
+            query.push(" AND created_at >= ").push_bind(after);
+        }
+        if let Some(before) = self.created_before {
+            query.push(" AND created_at < ").push_bind(before);
+        }
+        db::and_eq(query, "sla_state", self.sla_state.map(|sla| sla as i16));
+    }
+
+    fn push_position(query: &mut sqlx::QueryBuilder<'_, Postgres>, (at, id): Self::Position) {
+        query.push("(").push_bind(at).push(", ").push_bind(id).push(")");
+    }
+
+    fn item(row: &sqlx::postgres::PgRow) -> Result<WorkOrder, StoreError> {
+        Ok(from_row(row)?)
+    }
+
+    fn position(row: &sqlx::postgres::PgRow) -> Result<Self::Position, sqlx::Error> {
+        Ok((row.try_get("created_at")?, row.try_get("work_order_id")?))
+    }
+
+    fn encode((created_at, id): Self::Position) -> String {
+        format!("{}:{}", created_at.timestamp_micros(), id)
+    }
+
+    fn decode(text: &str) -> Option<Self::Position> {
+        let (micros, id) = text.split_once(':')?;
+        let at = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+        Some((at, Uuid::parse_str(id).ok()?))
+    }
 }
 
 /// The audit timeline of one of the tenant's work orders, oldest first.
@@ -291,25 +248,23 @@ pub async fn history(
 
 #[cfg(test)]
 mod tests {
+    use closedloop_runtime::db::Listing as _;
+
     use super::*;
 
     #[test]
     fn listing_positions_round_trip_and_reject_garbage() {
         let at = DateTime::from_timestamp_micros(1_700_000_000_123_456).expect("valid");
         let id = Uuid::from_u128(42);
-        let position = listing_position(at, id);
-        let (back_at, back_id) = parse_listing_position(&position).expect("round trip");
-        assert_eq!((back_at, back_id), (at, id));
+        let position = ListFilter::encode((at, id));
+        assert_eq!(ListFilter::decode(&position), Some((at, id)));
         for garbage in [
             "",
             "nope",
             "12:not-a-uuid",
             "x:00000000-0000-0000-0000-00000000002a",
         ] {
-            assert!(matches!(
-                parse_listing_position(garbage),
-                Err(StoreError::BadPageToken)
-            ));
+            assert_eq!(ListFilter::decode(garbage), None, "{garbage}");
         }
     }
 
@@ -317,7 +272,7 @@ mod tests {
     fn listing_conditions_are_only_the_filters_given() {
         let sql = |filter: &ListFilter| {
             let mut query = sqlx::QueryBuilder::new("");
-            push_listing(&mut query, Tier::Hot, "acme", filter, None, 51);
+            db::push_listing(&mut query, filter, Tier::Hot, "acme", None, 51);
             query.into_sql()
         };
         let unfiltered = sql(&ListFilter::default());
@@ -336,7 +291,7 @@ mod tests {
         let after = Some((Utc::now(), Uuid::from_u128(1)));
         let unfiltered = ListFilter::default();
         let mut next_page = sqlx::QueryBuilder::new("");
-        push_listing(&mut next_page, Tier::Hot, "acme", &unfiltered, after, 51);
+        db::push_listing(&mut next_page, &unfiltered, Tier::Hot, "acme", after, 51);
         let next_page = next_page.into_sql();
         assert!(
             next_page.contains("AND (created_at, work_order_id) < ($2, $3)"),
