@@ -707,3 +707,36 @@ pub fn refused<T>(
         Err(status) => anyhow::bail!("{why}: expected {code:?}, got {status:?}"),
     }
 }
+
+/// One work order as `token` reads it through `client`.
+pub async fn get_work_order(
+    client: &mut WorkOrderServiceClient<Channel>,
+    token: &str,
+    id: &str,
+) -> anyhow::Result<closedloop_proto::v1::WorkOrder> {
+    let request = closedloop_proto::v1::GetWorkOrderRequest {
+        work_order_id: id.to_owned(),
+    };
+    client
+        .get_work_order(authed(token, request))
+        .await?
+        .into_inner()
+        .work_order
+        .ok_or_else(|| anyhow::anyhow!("no work order in the answer"))
+}
+
+/// Polls a work order for up to a minute until `done` holds for it, and returns it.
+pub async fn wait_work_order(
+    client: &WorkOrderServiceClient<Channel>,
+    token: &str,
+    id: &str,
+    what: &str,
+    done: fn(&closedloop_proto::v1::WorkOrder) -> bool,
+) -> anyhow::Result<closedloop_proto::v1::WorkOrder> {
+    crate::wait_for(what, Duration::from_secs(60), || {
+        let mut client = client.clone();
+        let (token, id) = (token.to_owned(), id.to_owned());
+        async move { get_work_order(&mut client, &token, &id).await.ok().filter(done) }
+    })
+    .await
+}

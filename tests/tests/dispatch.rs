@@ -7,9 +7,10 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use closedloop_e2e::system::{
-    DispatchReplica, SystemOptions, TestEnv, authed, contact, list_work_orders, refused,
+    DispatchReplica, SystemOptions, TestEnv, authed, contact, get_work_order, list_work_orders, refused,
+    wait_work_order,
 };
-use closedloop_e2e::{wait_for, wait_until};
+use closedloop_e2e::wait_until;
 use closedloop_proto::v1::ingest_service_client::IngestServiceClient;
 use closedloop_proto::v1::work_order_service_client::WorkOrderServiceClient;
 use closedloop_proto::v1::*;
@@ -115,40 +116,6 @@ async fn history(
         .entries)
 }
 
-async fn get(
-    client: &mut WorkOrderServiceClient<GrpcChannel>,
-    token: &str,
-    id: &str,
-) -> anyhow::Result<WorkOrder> {
-    client
-        .get_work_order(authed(
-            token,
-            GetWorkOrderRequest {
-                work_order_id: id.to_owned(),
-            },
-        ))
-        .await?
-        .into_inner()
-        .work_order
-        .ok_or_else(|| anyhow::anyhow!("no work order in the answer"))
-}
-
-/// Polls a work order until `done` holds for it, and returns it.
-async fn wait_work_order(
-    client: &WorkOrderServiceClient<GrpcChannel>,
-    token: &str,
-    id: &str,
-    what: &str,
-    done: fn(&WorkOrder) -> bool,
-) -> anyhow::Result<WorkOrder> {
-    wait_for(what, WAIT, || {
-        let mut client = client.clone();
-        let (token, id) = (token.to_owned(), id.to_owned());
-        async move { get(&mut client, &token, &id).await.ok().filter(done) }
-    })
-    .await
-}
-
 /// Every agent's trigger-kept `open_load` equals a count of the open work orders they hold.
 async fn assert_loads_counted(env: &TestEnv) -> anyhow::Result<()> {
     let pool = sqlx::PgPool::connect(&env.database_url).await?;
@@ -214,7 +181,7 @@ async fn assignment_merge_and_remedy_authority() -> anyhow::Result<()> {
     let third = env.submit(outage("m-4", "poster-c", text)).await?;
     let third_wo = env.work_order_for(&third.complaint_id).await?;
     env.wait_idle().await?;
-    let third_wo = get(&mut client, &env.tokens.agent, &third_wo.work_order_id).await?;
+    let third_wo = get_work_order(&mut client, &env.tokens.agent, &third_wo.work_order_id).await?;
     assert_eq!(third_wo.state(), WorkOrderState::New);
     assert_eq!(third_wo.assignee, "");
 
@@ -253,7 +220,7 @@ async fn assignment_merge_and_remedy_authority() -> anyhow::Result<()> {
         "negative amount",
     )?;
     assert_eq!(
-        get(&mut client, &env.tokens.agent, &first_wo.work_order_id)
+        get_work_order(&mut client, &env.tokens.agent, &first_wo.work_order_id)
             .await?
             .state(),
         WorkOrderState::Assigned
@@ -533,7 +500,7 @@ async fn two_replicas_escalate_a_breach_once_and_feedback_reopens_or_closes() ->
         "{entries:?}"
     );
     assert_eq!(
-        get(&mut client, &env.tokens.agent, &wo.work_order_id)
+        get_work_order(&mut client, &env.tokens.agent, &wo.work_order_id)
             .await?
             .version,
         settled

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use closedloop_e2e::system::{TestEnv, authed};
+use closedloop_e2e::system::{TestEnv, authed, wait_work_order};
 use closedloop_e2e::{dead_letter_count, wait_for};
 use closedloop_proto::v1::ingest_service_client::IngestServiceClient;
 use closedloop_proto::v1::*;
@@ -112,24 +112,13 @@ async fn closed_work_moves_to_the_archive_and_stays_readable() -> anyhow::Result
         .await?;
 
     // Two seconds after it closed, the archiver moves it; reads still find it.
-    let archived = wait_for("the closed work order to be archived", WAIT, || {
-        let mut client = work_orders.clone();
-        let request = authed(
-            &env.tokens.agent,
-            GetWorkOrderRequest {
-                work_order_id: closing_wo.work_order_id.clone(),
-            },
-        );
-        async move {
-            let wo = client
-                .get_work_order(request)
-                .await
-                .ok()?
-                .into_inner()
-                .work_order?;
-            wo.archived.then_some(wo)
-        }
-    })
+    let archived = wait_work_order(
+        &work_orders,
+        &env.tokens.agent,
+        &closing_wo.work_order_id,
+        "the closed work order to be archived",
+        |wo| wo.archived,
+    )
     .await?;
     assert_eq!(archived.state(), WorkOrderState::Closed);
     assert_eq!(archived.satisfaction, 5);
