@@ -89,13 +89,6 @@ impl v1::Priority {
     }
 }
 
-impl v1::WorkOrder {
-    /// Raises the work order's priority one step ([`v1::Priority::raised`]).
-    pub fn raise_priority(&mut self) {
-        self.priority = self.priority().raised() as i32;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::v1::Priority;

@@ -824,12 +824,12 @@ async fn a_crash_mid_stream_loses_nothing_and_duplicates_nothing() -> anyhow::Re
 }
 
 /// A work order with only what its event needs.
-fn bare_work_order(version: i64) -> WorkOrder {
-    WorkOrder {
+fn bare_work_order(version: i64) -> closedloop_dispatch::store::WorkOrder {
+    closedloop_dispatch::store::WorkOrder {
         work_order_id: uuid::Uuid::new_v4().to_string(),
         tenant: "acme".into(),
         version,
-        updated_at: Some(closedloop_runtime::time::to_timestamp(chrono::Utc::now())),
+        updated_at: chrono::Utc::now(),
         ..Default::default()
     }
 }
@@ -876,7 +876,8 @@ async fn an_event_committed_behind_an_older_transaction_waits_and_is_not_skipped
     let pool = closedloop_dispatch::connect_database(&args, &cancel).await?;
     let bus = Bus::connect(&NatsConnectArgs::url(nats.url()), "relay-test", &cancel).await?;
     bus.provision(&closedloop_e2e::servers::harness_streams()).await?;
-    let created = |work_order: &WorkOrder| Recorded::new(work_order, WorkOrderEventKind::Created, "test", "");
+    let created =
+        |work_order: &store::WorkOrder| Recorded::new(work_order, WorkOrderEventKind::Created, "test", "");
     let (older, newer, abandoned) = (bare_work_order(1), bare_work_order(1), bare_work_order(1));
 
     // The older transaction takes its id, then the newer one writes its event and commits.

@@ -93,13 +93,13 @@ impl WorkOrderApi {
         caller: &Principal,
         work_order_id: &str,
         change: Change<'_>,
-        edit: impl FnOnce(&mut WorkOrder),
+        edit: impl FnOnce(&mut store::WorkOrder),
     ) -> Result<WorkOrder, Status> {
         require_id("work_order_id", work_order_id)?;
         let work_order = store::apply(&self.db, &caller.tenant, work_order_id, change, edit)
             .await
             .map_err(status)?;
-        Ok(work_order)
+        Ok(work_order.to_proto())
     }
 
     /// Checks a remedy against the caller's authority: supervisors approve their own; an
@@ -168,7 +168,7 @@ impl WorkOrderService for WorkOrderApi {
             .await
             .map_err(status)?;
         Ok(Response::new(GetWorkOrderResponse {
-            work_order: Some(work_order),
+            work_order: Some(work_order.to_proto()),
         }))
     }
 
@@ -195,7 +195,7 @@ impl WorkOrderService for WorkOrderApi {
                 .await
                 .map_err(status)?;
         Ok(Response::new(ListWorkOrdersResponse {
-            work_orders,
+            work_orders: work_orders.iter().map(store::WorkOrder::to_proto).collect(),
             next_page_token,
         }))
     }
@@ -216,7 +216,7 @@ impl WorkOrderService for WorkOrderApi {
             })?;
         Ok(Response::new(GetComplaintStatusResponse {
             complaint_id,
-            work_order: Some(work_order),
+            work_order: Some(work_order.to_proto()),
         }))
     }
 
@@ -305,9 +305,7 @@ impl WorkOrderService for WorkOrderApi {
             actor: &caller.name,
             note: &r.reason,
         };
-        let work_order = self
-            .change(&caller, &r.work_order_id, change, |wo| wo.raise_priority())
-            .await?;
+        let work_order = self.change(&caller, &r.work_order_id, change, |_| {}).await?;
         Ok(Response::new(EscalateWorkOrderResponse {
             work_order: Some(work_order),
         }))
@@ -372,7 +370,7 @@ impl WorkOrderService for WorkOrderApi {
         let deadlines =
             self.policy
                 .sla
-                .deadlines(&work_order.category, work_order.priority(), chrono::Utc::now());
+                .deadlines(&work_order.category, work_order.priority, chrono::Utc::now());
         store::restart_clock(&mut tx, &mut work_order, &deadlines)
             .await
             .map_err(status)?;
@@ -381,7 +379,7 @@ impl WorkOrderService for WorkOrderApi {
             .map_err(status)?;
         tx.commit().await.map_err(|e| status(e.into()))?;
         Ok(Response::new(ReopenWorkOrderResponse {
-            work_order: Some(work_order),
+            work_order: Some(work_order.to_proto()),
         }))
     }
 

@@ -8,7 +8,7 @@ use closedloop_proto::v1::{FeedbackReceived, WorkOrderState};
 use uuid::Uuid;
 
 use crate::Policy;
-use crate::lifecycle::{Action, is_open};
+use crate::lifecycle::Action;
 use crate::store::{self, Change, Db, StoreError};
 
 /// What a feedback event did.
@@ -82,7 +82,7 @@ pub async fn apply(
         actor: "customer",
         note: &note,
     };
-    let outcome = match action_for(rating, wo.state()) {
+    let outcome = match action_for(rating, wo.state) {
         Some(Action::Reopen) => {
             store::apply_locked(&mut tx, &mut wo, record(Action::Reopen), |wo| {
                 wo.satisfaction = rating
@@ -91,7 +91,7 @@ pub async fn apply(
             escalate(&mut tx, &mut wo, policy).await?;
             FeedbackOutcome::Reopened
         }
-        Some(Action::Escalate) if is_open(wo.state()) => {
+        Some(Action::Escalate) if wo.is_open() => {
             store::apply_locked(&mut tx, &mut wo, record(Action::Feedback), |wo| {
                 wo.satisfaction = rating
             })
@@ -122,9 +122,13 @@ pub async fn apply(
 
 /// What marks a feedback as applied: its id with the resolution it answers (the work
 /// order's latest resolution time; none while it was never resolved).
-pub fn seen_key(feedback_id: &str, resolved_at: Option<&prost_types::Timestamp>) -> String {
+pub fn seen_key(feedback_id: &str, resolved_at: Option<&chrono::DateTime<Utc>>) -> String {
     match resolved_at {
-        Some(at) => format!("{feedback_id}@{}.{:09}", at.seconds, at.nanos),
+        Some(at) => format!(
+            "{feedback_id}@{}.{:09}",
+            at.timestamp(),
+            at.timestamp_subsec_nanos()
+        ),
         None => format!("{feedback_id}@open"),
     }
 }
@@ -132,7 +136,7 @@ pub fn seen_key(feedback_id: &str, resolved_at: Option<&prost_types::Timestamp>)
 /// One priority step up with a fresh SLA clock at the new priority.
 async fn escalate(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    wo: &mut closedloop_proto::v1::WorkOrder,
+    wo: &mut crate::work_order::WorkOrder,
     policy: &Policy,
 ) -> Result<(), StoreError> {
     let change = Change {
@@ -141,11 +145,11 @@ async fn escalate(
         actor: "customer",
         note: "dissatisfied customer",
     };
-    let priority = wo.priority().raised();
+    let priority = wo.priority.raised();
     let deadlines = policy.sla.deadlines(&wo.category, priority, Utc::now());
     // The clock first, so the event carries the new deadlines.
     store::restart_clock(tx, wo, &deadlines).await?;
-    store::apply_locked(tx, wo, change, |wo| wo.priority = priority as i32).await
+    store::apply_locked(tx, wo, change, |_| {}).await
 }
 
 #[cfg(test)]
@@ -155,14 +159,10 @@ mod tests {
 
     #[test]
     fn feedback_is_seen_once_per_resolution() {
-        let first = prost_types::Timestamp {
-            seconds: 100,
-            nanos: 5,
-        };
-        let second = prost_types::Timestamp {
-            seconds: 200,
-            nanos: 0,
-        };
+        let first = chrono::DateTime::from_timestamp(100, 5).expect("valid");
+        let second = chrono::DateTime::from_timestamp(200, 0).expect("valid");
+        // The key's spelling is stored: a resolution keeps the key it had.
+        assert_eq!(seen_key("f", Some(&first)), "f@100.000000005");
         assert_eq!(seen_key("f", Some(&first)), seen_key("f", Some(&first)));
         assert_ne!(seen_key("f", Some(&first)), seen_key("f", Some(&second)));
         assert_ne!(seen_key("f", None), seen_key("g", None));

@@ -17,6 +17,7 @@ pub mod settings;
 pub mod store;
 pub mod watch;
 pub mod watcher;
+pub mod work_order;
 
 use std::path::PathBuf;
 use std::sync::Arc;

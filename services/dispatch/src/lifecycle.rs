@@ -1,9 +1,9 @@
 //! The work-order state machine: which action may move a work order from which state, and
 //! what every transition changes besides the state. Every change to a work order, by an
-//! agent, the watcher, feedback, placement or an incident, goes through [`apply`].
+//! agent, the watcher, feedback, placement or an incident, goes through
+//! [`crate::work_order::WorkOrder::apply`], which asks [`next_state`].
 
-use chrono::{DateTime, Utc};
-use closedloop_proto::v1::{SlaState, WorkOrder, WorkOrderEventKind, WorkOrderState};
+use closedloop_proto::v1::{WorkOrderEventKind, WorkOrderState};
 
 /// Something done to a work order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,37 +89,6 @@ pub fn next_state(from: WorkOrderState, action: Action) -> Result<WorkOrderState
     Ok(to)
 }
 
-/// Applies `action` to a work order at `now`: the state the machine allows, a new version,
-/// and the action's own effects (resolution time and note, the first response, a reopened
-/// SLA clock). Fields that depend on who asked (assignee, team, remedy) are the caller's.
-pub fn apply(
-    wo: &mut WorkOrder,
-    action: Action,
-    note: &str,
-    now: DateTime<Utc>,
-) -> Result<(), InvalidTransition> {
-    let next = next_state(wo.state(), action)?;
-    wo.set_state(next);
-    wo.version += 1;
-    wo.updated_at = Some(closedloop_runtime::time::to_timestamp(now));
-    match action {
-        Action::Resolve => {
-            wo.resolved_at = wo.updated_at;
-            wo.resolution_note = note.to_owned();
-        }
-        Action::Reopen => {
-            wo.resolved_at = None;
-            wo.sla_state = SlaState::OnTrack as i32;
-        }
-        Action::Accept | Action::Reply if wo.first_responded_at.is_none() => {
-            wo.first_responded_at = wo.updated_at;
-        }
-        Action::Requeue => wo.assignee.clear(),
-        _ => {}
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,35 +150,6 @@ mod tests {
             next_state(Resolved, Action::Merge).is_err(),
             "a new problem, not a merge"
         );
-    }
-
-    #[test]
-    fn apply_records_each_actions_effects() {
-        let now = Utc::now();
-        let stamp = Some(closedloop_runtime::time::to_timestamp(now));
-        let mut wo = WorkOrder {
-            version: 3,
-            assignee: "a".into(),
-            state: Assigned as i32,
-            ..WorkOrder::default()
-        };
-        apply(&mut wo, Action::Reply, "hello", now).expect("reply");
-        assert_eq!((wo.state(), wo.version), (Assigned, 4));
-        assert_eq!(wo.first_responded_at, stamp);
-        apply(&mut wo, Action::Requeue, "", now).expect("requeue");
-        assert_eq!((wo.state(), wo.assignee.as_str()), (New, ""));
-        apply(&mut wo, Action::Resolve, "fixed", now).expect("resolve");
-        assert_eq!((wo.resolved_at, wo.resolution_note.as_str()), (stamp, "fixed"));
-        wo.sla_state = SlaState::Breached as i32;
-        apply(&mut wo, Action::Reopen, "not fixed", now).expect("reopen");
-        assert_eq!(
-            (wo.state(), wo.resolved_at, wo.sla_state()),
-            (Reopened, None, SlaState::OnTrack)
-        );
-        assert_eq!(wo.version, 7, "one version per action");
-        let before = wo.clone();
-        assert!(apply(&mut wo, Action::Close, "", now).is_err());
-        assert_eq!(wo, before, "a refused action changes nothing");
     }
 
     #[test]

@@ -7,16 +7,16 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use closedloop_proto::v1::{SlaState, WorkOrder, WorkOrderState};
+use closedloop_proto::v1::{SlaState, WorkOrderState};
+
+use crate::work_order::WorkOrder;
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
 use crate::Policy;
 use crate::lifecycle::Action;
 use crate::placement;
-use crate::store::{
-    self, COLUMNS, Change, Db, OPEN_STATES_SQL, QUEUED_STATES_SQL, StoreError, from_row, to_time,
-};
+use crate::store::{self, COLUMNS, Change, Db, OPEN_STATES_SQL, QUEUED_STATES_SQL, StoreError, from_row};
 
 /// Work orders handled per transaction.
 const CHUNK: i64 = 200;
@@ -24,10 +24,7 @@ const CHUNK: i64 = 200;
 /// Where a work order stands at `now` (pure).
 pub fn sla_verdict(wo: &WorkOrder, risk: (DateTime<Utc>, DateTime<Utc>), now: DateTime<Utc>) -> SlaState {
     let responded = wo.first_responded_at.is_some();
-    let passed = |at: Option<DateTime<Utc>>| at.is_some_and(|at| at <= now);
-    let first_due = to_time(&wo.first_response_due);
-    let resolution_due = to_time(&wo.resolution_due);
-    if (!responded && passed(first_due)) || passed(resolution_due) {
+    if (!responded && wo.first_response_due <= now) || wo.resolution_due <= now {
         SlaState::Breached
     } else if (!responded && risk.0 <= now) || risk.1 <= now {
         SlaState::AtRisk
@@ -63,15 +60,14 @@ pub async fn check_sla(db: &Db, policy: &Policy) -> Result<usize, StoreError> {
         );
         let risk = (risk.0.unwrap_or(now), risk.1.unwrap_or(now));
         let verdict = sla_verdict(&wo, risk, now);
-        if (verdict as i32) <= wo.sla_state {
+        if verdict <= wo.sla_state {
             continue;
         }
-        let missed =
-            if wo.first_responded_at.is_none() && to_time(&wo.first_response_due).is_some_and(|d| d <= now) {
-                "first response"
-            } else {
-                "resolution"
-            };
+        let missed = if wo.first_responded_at.is_none() && wo.first_response_due <= now {
+            "first response"
+        } else {
+            "resolution"
+        };
         match verdict {
             SlaState::Breached => {
                 let note = format!(
@@ -85,13 +81,7 @@ pub async fn check_sla(db: &Db, policy: &Policy) -> Result<usize, StoreError> {
                     note: &note,
                 };
                 let team = policy.sla.escalation_team.clone();
-                store::apply_locked(&mut tx, &mut wo, change, |wo| {
-                    wo.sla_state = SlaState::Breached as i32;
-                    wo.raise_priority();
-                    wo.team = team;
-                    wo.assignee.clear();
-                })
-                .await?;
+                store::apply_locked(&mut tx, &mut wo, change, |wo| wo.team = team).await?;
                 queues.push((wo.tenant.clone(), wo.team.clone()));
             }
             SlaState::AtRisk => {
@@ -102,10 +92,7 @@ pub async fn check_sla(db: &Db, policy: &Policy) -> Result<usize, StoreError> {
                     actor: "sla-watcher",
                     note: &note,
                 };
-                store::apply_locked(&mut tx, &mut wo, change, |wo| {
-                    wo.sla_state = SlaState::AtRisk as i32
-                })
-                .await?;
+                store::apply_locked(&mut tx, &mut wo, change, |_| {}).await?;
             }
             _ => continue,
         }
@@ -198,13 +185,12 @@ pub async fn run(db: Db, policy: Arc<Policy>, cancel: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::ts;
     use chrono::Duration;
 
     fn work_order(opened: DateTime<Utc>) -> WorkOrder {
         WorkOrder {
-            first_response_due: ts(opened + Duration::minutes(10)),
-            resolution_due: ts(opened + Duration::minutes(100)),
+            first_response_due: opened + Duration::minutes(10),
+            resolution_due: opened + Duration::minutes(100),
             ..Default::default()
         }
     }
@@ -221,7 +207,7 @@ mod tests {
             assert_eq!(sla_verdict(&wo, risk, at(minutes)), expected, "minute {minutes}");
         }
         // Answered at minute 5: only the resolution targets count.
-        wo.first_responded_at = ts(at(5));
+        wo.first_responded_at = Some(at(5));
         for (minutes, expected) in [(30, OnTrack), (85, AtRisk), (100, Breached)] {
             assert_eq!(sla_verdict(&wo, risk, at(minutes)), expected, "minute {minutes}");
         }

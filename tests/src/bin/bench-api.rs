@@ -973,15 +973,10 @@ async fn explain_reads(
     let mut after = None;
     while !token.is_empty() {
         let (page, next) = db::list_page(dispatch, tenant, &by_team_state, PAGE, &token).await?;
-        if let Some(last) = page.last() {
-            let at = last
-                .created_at
-                .as_ref()
-                .and_then(closedloop_runtime::time::from_timestamp)
-                .ok_or_else(|| anyhow::anyhow!("a work order without created_at"))?;
-            if !next.is_empty() {
-                after = Some((at, Uuid::parse_str(&last.work_order_id)?));
-            }
+        if let Some(last) = page.last()
+            && !next.is_empty()
+        {
+            after = Some((last.created_at, Uuid::parse_str(&last.work_order_id)?));
         }
         token = next;
     }

@@ -5,7 +5,9 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use closedloop_proto::v1::{WorkOrder, WorkOrderEventKind};
+use closedloop_proto::v1::WorkOrderEventKind;
+
+use crate::work_order::WorkOrder;
 use closedloop_runtime::bus::OutgoingEvent;
 use uuid::Uuid;
 
@@ -87,8 +89,7 @@ impl InPlay {
     /// The open work order a new complaint joins: its thread's, else its poster's for the
     /// same category.
     fn join_target(&self, wo: &WorkOrder) -> Option<usize> {
-        let takes_merges =
-            |at: &usize| lifecycle::next_state(self.orders[*at].state(), Action::Merge).is_ok();
+        let takes_merges = |at: &usize| lifecycle::next_state(self.orders[*at].state, Action::Merge).is_ok();
         let by_thread = (!wo.thread_id.is_empty())
             .then(|| self.by_thread.get(&(wo.tenant.clone(), wo.thread_id.clone())))
             .flatten();
@@ -177,7 +178,7 @@ pub fn decide(snapshot: &Snapshot, drafts: &[Draft], policy: &Policy, now: DateT
             region_key(&fresh.province, &fresh.city),
         );
         if let Some(incident) = open_incidents.get(&key) {
-            fresh.incident_id = incident.clone();
+            fresh.incident_id = Some(incident.clone());
         }
         plan.events.push(
             Recorded::new(
@@ -202,10 +203,10 @@ pub fn decide(snapshot: &Snapshot, drafts: &[Draft], policy: &Policy, now: DateT
                 None => in_play.add(wo.clone(), true),
             };
             let target = &mut in_play.orders[at];
-            if target.incident_id.is_empty()
-                && lifecycle::next_state(target.state(), Action::LinkIncident).is_ok()
+            if target.incident_id.is_none()
+                && lifecycle::next_state(target.state, Action::LinkIncident).is_ok()
             {
-                target.incident_id = incident_id.clone();
+                target.incident_id = Some(incident_id.clone());
                 record(
                     target,
                     Action::LinkIncident,
@@ -222,7 +223,7 @@ pub fn decide(snapshot: &Snapshot, drafts: &[Draft], policy: &Policy, now: DateT
     let to_assign: Vec<usize> = created
         .iter()
         .map(|(at, _)| *at)
-        .filter(|at| in_play.orders[*at].incident_id.is_empty())
+        .filter(|at| in_play.orders[*at].incident_id.is_none())
         .collect();
     let managed: HashSet<usize> = created
         .iter()

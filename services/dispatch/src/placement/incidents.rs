@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Duration, Utc};
-use closedloop_proto::v1::{IncidentOpened, WorkOrder};
+use closedloop_proto::v1::IncidentOpened;
+
+use crate::work_order::WorkOrder;
 use closedloop_runtime::bus::{self, OutgoingEvent};
 use closedloop_runtime::{ids, time};
 use uuid::Uuid;
@@ -110,7 +112,10 @@ pub fn alerts(opened: &[NewIncident], in_play: &[WorkOrder]) -> Vec<OutgoingEven
                 tenant: incident.key.0.clone(),
                 category: incident.key.1.clone(),
                 region: incident.key.2.clone(),
-                complaint_count: in_play.iter().filter(|w| w.incident_id == id).count() as i64,
+                complaint_count: in_play
+                    .iter()
+                    .filter(|w| w.incident_id.as_ref() == Some(&id))
+                    .count() as i64,
                 summary: incident.summary.clone(),
                 opened_at: Some(time::to_timestamp(incident.opened_at)),
             };

@@ -3,8 +3,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::work_order::WorkOrder;
 use chrono::{DateTime, Utc};
-use closedloop_proto::v1::WorkOrder;
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 

@@ -14,8 +14,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::work_order::WorkOrder;
 use chrono::{DateTime, Utc};
-use closedloop_proto::v1::WorkOrder;
 use closedloop_runtime::batch::{BatchWrite, WriteError};
 use closedloop_runtime::db;
 use uuid::Uuid;
@@ -30,7 +30,7 @@ mod write;
 pub use queue::{assign_queued, offer_queue};
 
 use crate::Policy;
-use crate::lifecycle::{self, Action};
+use crate::lifecycle::Action;
 use crate::store::{Db, NewWorkOrder, Recorded, StoreError};
 
 /// Most complaints placed in one transaction.
@@ -108,10 +108,10 @@ pub fn region_key(province: &str, city: &str) -> String {
 }
 
 pub(super) fn poster_id(wo: &WorkOrder) -> &str {
-    wo.poster.as_ref().map_or("", |p| p.poster_id.as_str())
+    &wo.poster.poster_id
 }
 
-/// Applies a system action (see [`lifecycle::apply`]) and records it; an action the work
+/// Applies a system action (see [`WorkOrder::apply`]) and records it; an action the work
 /// order's state refuses changes and records nothing. Returns whether it was applied.
 pub(super) fn record(
     wo: &mut WorkOrder,
@@ -120,7 +120,7 @@ pub(super) fn record(
     now: DateTime<Utc>,
     events: &mut Vec<Recorded>,
 ) -> bool {
-    if lifecycle::apply(wo, action, &note, now).is_err() {
+    if wo.apply(action, &note, now).is_err() {
         return false;
     }
     events.push(Recorded::new(wo, action.event_kind(), "system", note));

@@ -4,8 +4,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::work_order::WorkOrder;
 use chrono::{DateTime, Duration, Utc};
-use closedloop_proto::v1::WorkOrder;
 
 use super::{poster_id, record};
 use crate::assignment::{self, Candidate};
@@ -63,17 +63,12 @@ pub fn assign(
 ) -> StaffChanges {
     let mut changes = StaffChanges::default();
     let mut order: Vec<usize> = targets.to_vec();
-    order.sort_by_key(|at| {
-        (
-            in_play[*at].priority,
-            in_play[*at].created_at.as_ref().map(|t| (t.seconds, t.nanos)),
-        )
-    });
+    order.sort_by_key(|at| (in_play[*at].priority, in_play[*at].created_at));
     // Each take a microsecond after the last, so round-robin keeps this batch's order.
     let mut tick = 0;
     for at in order {
         let wo = &in_play[at];
-        if lifecycle::next_state(wo.state(), Action::Assign).is_err() {
+        if lifecycle::next_state(wo.state, Action::Assign).is_err() {
             continue;
         }
         let Some(team) = staff

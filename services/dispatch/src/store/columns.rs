@@ -1,12 +1,12 @@
 //! Work orders as one array per column: any number of them inserted or updated by one
 //! statement.
 
+use crate::work_order::WorkOrder;
 use chrono::{DateTime, Utc};
-use closedloop_proto::v1::WorkOrder;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use super::{COLUMNS, StoreError, parse_uuid, to_time};
+use super::{COLUMNS, StoreError, parse_uuid};
 
 /// A new work order with the SLA risk points that are kept beside it.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,14 +72,8 @@ const COLUMNS_UNNEST: &str = "unnest($1::uuid[], $2::text[], $3::uuid[], $4::int
 
 impl WorkOrderColumns {
     fn push(&mut self, wo: &WorkOrder) -> Result<(), StoreError> {
-        let incident = if wo.incident_id.is_empty() {
-            None
-        } else {
-            Some(parse_uuid(&wo.incident_id)?)
-        };
-        let poster = wo.poster.clone().unwrap_or_default();
+        let incident = wo.incident_id.as_deref().map(parse_uuid).transpose()?;
         let remedy = wo.remedy.clone().unwrap_or_default();
-        let created = to_time(&wo.created_at).unwrap_or_else(Utc::now);
         self.work_order_id.push(parse_uuid(&wo.work_order_id)?);
         self.tenant.push(wo.tenant.clone());
         self.complaint_id.push(parse_uuid(&wo.complaint_id)?);
@@ -92,28 +86,26 @@ impl WorkOrderColumns {
         self.intent.push(wo.intent as i16);
         self.channel.push(wo.channel as i16);
         self.channel_message_id.push(wo.channel_message_id.clone());
-        self.poster_id.push(poster.poster_id);
-        self.poster_name.push(poster.display_name);
-        self.poster_followers.push(poster.followers);
-        self.poster_verified.push(poster.verified);
+        self.poster_id.push(wo.poster.poster_id.clone());
+        self.poster_name.push(wo.poster.display_name.clone());
+        self.poster_followers.push(wo.poster.followers);
+        self.poster_verified.push(wo.poster.verified);
         self.summary.push(wo.summary.clone());
         self.thread_id.push(wo.thread_id.clone());
         self.locale.push(wo.locale.clone());
         self.needs_private_channel.push(wo.needs_private_channel);
-        self.created_at.push(created);
-        self.updated_at.push(to_time(&wo.updated_at).unwrap_or(created));
-        self.first_response_due
-            .push(to_time(&wo.first_response_due).unwrap_or(created));
-        self.resolution_due
-            .push(to_time(&wo.resolution_due).unwrap_or(created));
-        self.resolved_at.push(to_time(&wo.resolved_at));
+        self.created_at.push(wo.created_at);
+        self.updated_at.push(wo.updated_at);
+        self.first_response_due.push(wo.first_response_due);
+        self.resolution_due.push(wo.resolution_due);
+        self.resolved_at.push(wo.resolved_at);
         self.resolution_note.push(wo.resolution_note.clone());
         self.province.push(wo.province.clone());
         self.city.push(wo.city.clone());
         self.influence_tier.push(wo.influence_tier as i16);
         self.skill.push(wo.skill.clone());
         self.sla_state.push(wo.sla_state as i16);
-        self.first_responded_at.push(to_time(&wo.first_responded_at));
+        self.first_responded_at.push(wo.first_responded_at);
         self.incident_id.push(incident);
         self.remedy_kind.push(remedy.kind);
         self.remedy_amount_minor.push(remedy.amount_minor);

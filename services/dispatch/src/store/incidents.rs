@@ -9,7 +9,7 @@ use super::{
     COLUMNS, Db, OPEN_STATES_SQL, Recorded, StoreError, from_row, parse_uuid, ts, update_work_orders,
     write_events,
 };
-use crate::lifecycle::{self, Action};
+use crate::lifecycle::Action;
 
 /// A tenant's incidents, newest first (or one of them).
 pub async fn list_incidents(
@@ -79,7 +79,7 @@ pub async fn resolve_incident(
     let mut changes = Vec::with_capacity(rows.len());
     for row in &rows {
         let mut wo = from_row(row)?;
-        lifecycle::apply(&mut wo, Action::Resolve, note, now)?;
+        wo.apply(Action::Resolve, note, now)?;
         changes.push(Recorded::new(&wo, WorkOrderEventKind::Resolved, actor, note));
     }
     update_work_orders(&mut tx, changes.iter().map(|c| &c.work_order)).await?;

@@ -16,14 +16,15 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use closedloop_proto::v1::{
-    Channel, Intent, Poster, Remedy, SlaState, WorkOrder, WorkOrderEvent, WorkOrderEventKind, WorkOrderState,
+    Intent, Poster, Remedy, SlaState, WorkOrderEvent, WorkOrderEventKind, WorkOrderState,
 };
 use closedloop_runtime::bus::{OutgoingEvent, work_order_event_name, work_order_event_topic};
 use closedloop_runtime::{ids, telemetry, time};
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use crate::lifecycle::{self, Action, InvalidTransition};
+use crate::lifecycle::{Action, InvalidTransition};
+pub use crate::work_order::WorkOrder;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -54,38 +55,34 @@ pub(crate) fn ts(at: DateTime<Utc>) -> Option<prost_types::Timestamp> {
     Some(time::to_timestamp(at))
 }
 
+/// A value of a `smallint` enum column; a number the enum does not know reads as its default.
+fn enum_column<E: TryFrom<i32> + Default>(
+    row: &sqlx::postgres::PgRow,
+    column: &str,
+) -> Result<E, sqlx::Error> {
+    Ok(E::try_from(i32::from(row.try_get::<i16, _>(column)?)).unwrap_or_default())
+}
+
 pub(crate) fn from_row(row: &sqlx::postgres::PgRow) -> Result<WorkOrder, sqlx::Error> {
-    let state: i16 = row.try_get("state")?;
-    let priority: i16 = row.try_get("priority")?;
-    let intent: i16 = row.try_get("intent")?;
-    let channel: i16 = row.try_get("channel")?;
-    let resolved_at: Option<DateTime<Utc>> = row.try_get("resolved_at")?;
     Ok(closedloop_runtime::from_columns![WorkOrder; row;
         tenant, version, team, assignee, category, channel_message_id, summary, resolution_note,
-        thread_id, locale, needs_private_channel, province, city, skill;
+        thread_id, locale, needs_private_channel, province, city, skill, created_at, updated_at,
+        first_response_due, resolution_due, resolved_at, first_responded_at;
         work_order_id: row.try_get::<Uuid, _>("work_order_id")?.to_string(),
         complaint_id: row.try_get::<Uuid, _>("complaint_id")?.to_string(),
-        state: i32::from(state),
-        priority: i32::from(priority),
-        intent: i32::from(intent),
-        channel: i32::from(channel),
-        poster: Some(Poster {
+        state: enum_column(row, "state")?,
+        priority: enum_column(row, "priority")?,
+        intent: enum_column(row, "intent")?,
+        channel: enum_column(row, "channel")?,
+        poster: Poster {
             poster_id: row.try_get("poster_id")?,
             display_name: row.try_get("poster_name")?,
             followers: row.try_get("poster_followers")?,
             verified: row.try_get("poster_verified")?,
-        }),
-        created_at: ts(row.try_get("created_at")?),
-        updated_at: ts(row.try_get("updated_at")?),
-        first_response_due: ts(row.try_get("first_response_due")?),
-        resolution_due: ts(row.try_get("resolution_due")?),
-        resolved_at: resolved_at.and_then(ts),
-        influence_tier: i32::from(row.try_get::<i16, _>("influence_tier")?),
-        sla_state: i32::from(row.try_get::<i16, _>("sla_state")?),
-        incident_id: row
-            .try_get::<Option<Uuid>, _>("incident_id")?
-            .map(|id| id.to_string())
-            .unwrap_or_default(),
+        },
+        influence_tier: enum_column(row, "influence_tier")?,
+        sla_state: enum_column(row, "sla_state")?,
+        incident_id: row.try_get::<Option<Uuid>, _>("incident_id")?.map(|id| id.to_string()),
         remedy: {
             let kind: String = row.try_get("remedy_kind")?;
             if kind.is_empty() {
@@ -100,9 +97,6 @@ pub(crate) fn from_row(row: &sqlx::postgres::PgRow) -> Result<WorkOrder, sqlx::E
             }
         },
         satisfaction: i32::from(row.try_get::<i16, _>("satisfaction")?),
-        first_responded_at: row
-            .try_get::<Option<DateTime<Utc>>, _>("first_responded_at")?
-            .and_then(ts),
         // Only the API's reads select it (see [`Tier`]); every other row is hot.
         archived: row.try_get::<bool, _>("archived").unwrap_or(false),
     ])
@@ -110,10 +104,6 @@ pub(crate) fn from_row(row: &sqlx::postgres::PgRow) -> Result<WorkOrder, sqlx::E
 
 pub(crate) fn parse_uuid(id: &str) -> Result<Uuid, StoreError> {
     Uuid::parse_str(id).map_err(|_| StoreError::NotFound)
-}
-
-pub(crate) fn to_time(ts: &Option<prost_types::Timestamp>) -> Option<DateTime<Utc>> {
-    ts.as_ref().and_then(time::from_timestamp)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -157,10 +147,10 @@ pub fn work_order_event(
     let event = WorkOrderEvent {
         event_id: event_id.to_string(),
         kind: kind as i32,
-        work_order: Some(work_order.clone()),
+        work_order: Some(work_order.to_proto()),
         actor: actor.to_owned(),
         note: note.to_owned(),
-        occurred_at: work_order.updated_at,
+        occurred_at: Some(time::to_timestamp(work_order.updated_at)),
     };
     OutgoingEvent::new(
         work_order_event_topic(kind),
@@ -241,7 +231,7 @@ pub async fn write_events(
     .bind(
         changes
             .iter()
-            .map(|c| to_time(&c.work_order.updated_at).unwrap_or_else(Utc::now))
+            .map(|c| c.work_order.updated_at)
             .collect::<Vec<_>>(),
     )
     .bind(events.iter().map(|e| e.subject.as_str()).collect::<Vec<_>>())
@@ -304,9 +294,9 @@ pub async fn restart_clock(
     wo: &mut WorkOrder,
     deadlines: &crate::routing::Deadlines,
 ) -> Result<(), StoreError> {
-    wo.first_response_due = ts(deadlines.first_response_due);
-    wo.resolution_due = ts(deadlines.resolution_due);
-    wo.sla_state = SlaState::OnTrack as i32;
+    wo.first_response_due = deadlines.first_response_due;
+    wo.resolution_due = deadlines.resolution_due;
+    wo.sla_state = SlaState::OnTrack;
     sqlx::query(
         "UPDATE work_orders SET first_response_due = $2, resolution_due = $3, first_response_risk_at = $4, \
          resolution_risk_at = $5, sla_state = $6 WHERE work_order_id = $1",
@@ -378,7 +368,7 @@ pub async fn apply_locked(
             actual: work_order.version,
         });
     }
-    lifecycle::apply(work_order, change.action, change.note, Utc::now())?;
+    work_order.apply(change.action, change.note, Utc::now())?;
     edit(work_order);
     update_work_order(tx, work_order).await?;
     let recorded = Recorded::new(work_order, change.action.event_kind(), change.actor, change.note);
@@ -412,21 +402,21 @@ pub fn new_work_order(
         work_order_id: ids::derive("workorder", &[&complaint.tenant, &complaint.complaint_id]).to_string(),
         tenant: complaint.tenant.clone(),
         complaint_id: complaint.complaint_id.clone(),
-        state: WorkOrderState::New as i32,
+        state: WorkOrderState::New,
         version: 1,
         team: route.team.clone(),
         assignee: String::new(),
         category: classification.category.clone(),
-        priority: classification.priority,
-        intent: classification.intent,
-        channel: Channel::try_from(complaint.channel).unwrap_or_default() as i32,
+        priority: classification.priority(),
+        intent: classification.intent(),
+        channel: complaint.channel(),
         channel_message_id: complaint.channel_message_id.clone(),
-        poster: complaint.poster.clone(),
+        poster: complaint.poster.clone().unwrap_or_default(),
         summary: classification.masked_text.clone(),
-        created_at: ts(now),
-        updated_at: ts(now),
-        first_response_due: ts(deadlines.first_response_due),
-        resolution_due: ts(deadlines.resolution_due),
+        created_at: now,
+        updated_at: now,
+        first_response_due: deadlines.first_response_due,
+        resolution_due: deadlines.resolution_due,
         resolved_at: None,
         resolution_note: String::new(),
         thread_id: complaint.thread_id.clone(),
@@ -434,9 +424,9 @@ pub fn new_work_order(
         needs_private_channel: classification.needs_private_channel,
         province: classification.province.clone(),
         city: classification.city.clone(),
-        influence_tier: classification.influence_tier,
-        sla_state: SlaState::OnTrack as i32,
-        incident_id: String::new(),
+        influence_tier: classification.influence_tier(),
+        sla_state: SlaState::OnTrack,
+        incident_id: None,
         remedy: None,
         satisfaction: 0,
         first_responded_at: None,

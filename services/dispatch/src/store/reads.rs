@@ -2,7 +2,9 @@
 //! listing; from the hot tables, falling back to the archive.
 
 use chrono::{DateTime, Utc};
-use closedloop_proto::v1::{HistoryEntry, Priority, SlaState, WorkOrder, WorkOrderState};
+use closedloop_proto::v1::{HistoryEntry, Priority, SlaState, WorkOrderState};
+
+use crate::work_order::WorkOrder;
 use closedloop_runtime::bus::work_order_event_kind;
 use closedloop_runtime::db;
 use sqlx::{PgPool, Postgres, Row};

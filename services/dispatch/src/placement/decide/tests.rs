@@ -255,7 +255,7 @@ fn new_work_goes_to_its_routed_team_least_loaded_agent_first() {
     assert!(
         plan.inserts
             .iter()
-            .all(|n| n.work_order.state() == WorkOrderState::Assigned)
+            .all(|n| n.work_order.state == WorkOrderState::Assigned)
     );
     assert_eq!(plan.staffing.assigned, 3);
     assert_eq!(plan.staffing.round_robin.len(), 1, "one entry per agent");
@@ -295,7 +295,7 @@ fn assignment_stops_at_capacity_and_at_missing_skills() {
         .filter(|wo| wo.assignee.is_empty())
         .collect();
     assert_eq!(queued.len(), 2);
-    assert!(queued.iter().all(|wo| wo.state() == WorkOrderState::New));
+    assert!(queued.iter().all(|wo| wo.state == WorkOrderState::New));
     assert!(
         queued.iter().any(|wo| wo.team == "billing"),
         "billing needs the skill"
@@ -403,14 +403,14 @@ fn a_spike_opens_one_incident_that_takes_in_recent_work_instead_of_assigning_it(
     let incident_id = plan.incidents[0].incident_id.to_string();
     assert_eq!(plan.incidents[0].key, key);
     assert!(
-        plan.inserts
-            .iter()
-            .all(|n| n.work_order.incident_id == incident_id && n.work_order.assignee.is_empty()),
+        plan.inserts.iter().all(
+            |n| n.work_order.incident_id == Some(incident_id.clone()) && n.work_order.assignee.is_empty()
+        ),
         "new work joins the incident, unassigned"
     );
     assert_eq!(plan.staffing.assigned, 0);
     assert_eq!(plan.updates.len(), 1, "the earlier work order is taken in");
-    assert_eq!(plan.updates[0].incident_id, incident_id);
+    assert_eq!(plan.updates[0].incident_id.as_ref(), Some(&incident_id));
     assert!(
         plan.events
             .iter()
@@ -463,8 +463,8 @@ fn an_open_incident_takes_new_complaints_of_its_key() {
     };
     let plan = decide(&snapshot, &drafts, &policy, now);
     assert!(plan.incidents.is_empty());
-    assert_eq!(created(&plan.placements[0]).incident_id, "inc-1");
+    assert_eq!(created(&plan.placements[0]).incident_id.as_deref(), Some("inc-1"));
     assert_eq!(created(&plan.placements[0]).assignee, "");
-    assert_eq!(created(&plan.placements[1]).incident_id, "");
+    assert_eq!(created(&plan.placements[1]).incident_id, None);
     assert_eq!(created(&plan.placements[1]).assignee, "a");
 }
