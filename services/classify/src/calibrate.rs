@@ -5,7 +5,7 @@
 use closedloop_proto::v1::{Channel, Intent};
 
 use crate::engine::{self, Contact, rule_signals};
-use crate::model::{Example, NEVER, TextModels, Trust, is_held_out, stable_hash};
+use crate::model::{Example, Learner, NEVER, TextModels, Trust, is_held_out, stable_hash};
 use crate::rules::{Rules, fold};
 
 /// Folds of the cross-validation.
@@ -86,7 +86,7 @@ fn rules_accuracy(verdicts: &[Verdicts]) -> f64 {
 }
 
 /// Cross-validates on the training part of `examples` (the held-out part is skipped).
-pub fn cross_validate(examples: &[Example], rules: &Rules) -> CrossValidation {
+pub fn cross_validate(examples: &[Example], rules: &Rules, learner: Learner) -> CrossValidation {
     let training: Vec<&Example> = examples.iter().filter(|e| !is_held_out(&e.text)).collect();
     // The held-out split took hash % 5 == 0; the folds use the next digit of the hash.
     let fold_of = |e: &Example| (stable_hash(&e.text) / 5) % FOLDS;
@@ -98,7 +98,7 @@ pub fn cross_validate(examples: &[Example], rules: &Rules) -> CrossValidation {
             .filter(|e| fold_of(e) != part)
             .map(|e| (*e).clone())
             .collect();
-        let models = TextModels::train(&train);
+        let models = TextModels::train(learner, &train);
         for example in training.iter().filter(|e| fold_of(e) == part) {
             let folded = fold(&example.text);
             let signals = rule_signals(rules, &example.text);

@@ -1,6 +1,7 @@
-//! A statistical text model beside the keyword rules: character n-gram (1..=3) multinomial
-//! naive Bayes over folded text (Traditional→Simplified, lower case), one model for intent
-//! and one for category. Character n-grams need no word segmentation and carry over
+//! A statistical text model beside the keyword rules: a linear model over character
+//! n-grams (1..=3) of folded text (Traditional→Simplified, lower case), fitted by
+//! multinomial logistic regression or naive Bayes, one model for intent and one for
+//! category. Character n-grams need no word segmentation and carry over
 //! between scripts once folded. Trained from the team's labelled examples by
 //! `classify-train`, shipped as `model/model.json`, loaded at start; `classify-eval`
 //! measures it on the held-out part.
@@ -160,54 +161,89 @@ pub fn for_each_ngram<'t>(text: &'t str, mut f: impl FnMut(&'t str, u64)) {
     }
 }
 
-/// Multinomial naive Bayes over n-grams, with add-one smoothing.
+/// How a model weighs a text's n-grams before adding their rows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scale {
+    /// Each occurrence adds its row (naive Bayes: the rows are log likelihoods).
+    #[default]
+    Counts,
+    /// The sum is divided by the square root of the text's n-gram count, so a long
+    /// transcript is not more certain than a short post for its length alone (logistic
+    /// regression trains on the same features).
+    SqrtLength,
+}
+
+impl Scale {
+    fn factor(self, grams: usize) -> f32 {
+        match self {
+            Scale::Counts => 1.0,
+            Scale::SqrtLength => 1.0 / (grams.max(1) as f32).sqrt(),
+        }
+    }
+}
+
+/// Which learner fits a model's rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Learner {
+    /// Multinomial naive Bayes with add-one smoothing.
+    Bayes,
+    /// Multinomial logistic regression (softmax), L2-regularised, fitted by AdaGrad.
+    Logistic,
+}
+
+/// A linear model over character n-grams: a text's score for a class is the class's bias
+/// plus the rows of its n-grams, scaled by [`Scale`]; a softmax turns scores into
+/// confidences. [`Learner`] decides what the rows are.
 ///
-/// In memory the n-grams are keyed by their 64-bit `stable_hash` and their rows of log
-/// likelihoods lie in one table: a lookup hashes a few bytes and compares one integer,
-/// which keeps the model cheap enough to consult on every text. (With some ten thousand
-/// n-grams, a 64-bit collision is vanishingly unlikely.) On file it is a plain map from
-/// n-gram to row, sorted so that retraining gives readable diffs.
+/// In memory the n-grams are keyed by their 64-bit `stable_hash` and their rows lie in one
+/// table: a lookup hashes a few bytes and compares one integer, which keeps the model cheap
+/// enough to consult on every text. (With some ten thousand n-grams, a 64-bit collision is
+/// vanishingly unlikely.) On file it is a plain map from n-gram to row, sorted so that
+/// retraining gives readable diffs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(from = "NaiveBayesFile", into = "NaiveBayesFile")]
-pub struct NaiveBayes {
+#[serde(from = "NgramModelFile", into = "NgramModelFile")]
+pub struct NgramModel {
     pub classes: Vec<String>,
-    pub log_priors: Vec<f32>,
-    /// Log probability of an n-gram never seen with a class.
-    pub log_unseen: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub scale: Scale,
     /// The seen n-grams, in table order.
     grams: Vec<String>,
     /// Row of each seen n-gram in `table`, by its hash.
     rows: HashMap<u64, u32, BuildHasherDefault<Prehashed>>,
-    /// Log probability of each seen n-gram per class: `classes.len()` values per row.
+    /// The weight of each seen n-gram per class: `classes.len()` values per row.
     table: Vec<f32>,
 }
 
 #[derive(Serialize, Deserialize)]
-struct NaiveBayesFile {
+struct NgramModelFile {
     classes: Vec<String>,
-    log_priors: Vec<f32>,
-    log_unseen: Vec<f32>,
-    /// Log probability of each seen n-gram, per class.
-    log_likelihoods: BTreeMap<String, Vec<f32>>,
+    #[serde(alias = "log_priors")]
+    bias: Vec<f32>,
+    #[serde(default)]
+    scale: Scale,
+    /// The weight of each seen n-gram, per class.
+    #[serde(alias = "log_likelihoods")]
+    weights: BTreeMap<String, Vec<f32>>,
 }
 
-impl From<NaiveBayesFile> for NaiveBayes {
-    fn from(file: NaiveBayesFile) -> Self {
+impl From<NgramModelFile> for NgramModel {
+    fn from(file: NgramModelFile) -> Self {
         let width = file.classes.len();
-        let mut grams = Vec::with_capacity(file.log_likelihoods.len());
+        let mut grams = Vec::with_capacity(file.weights.len());
         let mut rows = HashMap::default();
-        let mut table = Vec::with_capacity(file.log_likelihoods.len() * width);
-        for (gram, mut row) in file.log_likelihoods {
-            // A malformed row must not shift the others; missing classes get the floor.
-            row.resize(width, f32::MIN);
+        let mut table = Vec::with_capacity(file.weights.len() * width);
+        for (gram, mut row) in file.weights {
+            // A malformed row must not shift the others; missing classes get nothing.
+            row.resize(width, 0.0);
             rows.insert(stable_hash(&gram), grams.len() as u32);
             grams.push(gram);
             table.extend(row);
         }
         Self {
             classes: file.classes,
-            log_priors: file.log_priors,
-            log_unseen: file.log_unseen,
+            bias: file.bias,
+            scale: file.scale,
             grams,
             rows,
             table,
@@ -215,10 +251,10 @@ impl From<NaiveBayesFile> for NaiveBayes {
     }
 }
 
-impl From<NaiveBayes> for NaiveBayesFile {
-    fn from(model: NaiveBayes) -> Self {
+impl From<NgramModel> for NgramModelFile {
+    fn from(model: NgramModel) -> Self {
         let width = model.classes.len();
-        let log_likelihoods = model
+        let weights = model
             .grams
             .iter()
             .enumerate()
@@ -226,9 +262,9 @@ impl From<NaiveBayes> for NaiveBayesFile {
             .collect();
         Self {
             classes: model.classes,
-            log_priors: model.log_priors,
-            log_unseen: model.log_unseen,
-            log_likelihoods,
+            bias: model.bias,
+            scale: model.scale,
+            weights,
         }
     }
 }
@@ -242,42 +278,52 @@ pub struct Prediction {
     best: usize,
 }
 
-impl NaiveBayes {
-    /// Trains on (text, label) pairs; texts must already be folded.
-    pub fn train<'a>(examples: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
-        let mut classes: Vec<String> = Vec::new();
-        let mut documents: Vec<f64> = Vec::new();
-        let mut counts: HashMap<String, Vec<f64>> = HashMap::new();
-        let mut totals: Vec<f64> = Vec::new();
-        for (text, label) in examples {
-            let class = classes.iter().position(|c| c == label).unwrap_or_else(|| {
+/// The classes of `labels` in order of first appearance, and each label's index.
+fn index_classes<'a>(labels: impl IntoIterator<Item = &'a str>) -> (Vec<String>, Vec<usize>) {
+    let mut classes: Vec<String> = Vec::new();
+    let indexes = labels
+        .into_iter()
+        .map(|label| {
+            classes.iter().position(|c| c == label).unwrap_or_else(|| {
                 classes.push(label.to_owned());
-                documents.push(0.0);
-                totals.push(0.0);
-                for row in counts.values_mut() {
-                    row.push(0.0);
-                }
                 classes.len() - 1
-            });
-            documents[class] += 1.0;
-            let width = classes.len();
+            })
+        })
+        .collect();
+    (classes, indexes)
+}
+
+impl NgramModel {
+    /// Trains on (text, label) pairs with `learner`; texts must already be folded.
+    pub fn train<'a>(learner: Learner, examples: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        let (texts, labels): (Vec<&str>, Vec<&str>) = examples.into_iter().unzip();
+        let (classes, targets) = index_classes(labels);
+        match learner {
+            Learner::Bayes => Self::naive_bayes(&texts, classes, &targets),
+            Learner::Logistic => Self::logistic(&texts, classes, &targets),
+        }
+    }
+
+    fn naive_bayes(texts: &[&str], classes: Vec<String>, targets: &[usize]) -> Self {
+        let width = classes.len();
+        let mut documents = vec![0.0f64; width];
+        let mut counts: HashMap<String, Vec<f64>> = HashMap::new();
+        let mut totals = vec![0.0f64; width];
+        for (text, class) in texts.iter().zip(targets) {
+            documents[*class] += 1.0;
             for_each_ngram(text, |gram, _| {
                 let row = counts.entry(gram.to_owned()).or_insert_with(|| vec![0.0; width]);
-                row[class] += 1.0;
-                totals[class] += 1.0;
+                row[*class] += 1.0;
+                totals[*class] += 1.0;
             });
         }
         let vocabulary = counts.len() as f64;
         let all_documents: f64 = documents.iter().sum();
-        let log_priors = documents
+        let bias = documents
             .iter()
             .map(|d| (d / all_documents.max(1.0)).ln() as f32)
             .collect();
-        let log_unseen = totals
-            .iter()
-            .map(|t| (1.0 / (t + vocabulary)).ln() as f32)
-            .collect();
-        let log_likelihoods = counts
+        let weights = counts
             .into_iter()
             .map(|(gram, row)| {
                 let logs = row
@@ -288,11 +334,94 @@ impl NaiveBayes {
                 (gram, logs)
             })
             .collect();
-        NaiveBayesFile {
+        NgramModelFile {
             classes,
-            log_priors,
-            log_unseen,
-            log_likelihoods,
+            bias,
+            scale: Scale::Counts,
+            weights,
+        }
+        .into()
+    }
+
+    /// Softmax regression on the features `predict` reads (n-gram counts over the square
+    /// root of the text's n-gram count). AdaGrad over the examples in a fixed shuffled
+    /// order, so training is deterministic; the L2 penalty is applied to the weights an
+    /// example touches, as is usual for sparse features.
+    fn logistic(texts: &[&str], classes: Vec<String>, targets: &[usize]) -> Self {
+        const EPOCHS: usize = 40;
+        const RATE: f32 = 0.5;
+        const L2: f32 = 1e-4;
+        let width = classes.len();
+        let mut vocabulary: HashMap<String, usize> = HashMap::new();
+        let features: Vec<Vec<(usize, f32)>> = texts
+            .iter()
+            .map(|text| {
+                let mut counts: HashMap<usize, f32> = HashMap::new();
+                let mut grams = 0;
+                for_each_ngram(text, |gram, _| {
+                    let next = vocabulary.len();
+                    let id = *vocabulary.entry(gram.to_owned()).or_insert(next);
+                    *counts.entry(id).or_default() += 1.0;
+                    grams += 1;
+                });
+                let factor = Scale::SqrtLength.factor(grams);
+                let mut row: Vec<(usize, f32)> = counts.into_iter().map(|(id, c)| (id, c * factor)).collect();
+                row.sort_unstable_by_key(|(id, _)| *id);
+                row
+            })
+            .collect();
+        let mut weights = vec![0.0f32; vocabulary.len() * width];
+        let mut weight_steps = vec![1e-8f32; vocabulary.len() * width];
+        let mut bias = vec![0.0f32; width];
+        let mut bias_steps = vec![1e-8f32; width];
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|i| stable_hash(texts[*i]));
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut scores = vec![0.0f32; width];
+        for _ in 0..EPOCHS {
+            // Fisher–Yates with a fixed xorshift stream.
+            for i in (1..order.len()).rev() {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                order.swap(i, (seed % (i as u64 + 1)) as usize);
+            }
+            for &example in &order {
+                scores.copy_from_slice(&bias);
+                for (id, x) in &features[example] {
+                    add_scaled(&mut scores, &weights[id * width..(id + 1) * width], *x);
+                }
+                softmax(&mut scores);
+                // The gradient of the loss by each class's score: p - 1 for the truth.
+                scores[targets[example]] -= 1.0;
+                for ((b, step), g) in bias.iter_mut().zip(&mut bias_steps).zip(&scores) {
+                    *step += g * g;
+                    *b -= RATE * g / step.sqrt();
+                }
+                for (id, x) in &features[example] {
+                    let span = id * width..(id + 1) * width;
+                    for ((w, step), g) in weights[span.clone()]
+                        .iter_mut()
+                        .zip(&mut weight_steps[span])
+                        .zip(&scores)
+                    {
+                        let g = g * x + L2 * *w;
+                        *step += g * g;
+                        *w -= RATE * g / step.sqrt();
+                    }
+                }
+            }
+        }
+        let mut by_id: Vec<(String, usize)> = vocabulary.into_iter().collect();
+        by_id.sort_unstable_by_key(|(_, id)| *id);
+        NgramModelFile {
+            classes,
+            bias,
+            scale: Scale::SqrtLength,
+            weights: by_id
+                .into_iter()
+                .map(|(gram, id)| (gram, weights[id * width..(id + 1) * width].to_vec()))
+                .collect(),
         }
         .into()
     }
@@ -314,19 +443,25 @@ impl NaiveBayes {
 
     /// The most probable class of a folded text.
     pub fn predict(&self, text: &str) -> Prediction {
-        let mut scores: Vec<f32> = self.log_priors.clone();
+        let mut sums = vec![0.0; self.classes.len()];
+        let mut grams = 0;
         // N-grams no class has seen carry no evidence; scoring them with each class's
         // smoothed "unseen" probability would favour the classes with the least text.
         for_each_ngram(text, |_, hash| {
+            grams += 1;
             if let Some(row) = self.row(hash) {
-                add(&mut scores, row);
+                add_scaled(&mut sums, row, 1.0);
             }
         });
-        self.verdict(&scores)
+        self.verdict(sums, grams)
     }
 
-    /// The prediction from summed log scores (priors included).
-    fn verdict(&self, scores: &[f32]) -> Prediction {
+    /// The prediction from the summed rows of a text's `grams` n-grams.
+    fn verdict(&self, mut scores: Vec<f32>, grams: usize) -> Prediction {
+        let factor = self.scale.factor(grams);
+        for (score, bias) in scores.iter_mut().zip(&self.bias) {
+            *score = bias + *score * factor;
+        }
         let (best, top) =
             scores.iter().enumerate().fold(
                 (0, f32::NEG_INFINITY),
@@ -373,9 +508,22 @@ impl NaiveBayes {
     }
 }
 
-fn add(scores: &mut [f32], row: &[f32]) {
-    for (score, log) in scores.iter_mut().zip(row) {
-        *score += log;
+fn add_scaled(scores: &mut [f32], row: &[f32], factor: f32) {
+    for (score, weight) in scores.iter_mut().zip(row) {
+        *score += weight * factor;
+    }
+}
+
+/// Scores to probabilities, in place.
+fn softmax(scores: &mut [f32]) {
+    let top = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0;
+    for score in scores.iter_mut() {
+        *score = (*score - top).exp();
+        total += *score;
+    }
+    for score in scores.iter_mut() {
+        *score /= total;
     }
 }
 
@@ -388,8 +536,8 @@ const ABSENT: u32 = u32::MAX;
 pub struct TextModels {
     /// Which examples (count and split) trained them.
     pub trained_on: String,
-    pub intent: NaiveBayes,
-    pub category: NaiveBayes,
+    pub intent: NgramModel,
+    pub category: NgramModel,
     pub intent_trust: Trust,
     pub category_trust: Trust,
     /// Each n-gram's rows in the intent and the category model, so that one lookup per
@@ -401,8 +549,8 @@ pub struct TextModels {
 #[derive(Deserialize)]
 struct TextModelsFile {
     trained_on: String,
-    intent: NaiveBayes,
-    category: NaiveBayes,
+    intent: NgramModel,
+    category: NgramModel,
     #[serde(default = "cautious")]
     intent_trust: Trust,
     #[serde(default = "cautious")]
@@ -430,16 +578,21 @@ impl From<TextModelsFile> for TextModels {
 }
 
 impl TextModels {
-    /// Trains both models on the training part of `examples` (never the held-out part).
-    pub fn train(examples: &[Example]) -> Self {
+    /// Trains both models with `learner` on the training part of `examples` (never the
+    /// held-out part).
+    pub fn train(learner: Learner, examples: &[Example]) -> Self {
         let training: Vec<(String, &Example)> = examples
             .iter()
             .filter(|e| !is_held_out(&e.text))
             .map(|e| (crate::rules::fold(&e.text), e))
             .collect();
-        let intent = NaiveBayes::train(training.iter().map(|(t, e)| (t.as_str(), e.intent.as_str())));
+        let intent = NgramModel::train(
+            learner,
+            training.iter().map(|(t, e)| (t.as_str(), e.intent.as_str())),
+        );
         // Category only where it means something: complaints and inquiries.
-        let category = NaiveBayes::train(
+        let category = NgramModel::train(
+            learner,
             training
                 .iter()
                 .filter(|(_, e)| e.intent == "complaint" || e.intent == "inquiry")
@@ -466,22 +619,24 @@ impl TextModels {
         if !intent && !category {
             return (None, None);
         }
-        let mut intent_scores = self.intent.log_priors.clone();
-        let mut category_scores = self.category.log_priors.clone();
+        let mut intent_sums = vec![0.0; self.intent.classes.len()];
+        let mut category_sums = vec![0.0; self.category.classes.len()];
+        let mut grams = 0;
         for_each_ngram(text, |_, hash| {
+            grams += 1;
             let Some((intent_row, category_row)) = self.joint.get(&hash) else {
                 return;
             };
             if intent && let Some(row) = self.intent.row_at(*intent_row) {
-                add(&mut intent_scores, row);
+                add_scaled(&mut intent_sums, row, 1.0);
             }
             if category && let Some(row) = self.category.row_at(*category_row) {
-                add(&mut category_scores, row);
+                add_scaled(&mut category_sums, row, 1.0);
             }
         });
         (
-            intent.then(|| self.intent.verdict(&intent_scores)),
-            category.then(|| self.category.verdict(&category_scores)),
+            intent.then(|| self.intent.verdict(intent_sums, grams)),
+            category.then(|| self.category.verdict(category_sums, grams)),
         )
     }
 
@@ -521,21 +676,40 @@ mod tests {
     }
 
     #[test]
-    fn learns_from_examples_and_explains() {
-        let model = NaiveBayes::train([
-            ("宽带断网了", "outage"),
-            ("又停电了", "outage"),
-            ("断网一整天", "outage"),
-            ("话费多扣了", "billing"),
-            ("账单不对多扣钱", "billing"),
-        ]);
-        let outage = model.predict("家里断网了");
-        assert_eq!(outage.class, "outage");
-        assert!(outage.confidence > 0.5 && outage.confidence <= 1.0);
-        let evidence = model.evidence("家里断网了", &outage);
-        assert!(evidence.iter().any(|g| g.contains("断网")), "{evidence:?}");
-        assert!(evidence.len() <= 3);
-        assert_eq!(model.predict("又多扣了话费").class, "billing");
+    fn both_learners_learn_from_examples_and_explain() {
+        for learner in [Learner::Bayes, Learner::Logistic] {
+            let model = NgramModel::train(
+                learner,
+                [
+                    ("宽带断网了", "outage"),
+                    ("又停电了", "outage"),
+                    ("断网一整天", "outage"),
+                    ("话费多扣了", "billing"),
+                    ("账单不对多扣钱", "billing"),
+                ],
+            );
+            let outage = model.predict("家里断网了");
+            assert_eq!(outage.class, "outage", "{learner:?}");
+            assert!(outage.confidence > 0.5 && outage.confidence <= 1.0, "{learner:?}");
+            let evidence = model.evidence("家里断网了", &outage);
+            assert!(
+                evidence.iter().any(|g| g.contains("断网")),
+                "{learner:?}: {evidence:?}"
+            );
+            assert!(evidence.len() <= 3);
+            assert_eq!(model.predict("又多扣了话费").class, "billing", "{learner:?}");
+        }
+    }
+
+    #[test]
+    fn logistic_confidence_does_not_grow_with_length_alone() {
+        let model = NgramModel::train(
+            Learner::Logistic,
+            [("宽带断网了", "outage"), ("话费多扣了", "billing")],
+        );
+        let short = model.predict("断网了").confidence;
+        let long = model.predict(&"断网了".repeat(20)).confidence;
+        assert!((short - long).abs() < 0.05, "{short} vs {long}");
     }
 
     #[test]
@@ -559,7 +733,7 @@ mod tests {
 
     #[test]
     fn a_model_survives_its_file_and_old_files_get_cautious_trust() {
-        let mut models = TextModels::train(&parse_examples(
+        let mut models = TextModels::train(Learner::Logistic, &parse_examples(
             "complaint\toutage\t宽带断网了\ncomplaint\tbilling\t话费多扣了\ninquiry\tbilling\t请问怎么查账单\n",
         )
         .expect("examples"));

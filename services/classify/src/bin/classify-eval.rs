@@ -39,6 +39,8 @@ fn report(title: &str, pairs: &[(String, String)]) {
         "  {:<18} {:>9} {:>7} {:>7} {:>7}",
         "class", "precision", "recall", "f1", "support"
     );
+    let mut f1_sum = 0.0;
+    let mut f1_classes = 0;
     for class in &classes {
         let tp = pairs.iter().filter(|(t, p)| t == class && p == class).count() as f64;
         let predicted = pairs.iter().filter(|(_, p)| p == class).count() as f64;
@@ -51,7 +53,14 @@ fn report(title: &str, pairs: &[(String, String)]) {
             0.0
         };
         println!("  {class:<18} {precision:>9.3} {recall:>7.3} {f1:>7.3} {actual:>7}");
+        // Macro-F1 over the classes the truth has: a class only ever predicted has no recall
+        // to average.
+        if actual > 0.0 {
+            f1_sum += f1;
+            f1_classes += 1;
+        }
     }
+    println!("  macro-F1 {:.3}", f1_sum / f64::from(f1_classes.max(1)));
     println!("  confusion (rows: truth, columns: prediction)");
     let short = |c: &str| c.chars().take(6).collect::<String>();
     print!("  {:<18}", "");

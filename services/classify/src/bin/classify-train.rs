@@ -6,7 +6,7 @@
 
 use clap::Parser;
 use closedloop_classify::calibrate::{self, FOLDS};
-use closedloop_classify::model::{TextModels, Trust, is_held_out, parse_examples};
+use closedloop_classify::model::{Learner, TextModels, Trust, is_held_out, parse_examples};
 use closedloop_classify::rules::Rules;
 
 #[derive(Debug, Parser)]
@@ -18,6 +18,9 @@ struct Args {
     /// The keyword rules the engine will run beside the model (default: the built-in ones).
     #[arg(long)]
     rules: Option<String>,
+    /// What fits the models.
+    #[arg(long, value_enum, default_value = "logistic")]
+    learner: Learner,
 }
 
 fn describe(trust: Trust) -> String {
@@ -40,13 +43,14 @@ fn main() -> anyhow::Result<()> {
     let examples = parse_examples(&std::fs::read_to_string(&args.examples)?)?;
     let rules = Rules::load(args.rules.as_deref())?;
     let held_out = examples.iter().filter(|e| is_held_out(&e.text)).count();
-    let mut models = TextModels::train(&examples);
-    let cv = calibrate::cross_validate(&examples, &rules);
+    let mut models = TextModels::train(args.learner, &examples);
+    let cv = calibrate::cross_validate(&examples, &rules, args.learner);
     models.intent_trust = cv.intent;
     models.category_trust = cv.category;
     std::fs::write(&args.out, serde_json::to_string(&models)?)?;
     println!(
-        "trained on {} examples ({} held out for classify-eval): {} intents, {} categories, {} n-grams -> {}",
+        "{:?} trained on {} examples ({} held out for classify-eval): {} intents, {} categories, {} n-grams -> {}",
+        args.learner,
         examples.len() - held_out,
         held_out,
         models.intent.classes.len(),
