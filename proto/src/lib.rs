@@ -71,6 +71,15 @@ pub mod codec {
 /// Encoded `FileDescriptorSet` of every closedloop proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/closedloop_descriptor.bin"));
 
+impl v1::Intent {
+    /// The name without the enum's `INTENT_` prefix, in lower case ("complaint"), as the
+    /// labelled examples and reasons spell it.
+    pub fn label(self) -> String {
+        let name = self.as_str_name();
+        name.strip_prefix("INTENT_").unwrap_or(name).to_ascii_lowercase()
+    }
+}
+
 impl v1::Priority {
     /// The name without the enum's `PRIORITY_` prefix ("P1"), as staff alerts and metric
     /// labels show it.

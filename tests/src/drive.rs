@@ -67,6 +67,7 @@ pub fn loop_options(
                 .chain(notify_args.iter().cloned())
                 .collect()
         },
+        classify_args: Vec::new(),
         without_classify: false,
         // As docker-compose.yml runs it: more in flight makes bigger batches.
         dispatch_args: vec![

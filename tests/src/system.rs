@@ -60,6 +60,8 @@ pub struct SystemOptions {
     pub extra_args: Vec<String>,
     /// Further flags for notify only (e.g. `--first-response-secs`).
     pub notify_args: Vec<String>,
+    /// Further flags for classify only (e.g. `--model-file`).
+    pub classify_args: Vec<String>,
     /// Leave classify out (start it later with [`System::start_classify`]).
     pub without_classify: bool,
     /// Further flags for dispatch only (e.g. `--policy`).
@@ -118,7 +120,11 @@ impl Service {
                 ]);
                 args
             }
-            Self::Classify => args(options, 1, false),
+            Self::Classify => {
+                let mut args = args(options, 1, false);
+                args.extend(options.classify_args.iter().cloned());
+                args
+            }
             Self::Dispatch => {
                 let mut args = args(options, 2, true);
                 args.extend(options.dispatch_args.iter().cloned());
@@ -483,6 +489,7 @@ impl TestEnv {
             notify_args: vec!["--first-response-secs".into(), "1".into()],
             without_classify: false,
             dispatch_args: Vec::new(),
+            classify_args: Vec::new(),
             without_dispatch: false,
         };
         adjust(&mut options);

@@ -122,6 +122,7 @@ impl Deployment {
             notify_args: Vec::new(),
             without_classify: false,
             dispatch_args: Vec::new(),
+            classify_args: Vec::new(),
             without_dispatch: false,
         };
         let logs = tempfile::Builder::new().prefix("closedloop-faults-").tempdir()?;

@@ -2,7 +2,7 @@
 //! cross-validation on the training examples alone, so the held-out part stays unseen
 //! until `classify-eval`. The search itself is a plain function over recorded verdicts.
 
-use closedloop_proto::v1::{Channel, Intent};
+use closedloop_proto::v1::Channel;
 
 use crate::engine::{self, Contact, rule_signals};
 use crate::model::{Example, Learner, NEVER, TextModels, Trust, is_held_out, stable_hash};
@@ -13,14 +13,6 @@ pub const FOLDS: u64 = 5;
 
 /// The bars tried, from "the model always decides" to "never".
 const BARS: [f32; 11] = [0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 0.9999, NEVER];
-
-/// The label examples use for an intent ("complaint", "inquiry", ...).
-pub fn intent_label(intent: Intent) -> String {
-    intent
-        .as_str_name()
-        .trim_start_matches("INTENT_")
-        .to_ascii_lowercase()
-}
 
 /// One example's verdicts, from the rules and from a model that never saw it.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,7 +107,7 @@ pub fn cross_validate(examples: &[Example], rules: &Rules, learner: Learner) -> 
             let intent = models.intent.predict(&folded);
             intents.push(Verdicts {
                 truth: example.intent.clone(),
-                by_rules: intent_label(by_rules.intent()),
+                by_rules: by_rules.intent().label(),
                 rules_found: signals.intent_signal,
                 by_model: intent.class,
                 confidence: intent.confidence,
@@ -145,8 +137,36 @@ pub fn cross_validate(examples: &[Example], rules: &Rules, learner: Learner) -> 
     }
 }
 
+/// The engine's accuracy with `models` on the held-out part of `examples`: intent, and
+/// category over the complaints and inquiries.
+pub fn held_out_accuracy(examples: &[Example], rules: &Rules, models: &TextModels) -> (f64, f64) {
+    let (mut intents, mut intents_right, mut categories, mut categories_right) = (0, 0, 0, 0);
+    for example in examples.iter().filter(|e| is_held_out(&e.text)) {
+        let verdict = engine::classify(
+            rules,
+            Some(models),
+            &Contact {
+                text: &example.text,
+                channel: Channel::Wechat,
+                poster: None,
+                region_hint: "",
+            },
+        );
+        intents += 1;
+        intents_right += usize::from(verdict.intent().label() == example.intent);
+        if example.intent == "complaint" || example.intent == "inquiry" {
+            categories += 1;
+            categories_right += usize::from(verdict.category == example.category);
+        }
+    }
+    let share = |right: usize, all: usize| right as f64 / all.max(1) as f64;
+    (share(intents_right, intents), share(categories_right, categories))
+}
+
 #[cfg(test)]
 mod tests {
+    use closedloop_proto::v1::Intent;
+
     use super::*;
 
     fn verdict(truth: &str, by_rules: &str, rules_found: bool, by_model: &str, confidence: f32) -> Verdicts {
@@ -202,7 +222,7 @@ mod tests {
 
     #[test]
     fn intent_labels_match_the_examples() {
-        assert_eq!(intent_label(Intent::Complaint), "complaint");
-        assert_eq!(intent_label(Intent::Noise), "noise");
+        assert_eq!(Intent::Complaint.label(), "complaint");
+        assert_eq!(Intent::Noise.label(), "noise");
     }
 }

@@ -107,12 +107,16 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         }
     };
 
+    // A text an agent corrected keeps the agent's labels; the models are not asked.
+    let (masked_text, personal_data) = closedloop_runtime::pii::mask_all(contact.text);
+    let corrected = models.and_then(|m| m.corrected(&masked_text));
+
     // How far the model may overrule the keywords was chosen by cross-validation when it
     // was trained; it is consulted only where it could decide.
     let keywords_found = best.is_some();
     // The rules' signal for intent is any category, sentiment or question word.
     let rules_had_signal = has_intent_signal(&found, keywords_found);
-    let (model_intent, model_category) = models.map_or((None, None), |m| {
+    let (model_intent, model_category) = models.filter(|_| corrected.is_none()).map_or((None, None), |m| {
         let (intent, category) = m.predict(
             &text,
             m.intent_trust.could_decide(rules_had_signal),
@@ -120,8 +124,15 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         );
         (intent.map(|p| (p, m)), category.map(|p| (p, m)))
     });
-    let (category, confidence) = match &model_category {
-        Some((p, m)) if m.category_trust.model_decides(keywords_found, p.confidence) => {
+    let (category, confidence) = match (&model_category, corrected) {
+        (_, Some(labels)) => {
+            reasons.push(format!(
+                "category {}: as an agent corrected this text",
+                labels.category
+            ));
+            (labels.category.clone(), 1.0)
+        }
+        (Some((p, m)), _) if m.category_trust.model_decides(keywords_found, p.confidence) => {
             let over = if keywords_found {
                 format!("overruling the keywords' {category}")
             } else {
@@ -193,14 +204,16 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
 
     let tier = influence_tier(rules, contact.poster);
     // Likewise for intent.
-    let intent = match &model_intent {
-        Some((p, m)) if m.intent_trust.model_decides(rules_had_signal, p.confidence) => {
-            let by_model = match p.class.as_str() {
-                "inquiry" => Intent::Inquiry,
-                "praise" => Intent::Praise,
-                "noise" => Intent::Noise,
-                _ => Intent::Complaint,
-            };
+    let intent = match (&model_intent, corrected) {
+        (_, Some(labels)) => {
+            reasons.push(format!(
+                "intent {}: as an agent corrected this text",
+                labels.intent
+            ));
+            intent_of(&labels.intent)
+        }
+        (Some((p, m)), _) if m.intent_trust.model_decides(rules_had_signal, p.confidence) => {
+            let by_model = intent_of(&p.class);
             let over = if rules_had_signal {
                 "overruling the rules"
             } else {
@@ -255,12 +268,11 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         }
     }
 
-    let (masked_text, found) = closedloop_runtime::pii::mask_all(contact.text);
     let needs_private_channel =
-        !found.is_empty() && closedloop_runtime::pii::is_public_channel(contact.channel);
+        !personal_data.is_empty() && closedloop_runtime::pii::is_public_channel(contact.channel);
     if needs_private_channel {
         reasons.push(format!(
-            "personal data {found:?} on a public channel: move to a private channel"
+            "personal data {personal_data:?} on a public channel: move to a private channel"
         ));
     }
     let (mut province, mut city) = region::locate(&text);
@@ -285,7 +297,20 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         influence_tier: tier as i32,
         province,
         city,
-        personal_data: found.into_iter().map(|k| personal_data_kind(k) as i32).collect(),
+        personal_data: personal_data
+            .into_iter()
+            .map(|k| personal_data_kind(k) as i32)
+            .collect(),
+    }
+}
+
+/// The intent a label names; anything else is a complaint, the safe side.
+fn intent_of(label: &str) -> Intent {
+    match label {
+        "inquiry" => Intent::Inquiry,
+        "praise" => Intent::Praise,
+        "noise" => Intent::Noise,
+        _ => Intent::Complaint,
     }
 }
 
@@ -471,6 +496,35 @@ mod tests {
             without_rules: crate::model::NEVER,
         };
         assert_eq!(with_models(text, &distrusted).category, "other");
+    }
+
+    #[test]
+    fn a_text_agents_corrected_keeps_their_labels() {
+        let mut models = TextModels::builtin().expect("shipped model");
+        let text = "家里宽带又断网了";
+        assert_eq!(with_models(text, &models).category, "outage");
+        models.corrected.insert(
+            crate::rules::fold(text),
+            crate::model::Corrected {
+                intent: "inquiry".into(),
+                category: "plan_change".into(),
+            },
+        );
+        let c = with_models(text, &models);
+        assert_eq!(
+            (c.intent(), c.category.as_str()),
+            (Intent::Inquiry, "plan_change")
+        );
+        assert!(
+            c.reasons.iter().any(|r| r.contains("as an agent corrected")),
+            "{:?}",
+            c.reasons
+        );
+        assert_eq!(
+            with_models("家里宽带断网三天了", &models).category,
+            "outage",
+            "only that text"
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::engine::Contact;
-use crate::model::TextModels;
+use crate::model::SharedModels;
 use crate::rules::Rules;
 
 pub const SERVICE_NAME: &str = "closedloop.v1.ClassifyService";
@@ -68,7 +68,7 @@ static CLASSIFIED: std::sync::LazyLock<Family<VerdictLabels, Counter>> = std::sy
 struct ReceivedHandler {
     bus: Bus,
     rules: Arc<Rules>,
-    models: Arc<TextModels>,
+    models: SharedModels,
 }
 
 impl MessageHandler for ReceivedHandler {
@@ -76,7 +76,7 @@ impl MessageHandler for ReceivedHandler {
         let complaint = closedloop_runtime::events::received(message)?;
         let classification = engine::classify(
             &self.rules,
-            Some(&self.models),
+            Some(&self.models.current()),
             &Contact {
                 text: &complaint.text,
                 channel: complaint.channel(),
@@ -85,7 +85,7 @@ impl MessageHandler for ReceivedHandler {
             },
         );
         let labels = VerdictLabels {
-            intent: calibrate::intent_label(classification.intent()),
+            intent: classification.intent().label(),
             priority: classification.priority().label().to_owned(),
         };
         tracing::info!(
@@ -112,7 +112,7 @@ impl MessageHandler for ReceivedHandler {
 #[derive(Clone)]
 struct ClassifyApi {
     rules: Arc<Rules>,
-    models: Arc<TextModels>,
+    models: SharedModels,
     max_text_chars: usize,
 }
 
@@ -145,7 +145,7 @@ impl ClassifyService for ClassifyApi {
         }
         let classification = engine::classify(
             &self.rules,
-            Some(&self.models),
+            Some(&self.models.current()),
             &Contact {
                 text: &text,
                 channel: Channel::try_from(request.channel).unwrap_or(Channel::Unspecified),
@@ -164,14 +164,14 @@ pub struct Classify {
     endpoints: Endpoints,
     bus: Bus,
     rules: Arc<Rules>,
-    models: Arc<TextModels>,
+    models: SharedModels,
     config: Config,
 }
 
 impl Classify {
     pub async fn build(config: Config, cancel: &CancellationToken) -> anyhow::Result<Self> {
         let rules = Arc::new(Rules::load(config.rules_file.as_deref())?);
-        let models = Arc::new(TextModels::load(config.model_file.as_deref())?);
+        let models = SharedModels::load(config.model_file.clone())?;
         let bus = Bus::connect(&config.service.nats.connect, "classify", cancel).await?;
         bus.provision_streams(
             &StreamSettings::from(&config.service.nats),
@@ -203,6 +203,7 @@ impl Classify {
         };
         let consuming = consumer::spawn(&self.bus, spec, handler, &cancel);
         let exporting = self.endpoints.metrics.spawn(cancel.clone());
+        let reloading = tokio::spawn(reload_on_hangup(self.models.clone(), cancel.clone()));
 
         let api = ClassifyApi {
             rules: self.rules,
@@ -219,8 +220,26 @@ impl Classify {
         cancel.cancel();
         consuming.await?;
         exporting.await??;
+        reloading.await??;
         served?;
         Ok(())
+    }
+}
+
+/// Reads the model file again on every SIGHUP until `cancel` fires, so a model retrained
+/// with agents' corrections takes effect without a restart. A file that cannot be read
+/// leaves the models in use.
+async fn reload_on_hangup(models: SharedModels, cancel: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = hangups.recv() => match models.reload() {
+                Ok(trained_on) => tracing::info!(%trained_on, "models reloaded"),
+                Err(error) => tracing::error!(%error, "models not reloaded; the ones in use stay"),
+            },
+        }
     }
 }
 

@@ -530,6 +530,17 @@ fn softmax(scores: &mut [f32]) {
 /// No row: the n-gram is unknown to that model.
 const ABSENT: u32 = u32::MAX;
 
+/// How many times a correction counts in training: an agent's label outweighs a line of
+/// the shipped corpus.
+pub const CORRECTION_WEIGHT: usize = 3;
+
+/// The intent and category agents gave a text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Corrected {
+    pub intent: String,
+    pub category: String,
+}
+
 /// The shipped pair of models.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(from = "TextModelsFile")]
@@ -540,6 +551,10 @@ pub struct TextModels {
     pub category: NgramModel,
     pub intent_trust: Trust,
     pub category_trust: Trust,
+    /// Agents' corrections by folded (masked) text: the same text gets the same labels
+    /// again, whatever the models say.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub corrected: BTreeMap<String, Corrected>,
     /// Each n-gram's rows in the intent and the category model, so that one lookup per
     /// n-gram serves both when the engine needs both.
     #[serde(skip_serializing)]
@@ -555,6 +570,8 @@ struct TextModelsFile {
     intent_trust: Trust,
     #[serde(default = "cautious")]
     category_trust: Trust,
+    #[serde(default)]
+    corrected: BTreeMap<String, Corrected>,
 }
 
 impl From<TextModelsFile> for TextModels {
@@ -572,6 +589,7 @@ impl From<TextModelsFile> for TextModels {
             category: file.category,
             intent_trust: file.intent_trust,
             category_trust: file.category_trust,
+            corrected: file.corrected,
             joint,
         }
     }
@@ -581,10 +599,31 @@ impl TextModels {
     /// Trains both models with `learner` on the training part of `examples` (never the
     /// held-out part).
     pub fn train(learner: Learner, examples: &[Example]) -> Self {
+        Self::train_with_corrections(learner, examples, &[])
+    }
+
+    /// As [`TextModels::train`], with agents' `corrections` too: each trains
+    /// [`CORRECTION_WEIGHT`] times (none is held out: they are not the shipped corpus), and
+    /// each text's last correction is kept as its labels.
+    pub fn train_with_corrections(learner: Learner, examples: &[Example], corrections: &[Example]) -> Self {
+        let weighted = corrections
+            .iter()
+            .flat_map(|e| std::iter::repeat_n(e, CORRECTION_WEIGHT));
         let training: Vec<(String, &Example)> = examples
             .iter()
             .filter(|e| !is_held_out(&e.text))
+            .chain(weighted)
             .map(|e| (crate::rules::fold(&e.text), e))
+            .collect();
+        let corrected = corrections
+            .iter()
+            .map(|e| {
+                let labels = Corrected {
+                    intent: e.intent.clone(),
+                    category: e.category.clone(),
+                };
+                (crate::rules::fold(&e.text), labels)
+            })
             .collect();
         let intent = NgramModel::train(
             learner,
@@ -598,12 +637,23 @@ impl TextModels {
                 .filter(|(_, e)| e.intent == "complaint" || e.intent == "inquiry")
                 .map(|(t, e)| (t.as_str(), e.category.as_str())),
         );
+        let trained_on = if corrections.is_empty() {
+            format!("{} of {} examples", training.len(), examples.len())
+        } else {
+            format!(
+                "{} of {} examples and {} corrections",
+                training.len() - corrections.len() * CORRECTION_WEIGHT,
+                examples.len(),
+                corrections.len()
+            )
+        };
         TextModelsFile {
-            trained_on: format!("{} of {} examples", training.len(), examples.len()),
+            trained_on,
             intent,
             category,
             intent_trust: Trust::CAUTIOUS,
             category_trust: Trust::CAUTIOUS,
+            corrected,
         }
         .into()
     }
@@ -640,6 +690,14 @@ impl TextModels {
         )
     }
 
+    /// The labels agents gave `masked_text` (as classify masks a text), if they corrected it.
+    pub fn corrected(&self, masked_text: &str) -> Option<&Corrected> {
+        if self.corrected.is_empty() {
+            return None;
+        }
+        self.corrected.get(&crate::rules::fold(masked_text))
+    }
+
     pub fn builtin() -> Result<Self, ModelError> {
         Ok(serde_json::from_str(include_str!("../model/model.json"))?)
     }
@@ -655,6 +713,45 @@ impl TextModels {
                 Ok(serde_json::from_str(&json)?)
             }
         }
+    }
+}
+
+/// The models classify runs with, from the shipped file or `file`, replaced whole when the
+/// file is read again (on SIGHUP): a classification in progress keeps the models it began
+/// with.
+#[derive(Debug, Clone)]
+pub struct SharedModels {
+    current: std::sync::Arc<std::sync::RwLock<std::sync::Arc<TextModels>>>,
+    file: Option<String>,
+}
+
+impl SharedModels {
+    pub fn load(file: Option<String>) -> Result<Self, ModelError> {
+        let models = TextModels::load(file.as_deref())?;
+        Ok(Self {
+            current: std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(models))),
+            file,
+        })
+    }
+
+    pub fn current(&self) -> std::sync::Arc<TextModels> {
+        // A poisoned lock still holds whole models: replacing them is one assignment.
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Reads the file again; if it cannot be read or parsed, the models in use stay and the
+    /// error says why. Returns what the new models were trained on.
+    pub fn reload(&self) -> Result<String, ModelError> {
+        let models = TextModels::load(self.file.as_deref())?;
+        let trained_on = models.trained_on.clone();
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = std::sync::Arc::new(models);
+        Ok(trained_on)
     }
 }
 
@@ -761,6 +858,26 @@ mod tests {
         assert_eq!(old.intent_trust, Trust::CAUTIOUS);
         assert!(!old.category_trust.could_decide(true));
         assert!(old.category_trust.model_decides(false, 0.995));
+    }
+
+    #[test]
+    fn a_reload_replaces_the_models_and_a_bad_file_keeps_them() {
+        let dir = tempfile::tempdir().expect("scratch");
+        let path = dir.path().join("model.json");
+        let train = |text: &str| {
+            let tsv = format!("complaint\toutage\t{text}\ninquiry\tbilling\t请问怎么查账单\n");
+            TextModels::train(Learner::Logistic, &parse_examples(&tsv).expect("examples"))
+        };
+        std::fs::write(&path, serde_json::to_string(&train("宽带断网了")).expect("json")).expect("write");
+        let shared = SharedModels::load(Some(path.display().to_string())).expect("load");
+        let first = shared.current();
+        std::fs::write(&path, serde_json::to_string(&train("又停电了")).expect("json")).expect("write");
+        shared.reload().expect("reload");
+        assert_ne!(shared.current().intent.vocabulary(), first.intent.vocabulary());
+        let second = shared.current();
+        std::fs::write(&path, "not json").expect("write");
+        assert!(shared.reload().is_err());
+        assert_eq!(shared.current().intent.vocabulary(), second.intent.vocabulary());
     }
 
     #[test]

@@ -68,6 +68,66 @@ fn require_id(field: &str, value: &str) -> Result<(), Status> {
     }
 }
 
+/// The intent and category a correction asks for (`None`: keep it), or why it is invalid.
+fn correction(intent: i32, category: &str) -> Result<(Option<Intent>, Option<String>), Status> {
+    let intent = match Intent::try_from(intent) {
+        Ok(Intent::Unspecified) => None,
+        Ok(intent) => Some(intent),
+        Err(_) => {
+            return Err(invalid_argument(&[Violation::new(
+                "intent",
+                "is not a known intent",
+            )]));
+        }
+    };
+    let category = category.trim();
+    let well_formed = category.len() <= 64
+        && category
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !well_formed {
+        return Err(invalid_argument(&[Violation::new(
+            "category",
+            "must be at most 64 lower-case letters, digits and underscores",
+        )]));
+    }
+    let category = (!category.is_empty()).then(|| category.to_owned());
+    if intent.is_none() && category.is_none() {
+        return Err(invalid_argument(&[Violation::new(
+            "intent",
+            "intent or category must be set",
+        )]));
+    }
+    Ok((intent, category))
+}
+
+#[cfg(test)]
+#[test]
+fn corrections_name_something_well_formed() {
+    assert_eq!(
+        correction(Intent::Inquiry as i32, " billing ").expect("valid"),
+        (Some(Intent::Inquiry), Some("billing".to_owned()))
+    );
+    assert_eq!(
+        correction(0, "refund").expect("valid"),
+        (None, Some("refund".to_owned()))
+    );
+    for (intent, category) in [
+        (0, ""),
+        (99, "billing"),
+        (1, "Billing"),
+        (1, "a b"),
+        (1, &"x".repeat(65)),
+    ] {
+        let refused = correction(intent, category).expect_err("invalid");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::InvalidArgument,
+            "{intent} {category:?}"
+        );
+    }
+}
+
 fn check_note(field: &str, value: &str, required: bool) -> Result<(), Status> {
     if required && value.trim().is_empty() {
         return Err(invalid_argument(&[Violation::new(field, "must not be empty")]));
@@ -379,6 +439,53 @@ impl WorkOrderService for WorkOrderApi {
             .map_err(status)?;
         tx.commit().await.map_err(|e| status(e.into()))?;
         Ok(Response::new(ReopenWorkOrderResponse {
+            work_order: Some(work_order.to_proto()),
+        }))
+    }
+
+    async fn reclassify_work_order(
+        &self,
+        request: Request<ReclassifyWorkOrderRequest>,
+    ) -> Result<Response<ReclassifyWorkOrderResponse>, Status> {
+        let caller = worker(&request)?;
+        let r = request.into_inner();
+        require_id("work_order_id", &r.work_order_id)?;
+        let (intent, category) = correction(r.intent, &r.category)?;
+        let mut tx = self.db.begin().await.map_err(|e| status(e.into()))?;
+        let mut work_order = store::lock(&mut tx, &caller.tenant, &r.work_order_id)
+            .await
+            .map_err(status)?;
+        let (previous_intent, previous_category) = (work_order.intent, work_order.category.clone());
+        let intent = intent.unwrap_or(previous_intent);
+        let category = category.unwrap_or_else(|| previous_category.clone());
+        let note = format!(
+            "{} / {previous_category} -> {} / {category}",
+            previous_intent.label(),
+            intent.label()
+        );
+        let change = Change {
+            action: Action::Reclassify,
+            expected_version: r.expected_version,
+            actor: &caller.name,
+            note: &note,
+        };
+        store::apply_locked(&mut tx, &mut work_order, change, |wo| {
+            wo.intent = intent;
+            wo.category = category;
+        })
+        .await
+        .map_err(status)?;
+        store::record_correction(
+            &mut tx,
+            &work_order,
+            previous_intent,
+            &previous_category,
+            &caller.name,
+        )
+        .await
+        .map_err(status)?;
+        tx.commit().await.map_err(|e| status(e.into()))?;
+        Ok(Response::new(ReclassifyWorkOrderResponse {
             work_order: Some(work_order.to_proto()),
         }))
     }

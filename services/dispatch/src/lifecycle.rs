@@ -30,6 +30,8 @@ pub enum Action {
     SlaBreach,
     /// The customer answered the survey or followed up.
     Feedback,
+    /// An agent corrected its intent or category.
+    Reclassify,
 }
 
 impl Action {
@@ -49,6 +51,7 @@ impl Action {
             Action::SlaAtRisk => WorkOrderEventKind::SlaAtRisk,
             Action::SlaBreach => WorkOrderEventKind::SlaBreached,
             Action::Feedback => WorkOrderEventKind::Feedback,
+            Action::Reclassify => WorkOrderEventKind::Reclassified,
         }
     }
 }
@@ -81,7 +84,8 @@ pub fn next_state(from: WorkOrderState, action: Action) -> Result<WorkOrderState
         (Action::SlaAtRisk, s) if is_open(s) => s,
         // Back to a queue: nobody holds it until the escalation team's assigner picks it.
         (Action::SlaBreach, s) if is_open(s) => New,
-        (Action::Feedback, s) => s,
+        // A label can be wrong whatever became of the work.
+        (Action::Feedback | Action::Reclassify, s) => s,
         (Action::Close, Resolved) => Closed,
         (Action::Reopen, Resolved | Closed) => Reopened,
         _ => return Err(InvalidTransition { from, action }),

@@ -77,6 +77,7 @@ pub fn work_order_event_name(kind: WorkOrderEventKind) -> &'static str {
         WorkOrderEventKind::SlaBreached => "sla_breached",
         WorkOrderEventKind::Feedback => "feedback",
         WorkOrderEventKind::IncidentLinked => "incident_linked",
+        WorkOrderEventKind::Reclassified => "reclassified",
     }
 }
 
@@ -504,7 +505,7 @@ mod tests {
             assert_eq!(work_order_event_kind(work_order_event_name(kind)), kind);
             kinds += 1;
         }
-        assert_eq!(kinds, 15, "every kind the proto defines has a name");
+        assert_eq!(kinds, 16, "every kind the proto defines has a name");
         assert_eq!(
             work_order_event_kind("no-such-event"),
             WorkOrderEventKind::Unspecified

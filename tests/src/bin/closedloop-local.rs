@@ -131,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
         notify_args: Vec::new(),
         without_classify: false,
         dispatch_args: Vec::new(),
+        classify_args: Vec::new(),
         without_dispatch: false,
     };
     let system = System::start(&options).await?;

@@ -6,7 +6,6 @@
 use std::collections::BTreeSet;
 
 use clap::Parser;
-use closedloop_classify::calibrate::intent_label;
 use closedloop_classify::engine::{self, Contact};
 use closedloop_classify::model::{TextModels, is_held_out, parse_examples};
 use closedloop_classify::rules::{Rules, fold};
@@ -91,7 +90,7 @@ fn main() -> anyhow::Result<()> {
         models.trained_on
     );
 
-    let label = intent_label;
+    let label = |intent: closedloop_proto::v1::Intent| intent.label();
     let needs_category =
         |e: &&&closedloop_classify::model::Example| e.intent == "complaint" || e.intent == "inquiry";
     let mut model_intent = Vec::new();

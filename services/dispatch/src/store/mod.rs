@@ -3,11 +3,13 @@
 //! does.
 
 mod columns;
+mod corrections;
 mod incidents;
 mod reads;
 mod recording;
 
 pub use columns::*;
+pub use corrections::*;
 pub use incidents::*;
 pub use reads::*;
 pub use recording::{Db, Recording};
