@@ -21,6 +21,16 @@ fn wechat_message(message_id: &str, locale: &str) -> ComplaintSubmission {
     }
 }
 
+/// Waits until a message of `kind` has reached the gateway. Notify handles a work order's
+/// events concurrently, so messages of different events are ordered only by time: each
+/// step waits for the last one's message, as a desk working at human speed would.
+async fn delivered(env: &TestEnv, kind: &str) -> anyhow::Result<()> {
+    wait_until(&format!("a {kind} to reach the gateway"), WAIT, || async {
+        env.webhook.messages().iter().any(|m| m.field("kind") == kind)
+    })
+    .await
+}
+
 fn kinds(messages: &[ReceivedMessage]) -> Vec<String> {
     messages
         .iter()
@@ -39,6 +49,7 @@ async fn every_message_kind_reaches_customer_and_staff_once() -> anyhow::Result<
     let id = work_order.work_order_id.clone();
     let mut client = env.work_orders().await?;
     let agent = &env.tokens.agent;
+    delivered(&env, "acknowledgement").await?;
 
     client
         .accept_work_order(authed(
@@ -49,6 +60,7 @@ async fn every_message_kind_reaches_customer_and_staff_once() -> anyhow::Result<
             },
         ))
         .await?;
+    delivered(&env, "status_update").await?;
     client
         .reply_to_customer(authed(
             agent,
@@ -59,6 +71,7 @@ async fn every_message_kind_reaches_customer_and_staff_once() -> anyhow::Result<
             },
         ))
         .await?;
+    delivered(&env, "agent_reply").await?;
     client
         .escalate_work_order(authed(
             agent,
@@ -69,6 +82,7 @@ async fn every_message_kind_reaches_customer_and_staff_once() -> anyhow::Result<
             },
         ))
         .await?;
+    delivered(&env, "staff_alert").await?;
     client
         .resolve_work_order(authed(
             agent,
@@ -79,16 +93,8 @@ async fn every_message_kind_reaches_customer_and_staff_once() -> anyhow::Result<
             },
         ))
         .await?;
-    // Events of one work order are handled concurrently, so messages of different events
-    // are only ordered by time: reopen once the resolution's survey has been delivered, as
-    // a customer answering it would.
-    wait_until("the survey to reach the customer", WAIT, || async {
-        env.webhook
-            .messages()
-            .iter()
-            .any(|m| m.field("kind") == "satisfaction_survey")
-    })
-    .await?;
+    // Reopened once the survey is there, as a customer answering it would.
+    delivered(&env, "satisfaction_survey").await?;
     client
         .reopen_work_order(authed(
             agent,

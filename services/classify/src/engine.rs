@@ -529,12 +529,12 @@ mod tests {
 
     #[test]
     fn keywords_keep_their_category_when_the_model_may_not_overrule() {
-        let models = TextModels::builtin().expect("shipped model");
-        assert!(
-            !models.category_trust.could_decide(true),
-            "retrained? {:?}",
-            models.category_trust
-        );
+        let mut models = TextModels::builtin().expect("shipped model");
+        models.category_trust = crate::model::Trust {
+            over_rules: crate::model::NEVER,
+            without_rules: 0.0,
+        };
+        assert!(!models.category_trust.could_decide(true));
         let c = with_models("家里宽带又断网了", &models);
         assert_eq!(c.category, "outage");
         assert!(
