@@ -116,15 +116,18 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
     let keywords_found = best.is_some();
     // The rules' signal for intent is any category, sentiment or question word.
     let rules_had_signal = has_intent_signal(&found, keywords_found);
-    let (model_intent, model_category) = models.filter(|_| corrected.is_none()).map_or((None, None), |m| {
-        let (intent, category) = m.predict(
+    let scan = models.filter(|_| corrected.is_none()).map(|m| {
+        let scan = m.scan(
             &text,
             m.intent_trust.could_decide(rules_had_signal),
             m.category_trust.could_decide(keywords_found),
         );
-        (intent.map(|p| (p, m)), category.map(|p| (p, m)))
+        (scan, m)
     });
-    let (category, confidence) = match (&model_category, corrected) {
+    let model_category = scan
+        .as_ref()
+        .and_then(|(s, m)| Some((s.category.as_ref()?, *m, s)));
+    let (category, confidence) = match (model_category, corrected) {
         (_, Some(labels)) => {
             reasons.push(format!(
                 "category {}: as an agent corrected this text",
@@ -132,7 +135,7 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
             ));
             (labels.category.clone(), 1.0)
         }
-        (Some((p, m)), _) if m.category_trust.model_decides(keywords_found, p.confidence) => {
+        (Some((p, m, scan)), _) if m.category_trust.model_decides(keywords_found, p.confidence) => {
             let over = if keywords_found {
                 format!("overruling the keywords' {category}")
             } else {
@@ -142,7 +145,7 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
                 "category {} by the model ({:.2}, evidence {}): {over}",
                 p.class,
                 p.confidence,
-                m.category.evidence(&text, p).join(" ")
+                m.category_evidence(scan, p).join(" ")
             ));
             (p.class.clone(), f64::from(p.confidence))
         }
@@ -204,7 +207,8 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
 
     let tier = influence_tier(rules, contact.poster);
     // Likewise for intent.
-    let intent = match (&model_intent, corrected) {
+    let model_intent = scan.as_ref().and_then(|(s, m)| Some((s.intent.as_ref()?, *m, s)));
+    let intent = match (model_intent, corrected) {
         (_, Some(labels)) => {
             reasons.push(format!(
                 "intent {}: as an agent corrected this text",
@@ -212,7 +216,7 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
             ));
             intent_of(&labels.intent)
         }
-        (Some((p, m)), _) if m.intent_trust.model_decides(rules_had_signal, p.confidence) => {
+        (Some((p, m, scan)), _) if m.intent_trust.model_decides(rules_had_signal, p.confidence) => {
             let by_model = intent_of(&p.class);
             let over = if rules_had_signal {
                 "overruling the rules"
@@ -223,7 +227,7 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
                 "intent {} by the model ({:.2}, evidence {}): {over}",
                 p.class,
                 p.confidence,
-                m.intent.evidence(&text, p).join(" ")
+                m.intent_evidence(scan, p).join(" ")
             ));
             by_model
         }

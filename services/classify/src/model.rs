@@ -479,16 +479,30 @@ impl NgramModel {
     /// for the reasons. Apart from `predict` because it is needed only when the model
     /// decides.
     pub fn evidence(&self, text: &str, prediction: &Prediction) -> Vec<String> {
+        let mut seen = Vec::new();
+        for_each_ngram(text, |gram, hash| {
+            if let Some(row) = self.rows.get(&hash)
+                && !is_one_char(gram)
+            {
+                seen.push((gram, *row));
+            }
+        });
+        self.strongest(seen.into_iter(), prediction)
+    }
+
+    /// The (up to three) n-grams among `seen`, each with its row, that pulled most towards
+    /// the predicted class.
+    fn strongest<'t>(
+        &self,
+        seen: impl Iterator<Item = (&'t str, u32)>,
+        prediction: &Prediction,
+    ) -> Vec<String> {
         const SHOWN: usize = 3;
         let best = prediction.best;
-        // The strongest few, kept in order as the text is scanned: no list of every n-gram.
+        // The strongest few, kept in order: no list of every n-gram.
         let mut strongest: Vec<(f32, &str)> = Vec::with_capacity(SHOWN + 1);
-        for_each_ngram(text, |gram, hash| {
-            // Single characters explain little.
-            if gram.len() == gram.chars().next().map_or(0, char::len_utf8) {
-                return;
-            }
-            let Some(row) = self.row(hash) else { return };
+        for (gram, row) in seen {
+            let Some(row) = self.row_at(row) else { continue };
             let others = row
                 .iter()
                 .enumerate()
@@ -498,14 +512,19 @@ impl NgramModel {
             let pull = row.get(best).map_or(0.0, |l| l - others);
             let weaker = strongest.len() == SHOWN && strongest.last().is_some_and(|(p, _)| pull <= *p);
             if pull <= 0.0 || weaker || strongest.iter().any(|(_, g)| *g == gram) {
-                return;
+                continue;
             }
             let at = strongest.partition_point(|(p, _)| *p >= pull);
             strongest.insert(at, (pull, gram));
             strongest.truncate(SHOWN);
-        });
+        }
         strongest.into_iter().map(|(_, g)| g.to_owned()).collect()
     }
+}
+
+/// Single characters explain little, so evidence leaves them out.
+fn is_one_char(gram: &str) -> bool {
+    gram.len() == gram.chars().next().map_or(0, char::len_utf8)
 }
 
 fn add_scaled(scores: &mut [f32], row: &[f32], factor: f32) {
@@ -529,6 +548,15 @@ fn softmax(scores: &mut [f32]) {
 
 /// No row: the n-gram is unknown to that model.
 const ABSENT: u32 = u32::MAX;
+
+/// One pass of both models over a text: their predictions, and the text's known n-grams of
+/// more than one character with their rows in the intent and the category model.
+#[derive(Debug, Default)]
+pub struct Scan<'t> {
+    pub intent: Option<Prediction>,
+    pub category: Option<Prediction>,
+    seen: Vec<(&'t str, u32, u32)>,
+}
 
 /// How many times a correction counts in training: an agent's label outweighs a line of
 /// the shipped corpus.
@@ -666,28 +694,52 @@ impl TextModels {
         intent: bool,
         category: bool,
     ) -> (Option<Prediction>, Option<Prediction>) {
+        let scan = self.scan(text, intent, category);
+        (scan.intent, scan.category)
+    }
+
+    /// As [`TextModels::predict`], keeping the known n-grams of the text with their rows,
+    /// so that the evidence for a prediction needs no second pass over the text.
+    pub fn scan<'t>(&self, text: &'t str, intent: bool, category: bool) -> Scan<'t> {
         if !intent && !category {
-            return (None, None);
+            return Scan::default();
         }
         let mut intent_sums = vec![0.0; self.intent.classes.len()];
         let mut category_sums = vec![0.0; self.category.classes.len()];
         let mut grams = 0;
-        for_each_ngram(text, |_, hash| {
+        let mut seen = Vec::new();
+        for_each_ngram(text, |gram, hash| {
             grams += 1;
-            let Some((intent_row, category_row)) = self.joint.get(&hash) else {
+            let Some(&(intent_row, category_row)) = self.joint.get(&hash) else {
                 return;
             };
-            if intent && let Some(row) = self.intent.row_at(*intent_row) {
+            if intent && let Some(row) = self.intent.row_at(intent_row) {
                 add_scaled(&mut intent_sums, row, 1.0);
             }
-            if category && let Some(row) = self.category.row_at(*category_row) {
+            if category && let Some(row) = self.category.row_at(category_row) {
                 add_scaled(&mut category_sums, row, 1.0);
             }
+            if !is_one_char(gram) {
+                seen.push((gram, intent_row, category_row));
+            }
         });
-        (
-            intent.then(|| self.intent.verdict(intent_sums, grams)),
-            category.then(|| self.category.verdict(category_sums, grams)),
-        )
+        Scan {
+            intent: intent.then(|| self.intent.verdict(intent_sums, grams)),
+            category: category.then(|| self.category.verdict(category_sums, grams)),
+            seen,
+        }
+    }
+
+    /// The n-grams that weighed most for the intent `scan` predicted.
+    pub fn intent_evidence(&self, scan: &Scan<'_>, prediction: &Prediction) -> Vec<String> {
+        let rows = scan.seen.iter().filter(|s| s.1 != ABSENT).map(|s| (s.0, s.1));
+        self.intent.strongest(rows, prediction)
+    }
+
+    /// The n-grams that weighed most for the category `scan` predicted.
+    pub fn category_evidence(&self, scan: &Scan<'_>, prediction: &Prediction) -> Vec<String> {
+        let rows = scan.seen.iter().filter(|s| s.2 != ABSENT).map(|s| (s.0, s.2));
+        self.category.strongest(rows, prediction)
     }
 
     /// The labels agents gave `masked_text` (as classify masks a text), if they corrected it.

@@ -95,10 +95,10 @@ fn main() -> anyhow::Result<()> {
         black_box(models.predict(black_box(t), true, true));
     });
     let explanations = measure(&folded, args.seconds, |t| {
-        let (Some(intent), _) = models.predict(t, true, false) else {
-            return;
-        };
-        black_box(models.intent.evidence(black_box(t), &intent));
+        let scan = models.scan(black_box(t), true, false);
+        if let Some(intent) = &scan.intent {
+            black_box(models.intent_evidence(&scan, intent));
+        }
     });
     println!(
         "{} texts of 20-500 characters (average {average}), one thread",
