@@ -55,7 +55,9 @@ pub enum ModelError {
     },
 }
 
-/// Parses the labelled examples (`#` lines are comments).
+/// Parses the labelled examples (`#` lines are comments). Texts are normalised as ingest
+/// normalises every contact (NFKC: full-width punctuation and digits become ASCII), so the
+/// models learn from what they will be shown.
 pub fn parse_examples(tsv: &str) -> Result<Vec<Example>, ModelError> {
     tsv.lines()
         .enumerate()
@@ -66,7 +68,7 @@ pub fn parse_examples(tsv: &str) -> Result<Vec<Example>, ModelError> {
                 (Some(intent), Some(category), Some(text)) if !text.trim().is_empty() => Ok(Example {
                     intent: intent.trim().to_owned(),
                     category: category.trim().to_owned(),
-                    text: text.trim().to_owned(),
+                    text: closedloop_runtime::text::normalise(text),
                 }),
                 _ => Err(ModelError::Malformed { line: i + 1 }),
             }
@@ -941,8 +943,9 @@ mod tests {
 
     #[test]
     fn examples_parse_and_reject_malformed_lines() {
-        let examples = parse_examples("# comment\ncomplaint\toutage\t断网了\n\n").expect("valid");
+        let examples = parse_examples("# comment\ncomplaint\toutage\t断网了？ \n\n").expect("valid");
         assert_eq!(examples.len(), 1);
+        assert_eq!(examples[0].text, "断网了?", "normalised as ingest normalises");
         assert!(matches!(
             parse_examples("complaint\toutage"),
             Err(ModelError::Malformed { line: 1 })
