@@ -116,11 +116,18 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
     let keywords_found = best.is_some();
     // The rules' signal for intent is any category, sentiment or question word.
     let rules_had_signal = has_intent_signal(&found, keywords_found);
+    let threats = found.of(List::Escalation);
+    let repeated = found.of(List::Repeat);
+    let vulnerable = found.of(List::Vulnerable);
+    let rules_risk = !threats.is_empty() || !repeated.is_empty() || !vulnerable.is_empty();
     let scan = models.filter(|_| corrected.is_none()).map(|m| {
         let scan = m.scan(
             &text,
             m.intent_trust.could_decide(rules_had_signal),
             m.category_trust.could_decide(keywords_found),
+            // Where the word lists found nothing, the risk model may: indirect threats and
+            // people the lists do not name.
+            !rules_risk,
         );
         (scan, m)
     });
@@ -200,10 +207,18 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         reasons.push(format!("abuse without a concrete problem: {abuse:?}"));
     }
 
-    let threats = found.of(List::Escalation);
-    let repeated = found.of(List::Repeat);
-    let vulnerable = found.of(List::Vulnerable);
-    let escalation_risk = !threats.is_empty() || !repeated.is_empty() || !vulnerable.is_empty();
+    let model_risk = scan
+        .as_ref()
+        .and_then(|(s, m)| Some((s.risk.as_ref()?, *m, s)))
+        .filter(|(p, m, _)| m.flags_risk(p));
+    if let Some((p, m, scan)) = &model_risk {
+        reasons.push(format!(
+            "escalation risk by the model ({:.2}, evidence {})",
+            p.confidence,
+            m.risk_evidence(scan, p).join(" ")
+        ));
+    }
+    let escalation_risk = rules_risk || model_risk.is_some();
 
     let tier = influence_tier(rules, contact.poster);
     // Likewise for intent.
@@ -254,6 +269,10 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         if !vulnerable.is_empty() {
             priority = priority.raised();
             reasons.push(format!("priority raised: vulnerable customer {vulnerable:?}"));
+        }
+        if model_risk.is_some() {
+            priority = priority.raised();
+            reasons.push("priority raised: escalation risk".into());
         }
         match tier {
             InfluenceTier::KeyOpinionLeader => {
@@ -500,6 +519,38 @@ mod tests {
             without_rules: crate::model::NEVER,
         };
         assert_eq!(with_models(text, &distrusted).category, "other");
+    }
+
+    #[test]
+    fn the_risk_model_flags_what_the_word_lists_miss() {
+        let risk_examples = crate::model::parse_examples(
+            "risk\tmedia\t我要让全网都知道你们的所作所为\nrisk\tmedia\t全网都会知道这件事\n\
+             none\t-\t宽带断网了\nnone\t-\t话费多扣了\n",
+        )
+        .expect("examples");
+        let text = "让全网都知道";
+        let mut models = TextModels::builtin().expect("shipped model");
+        models.risk = None;
+        assert!(
+            !with_models(text, &models).escalation_risk,
+            "no word of the lists"
+        );
+        let training: Vec<_> = risk_examples
+            .into_iter()
+            .filter(|e| !crate::model::is_held_out(&e.text))
+            .collect();
+        let models = models.with_risk(crate::model::Learner::Logistic, &training, 0.5);
+        let c = with_models(text, &models);
+        assert!(c.escalation_risk, "{:?}", c.reasons);
+        assert!(
+            c.reasons
+                .iter()
+                .any(|r| r.starts_with("escalation risk by the model")),
+            "{:?}",
+            c.reasons
+        );
+        let calm = with_models("宽带断网了", &models);
+        assert!(!calm.escalation_risk, "{:?}", calm.reasons);
     }
 
     #[test]

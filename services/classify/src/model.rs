@@ -138,6 +138,10 @@ fn cautious() -> Trust {
     Trust::CAUTIOUS
 }
 
+fn never() -> f32 {
+    NEVER
+}
+
 /// Calls `f` with every character n-gram (1..=MAX_N) of `text`, as a slice of it with its
 /// `stable_hash`, by start position then length; n-grams that are only whitespace or
 /// punctuation are skipped. Hashes grow one character at a time (FNV is sequential), and
@@ -551,13 +555,24 @@ fn softmax(scores: &mut [f32]) {
 /// No row: the n-gram is unknown to that model.
 const ABSENT: u32 = u32::MAX;
 
-/// One pass of both models over a text: their predictions, and the text's known n-grams of
-/// more than one character with their rows in the intent and the category model.
+/// One pass of the models over a text: their predictions, and the text's known n-grams of
+/// more than one character with their rows in the intent, category and risk models.
 #[derive(Debug, Default)]
 pub struct Scan<'t> {
     pub intent: Option<Prediction>,
     pub category: Option<Prediction>,
-    seen: Vec<(&'t str, u32, u32)>,
+    pub risk: Option<Prediction>,
+    seen: Vec<(&'t str, [u32; 3])>,
+}
+
+impl<'t> Scan<'t> {
+    /// The seen n-grams that model `at` (0 intent, 1 category, 2 risk) knows, with its rows.
+    fn rows(&self, at: usize) -> impl Iterator<Item = (&'t str, u32)> + '_ {
+        self.seen
+            .iter()
+            .filter(move |(_, rows)| rows[at] != ABSENT)
+            .map(move |(gram, rows)| (*gram, rows[at]))
+    }
 }
 
 /// How many times a correction counts in training: an agent's label outweighs a line of
@@ -585,10 +600,16 @@ pub struct TextModels {
     /// again, whatever the models say.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub corrected: BTreeMap<String, Corrected>,
+    /// Escalation risk ("risk" or "none") where the rules' word lists found none, trained
+    /// on `data/risk.tsv`; it flags a text when it is at least `risk_bar` sure.
+    #[serde(default)]
+    pub risk: Option<NgramModel>,
+    #[serde(default = "never")]
+    pub risk_bar: f32,
     /// Each n-gram's rows in the intent and the category model, so that one lookup per
     /// n-gram serves both when the engine needs both.
     #[serde(skip_serializing)]
-    joint: HashMap<u64, (u32, u32), BuildHasherDefault<Prehashed>>,
+    joint: HashMap<u64, [u32; 3], BuildHasherDefault<Prehashed>>,
 }
 
 #[derive(Deserialize)]
@@ -602,26 +623,27 @@ struct TextModelsFile {
     category_trust: Trust,
     #[serde(default)]
     corrected: BTreeMap<String, Corrected>,
+    #[serde(default)]
+    risk: Option<NgramModel>,
+    #[serde(default = "never")]
+    risk_bar: f32,
 }
 
 impl From<TextModelsFile> for TextModels {
     fn from(file: TextModelsFile) -> Self {
-        let mut joint: HashMap<u64, (u32, u32), BuildHasherDefault<Prehashed>> = HashMap::default();
-        for (hash, row) in &file.intent.rows {
-            joint.entry(*hash).or_insert((ABSENT, ABSENT)).0 = *row;
-        }
-        for (hash, row) in &file.category.rows {
-            joint.entry(*hash).or_insert((ABSENT, ABSENT)).1 = *row;
-        }
-        Self {
+        let mut models = Self {
             trained_on: file.trained_on,
             intent: file.intent,
             category: file.category,
             intent_trust: file.intent_trust,
             category_trust: file.category_trust,
             corrected: file.corrected,
-            joint,
-        }
+            risk: file.risk,
+            risk_bar: file.risk_bar,
+            joint: HashMap::default(),
+        };
+        models.index();
+        models
     }
 }
 
@@ -684,8 +706,23 @@ impl TextModels {
             intent_trust: Trust::CAUTIOUS,
             category_trust: Trust::CAUTIOUS,
             corrected,
+            risk: None,
+            risk_bar: NEVER,
         }
         .into()
+    }
+
+    /// Each n-gram's rows in the intent, category and risk models, for one lookup per
+    /// n-gram.
+    fn index(&mut self) {
+        let mut joint: HashMap<u64, [u32; 3], BuildHasherDefault<Prehashed>> = HashMap::default();
+        let models = [Some(&self.intent), Some(&self.category), self.risk.as_ref()];
+        for (at, model) in models.into_iter().enumerate() {
+            for (hash, row) in model.into_iter().flat_map(|m| &m.rows) {
+                joint.entry(*hash).or_insert([ABSENT; 3])[at] = *row;
+            }
+        }
+        self.joint = joint;
     }
 
     /// Intent and category predictions for a folded text, each only if asked for, in one
@@ -696,52 +733,88 @@ impl TextModels {
         intent: bool,
         category: bool,
     ) -> (Option<Prediction>, Option<Prediction>) {
-        let scan = self.scan(text, intent, category);
+        let scan = self.scan(text, intent, category, false);
         (scan.intent, scan.category)
     }
 
-    /// As [`TextModels::predict`], keeping the known n-grams of the text with their rows,
-    /// so that the evidence for a prediction needs no second pass over the text.
-    pub fn scan<'t>(&self, text: &'t str, intent: bool, category: bool) -> Scan<'t> {
-        if !intent && !category {
+    /// As [`TextModels::predict`], with the risk model's verdict too when asked for (and
+    /// there is one that can flag), keeping the known n-grams of the text with their rows so
+    /// that the evidence for a prediction needs no second pass over the text.
+    pub fn scan<'t>(&self, text: &'t str, intent: bool, category: bool, risk: bool) -> Scan<'t> {
+        let risk_model = self.risk.as_ref().filter(|_| risk && self.risk_bar <= 1.0);
+        if !intent && !category && risk_model.is_none() {
             return Scan::default();
         }
         let mut intent_sums = vec![0.0; self.intent.classes.len()];
         let mut category_sums = vec![0.0; self.category.classes.len()];
+        let mut risk_sums = vec![0.0; risk_model.map_or(0, |m| m.classes.len())];
         let mut grams = 0;
         let mut seen = Vec::new();
         for_each_ngram(text, |gram, hash| {
             grams += 1;
-            let Some(&(intent_row, category_row)) = self.joint.get(&hash) else {
+            let Some(&rows) = self.joint.get(&hash) else {
                 return;
             };
-            if intent && let Some(row) = self.intent.row_at(intent_row) {
+            if intent && let Some(row) = self.intent.row_at(rows[0]) {
                 add_scaled(&mut intent_sums, row, 1.0);
             }
-            if category && let Some(row) = self.category.row_at(category_row) {
+            if category && let Some(row) = self.category.row_at(rows[1]) {
                 add_scaled(&mut category_sums, row, 1.0);
             }
+            if let Some(row) = risk_model.and_then(|m| m.row_at(rows[2])) {
+                add_scaled(&mut risk_sums, row, 1.0);
+            }
             if !is_one_char(gram) {
-                seen.push((gram, intent_row, category_row));
+                seen.push((gram, rows));
             }
         });
         Scan {
             intent: intent.then(|| self.intent.verdict(intent_sums, grams)),
             category: category.then(|| self.category.verdict(category_sums, grams)),
+            risk: risk_model.map(|m| m.verdict(risk_sums, grams)),
             seen,
         }
     }
 
     /// The n-grams that weighed most for the intent `scan` predicted.
     pub fn intent_evidence(&self, scan: &Scan<'_>, prediction: &Prediction) -> Vec<String> {
-        let rows = scan.seen.iter().filter(|s| s.1 != ABSENT).map(|s| (s.0, s.1));
-        self.intent.strongest(rows, prediction)
+        self.intent.strongest(scan.rows(0), prediction)
     }
 
     /// The n-grams that weighed most for the category `scan` predicted.
     pub fn category_evidence(&self, scan: &Scan<'_>, prediction: &Prediction) -> Vec<String> {
-        let rows = scan.seen.iter().filter(|s| s.2 != ABSENT).map(|s| (s.0, s.2));
-        self.category.strongest(rows, prediction)
+        self.category.strongest(scan.rows(1), prediction)
+    }
+
+    /// The n-grams that weighed most for the risk `scan` found.
+    pub fn risk_evidence(&self, scan: &Scan<'_>, prediction: &Prediction) -> Vec<String> {
+        self.risk
+            .as_ref()
+            .map(|m| m.strongest(scan.rows(2), prediction))
+            .unwrap_or_default()
+    }
+
+    /// Adds the escalation-risk model, trained with `learner` on the training part of
+    /// `examples` (labels "risk" and "none"); `bar` is where it flags (see
+    /// `calibrate::risk_bar`).
+    pub fn with_risk(mut self, learner: Learner, examples: &[Example], bar: f32) -> Self {
+        let training: Vec<(String, &str)> = examples
+            .iter()
+            .filter(|e| !is_held_out(&e.text))
+            .map(|e| (crate::rules::fold(&e.text), e.intent.as_str()))
+            .collect();
+        self.risk = Some(NgramModel::train(
+            learner,
+            training.iter().map(|(t, l)| (t.as_str(), *l)),
+        ));
+        self.risk_bar = bar;
+        self.index();
+        self
+    }
+
+    /// Whether a risk verdict flags the text.
+    pub fn flags_risk(&self, prediction: &Prediction) -> bool {
+        prediction.class == "risk" && prediction.confidence >= self.risk_bar
     }
 
     /// The labels agents gave `masked_text` (as classify masks a text), if they corrected it.

@@ -95,7 +95,7 @@ fn main() -> anyhow::Result<()> {
         black_box(models.predict(black_box(t), true, true));
     });
     let explanations = measure(&folded, args.seconds, |t| {
-        let scan = models.scan(black_box(t), true, false);
+        let scan = models.scan(black_box(t), true, false, false);
         if let Some(intent) = &scan.intent {
             black_box(models.intent_evidence(&scan, intent));
         }

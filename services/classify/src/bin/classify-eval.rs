@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 
 use clap::Parser;
+use closedloop_classify::calibrate::risk_figures;
 use closedloop_classify::engine::{self, Contact};
 use closedloop_classify::model::{TextModels, is_held_out, parse_examples};
 use closedloop_classify::rules::{Rules, fold};
@@ -18,6 +19,9 @@ struct Args {
     /// A model file other than the shipped one.
     #[arg(long)]
     model: Option<String>,
+    /// Texts labelled "risk" or "none" (with a kind), as classify-train reads them.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/risk.tsv"))]
+    risk_examples: String,
 }
 
 /// Per-class precision, recall, F1 and the confusion matrix of (truth, prediction) pairs.
@@ -130,5 +134,55 @@ fn main() -> anyhow::Result<()> {
         "category — engine (model when confident, else rules)",
         &engine_category,
     );
+    risk_report(&args.risk_examples, &rules, &models)
+}
+
+/// Escalation-risk recall and false alarms on the held-out risk examples, for the rules'
+/// word lists alone and for the engine (lists, then the risk model), with recall by kind.
+fn risk_report(path: &str, rules: &Rules, models: &TextModels) -> anyhow::Result<()> {
+    let examples = parse_examples(&std::fs::read_to_string(path)?)?;
+    let held_out: Vec<_> = examples.iter().filter(|e| is_held_out(&e.text)).collect();
+    let flagged = |with_models: bool, text: &str| {
+        let contact = Contact {
+            text,
+            channel: Channel::Wechat,
+            poster: None,
+            region_hint: "",
+        };
+        engine::classify(rules, with_models.then_some(models), &contact).escalation_risk
+    };
+    println!(
+        "\nescalation risk: {} held-out examples ({} risky)",
+        held_out.len(),
+        held_out.iter().filter(|e| e.intent == "risk").count()
+    );
+    for (name, with_models) in [("rules", false), ("engine", true)] {
+        let figures = risk_figures(
+            held_out
+                .iter()
+                .map(|e| (e.intent == "risk", flagged(with_models, &e.text))),
+        );
+        let kinds: BTreeSet<&str> = held_out
+            .iter()
+            .filter(|e| e.intent == "risk")
+            .map(|e| e.category.as_str())
+            .collect();
+        let by_kind: Vec<String> = kinds
+            .iter()
+            .map(|kind| {
+                let of_kind = held_out
+                    .iter()
+                    .filter(|e| e.intent == "risk" && e.category == *kind);
+                let kind_figures = risk_figures(of_kind.map(|e| (true, flagged(with_models, &e.text))));
+                format!("{kind} {:.2}", kind_figures.recall)
+            })
+            .collect();
+        println!(
+            "  {name:<7} recall {:.3}, false alarms {:.3}; recall by kind: {}",
+            figures.recall,
+            figures.false_alarms,
+            by_kind.join(", ")
+        );
+    }
     Ok(())
 }

@@ -33,6 +33,9 @@ struct Args {
     /// The model file in use, to compare with (default: the shipped one).
     #[arg(long)]
     current: Option<String>,
+    /// Texts labelled "risk" or "none" (with a kind) for the escalation-risk model.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/risk.tsv"))]
+    risk_examples: String,
 }
 
 fn describe(trust: Trust) -> String {
@@ -59,11 +62,23 @@ fn main() -> anyhow::Result<()> {
     for path in &args.corrections {
         corrections.extend(parse_examples(&std::fs::read_to_string(path)?)?);
     }
-    let mut models = TextModels::train_with_corrections(args.learner, &examples, &corrections);
+    let risk_examples = parse_examples(&std::fs::read_to_string(&args.risk_examples)?)?;
+    let (risk_bar, risk_cv) = calibrate::risk_bar(&risk_examples, &rules, args.learner);
+    let mut models = TextModels::train_with_corrections(args.learner, &examples, &corrections).with_risk(
+        args.learner,
+        &risk_examples,
+        risk_bar,
+    );
     let cv = calibrate::cross_validate(&examples, &rules, args.learner);
     models.intent_trust = cv.intent;
     models.category_trust = cv.category;
     std::fs::write(&args.out, serde_json::to_string(&models)?)?;
+    println!(
+        "  escalation risk: rules and model flag at ≥ {risk_bar} (recall {:.3}, false alarms {:.3}, over {} risk examples)",
+        risk_cv.recall,
+        risk_cv.false_alarms,
+        risk_examples.iter().filter(|e| !is_held_out(&e.text)).count()
+    );
     if !args.corrections.is_empty() {
         let current = TextModels::load(args.current.as_deref())?;
         let (intent_before, category_before) = calibrate::held_out_accuracy(&examples, &rules, &current);
