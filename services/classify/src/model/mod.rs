@@ -1,0 +1,479 @@
+//! A statistical text model beside the keyword rules: a linear model over character
+//! n-grams (1..=3) of folded text (Traditional→Simplified, lower case), fitted by
+//! multinomial logistic regression or naive Bayes, one model for intent and one for
+//! category. Character n-grams need no word segmentation and carry over
+//! between scripts once folded. Trained from the team's labelled examples by
+//! `classify-train`, shipped as `model/model.json`, loaded at start; `classify-eval`
+//! measures it on the held-out part.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// A hasher for keys that already are hashes (`stable_hash` of an n-gram).
+#[derive(Default)]
+pub struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are used; fold anything else in so the hasher stays correct.
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+use serde::{Deserialize, Serialize};
+
+/// Longest n-gram.
+pub const MAX_N: usize = 3;
+
+/// One labelled example.
+#[derive(Debug, Clone)]
+pub struct Example {
+    pub intent: String,
+    pub category: String,
+    pub text: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("line {line}: expected `intent<TAB>category<TAB>text`")]
+    Malformed { line: usize },
+    #[error("model is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Parses the labelled examples (`#` lines are comments). Texts are normalised as ingest
+/// normalises every contact (NFKC: full-width punctuation and digits become ASCII), so the
+/// models learn from what they will be shown.
+pub fn parse_examples(tsv: &str) -> Result<Vec<Example>, ModelError> {
+    tsv.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty() && !line.starts_with('#'))
+        .map(|(i, line)| {
+            let mut fields = line.splitn(3, '\t');
+            match (fields.next(), fields.next(), fields.next()) {
+                (Some(intent), Some(category), Some(text)) if !text.trim().is_empty() => Ok(Example {
+                    intent: intent.trim().to_owned(),
+                    category: category.trim().to_owned(),
+                    text: closedloop_runtime::text::normalise(text),
+                }),
+                _ => Err(ModelError::Malformed { line: i + 1 }),
+            }
+        })
+        .collect()
+}
+
+/// FNV-1a of a text: stable across platforms and releases, unlike the std hasher, so
+/// splits made with it never change as examples are added.
+pub fn stable_hash(text: &str) -> u64 {
+    fnv_extend(FNV_OFFSET, text.as_bytes())
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv_extend(hash: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(hash, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Whether an example belongs to the held-out part: a fifth of them, chosen by a stable
+/// hash of the text.
+pub fn is_held_out(text: &str) -> bool {
+    stable_hash(text).is_multiple_of(5)
+}
+
+/// A bar no confidence reaches (confidences are at most 1); JSON has no infinity.
+pub const NEVER: f32 = 2.0;
+
+/// How far the engine lets a model overrule the keyword rules: the model decides when it
+/// is at least this sure, with one bar for when the rules found something and one for when
+/// they found nothing. `classify-train` chooses both by cross-validation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Trust {
+    pub over_rules: f32,
+    pub without_rules: f32,
+}
+
+impl Trust {
+    /// Never overrule the rules, and decide alone only when nearly certain: what the
+    /// engine did before the bars were cross-validated (and model files without them get).
+    pub const CAUTIOUS: Trust = Trust {
+        over_rules: NEVER,
+        without_rules: 0.99,
+    };
+
+    fn bar(&self, rules_found: bool) -> f32 {
+        if rules_found {
+            self.over_rules
+        } else {
+            self.without_rules
+        }
+    }
+
+    /// Whether the model can decide at all here (otherwise it need not run).
+    pub fn could_decide(&self, rules_found: bool) -> bool {
+        self.bar(rules_found) <= 1.0
+    }
+
+    pub fn model_decides(&self, rules_found: bool, confidence: f32) -> bool {
+        confidence >= self.bar(rules_found)
+    }
+}
+
+fn cautious() -> Trust {
+    Trust::CAUTIOUS
+}
+
+fn never() -> f32 {
+    NEVER
+}
+
+mod ngram;
+#[cfg(test)]
+mod tests;
+
+pub use ngram::*;
+
+/// No row: the n-gram is unknown to that model.
+const ABSENT: u32 = u32::MAX;
+
+/// One pass of the models over a text: their predictions, and the text's known n-grams of
+/// more than one character with their rows in the intent, category and risk models.
+#[derive(Debug, Default)]
+pub struct Scan<'t> {
+    pub intent: Option<Prediction>,
+    pub category: Option<Prediction>,
+    pub risk: Option<Prediction>,
+    seen: Vec<(&'t str, [u32; 3])>,
+}
+
+impl<'t> Scan<'t> {
+    /// The seen n-grams that model `at` (0 intent, 1 category, 2 risk) knows, with its rows.
+    fn rows(&self, at: usize) -> impl Iterator<Item = (&'t str, u32)> + '_ {
+        self.seen
+            .iter()
+            .filter(move |(_, rows)| rows[at] != ABSENT)
+            .map(move |(gram, rows)| (*gram, rows[at]))
+    }
+}
+
+/// How many times a correction counts in training: an agent's label outweighs a line of
+/// the shipped corpus.
+pub const CORRECTION_WEIGHT: usize = 3;
+
+/// The intent and category agents gave a text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Corrected {
+    pub intent: String,
+    pub category: String,
+}
+
+/// The shipped pair of models.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(from = "TextModelsFile")]
+pub struct TextModels {
+    /// Which examples (count and split) trained them.
+    pub trained_on: String,
+    pub intent: NgramModel,
+    pub category: NgramModel,
+    pub intent_trust: Trust,
+    pub category_trust: Trust,
+    /// Agents' corrections by folded (masked) text: the same text gets the same labels
+    /// again, whatever the models say.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub corrected: BTreeMap<String, Corrected>,
+    /// Escalation risk ("risk" or "none") where the rules' word lists found none, trained
+    /// on `data/risk.tsv`; it flags a text when it is at least `risk_bar` sure.
+    #[serde(default)]
+    pub risk: Option<NgramModel>,
+    #[serde(default = "never")]
+    pub risk_bar: f32,
+    /// Each n-gram's rows in the intent and the category model, so that one lookup per
+    /// n-gram serves both when the engine needs both.
+    #[serde(skip_serializing)]
+    joint: HashMap<u64, [u32; 3], BuildHasherDefault<Prehashed>>,
+}
+
+#[derive(Deserialize)]
+struct TextModelsFile {
+    trained_on: String,
+    intent: NgramModel,
+    category: NgramModel,
+    #[serde(default = "cautious")]
+    intent_trust: Trust,
+    #[serde(default = "cautious")]
+    category_trust: Trust,
+    #[serde(default)]
+    corrected: BTreeMap<String, Corrected>,
+    #[serde(default)]
+    risk: Option<NgramModel>,
+    #[serde(default = "never")]
+    risk_bar: f32,
+}
+
+impl From<TextModelsFile> for TextModels {
+    fn from(file: TextModelsFile) -> Self {
+        let mut models = Self {
+            trained_on: file.trained_on,
+            intent: file.intent,
+            category: file.category,
+            intent_trust: file.intent_trust,
+            category_trust: file.category_trust,
+            corrected: file.corrected,
+            risk: file.risk,
+            risk_bar: file.risk_bar,
+            joint: HashMap::default(),
+        };
+        models.index();
+        models
+    }
+}
+
+impl TextModels {
+    /// Trains both models with `learner` on the training part of `examples` (never the
+    /// held-out part).
+    pub fn train(learner: Learner, examples: &[Example]) -> Self {
+        Self::train_with_corrections(learner, examples, &[])
+    }
+
+    /// As [`TextModels::train`], with agents' `corrections` too: each trains
+    /// [`CORRECTION_WEIGHT`] times (none is held out: they are not the shipped corpus), and
+    /// each text's last correction is kept as its labels.
+    pub fn train_with_corrections(learner: Learner, examples: &[Example], corrections: &[Example]) -> Self {
+        let weighted = corrections
+            .iter()
+            .flat_map(|e| std::iter::repeat_n(e, CORRECTION_WEIGHT));
+        let training: Vec<(String, &Example)> = examples
+            .iter()
+            .filter(|e| !is_held_out(&e.text))
+            .chain(weighted)
+            .map(|e| (crate::rules::fold(&e.text), e))
+            .collect();
+        let corrected = corrections
+            .iter()
+            .map(|e| {
+                let labels = Corrected {
+                    intent: e.intent.clone(),
+                    category: e.category.clone(),
+                };
+                (crate::rules::fold(&e.text), labels)
+            })
+            .collect();
+        let intent = NgramModel::train(
+            learner,
+            training.iter().map(|(t, e)| (t.as_str(), e.intent.as_str())),
+        );
+        // Category only where it means something: complaints and inquiries.
+        let category = NgramModel::train(
+            learner,
+            training
+                .iter()
+                .filter(|(_, e)| e.intent == "complaint" || e.intent == "inquiry")
+                .map(|(t, e)| (t.as_str(), e.category.as_str())),
+        );
+        let trained_on = if corrections.is_empty() {
+            format!("{} of {} examples", training.len(), examples.len())
+        } else {
+            format!(
+                "{} of {} examples and {} corrections",
+                training.len() - corrections.len() * CORRECTION_WEIGHT,
+                examples.len(),
+                corrections.len()
+            )
+        };
+        TextModelsFile {
+            trained_on,
+            intent,
+            category,
+            intent_trust: Trust::CAUTIOUS,
+            category_trust: Trust::CAUTIOUS,
+            corrected,
+            risk: None,
+            risk_bar: NEVER,
+        }
+        .into()
+    }
+
+    /// Each n-gram's rows in the intent, category and risk models, for one lookup per
+    /// n-gram.
+    fn index(&mut self) {
+        let mut joint: HashMap<u64, [u32; 3], BuildHasherDefault<Prehashed>> = HashMap::default();
+        let models = [Some(&self.intent), Some(&self.category), self.risk.as_ref()];
+        for (at, model) in models.into_iter().enumerate() {
+            for (hash, row) in model.into_iter().flat_map(|m| &m.rows) {
+                joint.entry(*hash).or_insert([ABSENT; 3])[at] = *row;
+            }
+        }
+        self.joint = joint;
+    }
+
+    /// Intent and category predictions for a folded text, each only if asked for, in one
+    /// pass over its n-grams. Same results as each model's `predict`.
+    pub fn predict(
+        &self,
+        text: &str,
+        intent: bool,
+        category: bool,
+    ) -> (Option<Prediction>, Option<Prediction>) {
+        let scan = self.scan(text, intent, category, false);
+        (scan.intent, scan.category)
+    }
+
+    /// As [`TextModels::predict`], with the risk model's verdict too when asked for (and
+    /// there is one that can flag), keeping the known n-grams of the text with their rows so
+    /// that the evidence for a prediction needs no second pass over the text.
+    pub fn scan<'t>(&self, text: &'t str, intent: bool, category: bool, risk: bool) -> Scan<'t> {
+        let risk_model = self.risk.as_ref().filter(|_| risk && self.risk_bar <= 1.0);
+        if !intent && !category && risk_model.is_none() {
+            return Scan::default();
+        }
+        let mut intent_sums = vec![0.0; self.intent.classes.len()];
+        let mut category_sums = vec![0.0; self.category.classes.len()];
+        let mut risk_sums = vec![0.0; risk_model.map_or(0, |m| m.classes.len())];
+        let mut grams = 0;
+        let mut seen = Vec::new();
+        for_each_ngram(text, |gram, hash| {
+            grams += 1;
+            let Some(&rows) = self.joint.get(&hash) else {
+                return;
+            };
+            if intent && let Some(row) = self.intent.row_at(rows[0]) {
+                add_scaled(&mut intent_sums, row, 1.0);
+            }
+            if category && let Some(row) = self.category.row_at(rows[1]) {
+                add_scaled(&mut category_sums, row, 1.0);
+            }
+            if let Some(row) = risk_model.and_then(|m| m.row_at(rows[2])) {
+                add_scaled(&mut risk_sums, row, 1.0);
+            }
+            if !is_one_char(gram) {
+                seen.push((gram, rows));
+            }
+        });
+        Scan {
+            intent: intent.then(|| self.intent.verdict(intent_sums, grams)),
+            category: category.then(|| self.category.verdict(category_sums, grams)),
+            risk: risk_model.map(|m| m.verdict(risk_sums, grams)),
+            seen,
+        }
+    }
+
+    /// The n-grams that weighed most for the intent `scan` predicted.
+    pub fn intent_evidence(&self, scan: &Scan<'_>, prediction: &Prediction) -> Vec<String> {
+        self.intent.strongest(scan.rows(0), prediction)
+    }
+
+    /// The n-grams that weighed most for the category `scan` predicted.
+    pub fn category_evidence(&self, scan: &Scan<'_>, prediction: &Prediction) -> Vec<String> {
+        self.category.strongest(scan.rows(1), prediction)
+    }
+
+    /// The n-grams that weighed most for the risk `scan` found.
+    pub fn risk_evidence(&self, scan: &Scan<'_>, prediction: &Prediction) -> Vec<String> {
+        self.risk
+            .as_ref()
+            .map(|m| m.strongest(scan.rows(2), prediction))
+            .unwrap_or_default()
+    }
+
+    /// Adds the escalation-risk model, trained with `learner` on the training part of
+    /// `examples` (labels "risk" and "none"); `bar` is where it flags (see
+    /// `calibrate::risk_bar`).
+    pub fn with_risk(mut self, learner: Learner, examples: &[Example], bar: f32) -> Self {
+        let training: Vec<(String, &str)> = examples
+            .iter()
+            .filter(|e| !is_held_out(&e.text))
+            .map(|e| (crate::rules::fold(&e.text), e.intent.as_str()))
+            .collect();
+        self.risk = Some(NgramModel::train(
+            learner,
+            training.iter().map(|(t, l)| (t.as_str(), *l)),
+        ));
+        self.risk_bar = bar;
+        self.index();
+        self
+    }
+
+    /// Whether a risk verdict flags the text.
+    pub fn flags_risk(&self, prediction: &Prediction) -> bool {
+        prediction.class == "risk" && prediction.confidence >= self.risk_bar
+    }
+
+    /// The labels agents gave `masked_text` (as classify masks a text), if they corrected it.
+    pub fn corrected(&self, masked_text: &str) -> Option<&Corrected> {
+        if self.corrected.is_empty() {
+            return None;
+        }
+        self.corrected.get(&crate::rules::fold(masked_text))
+    }
+
+    pub fn builtin() -> Result<Self, ModelError> {
+        Ok(serde_json::from_str(include_str!("../../model/model.json"))?)
+    }
+
+    pub fn load(path: Option<&str>) -> Result<Self, ModelError> {
+        match path {
+            None => Self::builtin(),
+            Some(path) => {
+                let json = std::fs::read_to_string(path).map_err(|source| ModelError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Ok(serde_json::from_str(&json)?)
+            }
+        }
+    }
+}
+
+/// The models classify runs with, from the shipped file or `file`, replaced whole when the
+/// file is read again (on SIGHUP): a classification in progress keeps the models it began
+/// with.
+#[derive(Debug, Clone)]
+pub struct SharedModels {
+    current: std::sync::Arc<std::sync::RwLock<std::sync::Arc<TextModels>>>,
+    file: Option<String>,
+}
+
+impl SharedModels {
+    pub fn load(file: Option<String>) -> Result<Self, ModelError> {
+        let models = TextModels::load(file.as_deref())?;
+        Ok(Self {
+            current: std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(models))),
+            file,
+        })
+    }
+
+    pub fn current(&self) -> std::sync::Arc<TextModels> {
+        // A poisoned lock still holds whole models: replacing them is one assignment.
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Reads the file again; if it cannot be read or parsed, the models in use stay and the
+    /// error says why. Returns what the new models were trained on.
+    pub fn reload(&self) -> Result<String, ModelError> {
+        let models = TextModels::load(self.file.as_deref())?;
+        let trained_on = models.trained_on.clone();
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = std::sync::Arc::new(models);
+        Ok(trained_on)
+    }
+}
