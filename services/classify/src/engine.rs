@@ -143,7 +143,9 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
             (labels.category.clone(), 1.0)
         }
         (Some((p, m, scan)), _) if m.category_trust.model_decides(keywords_found, p.confidence) => {
-            let over = if keywords_found {
+            let over = if keywords_found && p.class == category {
+                "as the keywords said".to_owned()
+            } else if keywords_found {
                 format!("overruling the keywords' {category}")
             } else {
                 "no keyword matched".to_owned()
@@ -233,7 +235,9 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         }
         (Some((p, m, scan)), _) if m.intent_trust.model_decides(rules_had_signal, p.confidence) => {
             let by_model = intent_of(&p.class);
-            let over = if rules_had_signal {
+            let over = if rules_had_signal && by_model == intent {
+                "as the rules said"
+            } else if rules_had_signal {
                 "overruling the rules"
             } else {
                 "no rule signal"
@@ -580,6 +584,23 @@ mod tests {
             "outage",
             "only that text"
         );
+    }
+
+    #[test]
+    fn a_model_that_agrees_with_the_keywords_says_so() {
+        let mut models = TextModels::builtin().expect("shipped model");
+        models.category_trust = crate::model::Trust {
+            over_rules: 0.0,
+            without_rules: 0.0,
+        };
+        let c = with_models("家里宽带又断网了", &models);
+        assert_eq!(c.category, "outage");
+        let reason = c
+            .reasons
+            .iter()
+            .find(|r| r.starts_with("category outage by the model"))
+            .unwrap_or_else(|| panic!("{:?}", c.reasons));
+        assert!(reason.ends_with("as the keywords said"), "{reason}");
     }
 
     #[test]

@@ -14,11 +14,14 @@ use closedloop_classify::calibrate::{self, FOLDS};
 use closedloop_classify::model::{Learner, TextModels, Trust, is_held_out, parse_examples};
 use closedloop_classify::rules::Rules;
 
+/// The model classify ships, trained on the shipped examples alone.
+const SHIPPED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/model/model.json");
+
 #[derive(Debug, Parser)]
 struct Args {
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/labelled.tsv"))]
     examples: String,
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/model/model.json"))]
+    #[arg(long, default_value = SHIPPED_MODEL)]
     out: String,
     /// The keyword rules the engine will run beside the model (default: the built-in ones).
     #[arg(long)]
@@ -58,6 +61,11 @@ fn main() -> anyhow::Result<()> {
     let examples = parse_examples(&std::fs::read_to_string(&args.examples)?)?;
     let rules = Rules::load(args.rules.as_deref())?;
     let held_out = examples.iter().filter(|e| is_held_out(&e.text)).count();
+    // A tenant's corrections belong in the tenant's model file, never in the shipped one.
+    anyhow::ensure!(
+        args.corrections.is_empty() || args.out != SHIPPED_MODEL,
+        "with --corrections, name the tenant's model file with --out"
+    );
     let mut corrections = Vec::new();
     for path in &args.corrections {
         corrections.extend(parse_examples(&std::fs::read_to_string(path)?)?);
