@@ -5,7 +5,20 @@ use serde::Deserialize;
 
 /// How text and keywords are compared: Traditional folded to Simplified, lower case.
 pub fn fold(text: &str) -> String {
-    closedloop_runtime::chinese::fold_to_simplified(text).to_lowercase()
+    let mut text = closedloop_runtime::chinese::fold_to_simplified(text);
+    if text.chars().all(is_caseless_or_ascii) {
+        // Lower case in place: no second string, and no case table for each ideograph.
+        text.make_ascii_lowercase();
+        text
+    } else {
+        text.to_lowercase()
+    }
+}
+
+/// ASCII, or a character without case: CJK punctuation, kana and ideographs, and
+/// full-width punctuation and digits.
+fn is_caseless_or_ascii(c: char) -> bool {
+    c.is_ascii() || matches!(c, '\u{3000}'..='\u{9FFF}' | '\u{FF01}'..='\u{FF20}')
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -122,7 +135,11 @@ impl Matcher {
             owners.extend(words.iter().map(|w| (list, w.clone())));
         }
         owners.retain(|(_, w)| !w.is_empty());
-        let automaton = aho_corasick::AhoCorasick::new(owners.iter().map(|(_, w)| w.as_str()))?;
+        // A DFA: some hundred keywords make a table of a few hundred kilobytes, and every
+        // text classified is scanned with it.
+        let automaton = aho_corasick::AhoCorasick::builder()
+            .kind(Some(aho_corasick::AhoCorasickKind::DFA))
+            .build(owners.iter().map(|(_, w)| w.as_str()))?;
         Ok(Self {
             automaton: Some(automaton),
             owners,
@@ -189,6 +206,33 @@ impl Rules {
                 })?;
                 Self::from_json(&json)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn characters_the_fold_treats_as_caseless_have_no_lower_case() {
+        let caseless = ('\u{3000}'..='\u{9FFF}').chain('\u{FF01}'..='\u{FF20}');
+        for c in caseless.filter(|c| is_caseless_or_ascii(*c)) {
+            assert!(c.to_lowercase().eq([c]), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn fold_matches_lower_casing_the_simplified_text() {
+        for text in [
+            "寬頻斷網 WiFi OK",
+            "ÉCRAN cassé",
+            "ΣΟΦΊΑ",
+            "ＡＢＣ１２３",
+            "已经3天",
+        ] {
+            let simplified = closedloop_runtime::chinese::fold_to_simplified(text);
+            assert_eq!(fold(text), simplified.to_lowercase(), "{text}");
         }
     }
 }

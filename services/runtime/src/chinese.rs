@@ -79,8 +79,40 @@ pub fn detect_script(text: &str) -> Script {
 
 /// `text` with Traditional characters replaced by their Simplified forms.
 pub fn fold_to_simplified(text: &str) -> String {
-    fast2s::convert(text)
+    // Most texts are Simplified already: one bit per character says so, where fast2s
+    // would look each character up in three maps.
+    let unchanged = &*UNCHANGED;
+    let stays = |c: char| {
+        let c = c as usize;
+        c < 0x800
+            || unchanged
+                .get(c / 64)
+                .is_some_and(|bits| bits & (1 << (c % 64)) != 0)
+    };
+    if text.chars().all(stays) {
+        text.to_owned()
+    } else {
+        fast2s::convert(text)
+    }
 }
+
+/// Characters fast2s has rules for beside certain neighbours (看著 becomes 看着): alone
+/// they come back unchanged, so the table below must not count them as stable.
+const CONVERTED_IN_CONTEXT: [char; 3] = ['藉', '著', '苧'];
+
+/// One bit per character below U+10000: set where fast2s leaves the character as it is in
+/// any context. (fast2s converts only three-byte characters; those below U+0800 are never
+/// touched, and characters beyond U+FFFF are left to it.)
+static UNCHANGED: LazyLock<Vec<u64>> = LazyLock::new(|| {
+    let mut bits = vec![0u64; 0x10000 / 64];
+    let mut buffer = [0u8; 4];
+    for c in ('\u{800}'..='\u{FFFF}').filter(|c| !CONVERTED_IN_CONTEXT.contains(c)) {
+        if fast2s::convert(c.encode_utf8(&mut buffer)).chars().eq([c]) {
+            bits[c as usize / 64] |= 1 << (c as usize % 64);
+        }
+    }
+    bits
+});
 
 #[cfg(test)]
 mod tests {
@@ -94,6 +126,22 @@ mod tests {
         assert_eq!(detect_script("這個網路，一直斷線，后来更糟"), Script::Traditional);
         assert_eq!(detect_script("my broadband is down"), Script::None);
         assert_eq!(detect_script("中文"), Script::Simplified);
+    }
+
+    #[test]
+    fn folds_as_fast2s_does_whether_or_not_the_text_looks_simplified() {
+        for text in [
+            "宽带断网了,还没修好",
+            "寬頻斷網了",
+            "这是藉口",
+            "看著办吧",
+            "苧麻衬衫",
+            "乾隆年间的乾货",
+            "emoji 😀 and 𠀀",
+        ] {
+            assert_eq!(fold_to_simplified(text), fast2s::convert(text), "{text}");
+        }
+        assert_eq!(fold_to_simplified("看著办吧"), "看着办吧");
     }
 
     #[test]

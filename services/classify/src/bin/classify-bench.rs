@@ -32,7 +32,9 @@ fn texts() -> anyhow::Result<Vec<String>> {
             text.push('，');
             j += 7;
         }
-        texts.push(text.chars().take(target).collect());
+        // As classify receives it: normalised by ingest, or by the Classify RPC.
+        let text: String = text.chars().take(target).collect();
+        texts.push(closedloop_runtime::text::normalise(&text));
     }
     Ok(texts)
 }

@@ -152,23 +152,13 @@ pub use ngram::*;
 const ABSENT: u32 = u32::MAX;
 
 /// One pass of the models over a text: their predictions, and the text's known n-grams of
-/// more than one character with their rows in the intent, category and risk models.
+/// more than one character with their entries in the joint table.
 #[derive(Debug, Default)]
 pub struct Scan<'t> {
     pub intent: Option<Prediction>,
     pub category: Option<Prediction>,
     pub risk: Option<Prediction>,
-    seen: Vec<(&'t str, [u32; 3])>,
-}
-
-impl<'t> Scan<'t> {
-    /// The seen n-grams that model `at` (0 intent, 1 category, 2 risk) knows, with its rows.
-    fn rows(&self, at: usize) -> impl Iterator<Item = (&'t str, u32)> + '_ {
-        self.seen
-            .iter()
-            .filter(move |(_, rows)| rows[at] != ABSENT)
-            .map(move |(gram, rows)| (*gram, rows[at]))
-    }
+    seen: Vec<(&'t str, u32)>,
 }
 
 /// How many times a correction counts in training: an agent's label outweighs a line of
@@ -202,10 +192,42 @@ pub struct TextModels {
     pub risk: Option<NgramModel>,
     #[serde(default = "never")]
     pub risk_bar: f32,
-    /// Each n-gram's rows in the intent and the category model, so that one lookup per
-    /// n-gram serves both when the engine needs both.
+    /// Every n-gram any of the three models knows, for one lookup per n-gram.
     #[serde(skip_serializing)]
-    joint: HashMap<u64, [u32; 3], BuildHasherDefault<Prehashed>>,
+    joint: Joint,
+}
+
+/// The three models' rows side by side: an n-gram's entry holds its row numbers in each
+/// model (for the evidence) and, in `weights`, its intent, category and risk weights in
+/// one run, so that scoring a known n-gram reads one place. A model that does not know
+/// the n-gram contributes zeros there.
+#[derive(Debug, Clone, Default)]
+struct Joint {
+    entries: HashMap<u64, u32, BuildHasherDefault<Prehashed>>,
+    rows: Vec<[u32; 3]>,
+    weights: Vec<f32>,
+    /// Where each model's weights start within a run, and the run's width.
+    offsets: [usize; 4],
+}
+
+impl Joint {
+    /// The n-grams of `scan` that model `at` (0 intent, 1 category, 2 risk) knows, with
+    /// their weights in it.
+    fn rows<'a>(&'a self, scan: &'a Scan<'a>, at: usize) -> impl Iterator<Item = (&'a str, &'a [f32])> + 'a {
+        let width = self.offsets[3];
+        scan.seen.iter().filter_map(move |(gram, entry)| {
+            let entry = *entry as usize;
+            if self.rows.get(entry)?[at] == ABSENT {
+                return None;
+            }
+            let run = entry * width;
+            Some((
+                *gram,
+                self.weights
+                    .get(run + self.offsets[at]..run + self.offsets[at + 1])?,
+            ))
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -236,7 +258,7 @@ impl From<TextModelsFile> for TextModels {
             corrected: file.corrected,
             risk: file.risk,
             risk_bar: file.risk_bar,
-            joint: HashMap::default(),
+            joint: Joint::default(),
         };
         models.index();
         models
@@ -308,14 +330,31 @@ impl TextModels {
         .into()
     }
 
-    /// Each n-gram's rows in the intent, category and risk models, for one lookup per
-    /// n-gram.
+    /// Each n-gram's rows and weights in the intent, category and risk models, for one
+    /// lookup per n-gram.
     fn index(&mut self) {
-        let mut joint: HashMap<u64, [u32; 3], BuildHasherDefault<Prehashed>> = HashMap::default();
         let models = [Some(&self.intent), Some(&self.category), self.risk.as_ref()];
+        let mut offsets = [0; 4];
+        for (at, model) in models.iter().enumerate() {
+            offsets[at + 1] = offsets[at] + model.map_or(0, |m| m.classes.len());
+        }
+        let mut joint = Joint {
+            offsets,
+            ..Joint::default()
+        };
         for (at, model) in models.into_iter().enumerate() {
             for (hash, row) in model.into_iter().flat_map(|m| &m.rows) {
-                joint.entry(*hash).or_insert([ABSENT; 3])[at] = *row;
+                let next = joint.rows.len() as u32;
+                let entry = *joint.entries.entry(*hash).or_insert(next);
+                if entry == next {
+                    joint.rows.push([ABSENT; 3]);
+                    joint.weights.resize(joint.weights.len() + offsets[3], 0.0);
+                }
+                joint.rows[entry as usize][at] = *row;
+                if let Some(weights) = model.and_then(|m| m.row_at(*row)) {
+                    let run = entry as usize * offsets[3];
+                    joint.weights[run + offsets[at]..run + offsets[at + 1]].copy_from_slice(weights);
+                }
             }
         }
         self.joint = joint;
@@ -341,52 +380,47 @@ impl TextModels {
         if !intent && !category && risk_model.is_none() {
             return Scan::default();
         }
-        let mut intent_sums = vec![0.0; self.intent.classes.len()];
-        let mut category_sums = vec![0.0; self.category.classes.len()];
-        let mut risk_sums = vec![0.0; risk_model.map_or(0, |m| m.classes.len())];
-        let mut grams = 0;
+        let joint = &self.joint;
+        let width = joint.offsets[3];
+        let mut sums = vec![0.0; width];
         let mut seen = Vec::new();
-        for_each_ngram(text, |gram, hash| {
-            grams += 1;
-            let Some(&rows) = self.joint.get(&hash) else {
-                return;
+        let grams = walk_ngrams(text, |gram, hash| {
+            let Some(&entry) = joint.entries.get(&hash) else {
+                return false;
             };
-            if intent && let Some(row) = self.intent.row_at(rows[0]) {
-                add_scaled(&mut intent_sums, row, 1.0);
-            }
-            if category && let Some(row) = self.category.row_at(rows[1]) {
-                add_scaled(&mut category_sums, row, 1.0);
-            }
-            if let Some(row) = risk_model.and_then(|m| m.row_at(rows[2])) {
-                add_scaled(&mut risk_sums, row, 1.0);
+            let run = entry as usize * width;
+            if let Some(weights) = joint.weights.get(run..run + width) {
+                add_scaled(&mut sums, weights, 1.0);
             }
             if !is_one_char(gram) {
-                seen.push((gram, rows));
+                seen.push((gram, entry));
             }
+            true
         });
+        let sums_of = |at: usize| sums[joint.offsets[at]..joint.offsets[at + 1]].to_vec();
         Scan {
-            intent: intent.then(|| self.intent.verdict(intent_sums, grams)),
-            category: category.then(|| self.category.verdict(category_sums, grams)),
-            risk: risk_model.map(|m| m.verdict(risk_sums, grams)),
+            intent: intent.then(|| self.intent.verdict(sums_of(0), grams)),
+            category: category.then(|| self.category.verdict(sums_of(1), grams)),
+            risk: risk_model.map(|m| m.verdict(sums_of(2), grams)),
             seen,
         }
     }
 
     /// The n-grams that weighed most for the intent `scan` predicted.
     pub fn intent_evidence(&self, scan: &Scan<'_>, prediction: &Prediction) -> Vec<String> {
-        self.intent.strongest(scan.rows(0), prediction)
+        self.intent.strongest(self.joint.rows(scan, 0), prediction)
     }
 
     /// The n-grams that weighed most for the category `scan` predicted.
     pub fn category_evidence(&self, scan: &Scan<'_>, prediction: &Prediction) -> Vec<String> {
-        self.category.strongest(scan.rows(1), prediction)
+        self.category.strongest(self.joint.rows(scan, 1), prediction)
     }
 
     /// The n-grams that weighed most for the risk `scan` found.
     pub fn risk_evidence(&self, scan: &Scan<'_>, prediction: &Prediction) -> Vec<String> {
         self.risk
             .as_ref()
-            .map(|m| m.strongest(scan.rows(2), prediction))
+            .map(|m| m.strongest(self.joint.rows(scan, 2), prediction))
             .unwrap_or_default()
     }
 

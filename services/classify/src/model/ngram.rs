@@ -12,24 +12,46 @@ use super::{FNV_OFFSET, MAX_N, Prehashed, fnv_extend, stable_hash};
 /// punctuation are skipped. Hashes grow one character at a time (FNV is sequential), and
 /// each character is classified once, because this runs for every text classified.
 pub fn for_each_ngram<'t>(text: &'t str, mut f: impl FnMut(&'t str, u64)) {
-    let mut chars: Vec<(usize, bool)> = text
-        .char_indices()
-        .map(|(at, c)| (at, c.is_alphanumeric()))
-        .collect();
+    walk_ngrams(text, |gram, hash| {
+        f(gram, hash);
+        true
+    });
+}
+
+/// As [`for_each_ngram`], but when `f` returns false the longer n-grams at the same start
+/// are not visited (a model's vocabulary holds every prefix of its n-grams, so once one is
+/// unknown the longer ones are too). Returns how many n-grams `text` has, visited or not,
+/// which is what [`Scale`] divides by.
+pub fn walk_ngrams<'t>(text: &'t str, mut f: impl FnMut(&'t str, u64) -> bool) -> usize {
+    let mut chars: Vec<(usize, bool)> = text.char_indices().map(|(at, c)| (at, is_word_char(c))).collect();
     let count = chars.len();
     chars.push((text.len(), false));
+    let mut grams = 0;
     for i in 0..count {
         let mut hash = FNV_OFFSET;
         let mut any_alphanumeric = false;
-        for n in 1..=MAX_N.min(count - i) {
+        let longest = MAX_N.min(count - i);
+        for n in 1..=longest {
             let (from, to) = (chars[i + n - 1].0, chars[i + n].0);
             hash = fnv_extend(hash, &text.as_bytes()[from..to]);
             any_alphanumeric |= chars[i + n - 1].1;
             if any_alphanumeric {
-                f(&text[chars[i].0..to], hash);
+                grams += 1;
+                if !f(&text[chars[i].0..to], hash) {
+                    // Every longer n-gram here is counted too: they all hold this one's
+                    // letter or digit.
+                    grams += longest - n;
+                    break;
+                }
             }
         }
     }
+    grams
+}
+
+/// `char::is_alphanumeric`, answered without a table lookup for the common CJK ideographs.
+fn is_word_char(c: char) -> bool {
+    matches!(c, '\u{4E00}'..='\u{9FFF}') || c.is_alphanumeric()
 }
 
 /// How a model weighs a text's n-grams before adding their rows.
@@ -147,6 +169,8 @@ pub struct Prediction {
     /// Posterior probability of `class`, 0..1.
     pub confidence: f32,
     best: usize,
+    /// The class with the next highest score (`best` if there is only one).
+    runner_up: usize,
 }
 
 /// The classes of `labels` in order of first appearance, and each label's index.
@@ -302,8 +326,13 @@ impl NgramModel {
         self.grams.len()
     }
 
+    /// The n-grams the model has seen.
+    pub fn grams(&self) -> &[String] {
+        &self.grams
+    }
+
     /// The log likelihoods of a seen n-gram, one per class.
-    fn row(&self, gram_hash: u64) -> Option<&[f32]> {
+    pub(super) fn row(&self, gram_hash: u64) -> Option<&[f32]> {
         self.row_at(*self.rows.get(&gram_hash)?)
     }
 
@@ -315,14 +344,14 @@ impl NgramModel {
     /// The most probable class of a folded text.
     pub fn predict(&self, text: &str) -> Prediction {
         let mut sums = vec![0.0; self.classes.len()];
-        let mut grams = 0;
         // N-grams no class has seen carry no evidence; scoring them with each class's
         // smoothed "unseen" probability would favour the classes with the least text.
-        for_each_ngram(text, |_, hash| {
-            grams += 1;
-            if let Some(row) = self.row(hash) {
+        let grams = walk_ngrams(text, |_, hash| {
+            let row = self.row(hash);
+            if let Some(row) = row {
                 add_scaled(&mut sums, row, 1.0);
             }
+            row.is_some()
         });
         self.verdict(sums, grams)
     }
@@ -339,10 +368,15 @@ impl NgramModel {
                 |(bi, bs), (i, s)| if *s > bs { (i, *s) } else { (bi, bs) },
             );
         let normaliser: f32 = scores.iter().map(|s| (s - top).exp()).sum();
+        let runner_up = (0..scores.len())
+            .filter(|i| *i != best)
+            .max_by(|a, b| scores[*a].total_cmp(&scores[*b]))
+            .unwrap_or(best);
         Prediction {
             class: self.classes.get(best).cloned().unwrap_or_default(),
             confidence: 1.0 / normaliser,
             best,
+            runner_up,
         }
     }
 
@@ -352,10 +386,10 @@ impl NgramModel {
     pub fn evidence(&self, text: &str, prediction: &Prediction) -> Vec<String> {
         let mut seen = Vec::new();
         for_each_ngram(text, |gram, hash| {
-            if let Some(row) = self.rows.get(&hash)
+            if let Some(row) = self.row(hash)
                 && !is_one_char(gram)
             {
-                seen.push((gram, *row));
+                seen.push((gram, row));
             }
         });
         self.strongest(seen.into_iter(), prediction)
@@ -365,7 +399,7 @@ impl NgramModel {
     /// the predicted class.
     pub(super) fn strongest<'t>(
         &self,
-        seen: impl Iterator<Item = (&'t str, u32)>,
+        seen: impl Iterator<Item = (&'t str, &'t [f32])>,
         prediction: &Prediction,
     ) -> Vec<String> {
         const SHOWN: usize = 3;
@@ -373,7 +407,20 @@ impl NgramModel {
         // The strongest few, kept in order: no list of every n-gram.
         let mut strongest: Vec<(f32, &str)> = Vec::with_capacity(SHOWN + 1);
         for (gram, row) in seen {
-            let Some(row) = self.row_at(row) else { continue };
+            // The pull cannot exceed the lead over the runner-up: most n-grams are ruled
+            // out by that before their whole row is read.
+            let floor = if strongest.len() == SHOWN {
+                strongest.last().map_or(0.0, |(p, _)| *p).max(0.0)
+            } else {
+                0.0
+            };
+            let lead = match (row.get(best), row.get(prediction.runner_up)) {
+                (Some(b), Some(r)) if prediction.runner_up != best => b - r,
+                _ => f32::INFINITY,
+            };
+            if lead <= floor {
+                continue;
+            }
             let others = row
                 .iter()
                 .enumerate()

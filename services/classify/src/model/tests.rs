@@ -14,6 +14,69 @@ fn ngrams_cover_one_to_three_characters() {
 }
 
 #[test]
+fn a_walk_skips_the_longer_ngrams_of_an_unknown_one_but_counts_them() {
+    let mut visited = Vec::new();
+    let grams = walk_ngrams("断网了", |g, _| {
+        visited.push(g.to_owned());
+        g != "断"
+    });
+    assert_eq!(visited, vec!["断", "网", "网了", "了"]);
+    assert_eq!(grams, 6);
+}
+
+/// Scoring stops at the first unknown n-gram of each start, which is sound only if every
+/// vocabulary holds the prefixes of its n-grams (those a walk visits).
+#[test]
+fn the_shipped_vocabularies_hold_every_prefix_of_their_ngrams() {
+    let models = TextModels::builtin().expect("shipped model");
+    let risk = models.risk.as_ref().expect("a risk model");
+    for model in [&models.intent, &models.category, risk] {
+        for gram in model.grams() {
+            let mut prefixes = Vec::new();
+            walk_ngrams(gram, |prefix, _| {
+                if prefix.len() < gram.len() && gram.starts_with(prefix) {
+                    prefixes.push(prefix);
+                }
+                true
+            });
+            for prefix in prefixes {
+                assert!(model.row(stable_hash(prefix)).is_some(), "{prefix:?} of {gram:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn evidence_from_one_scan_is_each_models_own() {
+    let models = TextModels::builtin().expect("shipped model");
+    for text in [
+        "快递显示已签收，但我根本没收到货",
+        "宽带断网三天了,打了五次电话没人管,再不修我就投诉到工信部",
+        "请问怎么查话费",
+    ] {
+        let scan = models.scan(text, true, true, false);
+        let (intent, category) = (
+            scan.intent.as_ref().expect("asked for"),
+            scan.category.as_ref().expect("asked for"),
+        );
+        assert_eq!(
+            models.intent_evidence(&scan, intent),
+            models.intent.evidence(text, intent),
+            "{text}"
+        );
+        assert_eq!(
+            models.category_evidence(&scan, category),
+            models.category.evidence(text, category),
+            "{text}"
+        );
+    }
+    let text = "快递显示已签收，但我根本没收到货";
+    let scan = models.scan(text, false, true, false);
+    let category = scan.category.as_ref().expect("asked for");
+    assert!(!models.category_evidence(&scan, category).is_empty());
+}
+
+#[test]
 fn both_learners_learn_from_examples_and_explain() {
     for learner in [Learner::Bayes, Learner::Logistic] {
         let model = NgramModel::train(
