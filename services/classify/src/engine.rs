@@ -57,6 +57,21 @@ fn keyword_category<'r>(rules: &'r Rules, found: &Found<'r>) -> (Option<(&'r str
     (best, total_hits)
 }
 
+/// Keywords as the reasons list them, `["a", "b"]`: what `{:?}` prints for plain words,
+/// without escaping each character (keywords come from the rules, not from input).
+struct Words<'a>(&'a [&'a str]);
+
+impl std::fmt::Display for Words<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[")?;
+        for (i, word) in self.0.iter().enumerate() {
+            let separator = if i == 0 { "" } else { ", " };
+            write!(f, "{separator}\"{word}\"")?;
+        }
+        f.write_str("]")
+    }
+}
+
 /// Whether the rules have any ground for an intent: a category keyword, sentiment or a
 /// question word. Without one their "complaint" is only a default.
 fn has_intent_signal(found: &Found<'_>, category_found: bool) -> bool {
@@ -95,7 +110,7 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
     let (best, total_hits) = keyword_category(rules, &found);
     let (category, confidence) = match &best {
         Some((name, found)) => {
-            reasons.push(format!("category {name}: keywords {found:?}"));
+            reasons.push(format!("category {name}: keywords {}", Words(found)));
             (name.to_string(), found.len() as f64 / total_hits.max(1) as f64)
         }
         None => {
@@ -178,7 +193,9 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
     };
     if !negative.is_empty() || !positive.is_empty() {
         reasons.push(format!(
-            "sentiment {score:.2}: negative {negative:?}, positive {positive:?}"
+            "sentiment {score:.2}: negative {}, positive {}",
+            Words(&negative),
+            Words(&positive)
         ));
     }
 
@@ -190,7 +207,7 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         reasons.push("intent noise: short text without a problem or a question".into());
         Intent::Noise
     } else if negative.is_empty() && !questions.is_empty() {
-        reasons.push(format!("intent inquiry: question words {questions:?}"));
+        reasons.push(format!("intent inquiry: question words {}", Words(&questions)));
         Intent::Inquiry
     } else {
         reasons.push("intent complaint".into());
@@ -201,12 +218,15 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
     let exclamations = text.matches(['!', '！']).count();
     let anger = !anger_hits.is_empty() || exclamations >= 3;
     if anger {
-        reasons.push(format!("anger: {anger_hits:?}, {exclamations} exclamation marks"));
+        reasons.push(format!(
+            "anger: {}, {exclamations} exclamation marks",
+            Words(&anger_hits)
+        ));
     }
     let abuse = found.of(List::Abuse);
     let abuse_without_problem = !abuse.is_empty() && best.is_none();
     if abuse_without_problem {
-        reasons.push(format!("abuse without a concrete problem: {abuse:?}"));
+        reasons.push(format!("abuse without a concrete problem: {}", Words(&abuse)));
     }
 
     let model_risk = scan
@@ -268,11 +288,14 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         }
         if !repeated.is_empty() {
             priority = priority.raised();
-            reasons.push(format!("priority raised: repeated contact {repeated:?}"));
+            reasons.push(format!("priority raised: repeated contact {}", Words(&repeated)));
         }
         if !vulnerable.is_empty() {
             priority = priority.raised();
-            reasons.push(format!("priority raised: vulnerable customer {vulnerable:?}"));
+            reasons.push(format!(
+                "priority raised: vulnerable customer {}",
+                Words(&vulnerable)
+            ));
         }
         if model_risk.is_some() {
             priority = priority.raised();
@@ -291,7 +314,7 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         }
         if !threats.is_empty() {
             priority = Priority::P1;
-            reasons.push(format!("priority P1: escalation risk {threats:?}"));
+            reasons.push(format!("priority P1: escalation risk {}", Words(&threats)));
         }
     }
 

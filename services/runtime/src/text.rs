@@ -16,6 +16,13 @@ pub fn is_format(c: char) -> bool {
     !(c < '\u{AD}' || matches!(c, '\u{3000}'..='\u{9FFF}')) && c.general_category() == GeneralCategory::Format
 }
 
+/// ASCII, CJK ideographs, and the CJK punctuation NFKC keeps (、。〈〉《》「」『』【】):
+/// characters that are their own NFKC form, are not format characters, and compose with
+/// none of each other, so a text of only these is folded already.
+fn is_plainly_folded(c: char) -> bool {
+    c.is_ascii() || matches!(c, '\u{4E00}'..='\u{9FFF}' | '\u{3001}'..='\u{3002}' | '\u{3008}'..='\u{3011}')
+}
+
 /// `text` folded: format characters removed, then NFKC.
 pub fn fold(text: &str) -> impl Iterator<Item = char> + '_ {
     text.chars().filter(|c| !is_format(*c)).nfkc()
@@ -47,8 +54,11 @@ pub fn folded(text: &str) -> std::borrow::Cow<'_, str> {
         return std::borrow::Cow::Borrowed(text);
     }
     // Most texts arrive folded (ingest folds every contact), and confirming that costs a
-    // fraction of folding again.
-    if is_nfkc_quick(text.chars()) == IsNormalized::Yes && !text.chars().any(is_format) {
+    // fraction of folding again; for the characters most texts are made of it needs no
+    // table at all.
+    if text.chars().all(is_plainly_folded)
+        || (is_nfkc_quick(text.chars()) == IsNormalized::Yes && !text.chars().any(is_format))
+    {
         return std::borrow::Cow::Borrowed(text);
     }
     let folded: String = fold(text).collect();
@@ -70,6 +80,14 @@ mod tests {
             assert_ne!(c.general_category(), GeneralCategory::Format, "{c:?}");
         }
         assert!(is_format('\u{AD}') && is_format('\u{200B}') && is_format('\u{FEFF}'));
+    }
+
+    #[test]
+    fn plainly_folded_characters_are_their_own_fold() {
+        let plain = ('\0'..='\u{FFFF}').filter(|c| is_plainly_folded(*c));
+        for c in plain {
+            assert!(fold(c.encode_utf8(&mut [0; 4])).eq([c]), "{c:?}");
+        }
     }
 
     #[test]
