@@ -5,7 +5,7 @@
 use closedloop_proto::v1::Channel;
 
 use crate::engine::{self, Contact, rule_signals};
-use crate::model::{Example, Learner, NEVER, TextModels, Trust, is_held_out, stable_hash};
+use crate::model::{Example, Learner, NEVER, TextModels, Trust, is_held_out, risk_probability, stable_hash};
 use crate::rules::{Rules, fold};
 
 /// Folds of the cross-validation.
@@ -137,9 +137,13 @@ pub fn cross_validate(examples: &[Example], rules: &Rules, learner: Learner) -> 
     }
 }
 
-/// Highest share of texts without risk the model may flag beyond the rules: a false alarm
-/// sends an agent hurrying to a customer who was never going to the press.
+/// Highest share of texts without risk that the rules and the risk model should flag
+/// together: a false alarm sends an agent hurrying to a customer who was never going to
+/// the press.
 pub const RISK_FALSE_ALARMS: f64 = 0.05;
+
+/// Share of risky texts the rules and the risk model should catch together.
+pub const RISK_RECALL: f64 = 0.9;
 
 /// Recall and false alarms of a risk detector over labelled texts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -181,11 +185,13 @@ pub fn rules_flag_risk(rules: &Rules, text: &str) -> bool {
     .escalation_risk
 }
 
-/// The risk model's bar, chosen by cross-validation on the training part of `examples`
-/// (labels "risk" and "none"): the bar with the highest recall of rules and model together
-/// that adds at most [`RISK_FALSE_ALARMS`] to the rules' own false alarms (ties to the
-/// higher bar), and its cross-validated figures.
-pub fn risk_bar(examples: &[Example], rules: &Rules, learner: Learner) -> (f32, RiskFigures) {
+/// The risk model's bars, chosen by cross-validation on the training part of `examples`
+/// (labels "risk" and "none"), and their cross-validated figures. Where the lists found
+/// nothing the model flags a text at `flag` or above; where they found risk it overrules
+/// them below `veto`. The pair chosen has the highest recall among those with at least
+/// [`RISK_RECALL`] and at most [`RISK_FALSE_ALARMS`] false alarms; if none gets there, the
+/// most recall net of false alarms. Ties go to the more cautious pair.
+pub fn risk_bars(examples: &[Example], rules: &Rules, learner: Learner) -> RiskBars {
     let training: Vec<&Example> = examples.iter().filter(|e| !is_held_out(&e.text)).collect();
     let fold_of = |e: &Example| (stable_hash(&e.text) / 5) % FOLDS;
     // (truly risky, rules flag, model's probability of risk)
@@ -198,31 +204,64 @@ pub fn risk_bar(examples: &[Example], rules: &Rules, learner: Learner) -> (f32, 
             .collect();
         let model = crate::model::NgramModel::train(learner, train.iter().map(|(t, l)| (t.as_str(), *l)));
         for example in training.iter().filter(|e| fold_of(e) == part) {
-            let p = model.predict(&fold(&example.text));
-            let risk = if p.class == "risk" {
-                p.confidence
-            } else {
-                1.0 - p.confidence
-            };
             verdicts.push((
                 example.intent == "risk",
                 rules_flag_risk(rules, &example.text),
-                risk,
+                risk_probability(&model.predict(&fold(&example.text))),
             ));
         }
     }
-    let figures = |bar: f32| risk_figures(verdicts.iter().map(|(t, r, p)| (*t, *r || *p >= bar)));
-    // The rules' own false alarms are not the model's to undo; it may add up to the limit.
-    let rules_only = figures(NEVER);
-    let limit = rules_only.false_alarms + RISK_FALSE_ALARMS;
-    let mut best = (NEVER, rules_only);
-    for bar in BARS.iter().rev() {
-        let found = figures(*bar);
-        if found.false_alarms <= limit && found.recall > best.1.recall {
-            best = (*bar, found);
-        }
-    }
-    best
+    choose_risk_bars(&verdicts)
+}
+
+/// The bars for a risk model, and what they gave in cross-validation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RiskBars {
+    pub flag: f32,
+    pub veto: f32,
+    pub figures: RiskFigures,
+}
+
+/// Vetoes tried: 0 never overrules the lists.
+const VETO_BARS: [f32; 11] = [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7];
+
+/// [`risk_bars`]' choice over `(truly risky, rules flag, model's probability of risk)`.
+fn choose_risk_bars(verdicts: &[(bool, bool, f32)]) -> RiskBars {
+    let figures = |flag: f32, veto: f32| {
+        risk_figures(
+            verdicts
+                .iter()
+                .map(|(t, r, p)| (*t, if *r { *p >= veto } else { *p >= flag })),
+        )
+    };
+    let lists_alone = RiskBars {
+        flag: NEVER,
+        veto: 0.0,
+        figures: figures(NEVER, 0.0),
+    };
+    let candidates: Vec<RiskBars> = BARS
+        .iter()
+        .rev()
+        .flat_map(|flag| VETO_BARS.iter().map(move |veto| (*flag, *veto)))
+        .map(|(flag, veto)| RiskBars {
+            flag,
+            veto,
+            figures: figures(flag, veto),
+        })
+        .collect();
+    let best_by = |score: &dyn Fn(&RiskFigures) -> f64, limit: f64| {
+        candidates
+            .iter()
+            .filter(|c| c.figures.false_alarms <= limit)
+            .fold(None::<RiskBars>, |best, c| match best {
+                Some(b) if score(&b.figures) >= score(&c.figures) => Some(b),
+                _ => Some(*c),
+            })
+    };
+    best_by(&|f| f.recall, RISK_FALSE_ALARMS)
+        .filter(|b| b.figures.recall >= RISK_RECALL)
+        .or_else(|| best_by(&|f| f.recall - f.false_alarms, 1.0))
+        .unwrap_or(lists_alone)
 }
 
 /// The engine's accuracy with `models` on the held-out part of `examples`: intent, and
@@ -274,6 +313,33 @@ mod tests {
             0.0,
             "nothing risky: nothing recalled, no division by zero"
         );
+    }
+
+    #[test]
+    fn risk_bars_veto_the_lists_where_the_model_tells_their_false_alarms_apart() {
+        // (truly risky, lists flag, model's probability of risk)
+        let mut verdicts = vec![(true, true, 0.9), (true, false, 0.95), (false, false, 0.05)];
+        verdicts.extend([(false, true, 0.1), (false, true, 0.15)]);
+        verdicts.extend(std::iter::repeat_n((false, false, 0.02), 20));
+        let bars = choose_risk_bars(&verdicts);
+        assert!(bars.veto > 0.15 && bars.veto <= 0.9, "{bars:?}");
+        assert!(bars.flag > 0.05 && bars.flag <= 0.95, "{bars:?}");
+        assert_eq!(bars.figures.recall, 1.0);
+        assert_eq!(bars.figures.false_alarms, 0.0);
+    }
+
+    #[test]
+    fn without_a_pair_that_meets_both_aims_the_bars_trade_recall_against_false_alarms() {
+        // The model cannot tell the risky from the calm: vetoing or flagging only costs.
+        let verdicts = [
+            (true, true, 0.5),
+            (false, true, 0.5),
+            (true, false, 0.5),
+            (false, false, 0.5),
+        ];
+        let bars = choose_risk_bars(&verdicts);
+        assert_eq!((bars.flag, bars.veto), (NEVER, 0.0), "{bars:?}");
+        assert_eq!(bars.figures.recall, 0.5);
     }
 
     fn verdict(truth: &str, by_rules: &str, rules_found: bool, by_model: &str, confidence: f32) -> Verdicts {

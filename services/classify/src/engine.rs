@@ -6,7 +6,7 @@ use closedloop_proto::v1::{
 };
 use closedloop_runtime::pii::PiiKind;
 
-use crate::model::TextModels;
+use crate::model::{TextModels, risk_probability};
 use crate::region;
 use crate::rules::{Found, List, Rules, fold};
 
@@ -131,18 +131,19 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
     let keywords_found = best.is_some();
     // The rules' signal for intent is any category, sentiment or question word.
     let rules_had_signal = has_intent_signal(&found, keywords_found);
-    let threats = found.of(List::Escalation);
-    let repeated = found.of(List::Repeat);
-    let vulnerable = found.of(List::Vulnerable);
+    let mut threats = found.of(List::Escalation);
+    let mut repeated = found.of(List::Repeat);
+    let mut vulnerable = found.of(List::Vulnerable);
     let rules_risk = !threats.is_empty() || !repeated.is_empty() || !vulnerable.is_empty();
     let scan = models.filter(|_| corrected.is_none()).map(|m| {
         let scan = m.scan(
             &text,
             m.intent_trust.could_decide(rules_had_signal),
             m.category_trust.could_decide(keywords_found),
-            // Where the word lists found nothing, the risk model may: indirect threats and
-            // people the lists do not name.
-            !rules_risk,
+            // Where the word lists found nothing, the risk model may find risk (indirect
+            // threats, people the lists do not name); where they found some, it may
+            // overrule them (a phone for the elderly is no elderly customer).
+            true,
         );
         (scan, m)
     });
@@ -229,18 +230,30 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         reasons.push(format!("abuse without a concrete problem: {}", Words(&abuse)));
     }
 
-    let model_risk = scan
-        .as_ref()
-        .and_then(|(s, m)| Some((s.risk.as_ref()?, *m, s)))
-        .filter(|(p, m, _)| m.flags_risk(p));
+    let risk_verdict = scan.as_ref().and_then(|(s, m)| Some((s.risk.as_ref()?, *m, s)));
+    let model_risk = risk_verdict.filter(|(p, m, _)| !rules_risk && m.flags_risk(p));
     if let Some((p, m, scan)) = &model_risk {
         reasons.push(format!(
             "escalation risk by the model ({:.2}, evidence {})",
-            p.confidence,
+            risk_probability(p),
             m.risk_evidence(scan, p).join(" ")
         ));
     }
-    let escalation_risk = rules_risk || model_risk.is_some();
+    let lists_overruled = rules_risk && risk_verdict.is_some_and(|(p, m, _)| m.vetoes_risk(p));
+    if lists_overruled {
+        let words: Vec<&str> = [&threats, &repeated, &vulnerable]
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        reasons.push(format!(
+            "no escalation risk: the model ({:.2}) overrules the words {}",
+            risk_verdict.map_or(0.0, |(p, _, _)| risk_probability(p)),
+            Words(&words)
+        ));
+        (threats, repeated, vulnerable) = (Vec::new(), Vec::new(), Vec::new());
+    }
+    let escalation_risk = (rules_risk && !lists_overruled) || model_risk.is_some();
 
     let tier = influence_tier(rules, contact.poster);
     // Likewise for intent.
@@ -566,7 +579,7 @@ mod tests {
             .into_iter()
             .filter(|e| !crate::model::is_held_out(&e.text))
             .collect();
-        let models = models.with_risk(crate::model::Learner::Logistic, &training, 0.5);
+        let models = models.with_risk(crate::model::Learner::Logistic, &training, 0.5, 0.0);
         let c = with_models(text, &models);
         assert!(c.escalation_risk, "{:?}", c.reasons);
         assert!(
@@ -578,6 +591,40 @@ mod tests {
         );
         let calm = with_models("宽带断网了", &models);
         assert!(!calm.escalation_risk, "{:?}", calm.reasons);
+    }
+
+    #[test]
+    fn the_risk_model_overrules_a_list_word_used_innocently() {
+        let risk_examples = crate::model::parse_examples(
+            "none\t-\t老人机怎么设置大字体\nnone\t-\t给我爸买的老人机能办副卡吗\n\
+             none\t-\t老人机的电池不耐用\nrisk\tvulnerable\t家里老人一个人住，停电了很危险\n\
+             risk\tvulnerable\t老人卧床，不能没电\n",
+        )
+        .expect("examples");
+        let text = "老人机的字太小了";
+        let mut models = TextModels::builtin().expect("shipped model");
+        models.risk = None;
+        assert!(
+            with_models(text, &models).escalation_risk,
+            "\"老人\" is on the list"
+        );
+        let models = models.with_risk(
+            crate::model::Learner::Logistic,
+            &risk_examples,
+            crate::model::NEVER,
+            0.5,
+        );
+        let c = with_models(text, &models);
+        assert!(!c.escalation_risk, "{:?}", c.reasons);
+        assert!(
+            c.reasons
+                .iter()
+                .any(|r| r.contains("overrules the words [\"老人\"]")),
+            "{:?}",
+            c.reasons
+        );
+        let risky = with_models("家里老人一个人住，停电了很危险", &models);
+        assert!(risky.escalation_risk, "{:?}", risky.reasons);
     }
 
     #[test]

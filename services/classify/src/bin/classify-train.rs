@@ -71,20 +71,24 @@ fn main() -> anyhow::Result<()> {
         corrections.extend(parse_examples(&std::fs::read_to_string(path)?)?);
     }
     let risk_examples = parse_examples(&std::fs::read_to_string(&args.risk_examples)?)?;
-    let (risk_bar, risk_cv) = calibrate::risk_bar(&risk_examples, &rules, args.learner);
+    let risk = calibrate::risk_bars(&risk_examples, &rules, args.learner);
     let mut models = TextModels::train_with_corrections(args.learner, &examples, &corrections).with_risk(
         args.learner,
         &risk_examples,
-        risk_bar,
+        risk.flag,
+        risk.veto,
     );
     let cv = calibrate::cross_validate(&examples, &rules, args.learner);
     models.intent_trust = cv.intent;
     models.category_trust = cv.category;
     std::fs::write(&args.out, serde_json::to_string(&models)?)?;
     println!(
-        "  escalation risk: rules and model flag at ≥ {risk_bar} (recall {:.3}, false alarms {:.3}, over {} risk examples)",
-        risk_cv.recall,
-        risk_cv.false_alarms,
+        "  escalation risk: the model flags at ≥ {} where the lists found none, and overrules them below {} \
+         (recall {:.3}, false alarms {:.3}, over {} risk examples)",
+        risk.flag,
+        risk.veto,
+        risk.figures.recall,
+        risk.figures.false_alarms,
         risk_examples.iter().filter(|e| !is_held_out(&e.text)).count()
     );
     if !args.corrections.is_empty() {

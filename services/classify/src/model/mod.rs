@@ -193,6 +193,10 @@ pub struct TextModels {
     pub risk: Option<NgramModel>,
     #[serde(default = "never")]
     pub risk_bar: f32,
+    /// Where the word lists find risk, a risk model less sure than this that there is any
+    /// overrules them ("老人机" is a phone, not an elderly customer); 0 never does.
+    #[serde(default)]
+    pub risk_veto_bar: f32,
     /// Every n-gram any of the three models knows, for one lookup per n-gram.
     #[serde(skip_serializing)]
     joint: Joint,
@@ -246,6 +250,8 @@ struct TextModelsFile {
     risk: Option<NgramModel>,
     #[serde(default = "never")]
     risk_bar: f32,
+    #[serde(default)]
+    risk_veto_bar: f32,
 }
 
 impl From<TextModelsFile> for TextModels {
@@ -259,6 +265,7 @@ impl From<TextModelsFile> for TextModels {
             corrected: file.corrected,
             risk: file.risk,
             risk_bar: file.risk_bar,
+            risk_veto_bar: file.risk_veto_bar,
             joint: Joint::default(),
         };
         models.index();
@@ -327,6 +334,7 @@ impl TextModels {
             corrected,
             risk: None,
             risk_bar: NEVER,
+            risk_veto_bar: 0.0,
         }
         .into()
     }
@@ -377,7 +385,10 @@ impl TextModels {
     /// there is one that can flag), keeping the known n-grams of the text with their rows so
     /// that the evidence for a prediction needs no second pass over the text.
     pub fn scan<'t>(&self, text: &'t str, intent: bool, category: bool, risk: bool) -> Scan<'t> {
-        let risk_model = self.risk.as_ref().filter(|_| risk && self.risk_bar <= 1.0);
+        let risk_model = self
+            .risk
+            .as_ref()
+            .filter(|_| risk && (self.risk_bar <= 1.0 || self.risk_veto_bar > 0.0));
         if !intent && !category && risk_model.is_none() {
             return Scan::default();
         }
@@ -427,8 +438,9 @@ impl TextModels {
 
     /// Adds the escalation-risk model, trained with `learner` on the training part of
     /// `examples` (labels "risk" and "none"); `bar` is where it flags (see
-    /// `calibrate::risk_bar`).
-    pub fn with_risk(mut self, learner: Learner, examples: &[Example], bar: f32) -> Self {
+    /// `calibrate::risk_bars`); where the lists flag risk, it overrules them below
+    /// `veto_bar`.
+    pub fn with_risk(mut self, learner: Learner, examples: &[Example], bar: f32, veto_bar: f32) -> Self {
         let training: Vec<(String, &str)> = examples
             .iter()
             .filter(|e| !is_held_out(&e.text))
@@ -439,13 +451,19 @@ impl TextModels {
             training.iter().map(|(t, l)| (t.as_str(), *l)),
         ));
         self.risk_bar = bar;
+        self.risk_veto_bar = veto_bar;
         self.index();
         self
     }
 
-    /// Whether a risk verdict flags the text.
+    /// Whether a risk verdict flags the text (where the lists found nothing).
     pub fn flags_risk(&self, prediction: &Prediction) -> bool {
-        prediction.class == "risk" && prediction.confidence >= self.risk_bar
+        risk_probability(prediction) >= self.risk_bar
+    }
+
+    /// Whether a risk verdict overrules the lists' risk.
+    pub fn vetoes_risk(&self, prediction: &Prediction) -> bool {
+        risk_probability(prediction) < self.risk_veto_bar
     }
 
     /// The labels agents gave `masked_text` (as classify masks a text), if they corrected it.
@@ -471,6 +489,15 @@ impl TextModels {
                 Ok(serde_json::from_str(&json)?)
             }
         }
+    }
+}
+
+/// How sure a risk model ("risk" or "none") is that a text carries risk.
+pub fn risk_probability(prediction: &Prediction) -> f32 {
+    if prediction.class == "risk" {
+        prediction.confidence
+    } else {
+        1.0 - prediction.confidence
     }
 }
 
