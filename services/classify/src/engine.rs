@@ -133,6 +133,7 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
     let rules_had_signal = has_intent_signal(&found, keywords_found);
     let mut threats = found.of(List::Escalation);
     let mut repeated = found.of(List::Repeat);
+    repeated.extend(crate::rules::counted_contacts(&text));
     let mut vulnerable = found.of(List::Vulnerable);
     let rules_risk = !threats.is_empty() || !repeated.is_empty() || !vulnerable.is_empty();
     let scan = models.filter(|_| corrected.is_none()).map(|m| {
