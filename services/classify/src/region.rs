@@ -63,7 +63,10 @@ static PLACES: std::sync::LazyLock<Option<Places>> = std::sync::LazyLock::new(||
     let patterns = names
         .iter()
         .map(|(province, city)| if city.is_empty() { *province } else { *city });
-    aho_corasick::AhoCorasick::new(patterns)
+    // A DFA, as for the keywords: every text classified is scanned with it.
+    aho_corasick::AhoCorasick::builder()
+        .kind(Some(aho_corasick::AhoCorasickKind::DFA))
+        .build(patterns)
         .ok()
         .map(|automaton| Places { automaton, names })
 });

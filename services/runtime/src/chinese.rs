@@ -2,7 +2,7 @@
 //! Traditional characters to Simplified so rules and models match both. Character pairs
 //! come from fast2s (MIT, 2,700+ pairs derived from OpenCC).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
 use closedloop_proto::v1::Script;
@@ -77,41 +77,61 @@ pub fn detect_script(text: &str) -> Script {
     }
 }
 
-/// `text` with Traditional characters replaced by their Simplified forms.
+/// `text` with Traditional characters replaced by their Simplified forms, as fast2s
+/// replaces them.
 pub fn fold_to_simplified(text: &str) -> String {
-    // Most texts are Simplified already: one bit per character says so, where fast2s
-    // would look each character up in three maps.
-    let unchanged = &*UNCHANGED;
-    let stays = |c: char| {
-        let c = c as usize;
-        c < 0x800
-            || unchanged
-                .get(c / 64)
-                .is_some_and(|bits| bits & (1 << (c % 64)) != 0)
-    };
-    if text.chars().all(stays) {
-        text.to_owned()
-    } else {
-        fast2s::convert(text)
-    }
-}
-
-/// Characters fast2s has rules for beside certain neighbours (看著 becomes 看着): alone
-/// they come back unchanged, so the table below must not count them as stable.
-const CONVERTED_IN_CONTEXT: [char; 3] = ['藉', '著', '苧'];
-
-/// One bit per character below U+10000: set where fast2s leaves the character as it is in
-/// any context. (fast2s converts only three-byte characters; those below U+0800 are never
-/// touched, and characters beyond U+FFFF are left to it.)
-static UNCHANGED: LazyLock<Vec<u64>> = LazyLock::new(|| {
-    let mut bits = vec![0u64; 0x10000 / 64];
-    let mut buffer = [0u8; 4];
-    for c in ('\u{800}'..='\u{FFFF}').filter(|c| !CONVERTED_IN_CONTEXT.contains(c)) {
-        if fast2s::convert(c.encode_utf8(&mut buffer)).chars().eq([c]) {
-            bits[c as usize / 64] |= 1 << (c as usize % 64);
+    // fast2s looks every character up in three maps; here one bit says a character stays,
+    // and one map lookup folds the rest, unless a character's fold depends on its
+    // neighbours, which is left to fast2s.
+    let folding = &*FOLDING;
+    let mut folded = String::with_capacity(text.len());
+    for c in text.chars() {
+        let code = c as usize;
+        let stays = code < 0x800
+            || folding
+                .unchanged
+                .get(code / 64)
+                .is_some_and(|bits| bits & (1 << (code % 64)) != 0);
+        if stays {
+            folded.push(c);
+        } else if let Some(simplified) = folding.folds.get(&c) {
+            folded.push(*simplified);
+        } else {
+            return fast2s::convert(text);
         }
     }
-    bits
+    folded
+}
+
+/// Characters whose fold in fast2s 0.3 depends on their neighbours (乾隆 keeps 乾, 看著
+/// becomes 看着): its exception tables, which it does not export.
+const FOLDED_IN_CONTEXT: &str = "兒覆夥藉瞭麽幺於乾著苧闔鍾讎畫";
+
+/// What fast2s does to each character below U+10000 alone. (It folds only three-byte
+/// characters: those below U+0800 always stay, and so do those beyond U+FFFF.)
+struct Folding {
+    /// One bit per character, set where the character stays as it is in any context.
+    unchanged: Vec<u64>,
+    /// The Simplified form of each character that folds the same in any context.
+    folds: HashMap<char, char>,
+}
+
+static FOLDING: LazyLock<Folding> = LazyLock::new(|| {
+    let mut unchanged = vec![0u64; 0x10000 / 64];
+    let mut folds = HashMap::new();
+    let mut buffer = [0u8; 4];
+    for c in ('\u{800}'..='\u{FFFF}').filter(|c| !FOLDED_IN_CONTEXT.contains(*c)) {
+        let folded = fast2s::convert(c.encode_utf8(&mut buffer));
+        let mut chars = folded.chars();
+        match (chars.next(), chars.next()) {
+            (Some(s), None) if s == c => unchanged[c as usize / 64] |= 1 << (c as usize % 64),
+            (Some(s), None) => {
+                folds.insert(c, s);
+            }
+            _ => {}
+        }
+    }
+    Folding { unchanged, folds }
 });
 
 #[cfg(test)]
@@ -129,6 +149,15 @@ mod tests {
     }
 
     #[test]
+    fn every_character_alone_folds_as_fast2s_folds_it() {
+        let mut buffer = [0u8; 4];
+        for c in '\u{0}'..='\u{FFFF}' {
+            let c = c.encode_utf8(&mut buffer);
+            assert_eq!(fold_to_simplified(c), fast2s::convert(c), "{c}");
+        }
+    }
+
+    #[test]
     fn folds_as_fast2s_does_whether_or_not_the_text_looks_simplified() {
         for text in [
             "宽带断网了,还没修好",
@@ -137,6 +166,8 @@ mod tests {
             "看著办吧",
             "苧麻衬衫",
             "乾隆年间的乾货",
+            "寬頻斷網，看著辦吧，乾隆",
+            "計畫和企畫都要畫出來",
             "emoji 😀 and 𠀀",
         ] {
             assert_eq!(fold_to_simplified(text), fast2s::convert(text), "{text}");
