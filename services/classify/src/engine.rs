@@ -58,7 +58,8 @@ fn keyword_category<'r>(rules: &'r Rules, found: &Found<'r>) -> (Option<(&'r str
 }
 
 /// Keywords as the reasons list them, `["a", "b"]`: what `{:?}` prints for plain words,
-/// without escaping each character (keywords come from the rules, not from input).
+/// without escaping each character (they come from the rules' lists and patterns, which
+/// hold no quotes or control characters).
 struct Words<'a>(&'a [&'a str]);
 
 impl std::fmt::Display for Words<'_> {

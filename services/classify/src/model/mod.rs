@@ -149,9 +149,6 @@ mod tests;
 
 pub use ngram::*;
 
-/// No row: the n-gram is unknown to that model.
-const ABSENT: u32 = u32::MAX;
-
 /// One pass of the models over a text: their predictions, and the text's known n-grams of
 /// more than one character with their entries in the joint table.
 #[derive(Debug, Default)]
@@ -202,14 +199,14 @@ pub struct TextModels {
     joint: Joint,
 }
 
-/// The three models' rows side by side: an n-gram's entry holds its row numbers in each
-/// model (for the evidence) and, in `weights`, its intent, category and risk weights in
-/// one run, so that scoring a known n-gram reads one place. A model that does not know
-/// the n-gram contributes zeros there.
+/// The three models' rows side by side: an n-gram's entry says which models know it (for
+/// the evidence) and holds, in `weights`, its intent, category and risk weights in one
+/// run, so that scoring a known n-gram reads one place. A model that does not know the
+/// n-gram contributes zeros there.
 #[derive(Debug, Clone, Default)]
 struct Joint {
     entries: HashMap<u64, u32, BuildHasherDefault<Prehashed>>,
-    rows: Vec<[u32; 3]>,
+    known: Vec<[bool; 3]>,
     weights: Vec<f32>,
     /// Where each model's weights start within a run, and the run's width.
     offsets: [usize; 4],
@@ -222,7 +219,7 @@ impl Joint {
         let width = self.offsets[3];
         scan.seen.iter().filter_map(move |(gram, entry)| {
             let entry = *entry as usize;
-            if self.rows.get(entry)?[at] == ABSENT {
+            if !self.known.get(entry)?[at] {
                 return None;
             }
             let run = entry * width;
@@ -353,13 +350,13 @@ impl TextModels {
         };
         for (at, model) in models.into_iter().enumerate() {
             for (hash, row) in model.into_iter().flat_map(|m| &m.rows) {
-                let next = joint.rows.len() as u32;
+                let next = joint.known.len() as u32;
                 let entry = *joint.entries.entry(*hash).or_insert(next);
                 if entry == next {
-                    joint.rows.push([ABSENT; 3]);
+                    joint.known.push([false; 3]);
                     joint.weights.resize(joint.weights.len() + offsets[3], 0.0);
                 }
-                joint.rows[entry as usize][at] = *row;
+                joint.known[entry as usize][at] = true;
                 if let Some(weights) = model.and_then(|m| m.row_at(*row)) {
                     let run = entry as usize * offsets[3];
                     joint.weights[run + offsets[at]..run + offsets[at + 1]].copy_from_slice(weights);
