@@ -98,6 +98,26 @@ impl v1::Priority {
     }
 }
 
+impl v1::Channel {
+    /// The configuration and metric-label name of a channel: `CHANNEL_WEIBO_POST` →
+    /// `weibo_post`. Static, since every delivery looks up its gateway, rate limit and
+    /// templates by it.
+    pub fn key(self) -> &'static str {
+        match self {
+            v1::Channel::Unspecified => "unspecified",
+            v1::Channel::WeiboPost => "weibo_post",
+            v1::Channel::WeiboComment => "weibo_comment",
+            v1::Channel::WeiboDirectMessage => "weibo_direct_message",
+            v1::Channel::Wechat => "wechat",
+            v1::Channel::Hotline => "hotline",
+            v1::Channel::WebForm => "web_form",
+            v1::Channel::App => "app",
+            v1::Channel::ComplaintPlatform => "complaint_platform",
+            v1::Channel::Email => "email",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::v1::Priority;

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod archive;
 pub mod assignment;
+pub mod census;
 pub mod directory;
 pub mod feedback;
 pub mod lifecycle;
@@ -315,6 +316,7 @@ impl Dispatch {
             &cancel,
         );
         let watching = tokio::spawn(watcher::run(self.db.clone(), self.policy.clone(), cancel.clone()));
+        let counting = tokio::spawn(census::run(self.db.clone(), cancel.clone()));
         let archive = &self.config.archive;
         let (pool, feedback_pool) = (self.db.pool.clone(), self.db.pool.clone());
         let archiving = [
@@ -375,6 +377,7 @@ impl Dispatch {
         // The handlers (and their batcher handles) are gone: the batcher drains and ends.
         batching.await?;
         watching.await?;
+        counting.await?;
         for task in archiving {
             task.await?;
         }

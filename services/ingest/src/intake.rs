@@ -34,6 +34,31 @@ static RECEIVED: LazyLock<Family<OutcomeLabel, Counter>> = LazyLock::new(|| {
     )
 });
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ContactLabels {
+    tenant: String,
+    channel: &'static str,
+}
+
+/// New contacts stored (retries not counted), by tenant and channel: what the dashboard's
+/// "contacts in" shows.
+static CONTACTS: LazyLock<Family<ContactLabels, Counter>> = LazyLock::new(|| {
+    metrics::register(
+        "contacts_received",
+        "New contacts stored, by tenant and channel",
+        Family::default(),
+    )
+});
+
+fn count_contact(complaint: &Complaint) {
+    CONTACTS
+        .get_or_create(&ContactLabels {
+            tenant: complaint.tenant.clone(),
+            channel: complaint.channel().key(),
+        })
+        .inc();
+}
+
 /// Every outcome [`RECEIVED`] counts, so each series is scraped from the start (at zero).
 const OUTCOMES: [&str; 5] = ["accepted", "duplicate", "rejected", "unavailable", "full"];
 
@@ -168,6 +193,9 @@ impl Intake {
             .await
             .map_err(|e| IngestError::from_bus(&e))?;
         tracing::info!(complaint_id = %complaint.complaint_id, duplicate = ack.duplicate, "complaint accepted");
+        if !ack.duplicate {
+            count_contact(&complaint);
+        }
         Ok(Accepted {
             complaint_id: complaint.complaint_id,
             duplicate: ack.duplicate,
@@ -193,6 +221,7 @@ impl Intake {
         let mut results = vec![SubmissionResult::default(); submissions.len()];
         let mut positions = Vec::with_capacity(submissions.len());
         let mut events = Vec::with_capacity(submissions.len());
+        let mut complaints = Vec::with_capacity(submissions.len());
         for (i, submission) in submissions.iter().enumerate() {
             match validate_submission(
                 submission,
@@ -205,6 +234,7 @@ impl Intake {
                     results[i].complaint_id = complaint.complaint_id.clone();
                     positions.push(i);
                     events.push(received_event(&complaint));
+                    complaints.push(complaint);
                 }
                 Err(violations) => {
                     results[i].outcome = SubmissionOutcome::Rejected as i32;
@@ -217,10 +247,14 @@ impl Intake {
             }
         }
         let mut failures = 0usize;
-        for (i, outcome) in positions.into_iter().zip(self.bus.publish_all(events).await) {
+        let published = self.bus.publish_all(events).await;
+        for ((i, complaint), outcome) in positions.into_iter().zip(&complaints).zip(published) {
             results[i].outcome = match outcome {
                 Ok(ack) if ack.duplicate => SubmissionOutcome::Duplicate as i32,
-                Ok(_) => SubmissionOutcome::Accepted as i32,
+                Ok(_) => {
+                    count_contact(complaint);
+                    SubmissionOutcome::Accepted as i32
+                }
                 Err(error) => {
                     failures += 1;
                     results[i].reason = IngestError::from_bus(&error).to_string();

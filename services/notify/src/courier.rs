@@ -18,7 +18,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::claims::{Attempt, Claim, ClaimError, Claims};
-use crate::gateway::{Destination, STAFF, WebhookClient, WebhookMessage, channel_key};
+use crate::gateway::{Destination, STAFF, WebhookClient, WebhookMessage};
 use crate::recent::RecentIds;
 use crate::templates::{TemplateKey, Templates, kind_key};
 
@@ -91,7 +91,7 @@ static METRICS: std::sync::LazyLock<NotifyMetrics> = std::sync::LazyLock::new(||
     first_response_seconds: metrics::register(
         "first_response_seconds",
         "From receipt of a complaint to its first reply delivered",
-        metrics::seconds_histogram(),
+        metrics::response_seconds_histogram(),
     ),
     step_seconds: metrics::register(
         "delivery_step_seconds",
@@ -253,7 +253,7 @@ impl Courier {
         };
         let kind = kind_key(delivery.kind());
         let channel = match out.destination {
-            Destination::Customer(channel) => channel_key(channel),
+            Destination::Customer(channel) => channel.key(),
             Destination::Staff => STAFF,
         };
         let webhook = WebhookMessage {

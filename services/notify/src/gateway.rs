@@ -12,6 +12,12 @@ use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::Sha256;
 
+use closedloop_runtime::metrics;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::guard::{CircuitBreaker, RateLimiter};
 
 pub const SIGNATURE_HEADER: &str = "x-closedloop-signature";
@@ -23,6 +29,8 @@ pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 #[derive(Clone)]
 pub struct Gateway {
     pub url: String,
+    /// Host, port and path without credentials or query: the gateway's metric label.
+    label: String,
     /// `url` parsed once, not on every call.
     endpoint: reqwest::Url,
     secret: Vec<u8>,
@@ -63,10 +71,16 @@ impl FromStr for GatewayTable {
             let Ok(endpoint) = reqwest::Url::parse(url) else {
                 return Err(GatewayTableError::Url(channel));
             };
+            let label = format!(
+                "{}{}",
+                endpoint.host_str().unwrap_or_default(),
+                endpoint.port().map(|port| format!(":{port}")).unwrap_or_default()
+            ) + endpoint.path();
             by_channel.insert(
                 channel,
                 Gateway {
                     url: url.to_owned(),
+                    label,
                     endpoint,
                     secret: secret.as_bytes().to_vec(),
                 },
@@ -76,27 +90,10 @@ impl FromStr for GatewayTable {
     }
 }
 
-/// The configuration name of a channel: `CHANNEL_WEIBO_POST` → `weibo_post`. A static
-/// name, since every delivery looks up its gateway, rate limit and templates by it.
-pub fn channel_key(channel: Channel) -> &'static str {
-    match channel {
-        Channel::Unspecified => "unspecified",
-        Channel::WeiboPost => "weibo_post",
-        Channel::WeiboComment => "weibo_comment",
-        Channel::WeiboDirectMessage => "weibo_direct_message",
-        Channel::Wechat => "wechat",
-        Channel::Hotline => "hotline",
-        Channel::WebForm => "web_form",
-        Channel::App => "app",
-        Channel::ComplaintPlatform => "complaint_platform",
-        Channel::Email => "email",
-    }
-}
-
 impl GatewayTable {
     pub fn for_channel(&self, channel: Channel) -> Option<&Gateway> {
         self.by_channel
-            .get(channel_key(channel))
+            .get(channel.key())
             .or_else(|| self.by_channel.get("default"))
     }
 
@@ -206,6 +203,56 @@ pub enum Destination {
     Staff,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GatewayLabels {
+    gateway: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    gateway: String,
+    /// `delivered`, `failed` (the call was made and did not succeed) or `circuit_open`
+    /// (held back by the breaker).
+    outcome: &'static str,
+}
+
+struct GatewayMetrics {
+    calls: Family<CallLabels, Counter>,
+    circuit_open: Family<GatewayLabels, Gauge>,
+}
+
+static GATEWAY_METRICS: std::sync::LazyLock<GatewayMetrics> = std::sync::LazyLock::new(|| GatewayMetrics {
+    calls: metrics::register(
+        "gateway_calls",
+        "Calls to each gateway by outcome",
+        Family::default(),
+    ),
+    circuit_open: metrics::register(
+        "gateway_circuit_open",
+        "1 while the gateway's circuit breaker holds calls back",
+        Family::default(),
+    ),
+});
+
+fn count_call(gateway: &Gateway, outcome: &'static str) {
+    GATEWAY_METRICS
+        .calls
+        .get_or_create(&CallLabels {
+            gateway: gateway.label.clone(),
+            outcome,
+        })
+        .inc();
+}
+
+fn show_circuit(gateway: &Gateway, breaker: &CircuitBreaker) {
+    GATEWAY_METRICS
+        .circuit_open
+        .get_or_create(&GatewayLabels {
+            gateway: gateway.label.clone(),
+        })
+        .set(i64::from(breaker.is_open()));
+}
+
 /// Longest a delivery waits in line for its channel's rate limit before handing the event
 /// back for redelivery (well inside the consumer's ack wait).
 const MAX_RATE_WAIT: Duration = Duration::from_secs(5);
@@ -241,10 +288,16 @@ impl WebhookClient {
             .by_channel
             .values()
             .map(|g| {
-                (
-                    g.url.clone(),
-                    CircuitBreaker::new(settings.breaker_threshold, settings.breaker_cooldown),
-                )
+                let breaker = CircuitBreaker::new(settings.breaker_threshold, settings.breaker_cooldown);
+                // Every gateway's series exists from the start, at zero.
+                show_circuit(g, &breaker);
+                for outcome in ["delivered", "failed", "circuit_open"] {
+                    drop(GATEWAY_METRICS.calls.get_or_create(&CallLabels {
+                        gateway: g.label.clone(),
+                        outcome,
+                    }));
+                }
+                (g.url.clone(), breaker)
             })
             .collect();
         let now = Instant::now();
@@ -291,23 +344,26 @@ impl WebhookClient {
         message: &WebhookMessage<'_>,
     ) -> Result<(), DeliveryError> {
         let (gateway, limit_key) = match destination {
-            Destination::Customer(channel) => (self.gateways.for_channel(channel), channel_key(channel)),
+            Destination::Customer(channel) => (self.gateways.for_channel(channel), channel.key()),
             Destination::Staff => (self.gateways.staff(), STAFF),
         };
         let gateway = gateway.ok_or_else(|| DeliveryError::NoGateway(limit_key.to_owned()))?;
         let breaker = self.breakers.get(&gateway.url);
         if let Some(breaker) = breaker {
-            breaker
-                .allow(Instant::now())
-                .map_err(|retry_after| DeliveryError::CircuitOpen {
+            breaker.allow(Instant::now()).map_err(|retry_after| {
+                count_call(gateway, "circuit_open");
+                DeliveryError::CircuitOpen {
                     url: gateway.url.clone(),
                     retry_after,
-                })?;
+                }
+            })?;
         }
         self.pace(limit_key).await?;
         let result = self.post(gateway, message).await;
+        count_call(gateway, if result.is_ok() { "delivered" } else { "failed" });
         if let Some(breaker) = breaker {
             breaker.record(result.is_ok(), Instant::now());
+            show_circuit(gateway, breaker);
         }
         result
     }

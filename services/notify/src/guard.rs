@@ -60,6 +60,14 @@ impl CircuitBreaker {
         }
     }
 
+    /// Whether calls are held back (open, or half open with its trial call out).
+    pub fn is_open(&self) -> bool {
+        !matches!(
+            *self.state.lock().unwrap_or_else(|e| e.into_inner()),
+            BreakerState::Closed { .. }
+        )
+    }
+
     pub fn record(&self, success: bool, now: Instant) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         *state = match (*state, success) {
@@ -131,7 +139,9 @@ mod tests {
             breaker.record(false, start);
         }
         assert!(breaker.allow(start).is_ok(), "two failures keep it closed");
+        assert!(!breaker.is_open());
         breaker.record(false, start);
+        assert!(breaker.is_open());
         assert_eq!(
             breaker.allow(start + Duration::from_secs(10)),
             Err(Duration::from_secs(20))
@@ -153,6 +163,7 @@ mod tests {
             breaker.allow(much_later).is_ok() && breaker.allow(much_later).is_ok(),
             "closed again"
         );
+        assert!(!breaker.is_open());
     }
 
     #[test]

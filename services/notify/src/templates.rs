@@ -14,8 +14,6 @@ use closedloop_proto::v1::{Channel, NotificationKind};
 use closedloop_runtime::pii;
 use minijinja::{Environment, UndefinedBehavior, Value};
 
-use crate::gateway::channel_key;
-
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
     #[error("cannot read templates file {path}: {source}")]
@@ -71,7 +69,7 @@ pub fn candidates(key: &TemplateKey<'_>) -> Vec<String> {
 fn visit_candidates(key: &TemplateKey<'_>, mut visit: impl FnMut(&str) -> bool) -> bool {
     use std::fmt::Write as _;
     let kind = kind_key(key.kind);
-    let channel = channel_key(key.channel);
+    let channel = key.channel.key();
     let locale = key.locale.trim().to_ascii_lowercase();
     let mut locales = Vec::new();
     if !locale.is_empty() {
@@ -206,7 +204,7 @@ mod tests {
         let lower = |name: &str, prefix: &str| name.trim_start_matches(prefix).to_ascii_lowercase();
         for value in 0..=i32::from(u8::MAX) {
             if let Ok(channel) = Channel::try_from(value) {
-                assert_eq!(channel_key(channel), lower(channel.as_str_name(), "CHANNEL_"));
+                assert_eq!(channel.key(), lower(channel.as_str_name(), "CHANNEL_"));
             }
             if let Ok(kind) = NotificationKind::try_from(value) {
                 assert_eq!(kind_key(kind), lower(kind.as_str_name(), "NOTIFICATION_KIND_"));
