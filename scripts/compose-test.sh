@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The compose test: runs docker-compose.yml on this machine's Docker engine and breaks it.
 # Builds the images without a registry (scripts/build-offline-images.sh), starts the whole
-# system, then compose-check walks the loop once and submits a stream while every service,
-# NATS and PostgreSQL crash in turn, and counts the promises. Tears everything down,
-# volumes included, however it ends. Skipped (exit 0) where no Docker engine answers.
+# system with the observability profile's Prometheus (the profile's Grafana, collector and
+# Jaeger have no Debian package and need a registry), then compose-check walks the loop
+# once, submits a stream while every service, NATS and PostgreSQL crash in turn, counts the
+# promises, and checks that Prometheus scrapes every service and answers every dashboard
+# and rule query. Tears everything down, volumes included, however it ends. Skipped (exit 0)
+# where no Docker engine answers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { printf 'compose-test: %s\n' "$*" >&2; }
@@ -28,6 +31,7 @@ export COMPOSE_PROJECT_NAME=closedloop-compose-test
 export CLOSEDLOOP_INGEST_GRPC_PORT=$(free_port) CLOSEDLOOP_INGEST_HTTP_PORT=$(free_port)
 export CLOSEDLOOP_CLASSIFY_PORT=$(free_port) CLOSEDLOOP_DISPATCH_PORT=$(free_port)
 export CLOSEDLOOP_NOTIFY_PORT=$(free_port) CLOSEDLOOP_GATEWAY_PORT=$(free_port)
+export CLOSEDLOOP_PROMETHEUS_PORT=$(free_port)
 
 down() {
   status=$?
@@ -35,7 +39,7 @@ down() {
     log "failed; the last of each container's log:"
     "${compose[@]}" logs --tail=30 >&2 || true
   fi
-  "${compose[@]}" down -v --remove-orphans >&2 || true
+  "${compose[@]}" --profile observability down -v --remove-orphans >&2 || true
   exit "$status"
 }
 trap down EXIT
@@ -44,7 +48,9 @@ log "building the Closedloop image"
 "${compose[@]}" build >&2
 log "starting"
 "${compose[@]}" up -d >&2
+"${compose[@]}" --profile observability up -d prometheus >&2
 target/debug/compose-check --compose "${compose[*]}" \
+  --prometheus "127.0.0.1:$CLOSEDLOOP_PROMETHEUS_PORT" \
   --ingest "127.0.0.1:$CLOSEDLOOP_INGEST_GRPC_PORT" \
   --dispatch "127.0.0.1:$CLOSEDLOOP_DISPATCH_PORT" \
   --gateway "127.0.0.1:$CLOSEDLOOP_GATEWAY_PORT"

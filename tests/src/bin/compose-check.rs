@@ -10,7 +10,11 @@
 //! 4. counts as the fault tests do: every complaint accepted, one work order each, exactly
 //!    one first reply each (one Idempotency-Key) within 20 s of its first submission, nothing
 //!    dead-lettered, every container running;
-//! 5. checks that the stack's NATS refuses a client without credentials.
+//! 5. checks that the stack's NATS refuses a client without credentials;
+//! 6. with `--prometheus` (the observability profile's Prometheus): every service's
+//!    replicas are scraped and up, the rules pass `promtool check rules`, every rule
+//!    evaluates without error, and every recorded series and every dashboard query returns
+//!    data after the load.
 
 use std::collections::{HashMap, HashSet};
 use std::process::Command;
@@ -54,6 +58,143 @@ struct Args {
     /// Seconds between kills.
     #[arg(long, default_value_t = 3)]
     kill_every: u64,
+    /// The observability profile's Prometheus, to check after the load.
+    #[arg(long)]
+    prometheus: Option<std::net::SocketAddr>,
+    /// Where the dashboard and rules are (`deploy/observability`).
+    #[arg(long, default_value = "deploy/observability")]
+    observability: std::path::PathBuf,
+}
+
+/// The services Prometheus must scrape.
+const SCRAPED: [&str; 4] = ["ingest", "classify", "dispatch", "notify"];
+/// How long Prometheus may take to see every target up and every query answered, after
+/// the restarts of the load phase.
+const PROMETHEUS_WAIT: Duration = Duration::from_secs(180);
+
+/// A Prometheus HTTP API call's `data`.
+async fn prometheus_api(
+    http: &reqwest::Client,
+    prometheus: std::net::SocketAddr,
+    path: &str,
+    query: &[(&str, &str)],
+) -> anyhow::Result<serde_json::Value> {
+    let mut body: serde_json::Value = http
+        .get(format!("http://{prometheus}/api/v1/{path}"))
+        .query(query)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    anyhow::ensure!(body["status"] == "success", "{path}: {body}");
+    Ok(body["data"].take())
+}
+
+/// What is not yet as it should be in Prometheus; empty when every target is up and every
+/// rule and query answers.
+async fn prometheus_shortfalls(
+    http: &reqwest::Client,
+    prometheus: std::net::SocketAddr,
+    dashboard_queries: &[String],
+) -> anyhow::Result<Vec<String>> {
+    let mut shortfalls = Vec::new();
+    let targets = prometheus_api(http, prometheus, "targets", &[("state", "active")]).await?;
+    let targets = targets["activeTargets"].as_array().cloned().unwrap_or_default();
+    for service in SCRAPED {
+        let of_service: Vec<&serde_json::Value> = targets
+            .iter()
+            .filter(|target| target["labels"]["service"] == service)
+            .collect();
+        if of_service.is_empty() {
+            shortfalls.push(format!("no target for {service}"));
+        }
+        for target in of_service.iter().filter(|target| target["health"] != "up") {
+            shortfalls.push(format!(
+                "{service} target {} is {}: {}",
+                target["scrapeUrl"], target["health"], target["lastError"]
+            ));
+        }
+    }
+    let mut queries: Vec<String> = dashboard_queries.to_vec();
+    let rules = prometheus_api(http, prometheus, "rules", &[]).await?;
+    let rules: Vec<serde_json::Value> = rules["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|group| group["rules"].as_array().cloned().unwrap_or_default())
+        .collect();
+    if rules.is_empty() {
+        shortfalls.push("Prometheus loaded no rules".to_owned());
+    }
+    for rule in &rules {
+        if rule["health"] != "ok" {
+            shortfalls.push(format!(
+                "rule {} is {}: {}",
+                rule["name"], rule["health"], rule["lastError"]
+            ));
+        }
+        if rule["type"] == "recording" {
+            queries.extend(rule["name"].as_str().map(str::to_owned));
+        }
+    }
+    for query in &queries {
+        let answer = prometheus_api(http, prometheus, "query", &[("query", query)]).await?;
+        if answer["result"].as_array().is_none_or(|result| result.is_empty()) {
+            shortfalls.push(format!("no data for {query}"));
+        }
+    }
+    Ok(shortfalls)
+}
+
+/// Step 6: Prometheus scrapes every service and every query of the dashboard and the rules
+/// returns data.
+async fn check_prometheus(
+    deployment: &Deployment,
+    prometheus: std::net::SocketAddr,
+    observability: &std::path::Path,
+) -> anyhow::Result<()> {
+    let checked = deployment.compose(&[
+        "exec",
+        "-T",
+        "prometheus",
+        "promtool",
+        "check",
+        "rules",
+        "/etc/prometheus/rules.yml",
+    ])?;
+    eprintln!("compose-check: promtool: {}", checked.trim());
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        observability.join("grafana/dashboards/closedloop.json"),
+    )?)?;
+    let queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|panel| panel["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|target| target["expr"].as_str().map(str::to_owned))
+        .collect();
+    anyhow::ensure!(!queries.is_empty(), "the dashboard has no queries");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let started = Instant::now();
+    let mut last = Vec::new();
+    while started.elapsed() < PROMETHEUS_WAIT {
+        last = match prometheus_shortfalls(&http, prometheus, &queries).await {
+            Ok(shortfalls) if shortfalls.is_empty() => {
+                println!(
+                    "compose-check: Prometheus scrapes every service; {} dashboard queries and every rule answer",
+                    queries.len()
+                );
+                return Ok(());
+            }
+            Ok(shortfalls) => shortfalls,
+            Err(error) => vec![error.to_string()],
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    anyhow::bail!("Prometheus after {PROMETHEUS_WAIT:?}: {}", last.join("; "))
 }
 
 const PROMISE: Duration = Duration::from_secs(20);
@@ -437,5 +578,8 @@ async fn main() -> anyhow::Result<()> {
         "a client without credentials used the stack's NATS: {anonymous:?}"
     );
     println!("compose-check: the promises held, and NATS refused a client without credentials");
+    if let Some(prometheus) = args.prometheus {
+        check_prometheus(&deployment, prometheus, &args.observability).await?;
+    }
     Ok(())
 }
