@@ -131,6 +131,9 @@ impl Notify {
         // this long: longer than a gateway call can take.
         let lease = Duration::from_secs(config.gateway_timeout_secs.max(1) * 2 + 5);
         let claims = Claims::open(bus.jetstream(), bus.client().clone(), &streams, lease).await?;
+        // Every delivery claims its key first: while the bucket has no leader (a cluster
+        // electing one), events wait for it rather than spend their retries.
+        bus.writes_to(&format!("KV_{}", claims::BUCKET));
         let endpoints = Endpoints::bind(config.listen, &config.service).await?;
         Ok(Self {
             endpoints,

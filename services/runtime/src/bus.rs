@@ -6,6 +6,7 @@
 //! A publish returns only after JetStream's PubAck; batches pipeline their acks.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderName;
@@ -225,6 +226,19 @@ pub struct Bus {
     jetstream: jetstream::Context,
     /// CloudEvents `ce-source` of everything this service publishes.
     source: String,
+    /// The streams (and key-value buckets' streams) this service writes to, which
+    /// [`Bus::ready`] asks for: on a cluster, a stream may lose its leader while the account
+    /// still answers, and writes to it fail until it has one again.
+    written: Arc<std::sync::RwLock<Vec<String>>>,
+}
+
+/// The servers of a comma-separated `--nats-url` list (async-nats parses one URL per
+/// entry, not a list in one string).
+fn server_urls(urls: &str) -> Vec<&str> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .collect()
 }
 
 impl Bus {
@@ -256,10 +270,12 @@ impl Bus {
             // let no other service read (deploy/nats-auth.conf).
             .custom_inbox_prefix(format!("_INBOX_{source}"))
             .name(source)
+            .ping_interval(Duration::from_secs(args.nats_ping_secs.max(1)))
             .connection_timeout(Duration::from_secs(5)))
     }
 
-    /// Connects, retrying with backoff until NATS answers or `cancel` fires.
+    /// Connects to any of the servers `--nats-url` lists (a cluster's nodes), retrying with
+    /// backoff until one answers or `cancel` fires.
     pub async fn connect(
         args: &NatsConnectArgs,
         source: &str,
@@ -267,9 +283,14 @@ impl Bus {
     ) -> Result<Self, BusError> {
         let url = args.nats_url.as_str();
         let shown = redact_urls(url);
+        let servers = server_urls(url);
         let mut delay = Duration::from_millis(100);
         let client = loop {
-            let error = match Self::options(args, source).await?.connect(url).await {
+            let error = match Self::options(args, source)
+                .await?
+                .connect(servers.as_slice())
+                .await
+            {
                 Ok(client) => break client,
                 Err(error) => error,
             };
@@ -301,6 +322,7 @@ impl Bus {
             client,
             jetstream,
             source: format!("closedloop/{source}"),
+            written: Arc::default(),
         })
     }
 
@@ -318,11 +340,31 @@ impl Bus {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
-    /// Whether NATS and JetStream answer now: connected, and an account query returns.
+    /// Whether NATS can take this service's writes now: the connection is up, JetStream
+    /// answers for the account, and every stream the service writes to answers (has a
+    /// leader). The consume loop asks this after a failure, to tell an outage from a bad
+    /// event.
     pub async fn ready(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.is_connected(), "not connected to NATS");
         self.jetstream.query_account().await?;
+        let written = self.written.read().map(|w| w.clone()).unwrap_or_default();
+        for stream in written {
+            self.jetstream
+                .get_stream(&stream)
+                .await
+                .map_err(|error| anyhow::anyhow!("stream {stream} does not answer: {error}"))?;
+        }
         Ok(())
+    }
+
+    /// Adds a stream this service writes to (a key-value bucket's is `KV_<bucket>`) to those
+    /// [`Bus::ready`] asks for.
+    pub fn writes_to(&self, stream: &str) {
+        if let Ok(mut written) = self.written.write()
+            && !written.iter().any(|known| known == stream)
+        {
+            written.push(stream.to_owned());
+        }
     }
 
     /// Creates every stream, or updates them to the configured settings: for tools and
@@ -337,6 +379,7 @@ impl Bus {
     /// service touch no other); it is idempotent, so replicas may race.
     pub async fn provision_streams(&self, settings: &StreamSettings, owned: &[&str]) -> Result<(), BusError> {
         for (name, subjects) in STREAMS.into_iter().filter(|(name, _)| owned.contains(name)) {
+            self.writes_to(name);
             let config = stream::Config {
                 name: name.to_owned(),
                 subjects: vec![subjects.to_owned()],
@@ -467,6 +510,15 @@ impl Bus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_list_names_each_server() {
+        assert_eq!(
+            server_urls("nats://nats:4222, nats://nats-2:4222,,nats://nats-3:4222"),
+            ["nats://nats:4222", "nats://nats-2:4222", "nats://nats-3:4222"]
+        );
+        assert_eq!(server_urls("nats://127.0.0.1:4222"), ["nats://127.0.0.1:4222"]);
+    }
 
     #[test]
     fn subjects_follow_the_naming_scheme() {
