@@ -12,9 +12,17 @@
 //!    dead-lettered, every container running;
 //! 5. checks that the stack's NATS refuses a client without credentials;
 //! 6. with `--prometheus` (the observability profile's Prometheus): every service's
-//!    replicas are scraped and up, the rules pass `promtool check rules`, every rule
+//!    replicas (two each with `--cluster`) are scraped and up, the rules pass `promtool check rules`, every rule
 //!    evaluates without error, and every recorded series and every dashboard query returns
 //!    data after the load.
+//!
+//! With `--cluster` (docker-compose.cluster.yml: three NATS nodes, streams at R3, two
+//! replicas of each service) the faults in step 3 are: the first replica of each service
+//! killed, then one NATS node killed, then another cut off from the network for 30 s; the
+//! counts of step 4 are the same.
+//!
+//! With `--throughput N` it only measures: N complaints submitted as fast as ingest takes
+//! them, and the time until every one has its first reply and its work order.
 
 use std::collections::{HashMap, HashSet};
 use std::process::Command;
@@ -28,7 +36,9 @@ use closedloop_e2e::system::authed;
 use closedloop_e2e::{wait_for, wait_until};
 use closedloop_proto::v1::ingest_service_client::IngestServiceClient;
 use closedloop_proto::v1::work_order_service_client::WorkOrderServiceClient;
-use closedloop_proto::v1::{GetComplaintStatusRequest, ResolveWorkOrderRequest};
+use closedloop_proto::v1::{
+    GetComplaintStatusRequest, ResolveWorkOrderRequest, SubmissionOutcome, SubmitComplaintsRequest,
+};
 use tonic::transport::Channel as GrpcChannel;
 
 #[derive(Debug, Parser)]
@@ -55,9 +65,18 @@ struct Args {
     complaints: usize,
     #[arg(long, default_value_t = 40.0)]
     per_second: f64,
-    /// Seconds between kills.
+    /// Seconds between faults.
     #[arg(long, default_value_t = 3)]
     kill_every: u64,
+    /// The deployment is docker-compose.cluster.yml's: break it as a cluster.
+    #[arg(long)]
+    cluster: bool,
+    /// Only measure throughput with this many complaints.
+    #[arg(long)]
+    throughput: Option<usize>,
+    /// What the throughput line calls this deployment.
+    #[arg(long, default_value = "")]
+    label: String,
     /// The observability profile's Prometheus, to check after the load.
     #[arg(long)]
     prometheus: Option<std::net::SocketAddr>,
@@ -97,6 +116,7 @@ async fn prometheus_shortfalls(
     http: &reqwest::Client,
     prometheus: std::net::SocketAddr,
     dashboard_queries: &[String],
+    replicas: usize,
 ) -> anyhow::Result<Vec<String>> {
     let mut shortfalls = Vec::new();
     let targets = prometheus_api(http, prometheus, "targets", &[("state", "active")]).await?;
@@ -106,8 +126,11 @@ async fn prometheus_shortfalls(
             .iter()
             .filter(|target| target["labels"]["service"] == service)
             .collect();
-        if of_service.is_empty() {
-            shortfalls.push(format!("no target for {service}"));
+        if of_service.len() < replicas {
+            shortfalls.push(format!(
+                "{} targets for {service}, not {replicas}",
+                of_service.len()
+            ));
         }
         for target in of_service.iter().filter(|target| target["health"] != "up") {
             shortfalls.push(format!(
@@ -181,10 +204,11 @@ async fn check_prometheus(
     let started = Instant::now();
     let mut last = Vec::new();
     while started.elapsed() < PROMETHEUS_WAIT {
-        last = match prometheus_shortfalls(&http, prometheus, &queries).await {
+        let replicas = if deployment.cluster { 2 } else { 1 };
+        last = match prometheus_shortfalls(&http, prometheus, &queries, replicas).await {
             Ok(shortfalls) if shortfalls.is_empty() => {
                 println!(
-                    "compose-check: Prometheus scrapes every service; {} dashboard queries and every rule answer",
+                    "compose-check: Prometheus scrapes every replica of every service; {} dashboard queries and every rule answer",
                     queries.len()
                 );
                 return Ok(());
@@ -200,9 +224,53 @@ async fn check_prometheus(
 const PROMISE: Duration = Duration::from_secs(20);
 /// How long a submission is retried before the check gives up on it.
 const SUBMIT_FOR: Duration = Duration::from_secs(90);
-/// Containers killed in turn, in this order.
-const VICTIMS: [&str; 6] = ["ingest", "classify", "dispatch", "notify", "nats", "postgres"];
+/// A fault the stream runs through.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// The container's main process killed with SIGKILL; its restart policy brings it back.
+    Crash(&'static str),
+    /// The container disconnected from the stack's network for this long, then connected
+    /// again.
+    Cut(&'static str, Duration),
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::Crash(service) => write!(f, "{service} killed"),
+            Fault::Cut(service, how_long) => write!(f, "{service} cut off for {} s", how_long.as_secs()),
+        }
+    }
+}
+
+/// The single-node deployment's faults, in this order.
+const FAULTS: [Fault; 6] = [
+    Fault::Crash("ingest"),
+    Fault::Crash("classify"),
+    Fault::Crash("dispatch"),
+    Fault::Crash("notify"),
+    Fault::Crash("nats"),
+    Fault::Crash("postgres"),
+];
+/// The cluster's faults: one replica of each service, one NATS node killed, another cut
+/// off for 30 s.
+const CLUSTER_FAULTS: [Fault; 6] = [
+    Fault::Crash("ingest"),
+    Fault::Crash("classify"),
+    Fault::Crash("dispatch"),
+    Fault::Crash("notify"),
+    Fault::Crash("nats-2"),
+    Fault::Cut("nats-3", Duration::from_secs(30)),
+];
 const WITH_HEALTHCHECK: [&str; 6] = ["nats", "postgres", "ingest", "classify", "dispatch", "notify"];
+const CLUSTER_HEALTHCHECKS: [&str; 6] = [
+    "nats-2",
+    "nats-3",
+    "ingest-2",
+    "classify-2",
+    "dispatch-2",
+    "notify-2",
+];
 
 /// Runs `docker compose …` (or `docker …`) and returns its standard output.
 fn run(program: &[&str], args: &[&str]) -> anyhow::Result<String> {
@@ -224,6 +292,7 @@ fn run(program: &[&str], args: &[&str]) -> anyhow::Result<String> {
 
 struct Deployment {
     compose: Vec<String>,
+    cluster: bool,
 }
 
 impl Deployment {
@@ -254,12 +323,210 @@ impl Deployment {
         Ok(())
     }
 
+    /// Disconnects the container from the stack's network; returns the network's name.
+    fn cut(&self, service: &str) -> anyhow::Result<String> {
+        let id = self.container(service)?;
+        let network = self.inspect(
+            service,
+            "{{range $name, $_ := .NetworkSettings.Networks}}{{$name}} {{end}}",
+        )?;
+        let network = network
+            .split_whitespace()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{service} is on no network"))?
+            .to_owned();
+        run(&["docker"], &["network", "disconnect", &network, &id])?;
+        Ok(network)
+    }
+
+    /// Connects the container again, under its service name, as compose had it.
+    fn reconnect(&self, service: &str, network: &str) -> anyhow::Result<()> {
+        let id = self.container(service)?;
+        run(
+            &["docker"],
+            &["network", "connect", "--alias", service, network, &id],
+        )?;
+        Ok(())
+    }
+
+    /// Whether a NATS node reports every JetStream asset current (its full `/healthz`),
+    /// as a node that restarted does once it has caught up with the cluster.
+    fn nats_current(&self, node: &str) -> bool {
+        self.compose(&[
+            "exec",
+            "-T",
+            node,
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://127.0.0.1:8222/healthz",
+        ])
+        .is_ok()
+    }
+
+    fn healthchecked(&self) -> Vec<&'static str> {
+        let mut services = WITH_HEALTHCHECK.to_vec();
+        if self.cluster {
+            services.extend(CLUSTER_HEALTHCHECKS);
+        }
+        services
+    }
+
     fn all_healthy(&self) -> bool {
-        WITH_HEALTHCHECK.iter().all(|service| {
+        self.healthchecked().iter().all(|service| {
             self.inspect(service, "{{.State.Health.Status}}")
                 .is_ok_and(|status| status == "healthy")
         })
     }
+
+    fn faults(&self) -> &'static [Fault] {
+        if self.cluster { &CLUSTER_FAULTS } else { &FAULTS }
+    }
+}
+
+/// The work orders placed per complaint (a work order of its own, or joined to one), by
+/// complaint id, as PostgreSQL holds them.
+fn placed(deployment: &Deployment) -> Option<HashMap<String, usize>> {
+    let placed_sql = "SELECT complaint_id::text || ' ' || count(*) FROM ( \
+        SELECT complaint_id FROM dispatch.work_orders \
+        UNION ALL SELECT complaint_id FROM dispatch.complaint_links) placed GROUP BY complaint_id";
+    let rows = deployment
+        .compose(&[
+            "exec",
+            "-T",
+            "postgres",
+            "psql",
+            "-U",
+            "closedloop",
+            "-d",
+            "closedloop",
+            "-Atc",
+            placed_sql,
+        ])
+        .ok()?;
+    Some(
+        rows.lines()
+            .filter_map(|line| {
+                let (id, count) = line.split_once(' ')?;
+                Some((id.to_owned(), count.parse().ok()?))
+            })
+            .collect(),
+    )
+}
+
+/// The complaints with a first reply at the demo gateway.
+async fn first_replied(http: &reqwest::Client, gateway: std::net::SocketAddr) -> Option<HashSet<String>> {
+    Some(
+        received(http, gateway)
+            .await
+            .ok()?
+            .into_iter()
+            .filter(|m| {
+                m.answered == 200
+                    && matches!(m.kind.as_str(), "acknowledgement" | "private_channel_invitation")
+            })
+            .map(|m| m.complaint_id)
+            .collect(),
+    )
+}
+
+/// Submits `count` complaints in batches from a few callers as fast as ingest takes them,
+/// then waits for every first reply and work order; prints the rates.
+async fn measure_throughput(
+    deployment: &Deployment,
+    ingest: IngestServiceClient<GrpcChannel>,
+    http: &reqwest::Client,
+    args: &Args,
+    count: usize,
+) -> anyhow::Result<()> {
+    const BATCH: usize = 100;
+    const CALLERS: usize = 4;
+    let run = format!("throughput-{}", chrono::Utc::now().timestamp_millis());
+    let started = Instant::now();
+    let batches: Vec<Vec<closedloop_proto::v1::ComplaintSubmission>> = (0..count)
+        .map(|n| gateway::complaint(&run, n))
+        .collect::<Vec<_>>()
+        .chunks(BATCH)
+        .map(<[_]>::to_vec)
+        .collect();
+    let queue = Arc::new(Mutex::new(batches));
+    let ids: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut callers = tokio::task::JoinSet::new();
+    for _ in 0..CALLERS {
+        let (queue, ids, mut client, token) = (
+            queue.clone(),
+            ids.clone(),
+            ingest.clone(),
+            args.gateway_token.clone(),
+        );
+        callers.spawn(async move {
+            loop {
+                let Some(batch) = queue.lock().ok().and_then(|mut q| q.pop()) else {
+                    return anyhow::Ok(());
+                };
+                let results = client
+                    .submit_complaints(authed(&token, SubmitComplaintsRequest { complaints: batch }))
+                    .await?
+                    .into_inner()
+                    .results;
+                for result in results {
+                    anyhow::ensure!(
+                        result.outcome() == SubmissionOutcome::Accepted,
+                        "a throughput submission was not accepted: {}",
+                        result.reason
+                    );
+                    if let Ok(mut ids) = ids.lock() {
+                        ids.insert(result.complaint_id);
+                    }
+                }
+            }
+        });
+    }
+    while let Some(done) = callers.join_next().await {
+        done??;
+    }
+    let submitted = started.elapsed();
+    let ids = ids.lock().map(|ids| ids.clone()).unwrap_or_default();
+    anyhow::ensure!(ids.len() == count, "{} of {count} accepted", ids.len());
+    let mut replied_after = None;
+    let mut placed_after = None;
+    let deadline = Duration::from_secs(600);
+    while replied_after.is_none() || placed_after.is_none() {
+        anyhow::ensure!(
+            started.elapsed() < deadline,
+            "not every complaint was answered and placed within {deadline:?}"
+        );
+        if replied_after.is_none()
+            && first_replied(http, args.gateway)
+                .await
+                .is_some_and(|r| ids.iter().all(|id| r.contains(id)))
+        {
+            replied_after = Some(started.elapsed());
+        }
+        if placed_after.is_none()
+            && placed(deployment).is_some_and(|p| ids.iter().all(|id| p.contains_key(id)))
+        {
+            placed_after = Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (replied_after, placed_after) = (
+        replied_after.unwrap_or_default(),
+        placed_after.unwrap_or_default(),
+    );
+    let rate = |elapsed: Duration| count as f64 / elapsed.as_secs_f64();
+    println!(
+        "compose-check: throughput {}: {count} complaints submitted in {:.1} s ({:.0}/s); every first reply after {:.1} s ({:.0}/s), every work order after {:.1} s ({:.0}/s)",
+        args.label,
+        submitted.as_secs_f64(),
+        rate(submitted),
+        replied_after.as_secs_f64(),
+        rate(replied_after),
+        placed_after.as_secs_f64(),
+        rate(placed_after),
+    );
+    Ok(())
 }
 
 /// What the demo gateway received, as it lists it.
@@ -293,6 +560,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let deployment = Deployment {
         compose: args.compose.split_whitespace().map(str::to_owned).collect(),
+        cluster: args.cluster,
     };
     let http = reqwest::Client::new();
     let ingest = IngestServiceClient::new(lazy_channel(args.ingest)?);
@@ -303,6 +571,9 @@ async fn main() -> anyhow::Result<()> {
         deployment.all_healthy()
     })
     .await?;
+    if let Some(count) = args.throughput {
+        return measure_throughput(&deployment, ingest, &http, &args, count).await;
+    }
 
     // The closed loop, once.
     eprintln!("compose-check: one complaint around the loop");
@@ -366,13 +637,24 @@ async fn main() -> anyhow::Result<()> {
     wait_for("the closure message", Duration::from_secs(60), || seen("closure")).await?;
 
     // A stream, while each component crashes in turn.
+    let faults = deployment.faults();
     eprintln!(
-        "compose-check: {} complaints at {}/s, killing {} every {} s",
+        "compose-check: {} complaints at {}/s; every {} s: {}",
         args.complaints,
         args.per_second,
-        VICTIMS.join(", "),
-        args.kill_every
+        args.kill_every,
+        faults
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     );
+    // A cut-off container and when it is connected again.
+    let mut cut: Option<(&'static str, String, Instant)> = None;
+    // A NATS node that was killed: the next fault waits until it has caught up, so that
+    // no two nodes are out at once (three nodes survive the loss of one).
+    let mut recovering: Option<&'static str> = None;
+    let mut last_recovery_check = Instant::now();
     let accepted: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     let started = Instant::now();
@@ -383,14 +665,45 @@ async fn main() -> anyhow::Result<()> {
         ticker.tick().await;
         let elapsed = started.elapsed();
         let due_kill = Duration::from_secs(args.kill_every * (next_victim as u64 + 1));
-        if next_victim < VICTIMS.len() && elapsed >= due_kill {
-            deployment.crash(VICTIMS[next_victim])?;
+        if let Some(node) = recovering
+            && last_recovery_check.elapsed() >= Duration::from_millis(500)
+        {
+            last_recovery_check = Instant::now();
+            if deployment.nats_current(node) {
+                eprintln!(
+                    "compose-check: {node} current again at {:.1} s",
+                    elapsed.as_secs_f64()
+                );
+                recovering = None;
+            }
+        }
+        if next_victim < faults.len() && elapsed >= due_kill && recovering.is_none() {
+            match faults[next_victim] {
+                Fault::Crash(service) => {
+                    deployment.crash(service)?;
+                    if service.starts_with("nats") {
+                        recovering = Some(service);
+                    }
+                }
+                Fault::Cut(service, how_long) => {
+                    let network = deployment.cut(service)?;
+                    cut = Some((service, network, Instant::now() + how_long));
+                }
+            }
             eprintln!(
-                "compose-check: {} killed at {:.1} s",
-                VICTIMS[next_victim],
+                "compose-check: {} at {:.1} s",
+                faults[next_victim],
                 elapsed.as_secs_f64()
             );
             next_victim += 1;
+        }
+        if let Some((service, network, until)) = cut.take_if(|(_, _, until)| Instant::now() >= *until) {
+            deployment.reconnect(service, &network)?;
+            eprintln!(
+                "compose-check: {service} connected again at {:.1} s ({:.1} s late)",
+                elapsed.as_secs_f64(),
+                until.elapsed().as_secs_f64()
+            );
         }
         while n < args.complaints && (n as f64) < elapsed.as_secs_f64() * args.per_second {
             let (client, token, accepted) = (ingest.clone(), args.gateway_token.clone(), accepted.clone());
@@ -413,8 +726,8 @@ async fn main() -> anyhow::Result<()> {
         done??;
     }
     anyhow::ensure!(
-        next_victim == VICTIMS.len(),
-        "the stream ended before every kill; send more complaints"
+        next_victim == faults.len() && cut.is_none(),
+        "the stream ended before every fault was over; send more complaints"
     );
     let accepted = accepted.lock().map(|a| a.clone()).unwrap_or_default();
     anyhow::ensure!(
@@ -430,54 +743,16 @@ async fn main() -> anyhow::Result<()> {
         "a first reply to every complaint",
         Duration::from_secs(180),
         || async {
-            let Ok(messages) = received(&http, args.gateway).await else {
-                return false;
-            };
-            let answered: HashSet<String> = messages
-                .into_iter()
-                .filter(|m| {
-                    m.answered == 200
-                        && matches!(m.kind.as_str(), "acknowledgement" | "private_channel_invitation")
-                })
-                .map(|m| m.complaint_id)
-                .collect();
-            accepted.keys().all(|id| answered.contains(id))
+            first_replied(&http, args.gateway)
+                .await
+                .is_some_and(|answered| accepted.keys().all(|id| answered.contains(id)))
         },
     )
     .await?;
-    let placed_sql = "SELECT complaint_id::text || ' ' || count(*) FROM ( \
-        SELECT complaint_id FROM dispatch.work_orders \
-        UNION ALL SELECT complaint_id FROM dispatch.complaint_links) placed GROUP BY complaint_id";
     let placed = wait_for(
         "a work order for every complaint",
         Duration::from_secs(180),
-        || async {
-            let rows = deployment
-                .compose(&[
-                    "exec",
-                    "-T",
-                    "postgres",
-                    "psql",
-                    "-U",
-                    "closedloop",
-                    "-d",
-                    "closedloop",
-                    "-Atc",
-                    placed_sql,
-                ])
-                .ok()?;
-            let placed: HashMap<String, usize> = rows
-                .lines()
-                .filter_map(|line| {
-                    let (id, count) = line.split_once(' ')?;
-                    Some((id.to_owned(), count.parse().ok()?))
-                })
-                .collect();
-            accepted
-                .keys()
-                .all(|id| placed.contains_key(id))
-                .then_some(placed)
-        },
+        || async { placed(&deployment).filter(|placed| accepted.keys().all(|id| placed.contains_key(id))) },
     )
     .await?;
 
@@ -518,7 +793,8 @@ async fn main() -> anyhow::Result<()> {
         "dead-letters",
         "list",
     ])?;
-    let running: Vec<String> = VICTIMS
+    let running: Vec<String> = deployment
+        .healthchecked()
         .iter()
         .map(|service| {
             format!(
