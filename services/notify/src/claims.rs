@@ -259,18 +259,20 @@ impl Claims {
         settings: &StreamSettings,
         lease: Duration,
     ) -> Result<Self, ClaimError> {
-        let kv = jetstream
-            .create_or_update_key_value(kv::Config {
-                bucket: BUCKET.to_owned(),
-                description: "notify: who sends each delivery, and what customers were told".into(),
-                history: 1,
-                max_age: settings.max_age,
-                storage: async_nats::jetstream::stream::StorageType::File,
-                num_replicas: settings.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(store_error)?;
+        let config = kv::Config {
+            bucket: BUCKET.to_owned(),
+            description: "notify: who sends each delivery, and what customers were told".into(),
+            history: 1,
+            max_age: settings.max_age,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            num_replicas: settings.replicas,
+            ..Default::default()
+        };
+        let kv = closedloop_runtime::bus::until_jetstream_forms("creating the bucket", || {
+            jetstream.create_or_update_key_value(config.clone())
+        })
+        .await
+        .map_err(store_error)?;
         Ok(Self {
             kv,
             client,

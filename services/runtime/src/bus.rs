@@ -232,6 +232,35 @@ pub struct Bus {
     written: Arc<std::sync::RwLock<Vec<String>>>,
 }
 
+/// How long a JetStream management request is retried at start: a cluster that is starting
+/// answers "temporarily unavailable", or nothing, until it has elected its leaders (seconds).
+pub const FORMING_FOR: Duration = Duration::from_secs(60);
+
+/// Runs a JetStream management request (creating a stream or a bucket) until it succeeds,
+/// retrying with backoff for up to [`FORMING_FOR`]; then returns the last error. A request
+/// refused for good (bad settings, no permission) fails the same way after the wait, which
+/// only happens at start.
+pub async fn until_jetstream_forms<T, E, F, Fut>(what: &str, mut request: F) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match request().await {
+            Ok(value) => return Ok(value),
+            Err(error) if started.elapsed() + delay < FORMING_FOR => {
+                tracing::warn!(%error, "{what} failed; retrying while JetStream forms");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 /// The servers of a comma-separated `--nats-url` list (async-nats parses one URL per
 /// entry, not a list in one string).
 fn server_urls(urls: &str) -> Vec<&str> {
@@ -394,8 +423,8 @@ impl Bus {
                 discard: stream::DiscardPolicy::New,
                 ..Default::default()
             };
-            self.jetstream
-                .create_or_update_stream(config)
+            let what = format!("provisioning stream {name}");
+            until_jetstream_forms(&what, || self.jetstream.create_or_update_stream(config.clone()))
                 .await
                 .map_err(|source| BusError::Provision {
                     stream: name.to_owned(),
@@ -510,6 +539,32 @@ impl Bus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn jetstream_requests_are_retried_while_the_cluster_forms() {
+        let attempts = std::sync::atomic::AtomicUsize::new(0);
+        let started = tokio::time::Instant::now();
+        let answer = until_jetstream_forms("test", || async {
+            let attempt = attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if attempt < 3 {
+                Err("temporarily unavailable")
+            } else {
+                Ok(attempt)
+            }
+        })
+        .await;
+        assert_eq!(answer, Ok(3), "the fourth attempt succeeds");
+        assert!(started.elapsed() < Duration::from_secs(2));
+
+        let started = tokio::time::Instant::now();
+        let refused: Result<(), &str> = until_jetstream_forms("test", || async { Err("refused") }).await;
+        assert_eq!(refused, Err("refused"));
+        assert!(
+            started.elapsed() <= FORMING_FOR,
+            "gives up within {FORMING_FOR:?}"
+        );
+        assert!(started.elapsed() >= FORMING_FOR - Duration::from_secs(2));
+    }
 
     #[test]
     fn a_url_list_names_each_server() {
