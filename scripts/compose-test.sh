@@ -9,7 +9,8 @@
 # NATS nodes, R3, two replicas of each service), with a NATS node killed and another cut off
 # from the network for 30 s among the faults, and throughput with two replicas and with one.
 # Tears everything down, volumes included, however it ends. Skipped (exit 0) where no Docker
-# engine answers. CLOSEDLOOP_COMPOSE_RELEASE=1 builds optimised binaries (for figures).
+# engine answers. CLOSEDLOOP_COMPOSE_RELEASE=1 builds optimised binaries (for figures), and
+# CLOSEDLOOP_COMPOSE_THROUGHPUT sets the complaints per throughput measurement (3,000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { printf 'compose-test: %s\n' "$*" >&2; }
@@ -80,3 +81,9 @@ check --cluster --complaints 2400 --prometheus "127.0.0.1:$CLOSEDLOOP_PROMETHEUS
 check --cluster --throughput "$throughput" --label "3 NATS nodes, R3, 2 replicas each"
 "${deployment[@]}" stop ingest-2 classify-2 dispatch-2 notify-2 >&2
 check --throughput "$throughput" --label "3 NATS nodes, R3, 1 replica each"
+"${deployment[@]}" --profile observability down -v --remove-orphans >&2
+
+# What replication costs: the same three nodes with one copy of each stream.
+log "three NATS nodes, streams at R1, one replica of each service: starting"
+CLOSEDLOOP_STREAM_REPLICAS=1 "${deployment[@]}" up -d nats nats-2 nats-3 ingest classify dispatch notify >&2
+check --throughput "$throughput" --label "3 NATS nodes, R1, 1 replica each"
