@@ -22,6 +22,10 @@ struct Args {
     /// Texts labelled "risk" or "none" (with a kind), as classify-train reads them.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/risk.tsv"))]
     risk_examples: String,
+    /// Also list the held-out risk texts the engine missed or flagged wrongly, to see what
+    /// examples would help.
+    #[arg(long)]
+    show_risk_errors: bool,
 }
 
 /// Per-class precision, recall, F1 and the confusion matrix of (truth, prediction) pairs.
@@ -134,12 +138,12 @@ fn main() -> anyhow::Result<()> {
         "category — engine (model when confident, else rules)",
         &engine_category,
     );
-    risk_report(&args.risk_examples, &rules, &models)
+    risk_report(&args.risk_examples, &rules, &models, args.show_risk_errors)
 }
 
 /// Escalation-risk recall and false alarms on the held-out risk examples, for the rules'
 /// word lists alone and for the engine (lists, then the risk model), with recall by kind.
-fn risk_report(path: &str, rules: &Rules, models: &TextModels) -> anyhow::Result<()> {
+fn risk_report(path: &str, rules: &Rules, models: &TextModels, show_errors: bool) -> anyhow::Result<()> {
     let examples = parse_examples(&std::fs::read_to_string(path)?)?;
     let held_out: Vec<_> = examples.iter().filter(|e| is_held_out(&e.text)).collect();
     let flagged = |with_models: bool, text: &str| {
@@ -183,6 +187,15 @@ fn risk_report(path: &str, rules: &Rules, models: &TextModels) -> anyhow::Result
             figures.false_alarms,
             by_kind.join(", ")
         );
+    }
+    if show_errors {
+        for example in &held_out {
+            let risky = example.intent == "risk";
+            if flagged(true, &example.text) != risky {
+                let what = if risky { "missed" } else { "false alarm" };
+                println!("  {what} ({}): {}", example.category, example.text);
+            }
+        }
     }
     Ok(())
 }
