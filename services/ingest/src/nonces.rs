@@ -26,18 +26,13 @@ impl Nonces {
         jetstream: &async_nats::jetstream::Context,
         settings: &StreamSettings,
     ) -> Result<Self, NonceError> {
-        let config = kv::Config {
-            bucket: BUCKET.to_owned(),
-            description: "ingest: signed WeChat pushes seen, and the message each carried".into(),
-            history: 1,
-            max_age: (REPLAY_WINDOW * 2).to_std().unwrap_or_default(),
-            storage: async_nats::jetstream::stream::StorageType::File,
-            num_replicas: settings.replicas,
-            ..Default::default()
-        };
-        let kv = closedloop_runtime::bus::until_jetstream_forms("creating the bucket", || {
-            jetstream.create_or_update_key_value(config.clone())
-        })
+        let kv = closedloop_runtime::bus::open_bucket(
+            jetstream,
+            BUCKET,
+            "ingest: signed WeChat pushes seen, and the message each carried",
+            (REPLAY_WINDOW * 2).to_std().unwrap_or_default(),
+            settings,
+        )
         .await
         .map_err(|e| NonceError(e.to_string()))?;
         Ok(Self { kv })

@@ -259,18 +259,13 @@ impl Claims {
         settings: &StreamSettings,
         lease: Duration,
     ) -> Result<Self, ClaimError> {
-        let config = kv::Config {
-            bucket: BUCKET.to_owned(),
-            description: "notify: who sends each delivery, and what customers were told".into(),
-            history: 1,
-            max_age: settings.max_age,
-            storage: async_nats::jetstream::stream::StorageType::File,
-            num_replicas: settings.replicas,
-            ..Default::default()
-        };
-        let kv = closedloop_runtime::bus::until_jetstream_forms("creating the bucket", || {
-            jetstream.create_or_update_key_value(config.clone())
-        })
+        let kv = closedloop_runtime::bus::open_bucket(
+            jetstream,
+            BUCKET,
+            "notify: who sends each delivery, and what customers were told",
+            settings.max_age,
+            settings,
+        )
         .await
         .map_err(store_error)?;
         Ok(Self {

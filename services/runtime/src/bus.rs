@@ -261,6 +261,41 @@ where
     }
 }
 
+/// Creates a key-value bucket, or updates it to these settings: one value per key, on file,
+/// with the streams' replicas; retried while JetStream forms ([`until_jetstream_forms`]).
+pub async fn open_bucket(
+    jetstream: &jetstream::Context,
+    bucket: &str,
+    description: &str,
+    max_age: Duration,
+    settings: &StreamSettings,
+) -> Result<jetstream::kv::Store, jetstream::context::CreateKeyValueError> {
+    let config = jetstream::kv::Config {
+        bucket: bucket.to_owned(),
+        description: description.to_owned(),
+        history: 1,
+        max_age,
+        storage: stream::StorageType::File,
+        num_replicas: settings.replicas,
+        ..Default::default()
+    };
+    let what = format!("creating bucket {bucket}");
+    until_jetstream_forms(&what, || jetstream.create_or_update_key_value(config.clone())).await
+}
+
+/// Whether a stream's info request failed because the stream cannot answer now (no reply,
+/// or JetStream's 503 while its leader is elected), rather than because of the stream
+/// itself: one that does not exist is not an outage that passes by itself, so the event's
+/// own retry budget applies and the service goes on with other events.
+fn stream_unavailable(kind: &jetstream::context::GetStreamErrorKind) -> bool {
+    use jetstream::context::GetStreamErrorKind;
+    match kind {
+        GetStreamErrorKind::Request => true,
+        GetStreamErrorKind::JetStream(error) => error.code() == 503,
+        GetStreamErrorKind::EmptyName | GetStreamErrorKind::InvalidStreamName => false,
+    }
+}
+
 /// The servers of a comma-separated `--nats-url` list (async-nats parses one URL per
 /// entry, not a list in one string).
 fn server_urls(urls: &str) -> Vec<&str> {
@@ -378,10 +413,11 @@ impl Bus {
         self.jetstream.query_account().await?;
         let written = self.written.read().map(|w| w.clone()).unwrap_or_default();
         for stream in written {
-            self.jetstream
-                .get_stream(&stream)
-                .await
-                .map_err(|error| anyhow::anyhow!("stream {stream} does not answer: {error}"))?;
+            if let Err(error) = self.jetstream.get_stream(&stream).await
+                && stream_unavailable(&error.kind())
+            {
+                anyhow::bail!("stream {stream} does not answer: {error}");
+            }
         }
         Ok(())
     }
