@@ -161,7 +161,7 @@ pub struct NatsConnectArgs {
     /// Seconds between pings to the NATS server. A server that stops answering (a node cut
     /// off from the network, whose connection never closes) is left for another of the
     /// `--nats-url` list after three unanswered pings.
-    #[arg(long, env = "CLOSEDLOOP_NATS_PING_SECS", default_value_t = 2)]
+    #[arg(long, env = "CLOSEDLOOP_NATS_PING_SECS", default_value_t = 1)]
     pub nats_ping_secs: u64,
 }
 
@@ -177,7 +177,7 @@ impl NatsConnectArgs {
             nats_tls_cert: None,
             nats_tls_key: None,
             nats_tls_required: false,
-            nats_ping_secs: 2,
+            nats_ping_secs: 1,
         }
     }
 }

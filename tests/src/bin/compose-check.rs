@@ -658,6 +658,7 @@ async fn main() -> anyhow::Result<()> {
     let accepted: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     let started = Instant::now();
+    let started_unix_ms = chrono::Utc::now().timestamp_millis();
     let mut next_victim = 0;
     let mut ticker = tokio::time::interval(Duration::from_millis(5));
     let mut n = 0;
@@ -768,11 +769,23 @@ async fn main() -> anyhow::Result<()> {
         let at = first_reply.entry(&m.complaint_id).or_insert(m.at_unix_ms);
         *at = (*at).min(m.at_unix_ms);
     }
+    let latency = |id: &str, submitted: i64| first_reply.get(id).copied().unwrap_or(i64::MAX) - submitted;
     let mut latencies: Vec<i64> = accepted
         .iter()
-        .map(|(id, submitted)| first_reply.get(id.as_str()).copied().unwrap_or(i64::MAX) - submitted)
+        .map(|(id, submitted)| latency(id, *submitted))
         .collect();
     latencies.sort_unstable();
+    // When the slowest ten were first submitted, to tell which fault they met.
+    let mut slowest: Vec<(i64, i64)> = accepted
+        .iter()
+        .map(|(id, submitted)| (latency(id, *submitted), *submitted - started_unix_ms))
+        .collect();
+    slowest.sort_unstable_by(|a, b| b.cmp(a));
+    let slowest_at: Vec<String> = slowest
+        .iter()
+        .take(10)
+        .map(|(_, offset)| format!("{:.1}", *offset as f64 / 1000.0))
+        .collect();
     let twice = accepted
         .keys()
         .filter(|id| keys.get(id.as_str()).is_none_or(|k| k.len() != 1))
@@ -810,11 +823,12 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let percentile = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
     println!(
-        "compose-check: {} accepted; first reply p50 {} ms, p99 {} ms, max {} ms; {}; {}",
+        "compose-check: {} accepted; first reply p50 {} ms, p99 {} ms, max {} ms (the slowest ten submitted at {} s); {}; {}",
         accepted.len(),
         percentile(0.5),
         percentile(0.99),
         percentile(1.0),
+        slowest_at.join(", "),
         dead_letters.trim(),
         running.join(", ")
     );
