@@ -12,14 +12,15 @@
 //!    dead-lettered, every container running;
 //! 5. checks that the stack's NATS refuses a client without credentials;
 //! 6. with `--prometheus` (the observability profile's Prometheus): every service's
-//!    replicas (two each with `--cluster`) are scraped and up, the rules pass `promtool check rules`, every rule
-//!    evaluates without error, and every recorded series and every dashboard query returns
-//!    data after the load.
+//!    replicas (two each with `--cluster`) are scraped and up, the rules pass
+//!    `promtool check rules`, every rule evaluates without error, and every recorded series
+//!    and every dashboard query returns data after the load.
 //!
 //! With `--cluster` (docker-compose.cluster.yml: three NATS nodes, streams at R3, two
 //! replicas of each service) the faults in step 3 are: the first replica of each service
-//! killed, then one NATS node killed, then another cut off from the network for 30 s; the
-//! counts of step 4 are the same.
+//! killed, then one NATS node killed, then, once it has caught up and every complaint so far
+//! is answered, another cut off from the network for 30 s; the counts of step 4 are the
+//! same.
 //!
 //! With `--throughput N` it only measures: N complaints submitted as fast as ingest takes
 //! them, and the time until every one has its first reply and its work order.
@@ -651,8 +652,9 @@ async fn main() -> anyhow::Result<()> {
     );
     // A cut-off container and when it is connected again.
     let mut cut: Option<(&'static str, String, Instant)> = None;
-    // A NATS node that was killed: the next fault waits until it has caught up, so that
-    // no two nodes are out at once (three nodes survive the loss of one).
+    // A NATS node that was killed: the next fault waits until it has caught up and every
+    // complaint accepted so far has its first reply, so that the faults come in turn and no
+    // two nodes are out at once (three nodes survive the loss of one).
     let mut recovering: Option<&'static str> = None;
     let mut last_recovery_check = Instant::now();
     let accepted: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
@@ -670,9 +672,17 @@ async fn main() -> anyhow::Result<()> {
             && last_recovery_check.elapsed() >= Duration::from_millis(500)
         {
             last_recovery_check = Instant::now();
-            if deployment.nats_current(node) {
+            let accepted_so_far: Vec<String> = accepted
+                .lock()
+                .map(|a| a.keys().cloned().collect())
+                .unwrap_or_default();
+            if deployment.nats_current(node)
+                && first_replied(&http, args.gateway)
+                    .await
+                    .is_some_and(|answered| accepted_so_far.iter().all(|id| answered.contains(id)))
+            {
                 eprintln!(
-                    "compose-check: {node} current again at {:.1} s",
+                    "compose-check: {node} current again and every complaint so far answered at {:.1} s",
                     elapsed.as_secs_f64()
                 );
                 recovering = None;
