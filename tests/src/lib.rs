@@ -79,8 +79,47 @@ where
     .await
 }
 
-/// A free TCP port on loopback (bound, read, released).
+/// Where [`free_port`] looks: below Linux's ephemeral range (32768–60999), from which the
+/// kernel picks the source port of every outgoing connection. A port taken from that range
+/// may be handed to some client's connection before the service that is to listen on it
+/// binds it ("Address already in use", seen in the fault tests).
+const PORTS: std::ops::Range<u16> = 20_000..32_768;
+
+/// A free TCP port on loopback (bound, checked, released), never the same one twice in a
+/// process.
 pub fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    use std::hash::{BuildHasher, Hasher};
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let span = u64::from(PORTS.end - PORTS.start);
+    for _ in 0..1_000 {
+        // A fresh randomly keyed hasher is random enough to spread the picks.
+        let pick = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+            % span;
+        let port = PORTS.start + u16::try_from(pick)?;
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.push(port);
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port in {PORTS:?} after 1,000 tries")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_below_the_ephemeral_range_and_distinct() -> anyhow::Result<()> {
+        let ports: Vec<u16> = (0..50).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+        assert!(ports.iter().all(|port| PORTS.contains(port)), "{ports:?}");
+        let distinct: std::collections::HashSet<&u16> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        Ok(())
+    }
 }
