@@ -85,6 +85,48 @@ pub struct System {
     options: SystemOptions,
 }
 
+impl SystemOptions {
+    /// The four services as separate processes, as docker-compose.yml runs them (one worker
+    /// thread each, each logging in to NATS as its own user), on free loopback ports, with
+    /// `auth_tokens` and every message sent to `gateways`.
+    pub fn processes(
+        nats_url: String,
+        database_url: String,
+        auth_tokens: String,
+        gateways: String,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            nats_url,
+            nats_auth: true,
+            database_url,
+            auth_tokens,
+            gateways,
+            host: "127.0.0.1".parse()?,
+            ports: [
+                crate::free_port()?,
+                crate::free_port()?,
+                crate::free_port()?,
+                crate::free_port()?,
+            ],
+            metrics_ports: [
+                crate::free_port()?,
+                crate::free_port()?,
+                crate::free_port()?,
+                crate::free_port()?,
+            ],
+            retry_base_ms: 500,
+            ingest_http_port: crate::free_port()?,
+            wechat_accounts: String::new(),
+            extra_args: vec!["--worker-threads".into(), "1".into()],
+            notify_args: Vec::new(),
+            without_classify: false,
+            dispatch_args: Vec::new(),
+            classify_args: Vec::new(),
+            without_dispatch: false,
+        })
+    }
+}
+
 /// One of the four services.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Service {

@@ -105,26 +105,12 @@ impl Deployment {
         // A gateway that answers in a fifth of a second, as a platform's API may: some twenty
         // deliveries are in flight whenever a component dies.
         webhook.slow_next(usize::MAX, GATEWAY_LATENCY);
-        let options = SystemOptions {
-            nats_url: nats.service_url(),
-            nats_auth: true,
-            database_url: database_url.clone(),
-            auth_tokens: format!("{TENANT}:gateway:{}:fault-gateway", hash_token(GATEWAY_TOKEN)),
-            gateways: format!("default={}|{GATEWAY_SECRET}", webhook.url()),
-            host: "127.0.0.1".parse()?,
-            ports: [free_port()?, free_port()?, free_port()?, free_port()?],
-            metrics_ports: [free_port()?, free_port()?, free_port()?, free_port()?],
-            retry_base_ms: 500,
-            ingest_http_port: free_port()?,
-            wechat_accounts: String::new(),
-            // As docker-compose.yml runs them: one worker thread each.
-            extra_args: vec!["--worker-threads".into(), "1".into()],
-            notify_args: Vec::new(),
-            without_classify: false,
-            dispatch_args: Vec::new(),
-            classify_args: Vec::new(),
-            without_dispatch: false,
-        };
+        let options = SystemOptions::processes(
+            nats.service_url(),
+            database_url.clone(),
+            format!("{TENANT}:gateway:{}:fault-gateway", hash_token(GATEWAY_TOKEN)),
+            format!("default={}|{GATEWAY_SECRET}", webhook.url()),
+        )?;
         let logs = tempfile::Builder::new().prefix("closedloop-faults-").tempdir()?;
         let mut services = ServiceProcesses::spawn(&bin_dir()?, &options, logs.path())?;
         if let Err(error) = wait_for_consumers(&nats.url(), &CONSUMERS).await {

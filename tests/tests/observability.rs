@@ -13,7 +13,7 @@ use closedloop_e2e::processes::{ServiceProcesses, bin_dir};
 use closedloop_e2e::servers::{NatsServer, Postgres};
 use closedloop_e2e::system::{CONSUMERS, Service, SystemOptions, authed, wait_for_consumers};
 use closedloop_e2e::webhook::WebhookReceiver;
-use closedloop_e2e::{free_port, gateway, wait_for, wait_until};
+use closedloop_e2e::{gateway, wait_for, wait_until};
 use closedloop_proto::v1::SubmitComplaintRequest;
 use closedloop_proto::v1::ingest_service_client::IngestServiceClient;
 use closedloop_runtime::auth::hash_token;
@@ -132,34 +132,19 @@ async fn one_trace_spans_all_four_services_and_the_dashboard_reads_exported_seri
     let postgres = Postgres::shared()?;
     let database_url = postgres.create_database().await?;
     let webhook = WebhookReceiver::start("127.0.0.1:0".parse()?, GATEWAY_SECRET, false, stop.clone()).await?;
-    let options = SystemOptions {
-        nats_url: nats.service_url(),
-        nats_auth: true,
+    let mut options = SystemOptions::processes(
+        nats.service_url(),
         database_url,
-        auth_tokens: format!("{TENANT}:gateway:{}:observed-gateway", hash_token(GATEWAY_TOKEN)),
-        gateways: format!(
+        format!("{TENANT}:gateway:{}:observed-gateway", hash_token(GATEWAY_TOKEN)),
+        format!(
             "default={}|{GATEWAY_SECRET};staff={}|{GATEWAY_SECRET}",
             webhook.url(),
             webhook.url()
         ),
-        host: "127.0.0.1".parse()?,
-        ports: [free_port()?, free_port()?, free_port()?, free_port()?],
-        metrics_ports: [free_port()?, free_port()?, free_port()?, free_port()?],
-        retry_base_ms: 500,
-        ingest_http_port: free_port()?,
-        wechat_accounts: String::new(),
-        extra_args: vec![
-            "--worker-threads".into(),
-            "1".into(),
-            "--otlp-endpoint".into(),
-            format!("http://{otlp_addr}"),
-        ],
-        notify_args: Vec::new(),
-        dispatch_args: Vec::new(),
-        classify_args: Vec::new(),
-        without_classify: false,
-        without_dispatch: false,
-    };
+    )?;
+    options
+        .extra_args
+        .extend(["--otlp-endpoint".into(), format!("http://{otlp_addr}")]);
     let logs = tempfile::Builder::new()
         .prefix("closedloop-observed-")
         .tempdir()?;
