@@ -24,7 +24,7 @@ use closedloop_e2e::processes::{ServiceProcesses, bin_dir};
 use closedloop_e2e::servers::{NatsServer, Postgres};
 use closedloop_e2e::system::{CONSUMERS, Service, SystemOptions, wait_for_consumers};
 use closedloop_e2e::webhook::WebhookReceiver;
-use closedloop_e2e::{free_port, wait_for, wait_until};
+use closedloop_e2e::{wait_for, wait_until};
 use closedloop_proto::v1::ingest_service_client::IngestServiceClient;
 use closedloop_runtime::auth::hash_token;
 use tokio_util::sync::CancellationToken;
