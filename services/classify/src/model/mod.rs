@@ -1,5 +1,5 @@
 //! A statistical text model beside the keyword rules: a linear model over character
-//! n-grams (1..=3) of folded text (Traditional→Simplified, lower case), fitted by
+//! n-grams (1..=2) and whole Latin-script words of folded text (Traditional→Simplified, lower case), fitted by
 //! multinomial logistic regression or naive Bayes, one model for intent and one for
 //! category. Character n-grams need no word segmentation and carry over
 //! between scripts once folded. Trained from the team's labelled examples by

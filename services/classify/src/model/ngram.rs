@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 use super::{FNV_OFFSET, MAX_N, Prehashed, fnv_extend, stable_hash};
 
 /// Calls `f` with every character n-gram (1..=MAX_N) of `text`, as a slice of it with its
-/// `stable_hash`, by start position then length; n-grams that are only whitespace or
-/// punctuation are skipped. Hashes grow one character at a time (FNV is sequential), and
+/// `stable_hash`, by start position then length, and then with every whole word of a
+/// spaced script (see `walk_ngrams`); n-grams that are only whitespace or punctuation are
+/// skipped. Hashes grow one character at a time (FNV is sequential), and
 /// each character is classified once, because this runs for every text classified.
 pub fn for_each_ngram<'t>(text: &'t str, mut f: impl FnMut(&'t str, u64)) {
     walk_ngrams(text, |gram, hash| {
@@ -23,9 +24,9 @@ pub fn for_each_ngram<'t>(text: &'t str, mut f: impl FnMut(&'t str, u64)) {
 /// unknown the longer ones are too). Returns how many n-grams `text` has, visited or not,
 /// which is what [`Scale`] divides by.
 pub fn walk_ngrams<'t>(text: &'t str, mut f: impl FnMut(&'t str, u64) -> bool) -> usize {
-    let mut chars: Vec<(usize, bool)> = text.char_indices().map(|(at, c)| (at, is_word_char(c))).collect();
+    let mut chars: Vec<(usize, WordChar)> = text.char_indices().map(|(at, c)| (at, word_char(c))).collect();
     let count = chars.len();
-    chars.push((text.len(), false));
+    chars.push((text.len(), WordChar::None));
     let mut grams = 0;
     for i in 0..count {
         let mut hash = FNV_OFFSET;
@@ -34,7 +35,7 @@ pub fn walk_ngrams<'t>(text: &'t str, mut f: impl FnMut(&'t str, u64) -> bool) -
         for n in 1..=longest {
             let (from, to) = (chars[i + n - 1].0, chars[i + n].0);
             hash = fnv_extend(hash, &text.as_bytes()[from..to]);
-            any_alphanumeric |= chars[i + n - 1].1;
+            any_alphanumeric |= chars[i + n - 1].1 != WordChar::None;
             if any_alphanumeric {
                 grams += 1;
                 if !f(&text[chars[i].0..to], hash) {
@@ -46,12 +47,53 @@ pub fn walk_ngrams<'t>(text: &'t str, mut f: impl FnMut(&'t str, u64) -> bool) -
             }
         }
     }
+    // Whole words of scripts written with spaces (and runs of digits, such as 12315):
+    // character pairs say little about "refund" or "lawyer". A word longer than MAX_N
+    // characters cannot be mistaken for a character n-gram, so it is its own key.
+    let mut start = 0;
+    while start < count {
+        if chars[start].1 != WordChar::Spaced {
+            start += 1;
+            continue;
+        }
+        let end = (start..count)
+            .find(|&j| chars[j].1 != WordChar::Spaced)
+            .unwrap_or(count);
+        if (MAX_N + 1..=MAX_WORD).contains(&(end - start)) {
+            let word = &text[chars[start].0..chars[end].0];
+            grams += 1;
+            f(word, stable_hash(word));
+        }
+        start = end;
+    }
     grams
 }
 
-/// `char::is_alphanumeric`, answered without a table lookup for the common CJK ideographs.
-fn is_word_char(c: char) -> bool {
-    matches!(c, '\u{4E00}'..='\u{9FFF}') || c.is_alphanumeric()
+/// Longest word taken whole, in characters: longer runs are identifiers and numbers that
+/// would each be seen once.
+const MAX_WORD: usize = 16;
+
+/// What a character is to the features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WordChar {
+    /// Whitespace or punctuation.
+    None,
+    /// A CJK ideograph: its own word, as far as the features go.
+    Ideograph,
+    /// A letter or digit of a script written with spaces between words.
+    Spaced,
+}
+
+/// The common CJK ideographs are answered without a table lookup.
+fn word_char(c: char) -> WordChar {
+    if matches!(c, '\u{4E00}'..='\u{9FFF}') {
+        WordChar::Ideograph
+    } else if c.is_alphanumeric() {
+        // Other ideographs, kana and hangul are rare here; they count as spaced letters.
+        WordChar::Spaced
+    } else {
+        WordChar::None
+    }
 }
 
 /// How a model weighs a text's n-grams before adding their rows.
