@@ -441,8 +441,13 @@ impl Drop for DispatchReplica {
     }
 }
 
-/// The WeChat callback token of tenant `acme` in the test environment.
+/// The WeChat callback token of tenant `acme` in the test environment (plain mode).
 pub const WECHAT_TOKEN: &str = "wechat-callback-token";
+/// Tenant `beta`'s official account, in safe mode: callback token, AppID and
+/// EncodingAESKey.
+pub const WECHAT_SAFE_TOKEN: &str = "wechat-safe-token";
+pub const WECHAT_APP_ID: &str = "wx0b1c2d3e4f5a6b7c";
+pub const WECHAT_AES_KEY: &str = "kWxPd2tyvBJ7uEzQ3hY8gRfNmC5aLs0T9jX4eV6bU1G";
 
 /// Tokens the test environment configures.
 pub struct TestTokens {
@@ -524,7 +529,9 @@ impl TestEnv {
             metrics_ports: [0; 4],
             retry_base_ms: 100,
             ingest_http_port: 0,
-            wechat_accounts: format!("acme={WECHAT_TOKEN}"),
+            wechat_accounts: format!(
+                "acme={WECHAT_TOKEN};beta={WECHAT_SAFE_TOKEN}|{WECHAT_APP_ID}|{WECHAT_AES_KEY}"
+            ),
             extra_args: Vec::new(),
             // The watchdog runs in every test (shortened), so every test also shows it never
             // sends a second first reply.

@@ -4,8 +4,11 @@
 
 use std::time::Duration;
 
-use closedloop_e2e::system::{TestEnv, WECHAT_TOKEN, authed, contact, refused};
+use closedloop_e2e::system::{
+    TestEnv, WECHAT_AES_KEY, WECHAT_APP_ID, WECHAT_SAFE_TOKEN, WECHAT_TOKEN, authed, contact, refused,
+};
 use closedloop_e2e::{wait_for, wait_until};
+use closedloop_ingest::wechat::safe_mode::{self, AesKey};
 use closedloop_proto::v1::*;
 use closedloop_runtime::bus;
 use futures::StreamExt;
@@ -343,6 +346,83 @@ async fn the_wechat_callback_verifies_and_ingests_each_message_once() -> anyhow:
         Some("oCustomer1")
     );
     assert_eq!(work_orders(&env).await?.len(), 1);
+    env.shutdown().await
+}
+
+/// A safe-mode push as WeChat sends it: the message encrypted in `Encrypt`, and the query
+/// with `msg_signature` over the ciphertext.
+fn encrypted_push(
+    token: &str,
+    app_id: &str,
+    timestamp: &str,
+    nonce: &str,
+    message: &str,
+) -> (String, String) {
+    let key = AesKey::from_encoding_aes_key(WECHAT_AES_KEY).expect("the test key is 43 characters");
+    let encrypted = safe_mode::encrypt(&key, app_id, message, *b"0123456789abcdef");
+    let signature = safe_mode::msg_signature(token, timestamp, nonce, &encrypted);
+    let query = format!(
+        "{}&encrypt_type=aes&msg_signature={signature}",
+        wechat_query(token, timestamp, nonce)
+    );
+    let body = format!(
+        "<xml><ToUserName><![CDATA[gh_beta]]></ToUserName><Encrypt><![CDATA[{encrypted}]]></Encrypt></xml>"
+    );
+    (query, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_safe_mode_account_takes_encrypted_pushes_only() -> anyhow::Result<()> {
+    let env = TestEnv::start().await?;
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/wechat/beta", env.system.ingest_http);
+    let now = chrono::Utc::now().timestamp().to_string();
+    let post = |query: String, body: String| client.post(format!("{url}?{query}")).body(body).send();
+
+    let message = wechat_text("24000000000000101", "加密模式：宽带断了三天");
+    let (query, body) = encrypted_push(WECHAT_SAFE_TOKEN, WECHAT_APP_ID, &now, "s1", &message);
+    let response = post(query, body).await?;
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(response.text().await?, "success");
+
+    // Refused: a plain push (even correctly signed), a ciphertext swapped under another
+    // push's signature, and a message encrypted for another account.
+    let plain = wechat_query(WECHAT_SAFE_TOKEN, &now, "s2");
+    let response = post(plain, wechat_text("24000000000000102", "明文")).await?;
+    assert_eq!(
+        response.status().as_u16(),
+        403,
+        "plain push to a safe-mode account"
+    );
+    let (query, _) = encrypted_push(WECHAT_SAFE_TOKEN, WECHAT_APP_ID, &now, "s3", &message);
+    let (_, swapped) = encrypted_push(
+        WECHAT_SAFE_TOKEN,
+        WECHAT_APP_ID,
+        &now,
+        "s3",
+        &wechat_text("24000000000000103", "换过的密文"),
+    );
+    let response = post(query, swapped).await?;
+    assert_eq!(response.status().as_u16(), 403, "signature of another ciphertext");
+    let (query, body) = encrypted_push(
+        WECHAT_SAFE_TOKEN,
+        "wxSomeOtherAccount",
+        &now,
+        "s4",
+        &wechat_text("24000000000000104", "别的公众号"),
+    );
+    let response = post(query, body).await?;
+    assert_eq!(response.status().as_u16(), 400, "encrypted for another AppID");
+
+    env.wait_idle().await?;
+    let stored: Vec<Complaint> = received_events(&env)
+        .await?
+        .into_iter()
+        .filter(|c| c.tenant == "beta")
+        .collect();
+    assert_eq!(stored.len(), 1, "only the encrypted push is stored: {stored:?}");
+    assert_eq!(stored[0].channel_message_id, "24000000000000101");
+    assert_eq!(stored[0].original_text, "加密模式：宽带断了三天");
     env.shutdown().await
 }
 

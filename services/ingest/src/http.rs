@@ -163,6 +163,8 @@ enum HttpError {
     UnknownWechatAccount,
     #[error("bad signature")]
     BadSignature,
+    #[error("this account accepts encrypted (safe-mode) pushes only")]
+    NotEncrypted,
     #[error("this signature was used for another message")]
     Replayed,
     #[error("{0}")]
@@ -186,7 +188,7 @@ impl IntoResponse for HttpError {
             HttpError::UnknownWechatAccount => {
                 return (StatusCode::NOT_FOUND, self.to_string()).into_response();
             }
-            HttpError::BadSignature | HttpError::Replayed => {
+            HttpError::BadSignature | HttpError::NotEncrypted | HttpError::Replayed => {
                 return (StatusCode::FORBIDDEN, self.to_string()).into_response();
             }
             HttpError::BadMessage(_) => return (StatusCode::BAD_REQUEST, self.to_string()).into_response(),
@@ -295,6 +297,11 @@ struct WechatQuery {
     nonce: String,
     #[serde(default)]
     echostr: String,
+    /// Safe mode: `aes`, with `msg_signature` over the ciphertext.
+    #[serde(default)]
+    encrypt_type: String,
+    #[serde(default)]
+    msg_signature: String,
 }
 
 /// Checks that the query carries a valid, recent WeChat signature for `tenant`'s account.
@@ -318,6 +325,46 @@ fn verify_account(state: &HttpState, tenant: &str, query: &WechatQuery) -> Resul
     }
 }
 
+/// The message XML of a push whose signature checks out: the body itself in plain mode,
+/// decrypted from `Encrypt` for an account in safe mode (which refuses plain pushes).
+fn open_push<'b>(
+    state: &HttpState,
+    tenant: &str,
+    query: &WechatQuery,
+    body: &'b str,
+) -> Result<std::borrow::Cow<'b, str>, HttpError> {
+    let account = state
+        .wechat
+        .accounts
+        .account(tenant)
+        .ok_or(HttpError::UnknownWechatAccount)?;
+    let Some((app_id, key)) = &account.safe_mode else {
+        verify_account(state, tenant, query)?;
+        return Ok(body.into());
+    };
+    if query.encrypt_type != "aes" {
+        tracing::warn!(%tenant, "a plain WeChat push to an account in safe mode");
+        return Err(HttpError::NotEncrypted);
+    }
+    let envelope = wechat::parse_encrypted(body).map_err(|e| HttpError::BadMessage(e.to_string()))?;
+    if !wechat::verify_encrypted(
+        &account.token,
+        &query.timestamp,
+        &query.nonce,
+        &envelope.encrypt,
+        &query.msg_signature,
+        chrono::Utc::now(),
+    ) {
+        tracing::warn!(%tenant, "WeChat push with a bad or stale msg_signature");
+        return Err(HttpError::BadSignature);
+    }
+    let xml = wechat::safe_mode::decrypt(key, app_id, &envelope.encrypt).map_err(|e| {
+        tracing::warn!(%tenant, error = %e, "a signed WeChat push that does not decrypt");
+        HttpError::BadMessage(e.to_string())
+    })?;
+    Ok(xml.into())
+}
+
 /// WeChat's server verification: echo `echostr` when the signature checks out.
 async fn wechat_handshake(
     State(state): State<Arc<HttpState>>,
@@ -336,9 +383,9 @@ async fn wechat_push(
     Query(query): Query<WechatQuery>,
     body: Bytes,
 ) -> Result<&'static str, HttpError> {
-    verify_account(&state, &tenant, &query)?;
     let xml = std::str::from_utf8(&body).map_err(|e| HttpError::BadMessage(e.to_string()))?;
-    let message = wechat::parse_message(xml).map_err(|e| HttpError::BadMessage(e.to_string()))?;
+    let xml = open_push(&state, &tenant, &query, xml)?;
+    let message = wechat::parse_message(&xml).map_err(|e| HttpError::BadMessage(e.to_string()))?;
     let Some(submission) = wechat::to_submission(&message) else {
         return Ok("success");
     };

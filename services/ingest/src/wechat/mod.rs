@@ -1,9 +1,9 @@
-//! The WeChat official-account callback, plain-text mode: the signature WeChat puts on
-//! every push (SHA-1 over the sorted token, timestamp and nonce), the XML of a pushed
-//! message, and how a text message becomes a submission. Plain functions; the HTTP side is
-//! in `http.rs`.
+//! The WeChat official-account callback: the signature WeChat puts on every push (SHA-1
+//! over the sorted token, timestamp and nonce), the XML of a pushed message, and how a
+//! text message becomes a submission; safe (encrypted) mode is in [`safe_mode`]. Plain
+//! functions; the HTTP side is in `http.rs`.
 //!
-//! The signature does not cover the body, so a signed URL that leaks would let anyone post
+//! In plain mode the signature does not cover the body, so a signed URL that leaks would let anyone post
 //! any message as any customer. A push is therefore accepted only within [`REPLAY_WINDOW`]
 //! of its timestamp, and each signed (timestamp, nonce) carries one message: the HTTP side
 //! remembers the message id it came with ([`nonce_key`]), so WeChat's own retries of that
@@ -22,44 +22,77 @@ use subtle::ConstantTimeEq;
 /// How far a push's timestamp may be from now, either way.
 pub const REPLAY_WINDOW: chrono::Duration = chrono::Duration::minutes(5);
 
-/// The callback token each tenant configured in the WeChat admin console.
+pub mod safe_mode;
+
+/// One tenant's official account as the callback sees it.
+#[derive(Clone, Debug)]
+pub struct WechatAccount {
+    /// The callback token configured in the WeChat admin console.
+    pub token: String,
+    /// Safe mode: the account's AppID and EncodingAESKey. An account with them accepts
+    /// encrypted pushes only.
+    pub safe_mode: Option<(String, safe_mode::AesKey)>,
+}
+
+/// The official account of each tenant.
 #[derive(Clone, Default)]
 pub struct WechatAccounts {
-    token_by_tenant: HashMap<String, String>,
+    by_tenant: HashMap<String, WechatAccount>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WechatError {
-    #[error("WeChat account entry {0:?} is not `tenant=token`")]
+    #[error("WeChat account entry {0:?} is not `tenant=token` or `tenant=token|appid|encoding-aes-key`")]
     Malformed(String),
+    #[error("WeChat account {0:?}: {1}")]
+    Key(String, safe_mode::SafeModeError),
     #[error("message XML is invalid: {0}")]
     Xml(String),
 }
 
 impl FromStr for WechatAccounts {
     type Err = WechatError;
-    /// `acme=token1;beta=token2`.
+    /// `acme=token1;beta=token2|wx0123456789abcdef|<43-character EncodingAESKey>`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut token_by_tenant = HashMap::new();
+        let mut by_tenant = HashMap::new();
         for entry in s.split([';', '\n']).map(str::trim).filter(|e| !e.is_empty()) {
-            let (tenant, token) = entry
+            let malformed = || WechatError::Malformed(entry.split('=').next().unwrap_or_default().to_owned());
+            let (tenant, rest) = entry
                 .split_once('=')
-                .filter(|(t, k)| closedloop_runtime::auth::valid_tenant(t.trim()) && !k.trim().is_empty())
-                .ok_or_else(|| {
-                    WechatError::Malformed(entry.split('=').next().unwrap_or_default().to_owned())
-                })?;
-            token_by_tenant.insert(tenant.trim().to_owned(), token.trim().to_owned());
+                .filter(|(t, _)| closedloop_runtime::auth::valid_tenant(t.trim()))
+                .ok_or_else(malformed)?;
+            let tenant = tenant.trim();
+            let fields: Vec<&str> = rest.split('|').map(str::trim).collect();
+            let account = match fields[..] {
+                [token] if !token.is_empty() => WechatAccount {
+                    token: token.to_owned(),
+                    safe_mode: None,
+                },
+                [token, app_id, key] if !token.is_empty() && !app_id.is_empty() => {
+                    let key = safe_mode::AesKey::from_encoding_aes_key(key)
+                        .map_err(|e| WechatError::Key(tenant.to_owned(), e))?;
+                    WechatAccount {
+                        token: token.to_owned(),
+                        safe_mode: Some((app_id.to_owned(), key)),
+                    }
+                }
+                _ => return Err(malformed()),
+            };
+            by_tenant.insert(tenant.to_owned(), account);
         }
-        Ok(Self { token_by_tenant })
+        Ok(Self { by_tenant })
     }
 }
 
 impl WechatAccounts {
+    pub fn account(&self, tenant: &str) -> Option<&WechatAccount> {
+        self.by_tenant.get(tenant)
+    }
     pub fn token(&self, tenant: &str) -> Option<&str> {
-        self.token_by_tenant.get(tenant).map(String::as_str)
+        self.account(tenant).map(|a| a.token.as_str())
     }
     pub fn is_empty(&self) -> bool {
-        self.token_by_tenant.is_empty()
+        self.by_tenant.is_empty()
     }
 }
 
@@ -74,10 +107,26 @@ pub fn signature(token: &str, timestamp: &str, nonce: &str) -> String {
 /// matches (compared in constant time) and the timestamp is within [`REPLAY_WINDOW`] of
 /// `now`.
 pub fn verify(token: &str, timestamp: &str, nonce: &str, claimed: &str, now: DateTime<Utc>) -> bool {
-    let expected = signature(token, timestamp, nonce);
+    same_signature(&signature(token, timestamp, nonce), claimed) && within_window(timestamp, now)
+}
+
+/// As [`verify`], for a safe-mode push: `msg_signature` over the ciphertext too.
+pub fn verify_encrypted(
+    token: &str,
+    timestamp: &str,
+    nonce: &str,
+    encrypted: &str,
+    claimed: &str,
+    now: DateTime<Utc>,
+) -> bool {
+    let expected = safe_mode::msg_signature(token, timestamp, nonce, encrypted);
+    same_signature(&expected, claimed) && within_window(timestamp, now)
+}
+
+/// Hex signatures compared in constant time, in either case.
+fn same_signature(expected: &str, claimed: &str) -> bool {
     let claimed = claimed.to_ascii_lowercase();
-    let matches: bool = expected.as_bytes().ct_eq(claimed.as_bytes()).into();
-    matches && within_window(timestamp, now)
+    expected.as_bytes().ct_eq(claimed.as_bytes()).into()
 }
 
 /// Whether `timestamp` (seconds since the epoch) is within [`REPLAY_WINDOW`] of `now`.
@@ -116,6 +165,17 @@ pub struct WechatMessage {
 }
 
 pub fn parse_message(xml: &str) -> Result<WechatMessage, WechatError> {
+    quick_xml::de::from_str(xml).map_err(|e| WechatError::Xml(e.to_string()))
+}
+
+/// The envelope of a safe-mode push: the message is in `Encrypt`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct EncryptedPush {
+    pub encrypt: String,
+}
+
+pub fn parse_encrypted(xml: &str) -> Result<EncryptedPush, WechatError> {
     quick_xml::de::from_str(xml).map_err(|e| WechatError::Xml(e.to_string()))
 }
 
@@ -222,10 +282,26 @@ mod tests {
 
     #[test]
     fn accounts_parse() {
-        let accounts: WechatAccounts = "acme=tok1; beta=tok2".parse().expect("valid");
+        let accounts: WechatAccounts =
+            "acme=tok1; beta=tok2|wxBeta|abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
+                .parse()
+                .expect("valid");
         assert_eq!(accounts.token("beta"), Some("tok2"));
+        assert!(accounts.account("acme").is_some_and(|a| a.safe_mode.is_none()));
+        assert_eq!(
+            accounts
+                .account("beta")
+                .and_then(|a| a.safe_mode.as_ref())
+                .map(|(app, _)| app.as_str()),
+            Some("wxBeta")
+        );
         assert!("acme".parse::<WechatAccounts>().is_err());
         assert!("ACME=x".parse::<WechatAccounts>().is_err());
+        assert!("acme=tok|wxA".parse::<WechatAccounts>().is_err());
+        assert!(matches!(
+            "acme=tok|wxA|short".parse::<WechatAccounts>(),
+            Err(WechatError::Key(..))
+        ));
     }
 
     mod properties {
