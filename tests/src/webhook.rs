@@ -11,7 +11,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use closedloop_notify::gateway::{IDEMPOTENCY_HEADER, SIGNATURE_HEADER, sign};
+use closedloop_runtime::webhook::{IDEMPOTENCY_HEADER, SIGNATURE_HEADER, sign};
 use tokio_util::sync::CancellationToken;
 
 /// One message a gateway received.

@@ -257,16 +257,16 @@ impl Courier {
             Destination::Staff => STAFF,
         };
         let webhook = WebhookMessage {
-            delivery_id: &delivery.delivery_id,
-            tenant: &delivery.tenant,
-            kind,
-            channel,
-            recipient: &delivery.recipient,
-            reply_to_message_id: out.reply_to_message_id,
-            thread_id: out.thread_id,
-            complaint_id: &delivery.complaint_id,
-            work_order_id: &delivery.work_order_id,
-            text: &delivery.body,
+            delivery_id: delivery.delivery_id.as_str().into(),
+            tenant: delivery.tenant.as_str().into(),
+            kind: kind.into(),
+            channel: channel.into(),
+            recipient: delivery.recipient.as_str().into(),
+            reply_to_message_id: out.reply_to_message_id.into(),
+            thread_id: out.thread_id.into(),
+            complaint_id: delivery.complaint_id.as_str().into(),
+            work_order_id: delivery.work_order_id.as_str().into(),
+            text: delivery.body.as_str().into(),
         };
         let sent = timed("send", self.webhooks.send(out.destination, &webhook)).await;
         let (attempt, error) = match &sent {

@@ -1,6 +1,6 @@
-//! Channel-gateway webhooks: an HTTP POST of JSON, signed with HMAC-SHA256 over the body
-//! (`X-Closedloop-Signature: sha256=<hex>`), with `Idempotency-Key` set to the delivery id
-//! so a gateway can drop a message notify sends again after a crash.
+//! Channel-gateway webhooks ([`closedloop_runtime::webhook`]): where each channel's go, and
+//! the client that posts them behind a circuit breaker per gateway and a rate limit per
+//! channel.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -8,11 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use closedloop_proto::v1::Channel;
-use hmac::{Hmac, Mac};
-use serde::Serialize;
-use sha2::Sha256;
 
 use closedloop_runtime::metrics;
+pub use closedloop_runtime::webhook::{IDEMPOTENCY_HEADER, SIGNATURE_HEADER, WebhookMessage, sign};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -20,10 +18,8 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::guard::{CircuitBreaker, RateLimiter};
 
-pub const SIGNATURE_HEADER: &str = "x-closedloop-signature";
 /// Gateway-table name and webhook `channel` of staff alerts.
 pub const STAFF: &str = "staff";
-pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
 /// One gateway: where to POST and the secret to sign with.
 #[derive(Clone)]
@@ -109,33 +105,6 @@ impl GatewayTable {
     pub fn is_empty(&self) -> bool {
         self.by_channel.is_empty()
     }
-}
-
-/// Hex HMAC-SHA256 of `body` under `secret`.
-pub fn sign(secret: &[u8], body: &[u8]) -> String {
-    // HMAC accepts keys of any length, so this cannot fail.
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
-    mac.update(body);
-    hex::encode(mac.finalize().into_bytes())
-}
-
-/// What a gateway receives.
-#[derive(Debug, Serialize)]
-pub struct WebhookMessage<'a> {
-    pub delivery_id: &'a str,
-    pub tenant: &'a str,
-    /// e.g. `acknowledgement`, `closure`.
-    pub kind: &'a str,
-    /// e.g. `weibo_post`.
-    pub channel: &'a str,
-    /// The poster id on the channel.
-    pub recipient: &'a str,
-    /// The channel message this answers, so the gateway can reply in thread.
-    pub reply_to_message_id: &'a str,
-    pub thread_id: &'a str,
-    pub complaint_id: &'a str,
-    pub work_order_id: &'a str,
-    pub text: &'a str,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -375,7 +344,7 @@ impl WebhookClient {
             .http
             .post(gateway.endpoint.clone())
             .header("content-type", "application/json")
-            .header(IDEMPOTENCY_HEADER, message.delivery_id)
+            .header(IDEMPOTENCY_HEADER, message.delivery_id.as_ref())
             .header(SIGNATURE_HEADER, format!("sha256={signature}"))
             .body(body)
             .send()
@@ -489,15 +458,6 @@ mod tests {
                 retry_after: Duration::from_secs(1)
             }
             .is_permanent()
-        );
-    }
-
-    #[test]
-    fn signature_is_hmac_sha256_hex() {
-        // RFC 4231 test case 2.
-        assert_eq!(
-            sign(b"Jefe", b"what do ya want for nothing?"),
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
     }
 }

@@ -23,6 +23,7 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod text;
 pub mod time;
+pub mod webhook;
 
 pub use config::Secret;
 
