@@ -65,7 +65,7 @@ fi
 log "building the binaries ($profile)"
 flags=(--locked)
 [ "$profile" = release ] && flags+=(--release)
-bins=(closedloop-ingest closedloop-classify closedloop-dispatch closedloop-notify
+bins=(closedloop-ingest closedloop-classify closedloop-dispatch closedloop-notify closedloop-connect
       closedloop-healthcheck closedloop-admin closedloop-demo-gateway)
 cargo build "${flags[@]}" $(printf -- '--bin %s ' "${bins[@]}") >&2
 find deploy/prebuilt -mindepth 1 ! -name README.md -delete

@@ -9,7 +9,8 @@
 # NATS nodes, R3, two replicas of each service), with a NATS node killed and another cut off
 # from the network for 30 s among the faults, and throughput with two replicas and with one.
 # Tears everything down, volumes included, however it ends. Skipped (exit 0) where no Docker
-# engine answers. CLOSEDLOOP_COMPOSE_RELEASE=1 builds optimised binaries (for figures), and
+# engine answers. The single-node run also starts the connectors profile's connect service,
+# which must become healthy. CLOSEDLOOP_COMPOSE_RELEASE=1 builds optimised binaries (for figures), and
 # CLOSEDLOOP_COMPOSE_THROUGHPUT sets the complaints per throughput measurement (3,000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,7 +50,7 @@ down() {
     log "failed; the last of each container's log:"
     "${deployment[@]}" logs --tail=30 >&2 || true
   fi
-  "${deployment[@]}" --profile observability down -v --remove-orphans >&2 || true
+  "${deployment[@]}" --profile observability --profile connectors down -v --remove-orphans >&2 || true
   exit "$status"
 }
 trap down EXIT
@@ -65,12 +66,14 @@ throughput=${CLOSEDLOOP_COMPOSE_THROUGHPUT:-3000}
 
 log "building the Closedloop image"
 "${deployment[@]}" build >&2
-log "one NATS server: starting, with the observability profile's Prometheus"
+log "one NATS server: starting, with the observability profile's Prometheus and the connectors"
 "${deployment[@]}" up -d >&2
 "${deployment[@]}" --profile observability up -d prometheus >&2
-check --prometheus "127.0.0.1:$CLOSEDLOOP_PROMETHEUS_PORT"
+# Connect has no platform to call here; healthy shows it runs with its bus permissions.
+"${deployment[@]}" --profile connectors up -d connect >&2
+check --prometheus "127.0.0.1:$CLOSEDLOOP_PROMETHEUS_PORT" --connectors
 check --throughput "$throughput" --label "1 NATS node, R1, 1 replica each"
-"${deployment[@]}" --profile observability down -v --remove-orphans >&2
+"${deployment[@]}" --profile observability --profile connectors down -v --remove-orphans >&2
 
 deployment=("${compose[@]}" -f docker-compose.yml -f docker-compose.cluster.yml)
 log "three NATS nodes, streams at R3, two replicas of each service: starting"
@@ -81,7 +84,7 @@ check --cluster --complaints 2400 --prometheus "127.0.0.1:$CLOSEDLOOP_PROMETHEUS
 check --cluster --throughput "$throughput" --label "3 NATS nodes, R3, 2 replicas each"
 "${deployment[@]}" stop ingest-2 classify-2 dispatch-2 notify-2 >&2
 check --throughput "$throughput" --label "3 NATS nodes, R3, 1 replica each"
-"${deployment[@]}" --profile observability down -v --remove-orphans >&2
+"${deployment[@]}" --profile observability --profile connectors down -v --remove-orphans >&2
 
 # What replication costs: the same three nodes with one copy of each stream.
 log "three NATS nodes, streams at R1, one replica of each service: starting"

@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod drive;
+pub mod fake_wechat;
 pub mod gateway;
 pub mod processes;
 pub mod servers;

@@ -231,7 +231,7 @@ impl NatsServer {
 }
 
 /// The users of `deploy/nats-auth.conf`.
-pub const NATS_USERS: [&str; 5] = ["ingest", "classify", "dispatch", "notify", "admin"];
+pub const NATS_USERS: [&str; 6] = ["ingest", "classify", "dispatch", "notify", "connect", "admin"];
 
 /// The password the harness gives a bus user.
 pub fn nats_password(user: &str) -> String {

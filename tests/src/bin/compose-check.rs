@@ -1,7 +1,8 @@
 //! `compose-check`: drives a running `docker compose` deployment of Closedloop from outside,
 //! through its published ports, as scripts/compose-test.sh runs it:
 //!
-//! 1. waits until every container with a healthcheck is healthy;
+//! 1. waits until every container with a healthcheck is healthy (with `--connectors`, the
+//!    connectors profile's `connect` too);
 //! 2. walks the closed loop once: a complaint submitted over gRPC, its acknowledgement at the
 //!    demo gateway, its work order, resolved by an agent, and the closure message;
 //! 3. submits a stream of complaints while each service container, then NATS, then
@@ -72,6 +73,9 @@ struct Args {
     /// The deployment is docker-compose.cluster.yml's: break it as a cluster.
     #[arg(long)]
     cluster: bool,
+    /// The connectors profile's `connect` runs too: wait for it to be healthy as well.
+    #[arg(long)]
+    connectors: bool,
     /// Only measure throughput with this many complaints.
     #[arg(long)]
     throughput: Option<usize>,
@@ -294,6 +298,7 @@ fn run(program: &[&str], args: &[&str]) -> anyhow::Result<String> {
 struct Deployment {
     compose: Vec<String>,
     cluster: bool,
+    connectors: bool,
 }
 
 impl Deployment {
@@ -370,6 +375,9 @@ impl Deployment {
         let mut services = WITH_HEALTHCHECK.to_vec();
         if self.cluster {
             services.extend(CLUSTER_HEALTHCHECKS);
+        }
+        if self.connectors {
+            services.push("connect");
         }
         services
     }
@@ -562,6 +570,7 @@ async fn main() -> anyhow::Result<()> {
     let deployment = Deployment {
         compose: args.compose.split_whitespace().map(str::to_owned).collect(),
         cluster: args.cluster,
+        connectors: args.connectors,
     };
     let http = reqwest::Client::new();
     let ingest = IngestServiceClient::new(lazy_channel(args.ingest)?);

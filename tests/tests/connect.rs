@@ -1,0 +1,369 @@
+//! The connect service against a local fake of the WeChat API, on real NATS (and, for the
+//! whole loop, the four services on real PostgreSQL): replies and closure messages go out
+//! through WeChat's own API, through an expiring token and rate limits, as template
+//! messages where the customer-service window is closed, and never twice, whether notify
+//! retries or connect is killed mid-call.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use clap::Parser;
+use closedloop_e2e::fake_wechat::FakeWechat;
+use closedloop_e2e::servers::{NatsServer, nats_password};
+use closedloop_e2e::system::{TestEnv, authed, contact};
+use closedloop_e2e::{free_port, wait_for, wait_until};
+use closedloop_proto::v1::*;
+use closedloop_runtime::webhook::{SIGNATURE_HEADER, WebhookMessage, sign};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(30);
+const APP_ID: &str = "wx5e1f0a2b3c4d5e6f";
+const APP_SECRET: &str = "fake-app-secret";
+const TEMPLATE_ID: &str = "tmpl-work-order-update";
+const CONNECT_SECRET: &str = "connect-webhook-secret";
+
+/// Connect's command line: on `nats_url` as its own bus user, WeChat at `fake`.
+fn connect_args(nats_url: &str, http_port: u16, fake: &FakeWechat) -> Vec<String> {
+    [
+        "closedloop-connect",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        &format!("127.0.0.1:{http_port}"),
+        "--nats-url",
+        nats_url,
+        "--nats-user",
+        "connect",
+        "--nats-password",
+        &nats_password("connect"),
+        "--webhook-secret",
+        CONNECT_SECRET,
+        "--wechat-apps",
+        &format!("acme={APP_ID}|{APP_SECRET}|{TEMPLATE_ID}|thing1"),
+        "--wechat-api",
+        &fake.url(),
+        "--api-timeout-secs",
+        "1",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// Connect in process until `cancel` fires.
+async fn start_connect(
+    nats_url: &str,
+    http_port: u16,
+    fake: &FakeWechat,
+    cancel: &CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let config = closedloop_connect::Config::try_parse_from(connect_args(nats_url, http_port, fake))?;
+    let connect = closedloop_connect::Connect::build(config, cancel).await?;
+    Ok(tokio::spawn(connect.run(cancel.clone())))
+}
+
+/// A webhook as notify signs it, for a WeChat delivery to `openid`.
+fn webhook(delivery_id: &str, openid: &str, text: &str) -> (String, Vec<u8>) {
+    webhook_on("wechat", delivery_id, openid, text)
+}
+
+fn webhook_on(channel: &str, delivery_id: &str, recipient: &str, text: &str) -> (String, Vec<u8>) {
+    let message = WebhookMessage {
+        delivery_id: delivery_id.into(),
+        tenant: "acme".into(),
+        kind: "acknowledgement".into(),
+        channel: channel.into(),
+        recipient: recipient.into(),
+        reply_to_message_id: "".into(),
+        thread_id: "".into(),
+        complaint_id: "".into(),
+        work_order_id: "".into(),
+        text: text.into(),
+    };
+    let body = serde_json::to_vec(&message).unwrap_or_default();
+    (format!("sha256={}", sign(CONNECT_SECRET.as_bytes(), &body)), body)
+}
+
+async fn post(port: u16, (signature, body): &(String, Vec<u8>)) -> anyhow::Result<(u16, String)> {
+    let response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/deliveries"))
+        .header(SIGNATURE_HEADER, signature)
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await?;
+    Ok((response.status().as_u16(), response.text().await?))
+}
+
+/// How many messages WeChat took for each customer.
+fn per_customer(fake: &FakeWechat) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for message in fake.taken() {
+        *counts.entry(message.touser).or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_and_closures_go_out_through_the_wechat_api_once() -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let fake = FakeWechat::start(APP_ID, APP_SECRET, stop.clone()).await?;
+    let connect_port = free_port()?;
+    let env = TestEnv::start_with(|options| {
+        options.gateways.push_str(&format!(
+            ";wechat=http://127.0.0.1:{connect_port}/deliveries|{CONNECT_SECRET}"
+        ));
+    })
+    .await?;
+    let connect = start_connect(&env.nats.service_url(), connect_port, &fake, &stop).await?;
+
+    // Three customers inside the customer-service window, one outside it.
+    fake.close_window("oCustomerZ");
+    let submit = |message_id: &str, openid: &str| {
+        env.submit(contact(
+            Channel::Wechat,
+            message_id,
+            openid,
+            0,
+            "家里宽带断了，一直连不上",
+        ))
+    };
+    let mut complaints = HashMap::new();
+    for (message_id, openid) in [
+        ("m-1", "oCustomerA"),
+        ("m-2", "oCustomerB"),
+        ("m-3", "oCustomerC"),
+        ("m-4", "oCustomerZ"),
+    ] {
+        complaints.insert(openid, submit(message_id, openid).await?.complaint_id);
+    }
+    wait_until("four first replies on WeChat", WAIT, || async {
+        fake.taken().len() >= 4
+    })
+    .await?;
+
+    // The token expires and the rate limit bites while more complaints arrive.
+    fake.expire_token();
+    fake.rate_limit_next(2);
+    for (message_id, openid) in [("m-5", "oCustomerD"), ("m-6", "oCustomerE")] {
+        complaints.insert(openid, submit(message_id, openid).await?.complaint_id);
+    }
+    wait_until("six first replies on WeChat", WAIT, || async {
+        fake.taken().len() >= 6
+    })
+    .await?;
+
+    // An agent resolves customer A's work order: the closure goes out on WeChat too.
+    let work_order = env.work_order_for(&complaints["oCustomerA"]).await?;
+    env.work_orders()
+        .await?
+        .resolve_work_order(authed(
+            &env.tokens.agent,
+            ResolveWorkOrderRequest {
+                work_order_id: work_order.work_order_id.clone(),
+                resolution_note: "光猫已更换".into(),
+                expected_version: work_order.version,
+                ..Default::default()
+            },
+        ))
+        .await?;
+    // The acknowledgement, the closure and the satisfaction survey.
+    wait_until("the closure and survey on WeChat", WAIT, || async {
+        per_customer(&fake).get("oCustomerA") == Some(&3)
+    })
+    .await?;
+    env.wait_idle().await?;
+
+    let taken = fake.taken();
+    let counts = per_customer(&fake);
+    assert_eq!(counts.len(), 6, "{taken:?}");
+    for (openid, count) in &counts {
+        let expected = if openid == "oCustomerA" { 3 } else { 1 };
+        assert_eq!(*count, expected, "messages to {openid}: {taken:?}");
+    }
+    let to_a: Vec<&str> = taken
+        .iter()
+        .filter(|m| m.touser == "oCustomerA")
+        .map(|m| m.text.as_str())
+        .collect();
+    assert!(
+        to_a[0].contains("已收到") && to_a[1].contains("光猫已更换") && to_a[2].contains("满意"),
+        "{to_a:?}"
+    );
+    for message in &taken {
+        if message.touser == "oCustomerZ" {
+            assert_eq!(
+                (message.api, message.template_id.as_str()),
+                ("template", TEMPLATE_ID)
+            );
+        } else {
+            assert_eq!(message.api, "custom", "{message:?}");
+        }
+    }
+    // The errors were met, and one token replaced the expired one.
+    assert!(
+        fake.answers_with(42001) >= 1,
+        "the expired token was used and refused"
+    );
+    assert_eq!(fake.answers_with(45011), 2, "both rate-limit answers were met");
+    assert_eq!(fake.answers_with(45015), 1, "one customer outside the window");
+    assert_eq!(fake.tokens_issued(), 2, "one token, then one refresh");
+    // Nothing for WeChat went to the generic gateway.
+    assert!(
+        env.webhook
+            .messages()
+            .iter()
+            .all(|m| m.field("channel") != "wechat"),
+        "WeChat messages went to the webhook gateway"
+    );
+    assert_eq!(closedloop_e2e::dead_letter_count(&env.nats.url()).await?, 0);
+
+    stop.cancel();
+    connect.await??;
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_one_token_and_a_retry_is_answered_from_the_record() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let stop = CancellationToken::new();
+    let fake = FakeWechat::start(APP_ID, APP_SECRET, stop.clone()).await?;
+    let ports = [free_port()?, free_port()?];
+    let mut replicas = Vec::new();
+    for port in ports {
+        replicas.push(start_connect(&nats.service_url(), port, &fake, &stop).await?);
+    }
+
+    // Twenty deliveries at once, spread over both replicas; then the token expires and
+    // twenty more go.
+    let send_round = |round: usize| {
+        futures::future::join_all((0..20).map(move |i| {
+            let delivery = webhook(
+                &uuid::Uuid::new_v4().to_string(),
+                &format!("oRound{round}Customer{i}"),
+                "已收到您的反馈",
+            );
+            async move { post(ports[i % 2], &delivery).await }
+        }))
+    };
+    for answer in send_round(1).await {
+        assert_eq!(answer?.0, 200);
+    }
+    assert_eq!(fake.tokens_issued(), 1, "one token for both replicas");
+    fake.expire_token();
+    for answer in send_round(2).await {
+        assert_eq!(answer?.0, 200);
+    }
+    assert_eq!(fake.tokens_issued(), 2, "one refresh for both replicas");
+    assert_eq!(fake.taken().len(), 40);
+
+    // The same delivery again, to either replica: answered as before, not sent again.
+    let delivery = webhook(&uuid::Uuid::new_v4().to_string(), "oRetried", "已收到");
+    let first = post(ports[0], &delivery).await?;
+    assert_eq!(first.0, 200);
+    assert_eq!(post(ports[1], &delivery).await?, first);
+    assert_eq!(post(ports[0], &delivery).await?, first);
+    assert_eq!(per_customer(&fake).get("oRetried"), Some(&1));
+
+    // A forged webhook and a channel connect does not serve are refused for good.
+    let (_, body) = webhook(&uuid::Uuid::new_v4().to_string(), "oForged", "x");
+    assert_eq!(post(ports[0], &("sha256=00".to_owned(), body)).await?.0, 401);
+    assert!(!per_customer(&fake).contains_key("oForged"));
+    let weibo = webhook_on(
+        "weibo_post",
+        &uuid::Uuid::new_v4().to_string(),
+        "weibo-uid-1",
+        "x",
+    );
+    let (status, reason) = post(ports[0], &weibo).await?;
+    assert_eq!(status, 422, "{reason}");
+
+    stop.cancel();
+    for replica in replicas {
+        replica.await??;
+    }
+    Ok(())
+}
+
+/// Kills `child` with SIGKILL and reaps it.
+fn kill(child: &mut Child) -> anyhow::Result<()> {
+    child.kill()?;
+    child.wait()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_cut_off_by_a_crash_is_never_sent_twice() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let stop = CancellationToken::new();
+    let fake = FakeWechat::start(APP_ID, APP_SECRET, stop.clone()).await?;
+    let binary = closedloop_e2e::processes::bin_dir()?.join("closedloop-connect");
+    anyhow::ensure!(
+        binary.exists(),
+        "{} not found: cargo build --bins first",
+        binary.display()
+    );
+    let spawn = |port: u16| -> anyhow::Result<Child> {
+        let args = connect_args(&nats.service_url(), port, &fake);
+        Ok(Command::new(&binary)
+            .args(&args[1..])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?)
+    };
+    let port = free_port()?;
+    let mut first = spawn(port)?;
+    let healthy = || async {
+        reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    };
+    wait_until("connect to answer", WAIT, healthy).await?;
+
+    // WeChat takes the message and answers late; connect is killed before the answer.
+    fake.hold_next(1, Duration::from_secs(30));
+    let delivery = webhook(&uuid::Uuid::new_v4().to_string(), "oCutOff", "已收到您的反馈");
+    let pending = tokio::spawn({
+        let delivery = delivery.clone();
+        async move { post(port, &delivery).await }
+    });
+    wait_until("WeChat to take the message", WAIT, || async {
+        per_customer(&fake).get("oCutOff") == Some(&1)
+    })
+    .await?;
+    kill(&mut first)?;
+    assert!(
+        pending.await?.is_err(),
+        "the caller lost its answer with the process"
+    );
+
+    // Notify retries against a new process: never sent again. While the cut-off call could
+    // still be running the answer is "later"; after that, "outcome unknown", for good.
+    let mut second = spawn(port)?;
+    wait_until("connect to answer again", WAIT, healthy).await?;
+    let (status, _) = post(port, &delivery).await?;
+    assert_eq!(status, 429, "the first call's time is not up yet");
+    let (status, reason) = wait_for("the outcome to be called unknown", WAIT, || {
+        let delivery = delivery.clone();
+        async move {
+            post(port, &delivery)
+                .await
+                .ok()
+                .filter(|(status, _)| *status != 429)
+        }
+    })
+    .await?;
+    assert_eq!(status, 422);
+    assert!(reason.starts_with("outcome unknown"), "{reason}");
+    assert_eq!(per_customer(&fake).get("oCutOff"), Some(&1), "sent once");
+
+    // A delivery after the restart goes out as usual.
+    let fresh = webhook(&uuid::Uuid::new_v4().to_string(), "oAfterRestart", "已收到");
+    assert_eq!(post(port, &fresh).await?.0, 200);
+    kill(&mut second)?;
+    stop.cancel();
+    Ok(())
+}
