@@ -741,14 +741,7 @@ pub fn contact(
     }
 }
 
-/// A request carrying `authorization: Bearer <token>`.
-pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    if let Ok(value) = format!("Bearer {token}").parse() {
-        request.metadata_mut().insert("authorization", value);
-    }
-    request
-}
+pub use closedloop_runtime::auth::authed;
 
 /// The status of a call that must fail with `code`; `why` names the refusal in the error
 /// when the call succeeds or fails otherwise.

@@ -89,6 +89,16 @@ impl fmt::Debug for TokenTable {
     }
 }
 
+/// A request carrying `authorization: Bearer <token>`, as a client of the services sends
+/// it (a token that is not a valid header value is left out, and the call is refused).
+pub fn authed<T>(token: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Ok(value) = format!("Bearer {token}").parse() {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
 /// Whether a tenant name is safe as a NATS subject token and a database value.
 pub fn valid_tenant(tenant: &str) -> bool {
     !tenant.is_empty()
