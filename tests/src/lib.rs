@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod drive;
 pub mod fake_wechat;
+pub mod fake_weibo;
 pub mod gateway;
 pub mod processes;
 pub mod servers;

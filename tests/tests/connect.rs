@@ -10,10 +10,12 @@ use std::time::Duration;
 
 use clap::Parser;
 use closedloop_e2e::fake_wechat::FakeWechat;
+use closedloop_e2e::fake_weibo::{FakeWeibo, TakenReply};
 use closedloop_e2e::servers::{NatsServer, nats_password};
 use closedloop_e2e::system::{TestEnv, authed, contact};
 use closedloop_e2e::{free_port, wait_for, wait_until};
 use closedloop_proto::v1::*;
+use closedloop_runtime::auth::hash_token;
 use closedloop_runtime::webhook::{SIGNATURE_HEADER, WebhookMessage, sign};
 use tokio_util::sync::CancellationToken;
 
@@ -59,7 +61,14 @@ async fn start_connect(
     fake: &FakeWechat,
     cancel: &CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
-    let config = closedloop_connect::Config::try_parse_from(connect_args(nats_url, http_port, fake))?;
+    run_connect(connect_args(nats_url, http_port, fake), cancel).await
+}
+
+async fn run_connect(
+    args: Vec<String>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let config = closedloop_connect::Config::try_parse_from(args)?;
     let connect = closedloop_connect::Connect::build(config, cancel).await?;
     Ok(tokio::spawn(connect.run(cancel.clone())))
 }
@@ -366,4 +375,202 @@ async fn a_delivery_cut_off_by_a_crash_is_never_sent_twice() -> anyhow::Result<(
     kill(&mut second)?;
     stop.cancel();
     Ok(())
+}
+
+const WEIBO_BRAND: &str = "5000000001";
+const WEIBO_TOKEN: &str = "weibo-token-0";
+const WEIBO_REFRESH: &str = "weibo-refresh-0";
+const WEIBO_APP: (&str, &str) = ("weibo-app-key", "weibo-app-secret");
+/// The API token connect submits with for tenant `acme` (roles gateway and viewer).
+const CONNECT_API_TOKEN: &str = "connect-api-token";
+
+/// The replies Weibo took about post or comment `id`.
+fn replies_about(weibo: &FakeWeibo, id: &str) -> Vec<TakenReply> {
+    weibo
+        .replies()
+        .into_iter()
+        .filter(|r| {
+            (r.api == "comment_reply" && r.comment_id == id) || (r.api == "comment" && r.status_id == id)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weibo_mentions_comments_and_search_are_heard_and_answered_on_weibo() -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let wechat = FakeWechat::start(APP_ID, APP_SECRET, stop.clone()).await?;
+    let weibo = FakeWeibo::start(WEIBO_TOKEN, WEIBO_REFRESH, WEIBO_APP.0, WEIBO_APP.1, stop.clone()).await?;
+    let connect_port = free_port()?;
+    let env = TestEnv::start_with(|options| {
+        for channel in ["weibo_post", "weibo_comment", "weibo_direct_message"] {
+            options.gateways.push_str(&format!(
+                ";{channel}=http://127.0.0.1:{connect_port}/deliveries|{CONNECT_SECRET}"
+            ));
+        }
+        options.auth_tokens.push_str(&format!(
+            ";acme:gateway,viewer:{}:connect",
+            hash_token(CONNECT_API_TOKEN)
+        ));
+    })
+    .await?;
+
+    // Waiting on Weibo before the listener starts: a mention, a comment on the brand's
+    // post, and three posts with the brand's keyword that never addressed it (a complaint,
+    // a lottery repost, the brand's own). The listener's first call meets the rate limit.
+    let mention = weibo.mention(
+        "1001",
+        2300,
+        "@某电信客服 宽带断了三天了，客服电话一直占线，到底什么时候修好？",
+    );
+    let brand_post = "4800000000000001";
+    let comment = weibo.comment("1002", brand_post, "你们家的光猫又坏了，这已经是第三次了");
+    let searched = weibo.public_post(
+        "1003",
+        150_000,
+        "某电信的信号太差了，地下室一格都没有，打电话一直断",
+    );
+    let noise = weibo.public_post("1004", 10, "转发抽奖 某电信 送流量 @小明 @小红 @小刚");
+    let own = weibo.public_post(WEIBO_BRAND, 900_000, "某电信 冬季网络保障公告");
+    weibo.rate_limit_next(1);
+
+    let mut args = connect_args(&env.nats.service_url(), connect_port, &wechat);
+    args.extend(
+        [
+            "--weibo-accounts",
+            &format!(
+                "acme={WEIBO_BRAND}|{WEIBO_TOKEN}|{WEIBO_REFRESH}|{}|{}",
+                WEIBO_APP.0, WEIBO_APP.1
+            ),
+            "--weibo-keywords",
+            "acme=某电信",
+            "--weibo-api",
+            &weibo.url(),
+            "--weibo-search-api",
+            &weibo.url(),
+            "--weibo-messages-api",
+            &weibo.url(),
+            "--weibo-poll-secs",
+            "1",
+            "--weibo-backoff-secs",
+            "1",
+            "--api-tokens",
+            &format!("acme={CONNECT_API_TOKEN}"),
+            "--ingest-url",
+            &format!("http://{}", env.system.ingest),
+            "--classify-url",
+            &format!("http://{}", env.system.classify),
+        ]
+        .map(str::to_owned),
+    );
+    let connect = run_connect(args, &stop).await?;
+
+    wait_until(
+        "first replies on Weibo to the mention, the comment and the search hit",
+        WAIT,
+        || async {
+            [&mention, &comment, &searched]
+                .iter()
+                .all(|id| !replies_about(&weibo, id).is_empty())
+        },
+    )
+    .await?;
+
+    // The token expires; fifty-five new mentions arrive at once (two pages of the feed).
+    weibo.expire_token();
+    let more: Vec<String> = (0..55)
+        .map(|i| {
+            weibo.mention(
+                &format!("{}", 2000 + i),
+                5,
+                &format!("@某电信客服 我家手机没信号了，第{i}天"),
+            )
+        })
+        .collect();
+    wait_until("a reply to each of the new mentions", WAIT * 2, || async {
+        more.iter().all(|id| !replies_about(&weibo, id).is_empty())
+    })
+    .await?;
+
+    // A private message, from a gateway: the reply goes back as a private message.
+    env.submit(contact(
+        Channel::WeiboDirectMessage,
+        "dm-1",
+        "1010",
+        0,
+        "私信：这个月账单多扣了两百块",
+    ))
+    .await?;
+    wait_until("the private reply", WAIT, || async {
+        weibo
+            .replies()
+            .iter()
+            .any(|r| r.api == "private_message" && r.receiver_id == "1010")
+    })
+    .await?;
+
+    // The mention's work order is resolved: the closure and the survey go out as comments.
+    let complaint_id = env
+        .submit(contact(
+            Channel::WeiboPost,
+            &mention,
+            "1001",
+            2300,
+            "重复提交以取回编号",
+        ))
+        .await?
+        .complaint_id;
+    let work_order = env.work_order_for(&complaint_id).await?;
+    env.work_orders()
+        .await?
+        .resolve_work_order(authed(
+            &env.tokens.agent,
+            ResolveWorkOrderRequest {
+                work_order_id: work_order.work_order_id.clone(),
+                resolution_note: "光缆已修复".into(),
+                expected_version: work_order.version,
+                ..Default::default()
+            },
+        ))
+        .await?;
+    wait_until("the closure and survey on Weibo", WAIT, || async {
+        replies_about(&weibo, &mention).len() == 3
+    })
+    .await?;
+    env.wait_idle().await?;
+
+    // Each contact answered once (the mention three times: reply, closure, survey), on the
+    // Weibo API, as a comment, a reply to the comment, or a private message.
+    let replies = weibo.replies();
+    assert_eq!(replies.len(), 3 + 1 + 1 + 55 + 1, "{replies:#?}");
+    let to_comment = replies_about(&weibo, &comment);
+    assert_eq!(to_comment.len(), 1);
+    assert_eq!(
+        (to_comment[0].api, to_comment[0].status_id.as_str()),
+        ("comment_reply", brand_post)
+    );
+    for id in more.iter().chain([&searched]) {
+        assert_eq!(replies_about(&weibo, id).len(), 1, "replies about {id}");
+    }
+    assert!(replies_about(&weibo, &noise).is_empty(), "noise is not answered");
+    assert!(
+        replies_about(&weibo, &own).is_empty(),
+        "the brand's own post is not a contact"
+    );
+    assert!(replies.iter().all(|r| r.text.chars().count() <= 140));
+    // The limits were met: one rate-limit answer, an expired token renewed once.
+    assert_eq!(weibo.answers_with(10023), 1);
+    assert!(weibo.answers_with(21327) >= 1);
+    assert_eq!(weibo.refreshes(), 1, "one refresh of the expired token");
+    let metrics = closedloop_runtime::metrics::render();
+    for outcome in ["noise", "own"] {
+        let series = format!(
+            "closedloop_connect_found_total{{platform=\"weibo\",tenant=\"acme\",feed=\"search\",outcome=\"{outcome}\"}} 1"
+        );
+        assert!(metrics.contains(&series), "{series} in\n{metrics}");
+    }
+    assert_eq!(closedloop_e2e::dead_letter_count(&env.nats.url()).await?, 0);
+
+    stop.cancel();
+    connect.await??;
+    env.shutdown().await
 }

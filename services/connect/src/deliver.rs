@@ -29,6 +29,7 @@ pub struct Deliverer {
     pub secret: Vec<u8>,
     pub store: Store,
     pub wechat: wechat::Client,
+    pub weibo: crate::weibo::Client,
     /// How long one platform call may take.
     pub api_timeout: Duration,
 }
@@ -67,13 +68,17 @@ async fn receive(State(deliverer): State<Arc<Deliverer>>, headers: HeaderMap, bo
                 .into_response();
         }
     };
-    if message.channel != "wechat" {
-        return (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("connect has no connector for channel {}", message.channel),
-        )
-            .into_response();
-    }
+    let platform = match message.channel.as_ref() {
+        "wechat" => "wechat",
+        "weibo_post" | "weibo_comment" | "weibo_direct_message" => "weibo",
+        other => {
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("connect has no connector for channel {other}"),
+            )
+                .into_response();
+        }
+    };
     let now_ms = chrono::Utc::now().timestamp_millis();
     let lease = match deliverer
         .store
@@ -82,7 +87,7 @@ async fn receive(State(deliverer): State<Arc<Deliverer>>, headers: HeaderMap, bo
     {
         Ok(Begin::Send(lease)) => lease,
         Ok(Begin::Done(record)) => {
-            crate::metrics::delivery("wechat", "", "repeated");
+            crate::metrics::delivery(platform, "", "repeated");
             return answer(&record);
         }
         Ok(Begin::InProgress) => return later(Duration::from_secs(1), "being sent now".into()),
@@ -97,10 +102,24 @@ async fn receive(State(deliverer): State<Arc<Deliverer>>, headers: HeaderMap, bo
     // The send runs on its own task: if notify stops waiting, it still finishes and is
     // recorded, so a retry gets its outcome rather than an unknown one.
     let sending = tokio::spawn(async move {
-        let sent = deliverer
-            .wechat
-            .deliver(&message.tenant, &message.recipient, &message.text)
-            .await;
+        let sent = if platform == "wechat" {
+            deliverer
+                .wechat
+                .deliver(&message.tenant, &message.recipient, &message.text)
+                .await
+        } else {
+            deliverer
+                .weibo
+                .deliver(
+                    &message.tenant,
+                    &message.channel,
+                    &message.recipient,
+                    &message.reply_to_message_id,
+                    &message.thread_id,
+                    &message.text,
+                )
+                .await
+        };
         let record = record_of(&sent, now_ms);
         let (method, outcome) = match &sent {
             Ok(sent) => (sent.method, "sent"),
@@ -108,9 +127,9 @@ async fn receive(State(deliverer): State<Arc<Deliverer>>, headers: HeaderMap, bo
             Err(SendError::Refused(_)) => ("", "refused"),
             Err(SendError::Unknown(_)) => ("", "unknown"),
         };
-        crate::metrics::delivery("wechat", method, outcome);
+        crate::metrics::delivery(platform, method, outcome);
         if let Err(error) = &sent {
-            tracing::warn!(delivery_id = %message.delivery_id, tenant = %message.tenant, %error, "WeChat delivery not sent");
+            tracing::warn!(delivery_id = %message.delivery_id, tenant = %message.tenant, %platform, %error, "delivery not sent");
         }
         if let Err(error) = deliverer.store.finish(lease, &record).await {
             tracing::error!(%error, delivery_id = %message.delivery_id, "cannot record a delivery's outcome");
@@ -143,7 +162,7 @@ fn owned(message: WebhookMessage<'_>) -> WebhookMessage<'static> {
 }
 
 /// The record a send's result leaves.
-fn record_of(sent: &Result<wechat::Sent, SendError>, started_ms: i64) -> DeliveryRecord {
+fn record_of(sent: &Result<crate::sent::Sent, SendError>, started_ms: i64) -> DeliveryRecord {
     let base = DeliveryRecord {
         stage: Stage::Sent,
         started_ms,
@@ -199,7 +218,7 @@ mod tests {
     #[test]
     fn outcomes_become_records() {
         let sent = record_of(
-            &Ok(wechat::Sent {
+            &Ok(crate::sent::Sent {
                 method: "template",
                 platform_message_id: "42".into(),
             }),

@@ -99,7 +99,7 @@ pub struct Lease {
 }
 
 /// A cached access token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
     #[serde(default)]
     pub access_token: String,
@@ -109,6 +109,9 @@ pub struct TokenRecord {
     /// A replica refreshing it holds it until then (Unix milliseconds); 0 when none.
     #[serde(default)]
     pub refreshing_until_ms: i64,
+    /// What renews it, where the platform uses refresh tokens (Weibo).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub refresh_token: String,
 }
 
 /// A key's value and revision, if it holds one.

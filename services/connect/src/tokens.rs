@@ -33,6 +33,8 @@ pub enum TokenError {
 pub struct Issued {
     pub access_token: String,
     pub expires_in: Duration,
+    /// A new refresh token, where the platform rotates them (Weibo).
+    pub refresh_token: Option<String>,
 }
 
 /// Whether `record` holds a token usable at `now_ms` that is not `refused`.
@@ -43,7 +45,8 @@ fn usable<'r>(record: &'r TokenRecord, now_ms: i64, refused: Option<&str>) -> Op
 }
 
 /// The tenant's token under `key`: the cached one if usable (and not `refused`, the one the
-/// platform just turned down), else a new one from `fetch`, fetched by one replica.
+/// platform just turned down), else a new one from `fetch`, fetched by one replica;
+/// `fetch` is given the record as it stands (empty before the first token).
 pub async fn token<F, Fut>(
     store: &Store,
     key: &str,
@@ -51,18 +54,14 @@ pub async fn token<F, Fut>(
     fetch: F,
 ) -> Result<String, TokenError>
 where
-    F: Fn() -> Fut,
+    F: Fn(TokenRecord) -> Fut,
     Fut: Future<Output = Result<Issued, TokenError>>,
 {
     let deadline = tokio::time::Instant::now() + REFRESH_HOLD * 2;
     loop {
         let now_ms = chrono::Utc::now().timestamp_millis();
         let current: Versioned<TokenRecord> = store.read(key).await?;
-        let record = current.value.clone().unwrap_or(TokenRecord {
-            access_token: String::new(),
-            expires_ms: 0,
-            refreshing_until_ms: 0,
-        });
+        let record = current.value.clone().unwrap_or_default();
         if let Some(token) = usable(&record, now_ms, refused) {
             return Ok(token.to_owned());
         }
@@ -81,13 +80,17 @@ where
         let Some(revision) = store.write(key, &held, current.revision).await? else {
             continue;
         };
-        let fetched = fetch().await;
+        let fetched = fetch(record.clone()).await;
         let now_ms = chrono::Utc::now().timestamp_millis();
         let next = match &fetched {
             Ok(issued) => TokenRecord {
                 access_token: issued.access_token.clone(),
                 expires_ms: now_ms + issued.expires_in.as_millis() as i64,
                 refreshing_until_ms: 0,
+                refresh_token: issued
+                    .refresh_token
+                    .clone()
+                    .unwrap_or_else(|| record.refresh_token.clone()),
             },
             // Let the next caller try again at once.
             Err(_) => TokenRecord {
@@ -111,7 +114,7 @@ mod tests {
         let record = TokenRecord {
             access_token: "t1".into(),
             expires_ms: 1_000_000,
-            refreshing_until_ms: 0,
+            ..TokenRecord::default()
         };
         let ahead = REFRESH_AHEAD.as_millis() as i64;
         assert_eq!(usable(&record, 1_000_000 - ahead - 1, None), Some("t1"));

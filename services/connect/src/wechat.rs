@@ -11,6 +11,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::json;
 
+pub use crate::sent::{SendError, Sent};
+
 /// One tenant's official account, as the outbound side uses it.
 #[derive(Clone)]
 pub struct WechatApp {
@@ -153,42 +155,12 @@ pub const TEMPLATE_VALUE_CHARS: usize = 20;
 
 /// The template message carrying `text` in the app's field.
 pub fn template_message(app: &WechatApp, template_id: &str, openid: &str, text: &str) -> serde_json::Value {
-    let value: String = if text.chars().count() > TEMPLATE_VALUE_CHARS {
-        text.chars()
-            .take(TEMPLATE_VALUE_CHARS - 1)
-            .chain(std::iter::once('…'))
-            .collect()
-    } else {
-        text.to_owned()
-    };
+    let value = crate::sent::cut(text, TEMPLATE_VALUE_CHARS);
     json!({
         "touser": openid,
         "template_id": template_id,
         "data": {app.template_field.as_str(): {"value": value}},
     })
-}
-
-/// How a message went out.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sent {
-    /// `custom` (customer-service message) or `template`.
-    pub method: &'static str,
-    /// The platform's message id, where it gives one (templates).
-    pub platform_message_id: String,
-}
-
-/// Why a message did not go out.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SendError {
-    /// Not sent: try again after the wait.
-    #[error("not sent now: {1}")]
-    Later(Duration, String),
-    /// Refused for good.
-    #[error("{0}")]
-    Refused(String),
-    /// The platform may or may not have it: a call was cut off after it was made.
-    #[error("outcome unknown: {0}")]
-    Unknown(String),
 }
 
 /// The WeChat API, for the tenants in `apps`.
@@ -265,7 +237,7 @@ impl Client {
 
     async fn token(&self, tenant: &str, app: &WechatApp, refused: Option<&str>) -> Result<String, SendError> {
         let key = crate::store::token_key("wechat", tenant);
-        crate::tokens::token(&self.store, &key, refused, || self.fetch_token(app))
+        crate::tokens::token(&self.store, &key, refused, |_| self.fetch_token(app))
             .await
             .map_err(|error| match error {
                 crate::tokens::TokenError::Refused(why) => SendError::Refused(why),
@@ -294,6 +266,7 @@ impl Client {
             (Verdict::Ok, Some(access_token)) if !access_token.is_empty() => Ok(crate::tokens::Issued {
                 access_token,
                 expires_in: Duration::from_secs(answer.expires_in.unwrap_or(7200)),
+                refresh_token: None,
             }),
             (Verdict::Busy(_), _) => Err(TokenError::Unavailable(answer.errmsg)),
             (Verdict::Refused(why), _) => Err(TokenError::Refused(why)),
