@@ -4,7 +4,9 @@
 //! messages, answering with WeChat's errcodes: 40001/42001 for a token that is not the
 //! current one, 45015 for a customer outside the customer-service window, 45011 while a
 //! rate limit is set. Tests steer it (expire the token, close a customer's window, limit
-//! the rate, hold answers) and read what it took.
+//! the rate, hold answers) and read what it took. The other way, [`signed_query`],
+//! [`text_push`] and [`encrypted_push`] make the callbacks WeChat sends to ingest; the
+//! signatures are computed here, apart from ingest's code, so that tests check it.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -259,4 +261,51 @@ impl FakeWechat {
             .and_then(|a| a.get(&errcode).copied())
             .unwrap_or(0)
     }
+}
+
+/// The query of a plain-mode push: `signature` is SHA-1 over the sorted token, timestamp
+/// and nonce.
+pub fn signed_query(token: &str, timestamp: &str, nonce: &str) -> String {
+    use sha1::{Digest, Sha1};
+    let mut parts = [token, timestamp, nonce];
+    parts.sort_unstable();
+    let signature = hex::encode(Sha1::digest(parts.concat().as_bytes()));
+    format!("signature={signature}&timestamp={timestamp}&nonce={nonce}")
+}
+
+/// The XML of a text message from `openid`.
+pub fn text_push(openid: &str, msg_id: &str, content: &str) -> String {
+    format!(
+        "<xml><ToUserName><![CDATA[gh_acme]]></ToUserName><FromUserName><![CDATA[{openid}]]></FromUserName>\
+         <CreateTime>1763856000</CreateTime><MsgType><![CDATA[text]]></MsgType>\
+         <Content><![CDATA[{content}]]></Content><MsgId>{msg_id}</MsgId></xml>"
+    )
+}
+
+/// A safe-mode push as WeChat sends it, encrypted under `encoding_aes_key` for `app_id`:
+/// the query (with `msg_signature` over the ciphertext, SHA-1 over the sorted four) and
+/// the body.
+pub fn encrypted_push(
+    token: &str,
+    app_id: &str,
+    encoding_aes_key: &str,
+    timestamp: &str,
+    nonce: &str,
+    message: &str,
+) -> anyhow::Result<(String, String)> {
+    use closedloop_ingest::wechat::safe_mode::{AesKey, encrypt};
+    use sha1::{Digest, Sha1};
+    let key = AesKey::from_encoding_aes_key(encoding_aes_key)?;
+    let encrypted = encrypt(&key, app_id, message, *b"0123456789abcdef");
+    let mut parts = [token, timestamp, nonce, encrypted.as_str()];
+    parts.sort_unstable();
+    let signature = hex::encode(Sha1::digest(parts.concat().as_bytes()));
+    let query = format!(
+        "{}&encrypt_type=aes&msg_signature={signature}",
+        signed_query(token, timestamp, nonce)
+    );
+    let body = format!(
+        "<xml><ToUserName><![CDATA[gh_acme]]></ToUserName><Encrypt><![CDATA[{encrypted}]]></Encrypt></xml>"
+    );
+    Ok((query, body))
 }

@@ -9,10 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use clap::Parser;
-use closedloop_e2e::fake_wechat::FakeWechat;
+use closedloop_e2e::fake_wechat::{FakeWechat, encrypted_push, text_push};
 use closedloop_e2e::fake_weibo::{FakeWeibo, TakenReply};
 use closedloop_e2e::servers::{NatsServer, nats_password};
-use closedloop_e2e::system::{TestEnv, authed, contact};
+use closedloop_e2e::system::{TestEnv, WECHAT_AES_KEY, WECHAT_APP_ID, WECHAT_SAFE_TOKEN, authed, contact};
 use closedloop_e2e::{free_port, wait_for, wait_until};
 use closedloop_proto::v1::*;
 use closedloop_runtime::auth::hash_token;
@@ -124,11 +124,31 @@ async fn replies_and_closures_go_out_through_the_wechat_api_once() -> anyhow::Re
         options.gateways.push_str(&format!(
             ";wechat=http://127.0.0.1:{connect_port}/deliveries|{CONNECT_SECRET}"
         ));
+        // Tenant acme's official account in safe mode.
+        options.wechat_accounts = format!("acme={WECHAT_SAFE_TOKEN}|{WECHAT_APP_ID}|{WECHAT_AES_KEY}");
     })
     .await?;
     let connect = start_connect(&env.nats.service_url(), connect_port, &fake, &stop).await?;
 
-    // Three customers inside the customer-service window, one outside it.
+    // Customer A writes to the account: an encrypted push to ingest's callback.
+    let now = chrono::Utc::now().timestamp().to_string();
+    let (query, body) = encrypted_push(
+        WECHAT_SAFE_TOKEN,
+        WECHAT_APP_ID,
+        WECHAT_AES_KEY,
+        &now,
+        "n-1",
+        &text_push("oCustomerA", "24000000000000001", "家里宽带断了，一直连不上"),
+    )?;
+    let pushed = reqwest::Client::new()
+        .post(format!("http://{}/wechat/acme?{query}", env.system.ingest_http))
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(pushed.status().as_u16(), 200);
+
+    // Three more customers through a gateway: two inside the customer-service window, one
+    // outside it.
     fake.close_window("oCustomerZ");
     let submit = |message_id: &str, openid: &str| {
         env.submit(contact(
@@ -140,8 +160,11 @@ async fn replies_and_closures_go_out_through_the_wechat_api_once() -> anyhow::Re
         ))
     };
     let mut complaints = HashMap::new();
+    // The push's message again, as a gateway would retry it: the same complaint, its id.
+    let again = submit("24000000000000001", "oCustomerA").await?;
+    assert!(again.duplicate, "the push was stored once");
+    complaints.insert("oCustomerA", again.complaint_id);
     for (message_id, openid) in [
-        ("m-1", "oCustomerA"),
         ("m-2", "oCustomerB"),
         ("m-3", "oCustomerC"),
         ("m-4", "oCustomerZ"),
@@ -508,47 +531,46 @@ async fn weibo_mentions_comments_and_search_are_heard_and_answered_on_weibo() ->
     })
     .await?;
 
-    // The mention's work order is resolved: the closure and the survey go out as comments.
-    let complaint_id = env
-        .submit(contact(
-            Channel::WeiboPost,
-            &mention,
-            "1001",
-            2300,
-            "重复提交以取回编号",
-        ))
-        .await?
-        .complaint_id;
-    let work_order = env.work_order_for(&complaint_id).await?;
-    env.work_orders()
-        .await?
-        .resolve_work_order(authed(
-            &env.tokens.agent,
-            ResolveWorkOrderRequest {
-                work_order_id: work_order.work_order_id.clone(),
-                resolution_note: "光缆已修复".into(),
-                expected_version: work_order.version,
-                ..Default::default()
-            },
-        ))
-        .await?;
-    wait_until("the closure and survey on Weibo", WAIT, || async {
-        replies_about(&weibo, &mention).len() == 3
+    // The mention's and the search hit's work orders are resolved: the closure and the
+    // survey go out as comments on each post.
+    for (post, uid) in [(&mention, "1001"), (&searched, "1003")] {
+        // Submitted again, as a gateway would retry it: the same complaint, its id.
+        let again = env
+            .submit(contact(Channel::WeiboPost, post, uid, 0, "重复提交"))
+            .await?;
+        assert!(again.duplicate, "the listener submitted {post} once");
+        let work_order = env.work_order_for(&again.complaint_id).await?;
+        env.work_orders()
+            .await?
+            .resolve_work_order(authed(
+                &env.tokens.agent,
+                ResolveWorkOrderRequest {
+                    work_order_id: work_order.work_order_id.clone(),
+                    resolution_note: "光缆已修复".into(),
+                    expected_version: work_order.version,
+                    ..Default::default()
+                },
+            ))
+            .await?;
+    }
+    wait_until("the closures and surveys on Weibo", WAIT, || async {
+        replies_about(&weibo, &mention).len() == 3 && replies_about(&weibo, &searched).len() == 3
     })
     .await?;
     env.wait_idle().await?;
 
-    // Each contact answered once (the mention three times: reply, closure, survey), on the
-    // Weibo API, as a comment, a reply to the comment, or a private message.
+    // Each contact answered once (the mention and the search hit three times: reply,
+    // closure, survey), on the Weibo API, as a comment, a reply to the comment, or a
+    // private message.
     let replies = weibo.replies();
-    assert_eq!(replies.len(), 3 + 1 + 1 + 55 + 1, "{replies:#?}");
+    assert_eq!(replies.len(), 3 + 1 + 3 + 55 + 1, "{replies:#?}");
     let to_comment = replies_about(&weibo, &comment);
     assert_eq!(to_comment.len(), 1);
     assert_eq!(
         (to_comment[0].api, to_comment[0].status_id.as_str()),
         ("comment_reply", brand_post)
     );
-    for id in more.iter().chain([&searched]) {
+    for id in &more {
         assert_eq!(replies_about(&weibo, id).len(), 1, "replies about {id}");
     }
     assert!(replies_about(&weibo, &noise).is_empty(), "noise is not answered");

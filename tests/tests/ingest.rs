@@ -4,17 +4,16 @@
 
 use std::time::Duration;
 
+use closedloop_e2e::fake_wechat::{encrypted_push, signed_query, text_push};
 use closedloop_e2e::system::{
     TestEnv, WECHAT_AES_KEY, WECHAT_APP_ID, WECHAT_SAFE_TOKEN, WECHAT_TOKEN, authed, contact, refused,
 };
 use closedloop_e2e::{wait_for, wait_until};
-use closedloop_ingest::wechat::safe_mode::{self, AesKey};
 use closedloop_proto::v1::*;
 use closedloop_runtime::bus;
 use futures::StreamExt;
 use prost::Message as _;
 use serde_json::{Value, json};
-use sha1::{Digest, Sha1};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -249,21 +248,6 @@ async fn json_and_grpc_share_one_path_and_one_id() -> anyhow::Result<()> {
     env.shutdown().await
 }
 
-fn wechat_query(token: &str, timestamp: &str, nonce: &str) -> String {
-    let mut parts = [token, timestamp, nonce];
-    parts.sort_unstable();
-    let signature = hex::encode(Sha1::digest(parts.concat().as_bytes()));
-    format!("signature={signature}&timestamp={timestamp}&nonce={nonce}")
-}
-
-fn wechat_text(msg_id: &str, content: &str) -> String {
-    format!(
-        "<xml><ToUserName><![CDATA[gh_acme]]></ToUserName><FromUserName><![CDATA[oCustomer1]]></FromUserName>\
-         <CreateTime>1763856000</CreateTime><MsgType><![CDATA[text]]></MsgType>\
-         <Content><![CDATA[{content}]]></Content><MsgId>{msg_id}</MsgId></xml>"
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wechat_callback_verifies_and_ingests_each_message_once() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
@@ -273,14 +257,14 @@ async fn the_wechat_callback_verifies_and_ingests_each_message_once() -> anyhow:
     let at = |offset: i64| (now + offset).to_string();
 
     // The verification handshake.
-    let query = wechat_query(WECHAT_TOKEN, &at(0), "n1");
+    let query = signed_query(WECHAT_TOKEN, &at(0), "n1");
     let response = client
         .get(format!("{base}/acme?{query}&echostr=hello-wechat"))
         .send()
         .await?;
     assert_eq!(response.status().as_u16(), 200);
     assert_eq!(response.text().await?, "hello-wechat");
-    let forged = wechat_query("wrong-token", &at(0), "n1");
+    let forged = signed_query("wrong-token", &at(0), "n1");
     let response = client
         .get(format!("{base}/acme?{forged}&echostr=x"))
         .send()
@@ -295,35 +279,39 @@ async fn the_wechat_callback_verifies_and_ingests_each_message_once() -> anyhow:
     // A text push, then WeChat's retries of it (new timestamp and nonce, then the same
     // signature again; same MsgId).
     for (timestamp, nonce) in [(at(1), "n2"), (at(6), "n3"), (at(6), "n3")] {
-        let query = wechat_query(WECHAT_TOKEN, &timestamp, nonce);
+        let query = signed_query(WECHAT_TOKEN, &timestamp, nonce);
         let response = client
             .post(format!("{base}/acme?{query}&openid=oCustomer1"))
-            .body(wechat_text("24000000000000001", "家里停电了，什么时候恢复？"))
+            .body(text_push(
+                "oCustomer1",
+                "24000000000000001",
+                "家里停电了，什么时候恢复？",
+            ))
             .send()
             .await?;
         assert_eq!(response.status().as_u16(), 200);
         assert_eq!(response.text().await?, "success");
     }
     // A signature carries one message: the same signed URL with another message is refused.
-    let replayed = wechat_query(WECHAT_TOKEN, &at(6), "n3");
+    let replayed = signed_query(WECHAT_TOKEN, &at(6), "n3");
     let response = client
         .post(format!("{base}/acme?{replayed}"))
-        .body(wechat_text("24000000000000003", "冒名的消息"))
+        .body(text_push("oCustomer1", "24000000000000003", "冒名的消息"))
         .send()
         .await?;
     assert_eq!(response.status().as_u16(), 403, "a replayed signature");
     // So is a signature older than the replay window.
-    let stale = wechat_query(WECHAT_TOKEN, &at(-600), "n4");
+    let stale = signed_query(WECHAT_TOKEN, &at(-600), "n4");
     let response = client
         .post(format!("{base}/acme?{stale}"))
-        .body(wechat_text("24000000000000004", "十分钟前的签名"))
+        .body(text_push("oCustomer1", "24000000000000004", "十分钟前的签名"))
         .send()
         .await?;
     assert_eq!(response.status().as_u16(), 403, "a stale signature");
     // A forged push and an event push store nothing.
     let response = client
         .post(format!("{base}/acme?{forged}"))
-        .body(wechat_text("24000000000000002", "伪造的消息"))
+        .body(text_push("oCustomer1", "24000000000000002", "伪造的消息"))
         .send()
         .await?;
     assert_eq!(response.status().as_u16(), 403);
@@ -349,28 +337,6 @@ async fn the_wechat_callback_verifies_and_ingests_each_message_once() -> anyhow:
     env.shutdown().await
 }
 
-/// A safe-mode push as WeChat sends it: the message encrypted in `Encrypt`, and the query
-/// with `msg_signature` over the ciphertext.
-fn encrypted_push(
-    token: &str,
-    app_id: &str,
-    timestamp: &str,
-    nonce: &str,
-    message: &str,
-) -> (String, String) {
-    let key = AesKey::from_encoding_aes_key(WECHAT_AES_KEY).expect("the test key is 43 characters");
-    let encrypted = safe_mode::encrypt(&key, app_id, message, *b"0123456789abcdef");
-    let signature = safe_mode::msg_signature(token, timestamp, nonce, &encrypted);
-    let query = format!(
-        "{}&encrypt_type=aes&msg_signature={signature}",
-        wechat_query(token, timestamp, nonce)
-    );
-    let body = format!(
-        "<xml><ToUserName><![CDATA[gh_beta]]></ToUserName><Encrypt><![CDATA[{encrypted}]]></Encrypt></xml>"
-    );
-    (query, body)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_safe_mode_account_takes_encrypted_pushes_only() -> anyhow::Result<()> {
     let env = TestEnv::start().await?;
@@ -379,38 +345,54 @@ async fn a_safe_mode_account_takes_encrypted_pushes_only() -> anyhow::Result<()>
     let now = chrono::Utc::now().timestamp().to_string();
     let post = |query: String, body: String| client.post(format!("{url}?{query}")).body(body).send();
 
-    let message = wechat_text("24000000000000101", "加密模式：宽带断了三天");
-    let (query, body) = encrypted_push(WECHAT_SAFE_TOKEN, WECHAT_APP_ID, &now, "s1", &message);
+    let message = text_push("oCustomer1", "24000000000000101", "加密模式：宽带断了三天");
+    let (query, body) = encrypted_push(
+        WECHAT_SAFE_TOKEN,
+        WECHAT_APP_ID,
+        WECHAT_AES_KEY,
+        &now,
+        "s1",
+        &message,
+    )?;
     let response = post(query, body).await?;
     assert_eq!(response.status().as_u16(), 200);
     assert_eq!(response.text().await?, "success");
 
     // Refused: a plain push (even correctly signed), a ciphertext swapped under another
     // push's signature, and a message encrypted for another account.
-    let plain = wechat_query(WECHAT_SAFE_TOKEN, &now, "s2");
-    let response = post(plain, wechat_text("24000000000000102", "明文")).await?;
+    let plain = signed_query(WECHAT_SAFE_TOKEN, &now, "s2");
+    let response = post(plain, text_push("oCustomer1", "24000000000000102", "明文")).await?;
     assert_eq!(
         response.status().as_u16(),
         403,
         "plain push to a safe-mode account"
     );
-    let (query, _) = encrypted_push(WECHAT_SAFE_TOKEN, WECHAT_APP_ID, &now, "s3", &message);
+    let (query, _) = encrypted_push(
+        WECHAT_SAFE_TOKEN,
+        WECHAT_APP_ID,
+        WECHAT_AES_KEY,
+        &now,
+        "s3",
+        &message,
+    )?;
     let (_, swapped) = encrypted_push(
         WECHAT_SAFE_TOKEN,
         WECHAT_APP_ID,
+        WECHAT_AES_KEY,
         &now,
         "s3",
-        &wechat_text("24000000000000103", "换过的密文"),
-    );
+        &text_push("oCustomer1", "24000000000000103", "换过的密文"),
+    )?;
     let response = post(query, swapped).await?;
     assert_eq!(response.status().as_u16(), 403, "signature of another ciphertext");
     let (query, body) = encrypted_push(
         WECHAT_SAFE_TOKEN,
         "wxSomeOtherAccount",
+        WECHAT_AES_KEY,
         &now,
         "s4",
-        &wechat_text("24000000000000104", "别的公众号"),
-    );
+        &text_push("oCustomer1", "24000000000000104", "别的公众号"),
+    )?;
     let response = post(query, body).await?;
     assert_eq!(response.status().as_u16(), 400, "encrypted for another AppID");
 
