@@ -234,6 +234,41 @@ async fn replies_and_closures_go_out_through_the_wechat_api_once() -> anyhow::Re
             assert_eq!(message.api, "custom", "{message:?}");
         }
     }
+    // Notify's delivery log says how each went out, as connect answered.
+    let notifications = env.notifications().await?;
+    let receipts = |recipient: &'static str| {
+        let request = authed(
+            &env.tokens.agent,
+            ListDeliveriesRequest {
+                recipient: recipient.into(),
+                kind: NotificationKind::Acknowledgement as i32,
+                ..Default::default()
+            },
+        );
+        let mut notifications = notifications.clone();
+        async move {
+            let listed = notifications.list_deliveries(request).await?.into_inner();
+            anyhow::Ok(
+                listed
+                    .deliveries
+                    .into_iter()
+                    .map(|d| d.receipt)
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    let template: serde_json::Value =
+        serde_json::from_str(receipts("oCustomerZ").await?.first().map_or("", String::as_str))?;
+    assert_eq!(template["method"], "template", "{template}");
+    assert!(
+        template["platform_message_id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty())
+    );
+    let custom: serde_json::Value =
+        serde_json::from_str(receipts("oCustomerB").await?.first().map_or("", String::as_str))?;
+    assert_eq!(custom["method"], "custom", "{custom}");
+
     // The errors were met, and one token replaced the expired one.
     assert!(
         fake.answers_with(42001) >= 1,

@@ -84,6 +84,9 @@ pub struct Record {
     pub attempts: i32,
     #[serde(default)]
     pub last_error: String,
+    /// What the gateway answered when it took the delivery.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub receipt: String,
     /// When the delivery was first claimed (Unix milliseconds).
     pub created_ms: i64,
     /// When the gateway took it (Unix milliseconds).
@@ -112,6 +115,7 @@ impl Record {
             until_ms: (now + chrono::Duration::from_std(lease).unwrap_or_default()).timestamp_millis(),
             attempts,
             last_error: String::new(),
+            receipt: String::new(),
             created_ms,
             delivered_ms: None,
         }
@@ -132,16 +136,19 @@ impl Record {
         }
     }
 
-    /// After one more gateway call that ended in `stage`.
-    fn after_attempt(&self, stage: Stage, error: &str, now: DateTime<Utc>) -> Self {
+    /// After one more gateway call that ended in `stage`; `word` is what the gateway said:
+    /// its receipt when it took the delivery, the error otherwise.
+    fn after_attempt(&self, stage: Stage, word: &str, now: DateTime<Utc>) -> Self {
+        let delivered = stage == Stage::Delivered;
         Self {
             stage,
             owner: String::new(),
             until_ms: 0,
             attempts: self.attempts + 1,
-            last_error: error.to_owned(),
+            last_error: if delivered { String::new() } else { word.to_owned() },
+            receipt: if delivered { word.to_owned() } else { String::new() },
             created_ms: self.created_ms,
-            delivered_ms: (stage == Stage::Delivered).then(|| now.timestamp_millis()),
+            delivered_ms: delivered.then(|| now.timestamp_millis()),
         }
     }
 
@@ -154,6 +161,7 @@ impl Record {
         } as i32;
         delivery.attempts = self.attempts;
         delivery.last_error = self.last_error.clone();
+        delivery.receipt = self.receipt.clone();
         delivery.created_at = DateTime::from_timestamp_millis(self.created_ms).map(time::to_timestamp);
         delivery.delivered_at = self
             .delivered_ms
@@ -402,19 +410,20 @@ impl Claims {
     }
 
     /// Records how an attempt ended and lets the delivery go; returns the record as kept.
-    /// A delivery or a refusal is the gateway's word and is written whatever happened to
-    /// the record meanwhile; a failure is written only if this sender still holds it.
-    pub async fn record(&self, lease: Lease, attempt: Attempt, error: &str) -> Result<Record, ClaimError> {
+    /// `word` is the gateway's receipt for a delivery, else the error. A delivery or a
+    /// refusal is the gateway's word and is written whatever happened to the record
+    /// meanwhile; a failure is written only if this sender still holds it.
+    pub async fn record(&self, lease: Lease, attempt: Attempt, word: &str) -> Result<Record, ClaimError> {
         let now = Utc::now();
         let record = match attempt {
-            Attempt::Delivered => lease.record.after_attempt(Stage::Delivered, error, now),
-            Attempt::Failed => lease.record.after_attempt(Stage::Pending, error, now),
-            Attempt::Refused => lease.record.after_attempt(Stage::Failed, error, now),
+            Attempt::Delivered => lease.record.after_attempt(Stage::Delivered, word, now),
+            Attempt::Failed => lease.record.after_attempt(Stage::Pending, word, now),
+            Attempt::Refused => lease.record.after_attempt(Stage::Failed, word, now),
             Attempt::NotMade => Record {
                 stage: Stage::Pending,
                 owner: String::new(),
                 until_ms: 0,
-                last_error: error.to_owned(),
+                last_error: word.to_owned(),
                 ..lease.record.clone()
             },
         };

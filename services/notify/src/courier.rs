@@ -269,25 +269,25 @@ impl Courier {
             text: delivery.body.as_str().into(),
         };
         let sent = timed("send", self.webhooks.send(out.destination, &webhook)).await;
-        let (attempt, error) = match &sent {
-            Ok(()) => (Attempt::Delivered, String::new()),
+        let (attempt, word) = match &sent {
+            Ok(receipt) => (Attempt::Delivered, receipt.clone()),
             Err(error) if error.is_permanent() => (Attempt::Refused, error.to_string()),
             Err(error) if !error.called_gateway() => (Attempt::NotMade, error.to_string()),
             Err(error) => (Attempt::Failed, error.to_string()),
         };
-        if let (Ok(()), Some(version)) = (&sent, out.work_order_version) {
+        if let (Ok(_), Some(version)) = (&sent, out.work_order_version) {
             // Before the record: once the gateway has it, the customer has been told.
             self.claims
                 .advance_told(&delivery.work_order_id, version)
                 .await
                 .map_err(claim_error)?;
         }
-        let record = timed("record", self.claims.record(lease, attempt, &error))
+        let record = timed("record", self.claims.record(lease, attempt, &word))
             .await
             .map_err(claim_error)?;
         let logged = record.apply_to(delivery);
         match sent {
-            Ok(()) => {
+            Ok(_) => {
                 tracing::info!(delivery_id = %logged.delivery_id, %kind, %channel, "delivered");
                 count_delivery(kind, "delivered");
                 if let Some(received) = out.received_at {

@@ -306,12 +306,13 @@ impl WebhookClient {
         }
     }
 
-    /// Sends one message; success means the gateway answered 2xx.
+    /// Sends one message; success means the gateway answered 2xx, and gives what it said
+    /// (its receipt, cut to 200 characters).
     pub async fn send(
         &self,
         destination: Destination,
         message: &WebhookMessage<'_>,
-    ) -> Result<(), DeliveryError> {
+    ) -> Result<String, DeliveryError> {
         let (gateway, limit_key) = match destination {
             Destination::Customer(channel) => (self.gateways.for_channel(channel), channel.key()),
             Destination::Staff => (self.gateways.staff(), STAFF),
@@ -337,7 +338,7 @@ impl WebhookClient {
         result
     }
 
-    async fn post(&self, gateway: &Gateway, message: &WebhookMessage<'_>) -> Result<(), DeliveryError> {
+    async fn post(&self, gateway: &Gateway, message: &WebhookMessage<'_>) -> Result<String, DeliveryError> {
         let body = serde_json::to_vec(message)?;
         let signature = sign(&gateway.secret, &body);
         let response = self
@@ -350,9 +351,8 @@ impl WebhookClient {
             .send()
             .await?;
         let status = response.status();
-        if status.is_success() {
-            return Ok(());
-        }
+        // Taken or refused, the gateway's answer is only read so far: it is a receipt or a
+        // reason, never a document.
         let body: String = response
             .text()
             .await
@@ -360,6 +360,9 @@ impl WebhookClient {
             .chars()
             .take(200)
             .collect();
+        if status.is_success() {
+            return Ok(body);
+        }
         Err(DeliveryError::Rejected {
             status: status.as_u16(),
             body,

@@ -63,11 +63,12 @@ pub async fn log_outcomes(pool: &PgPool, outcomes: &[Delivery]) -> Result<(), St
     let attempts: Vec<i32> = outcomes.iter().map(|d| d.attempts).collect();
     sqlx::query(
         "INSERT INTO deliveries (delivery_id, tenant, kind, state, channel, recipient, complaint_id, \
-           work_order_id, body, attempts, last_error, created_at, delivered_at) \
+           work_order_id, body, attempts, last_error, created_at, delivered_at, receipt) \
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::int2[], $4::int2[], $5::int2[], $6::text[], \
-           $7::text[], $8::text[], $9::text[], $10::int4[], $11::text[], $12::timestamptz[], $13::timestamptz[]) \
+           $7::text[], $8::text[], $9::text[], $10::int4[], $11::text[], $12::timestamptz[], $13::timestamptz[], \
+           $15::text[]) \
          ON CONFLICT (delivery_id) DO UPDATE SET state = EXCLUDED.state, attempts = EXCLUDED.attempts, \
-           last_error = EXCLUDED.last_error, delivered_at = EXCLUDED.delivered_at \
+           last_error = EXCLUDED.last_error, delivered_at = EXCLUDED.delivered_at, receipt = EXCLUDED.receipt \
          WHERE deliveries.state <> $14",
     )
     .bind(&ids)
@@ -84,6 +85,7 @@ pub async fn log_outcomes(pool: &PgPool, outcomes: &[Delivery]) -> Result<(), St
     .bind(&created)
     .bind(&delivered)
     .bind(DeliveryState::Delivered as i16)
+    .bind(text(|d| &d.receipt))
     .execute(pool)
     .await?;
     Ok(())
@@ -96,7 +98,7 @@ fn from_row(row: &sqlx::postgres::PgRow) -> Result<Delivery, sqlx::Error> {
     let created_at: DateTime<Utc> = row.try_get("created_at")?;
     let delivered_at: Option<DateTime<Utc>> = row.try_get("delivered_at")?;
     Ok(closedloop_runtime::from_columns![Delivery; row;
-        tenant, recipient, complaint_id, work_order_id, body, attempts, last_error;
+        tenant, recipient, complaint_id, work_order_id, body, attempts, last_error, receipt;
         delivery_id: row.try_get::<Uuid, _>("delivery_id")?.to_string(),
         kind: i32::from(kind),
         state: i32::from(state),
