@@ -46,6 +46,8 @@ struct Fake {
     /// Public posts the search finds, by the text they contain.
     public_posts: Mutex<Vec<Value>>,
     replies: Mutex<Vec<TakenReply>>,
+    /// Users the brand may write to privately (they wrote to it recently).
+    private_open: Mutex<std::collections::HashSet<String>>,
     /// Answers by error code (0 for success), by API.
     answers: Mutex<HashMap<(String, i64), usize>>,
 }
@@ -221,6 +223,21 @@ async fn write(
             }
         }
     };
+    if reply.api == "private_message"
+        && !fake
+            .private_open
+            .lock()
+            .is_ok_and(|open| open.contains(&reply.receiver_id))
+    {
+        // The fan service refuses users with no message quota; connect treats every refusal
+        // alike, so the code here is this fake's choice.
+        return fake.error(
+            &api,
+            StatusCode::BAD_REQUEST,
+            21602,
+            "no quota to send message to this user",
+        );
+    }
     if reply.text.is_empty() || (reply.api != "private_message" && reply.status_id.is_empty()) {
         return fake.error(&api, StatusCode::BAD_REQUEST, 10008, "param error");
     }
@@ -291,6 +308,7 @@ impl FakeWeibo {
             comments: Mutex::default(),
             public_posts: Mutex::default(),
             replies: Mutex::default(),
+            private_open: Mutex::default(),
             answers: Mutex::default(),
         });
         let app = Router::new()
@@ -356,6 +374,13 @@ impl FakeWeibo {
             posts.push(status);
         }
         id.to_string()
+    }
+
+    /// Lets the brand write privately to `uid`, as when the user has written to it.
+    pub fn open_private(&self, uid: &str) {
+        if let Ok(mut open) = self.fake.private_open.lock() {
+            open.insert(uid.to_owned());
+        }
     }
 
     /// Expires the current token: calls answer 21327 until it is refreshed.

@@ -549,7 +549,26 @@ async fn weibo_mentions_comments_and_search_are_heard_and_answered_on_weibo() ->
     })
     .await?;
 
+    // Two mentions carrying a phone number: each customer is invited to a private channel,
+    // privately where Weibo lets the brand write to them, else in public.
+    weibo.open_private("1020");
+    let private_post = weibo.mention("1020", 40, "@某电信客服 我的号码13812345678一直没信号");
+    let public_post = weibo.mention("1021", 40, "@某电信客服 我的号码13912345678一直没信号");
+    wait_until("both invitations", WAIT, || async {
+        let replies = weibo.replies();
+        replies
+            .iter()
+            .any(|r| r.api == "private_message" && r.receiver_id == "1020")
+            && !replies_about(&weibo, &public_post).is_empty()
+    })
+    .await?;
+    assert!(
+        replies_about(&weibo, &private_post).is_empty(),
+        "invited privately, not in public"
+    );
+
     // A private message, from a gateway: the reply goes back as a private message.
+    weibo.open_private("1010");
     env.submit(contact(
         Channel::WeiboDirectMessage,
         "dm-1",
@@ -598,14 +617,24 @@ async fn weibo_mentions_comments_and_search_are_heard_and_answered_on_weibo() ->
     // closure, survey), on the Weibo API, as a comment, a reply to the comment, or a
     // private message.
     let replies = weibo.replies();
-    assert_eq!(replies.len(), 3 + 1 + 3 + 55 + 1, "{replies:#?}");
+    assert_eq!(replies.len(), 3 + 1 + 3 + 55 + 2 + 1, "{replies:#?}");
+    let private: Vec<&str> = replies
+        .iter()
+        .filter(|r| r.api == "private_message")
+        .map(|r| r.receiver_id.as_str())
+        .collect();
+    assert_eq!(
+        private,
+        ["1020", "1010"],
+        "the invitation and the reply to the private message"
+    );
     let to_comment = replies_about(&weibo, &comment);
     assert_eq!(to_comment.len(), 1);
     assert_eq!(
         (to_comment[0].api, to_comment[0].status_id.as_str()),
         ("comment_reply", brand_post)
     );
-    for id in &more {
+    for id in more.iter().chain([&public_post]) {
         assert_eq!(replies_about(&weibo, id).len(), 1, "replies about {id}");
     }
     assert!(replies_about(&weibo, &noise).is_empty(), "noise is not answered");

@@ -108,17 +108,7 @@ async fn receive(State(deliverer): State<Arc<Deliverer>>, headers: HeaderMap, bo
                 .deliver(&message.tenant, &message.recipient, &message.text)
                 .await
         } else {
-            deliverer
-                .weibo
-                .deliver(
-                    &message.tenant,
-                    &message.channel,
-                    &message.recipient,
-                    &message.reply_to_message_id,
-                    &message.thread_id,
-                    &message.text,
-                )
-                .await
+            deliverer.weibo.deliver(&message).await
         };
         let record = record_of(&sent, now_ms);
         let (method, outcome) = match &sent {

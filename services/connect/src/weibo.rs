@@ -15,6 +15,8 @@ use closedloop_proto::v1::{Channel, ComplaintSubmission, Poster};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+use closedloop_runtime::webhook::WebhookMessage;
+
 use crate::sent::{SendError, Sent, cut};
 
 /// One tenant's Weibo account.
@@ -295,6 +297,8 @@ pub fn comment_submission(comment: &Comment) -> ComplaintSubmission {
 
 /// Longest comment, in characters.
 pub const COMMENT_CHARS: usize = 140;
+/// Longest private message, in characters.
+pub const PRIVATE_MESSAGE_CHARS: usize = 300;
 
 /// A tenant's call allowance: `per_hour` calls in each hour, of which polling may use only
 /// four fifths so that replies always have room, and a pause with doubling backoff (from
@@ -679,15 +683,81 @@ impl Client {
     }
 
     /// Sends a reply on the channel the customer used: a comment on their post, a reply to
-    /// their comment, or a private message.
-    pub async fn deliver(
+    /// their comment, or a private message. An invitation to a private channel (a public
+    /// post that carried personal data) goes privately where Weibo lets the brand write to
+    /// the customer, and as a public comment where it does not.
+    pub async fn deliver(&self, message: &WebhookMessage<'_>) -> Result<Sent, SendError> {
+        let (tenant, channel) = (message.tenant.as_ref(), message.channel.as_ref());
+        if channel == "weibo_direct_message" {
+            return self
+                .private_message(tenant, &message.recipient, &message.text)
+                .await;
+        }
+        if message.kind == "private_channel_invitation" {
+            match self
+                .private_message(tenant, &message.recipient, &message.text)
+                .await
+            {
+                Err(SendError::Refused(why)) => {
+                    tracing::info!(%tenant, %why, "no private channel to the customer yet; inviting in public");
+                }
+                sent => return sent,
+            }
+        }
+        let reply_to = message.reply_to_message_id.as_ref();
+        if reply_to.is_empty() {
+            return Err(SendError::Refused("no Weibo post or comment to reply to".into()));
+        }
+        let comment = cut(&message.text, COMMENT_CHARS);
+        let (method, path, form): (&'static str, &str, Vec<(&str, String)>) = match channel {
+            "weibo_post" => (
+                "comment",
+                "comments/create",
+                vec![("id", reply_to.to_owned()), ("comment", comment)],
+            ),
+            "weibo_comment" => {
+                let thread = message.thread_id.as_ref();
+                let status = thread_status(thread).ok_or_else(|| {
+                    SendError::Refused(format!("thread {thread:?} names no Weibo post to reply on"))
+                })?;
+                (
+                    "comment_reply",
+                    "comments/reply",
+                    vec![
+                        ("cid", reply_to.to_owned()),
+                        ("id", status.to_owned()),
+                        ("comment", comment),
+                    ],
+                )
+            }
+            other => return Err(SendError::Refused(format!("no Weibo reply for channel {other}"))),
+        };
+        let url = format!("{}/2/{path}.json", self.endpoints.api);
+        self.create(tenant, &url, &form, method).await
+    }
+
+    /// A private message through the fan service, which Weibo allows to customers who wrote
+    /// to the brand recently.
+    async fn private_message(&self, tenant: &str, receiver: &str, text: &str) -> Result<Sent, SendError> {
+        let form = [
+            ("type", "text".to_owned()),
+            (
+                "data",
+                serde_json::json!({ "text": cut(text, PRIVATE_MESSAGE_CHARS) }).to_string(),
+            ),
+            ("receiver_id", receiver.to_owned()),
+        ];
+        let url = format!("{}/2/messages/reply.json", self.endpoints.messages);
+        self.create(tenant, &url, &form, "private_message").await
+    }
+
+    /// A write that creates a comment or message; its id is the receipt.
+    async fn create(
         &self,
         tenant: &str,
-        channel: &str,
-        recipient: &str,
-        reply_to: &str,
-        thread: &str,
-        text: &str,
+        url: &str,
+        form: &[(&str, String)],
+        method: &'static str,
     ) -> Result<Sent, SendError> {
         #[derive(Deserialize)]
         struct Created {
@@ -696,42 +766,7 @@ impl Client {
             #[serde(default)]
             id: Option<serde_json::Value>,
         }
-        let comment = cut(text, COMMENT_CHARS);
-        let (method, url, form): (&'static str, String, Vec<(&str, String)>) = match channel {
-            "weibo_post" => (
-                "comment",
-                format!("{}/2/comments/create.json", self.endpoints.api),
-                vec![("id", reply_to.to_owned()), ("comment", comment)],
-            ),
-            "weibo_comment" => {
-                let status = thread_status(thread).ok_or_else(|| {
-                    SendError::Refused(format!("thread {thread:?} names no Weibo post to reply on"))
-                })?;
-                (
-                    "comment_reply",
-                    format!("{}/2/comments/reply.json", self.endpoints.api),
-                    vec![
-                        ("cid", reply_to.to_owned()),
-                        ("id", status.to_owned()),
-                        ("comment", comment),
-                    ],
-                )
-            }
-            "weibo_direct_message" => (
-                "private_message",
-                format!("{}/2/messages/reply.json", self.endpoints.messages),
-                vec![
-                    ("type", "text".to_owned()),
-                    ("data", serde_json::json!({ "text": text }).to_string()),
-                    ("receiver_id", recipient.to_owned()),
-                ],
-            ),
-            other => return Err(SendError::Refused(format!("no Weibo reply for channel {other}"))),
-        };
-        if reply_to.is_empty() && channel != "weibo_direct_message" {
-            return Err(SendError::Refused("no Weibo post or comment to reply to".into()));
-        }
-        let created: Created = self.call(tenant, &url, &[], Some(&form), false).await?;
+        let created: Created = self.call(tenant, url, &[], Some(form), false).await?;
         Ok(Sent {
             method,
             platform_message_id: id_text(&created.idstr, created.id.as_ref()),
