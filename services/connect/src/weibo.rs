@@ -508,15 +508,21 @@ impl Client {
         record: crate::store::TokenRecord,
     ) -> Result<crate::tokens::Issued, crate::tokens::TokenError> {
         use crate::tokens::{Issued, TokenError};
+        let configured = Issued {
+            access_token: account.access_token.clone(),
+            // Unknown: held until Weibo refuses it.
+            expires_in: Duration::from_secs(365 * 24 * 3600),
+            refresh_token: None,
+        };
         if record.access_token.is_empty() {
-            return Ok(Issued {
-                access_token: account.access_token.clone(),
-                // Unknown: held until Weibo refuses it.
-                expires_in: Duration::from_secs(365 * 24 * 3600),
-                refresh_token: None,
-            });
+            return Ok(configured);
         }
         let Some((configured_refresh, app_key, app_secret)) = &account.refresh else {
+            // Without a refresh grant only the operator renews the token: a configured one
+            // other than the one refused is that.
+            if record.access_token != account.access_token {
+                return Ok(configured);
+            }
             return Err(TokenError::Unavailable(
                 "the Weibo access token expired and no refresh token is configured: authorise the app again"
                     .into(),
