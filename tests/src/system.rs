@@ -664,6 +664,27 @@ impl TestEnv {
         .await
     }
 
+    /// Resolves `work_order` as tenant `acme`'s agent, with `note`; returns it resolved.
+    pub async fn resolve(
+        &self,
+        work_order: &closedloop_proto::v1::WorkOrder,
+        note: &str,
+    ) -> anyhow::Result<closedloop_proto::v1::WorkOrder> {
+        let request = closedloop_proto::v1::ResolveWorkOrderRequest {
+            work_order_id: work_order.work_order_id.clone(),
+            resolution_note: note.into(),
+            expected_version: work_order.version,
+            ..Default::default()
+        };
+        self.work_orders()
+            .await?
+            .resolve_work_order(authed(&self.tokens.agent, request))
+            .await?
+            .into_inner()
+            .work_order
+            .ok_or_else(|| anyhow::anyhow!("no work order in the answer"))
+    }
+
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let stopped = self.system.stop().await;
         self.receiver_stop.cancel();

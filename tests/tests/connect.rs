@@ -189,18 +189,7 @@ async fn replies_and_closures_go_out_through_the_wechat_api_once() -> anyhow::Re
 
     // An agent resolves customer A's work order: the closure goes out on WeChat too.
     let work_order = env.work_order_for(&complaints["oCustomerA"]).await?;
-    env.work_orders()
-        .await?
-        .resolve_work_order(authed(
-            &env.tokens.agent,
-            ResolveWorkOrderRequest {
-                work_order_id: work_order.work_order_id.clone(),
-                resolution_note: "光猫已更换".into(),
-                expected_version: work_order.version,
-                ..Default::default()
-            },
-        ))
-        .await?;
+    env.resolve(&work_order, "光猫已更换").await?;
     // The acknowledgement, the closure and the satisfaction survey.
     wait_until("the closure and survey on WeChat", WAIT, || async {
         per_customer(&fake).get("oCustomerA") == Some(&3)
@@ -594,18 +583,7 @@ async fn weibo_mentions_comments_and_search_are_heard_and_answered_on_weibo() ->
             .await?;
         assert!(again.duplicate, "the listener submitted {post} once");
         let work_order = env.work_order_for(&again.complaint_id).await?;
-        env.work_orders()
-            .await?
-            .resolve_work_order(authed(
-                &env.tokens.agent,
-                ResolveWorkOrderRequest {
-                    work_order_id: work_order.work_order_id.clone(),
-                    resolution_note: "光缆已修复".into(),
-                    expected_version: work_order.version,
-                    ..Default::default()
-                },
-            ))
-            .await?;
+        env.resolve(&work_order, "光缆已修复").await?;
     }
     wait_until("the closures and surveys on Weibo", WAIT, || async {
         replies_about(&weibo, &mention).len() == 3 && replies_about(&weibo, &searched).len() == 3

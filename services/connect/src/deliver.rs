@@ -5,7 +5,7 @@
 //! | --- | --- | --- |
 //! | 200, `{"method", "platform_message_id"}` | sent (now or before) | delivered |
 //! | 422, the reason | refused for good, or outcome unknown | parks it with the reason |
-//! | 429 / 503 with `Retry-After` | not sent now (rate limit, token, busy, in progress) | retries |
+//! | 429 with `Retry-After` | not sent now (rate limit, token, busy, in progress) | retries |
 //! | 401 / 400 | not signed by notify / not a webhook | parks it |
 
 use std::sync::Arc;
