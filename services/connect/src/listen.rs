@@ -33,16 +33,11 @@ pub struct MalformedToken(String);
 impl std::str::FromStr for ApiTokens {
     type Err = MalformedToken;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        s.split([';', '\n'])
-            .map(str::trim)
-            .filter(|e| !e.is_empty())
-            .map(|entry| {
-                entry
-                    .split_once('=')
-                    .map(|(t, k)| (t.trim(), k.trim()))
-                    .filter(|(t, k)| closedloop_runtime::auth::valid_tenant(t) && !k.is_empty())
-                    .map(|(t, k)| (t.to_owned(), k.to_owned()))
-                    .ok_or_else(|| MalformedToken(entry.split('=').next().unwrap_or_default().to_owned()))
+        closedloop_runtime::auth::tenant_entries(s)
+            .map(|entry| match entry {
+                Ok((tenant, token)) if !token.is_empty() => Ok((tenant.to_owned(), token.to_owned())),
+                Ok((tenant, _)) => Err(MalformedToken(tenant.to_owned())),
+                Err(name) => Err(MalformedToken(name)),
             })
             .collect::<Result<_, _>>()
             .map(Self)

@@ -49,12 +49,9 @@ impl FromStr for WechatApps {
     /// `acme=wx0123|secret|tmpl-id|thing1;beta=wx4567|secret2`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut apps = HashMap::new();
-        for entry in s.split([';', '\n']).map(str::trim).filter(|e| !e.is_empty()) {
-            let malformed = || MalformedApp(entry.split('=').next().unwrap_or_default().to_owned());
-            let (tenant, rest) = entry
-                .split_once('=')
-                .filter(|(t, _)| closedloop_runtime::auth::valid_tenant(t.trim()))
-                .ok_or_else(malformed)?;
+        for entry in closedloop_runtime::auth::tenant_entries(s) {
+            let (tenant, rest) = entry.map_err(MalformedApp)?;
+            let malformed = || MalformedApp(tenant.to_owned());
             let fields: Vec<&str> = rest.split('|').map(str::trim).collect();
             let (app_id, app_secret, template_id, template_field) = match fields[..] {
                 [id, secret] => (id, secret, None, DEFAULT_TEMPLATE_FIELD),
@@ -66,7 +63,7 @@ impl FromStr for WechatApps {
                 return Err(malformed());
             }
             apps.insert(
-                tenant.trim().to_owned(),
+                tenant.to_owned(),
                 WechatApp {
                     app_id: app_id.to_owned(),
                     app_secret: app_secret.to_owned(),

@@ -50,12 +50,9 @@ impl FromStr for WeiboAccounts {
     type Err = MalformedAccount;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut accounts = HashMap::new();
-        for entry in s.split([';', '\n']).map(str::trim).filter(|e| !e.is_empty()) {
-            let malformed = || MalformedAccount(entry.split('=').next().unwrap_or_default().to_owned());
-            let (tenant, rest) = entry
-                .split_once('=')
-                .filter(|(t, _)| closedloop_runtime::auth::valid_tenant(t.trim()))
-                .ok_or_else(malformed)?;
+        for entry in closedloop_runtime::auth::tenant_entries(s) {
+            let (tenant, rest) = entry.map_err(MalformedAccount)?;
+            let malformed = || MalformedAccount(tenant.to_owned());
             let fields: Vec<&str> = rest.split('|').map(str::trim).collect();
             if fields.iter().any(|f| f.is_empty()) {
                 return Err(malformed());
@@ -73,7 +70,7 @@ impl FromStr for WeiboAccounts {
                 },
                 _ => return Err(malformed()),
             };
-            accounts.insert(tenant.trim().to_owned(), account);
+            accounts.insert(tenant.to_owned(), account);
         }
         Ok(Self(accounts))
     }
@@ -95,22 +92,23 @@ impl WeiboAccounts {
 #[derive(Clone, Debug, Default)]
 pub struct Keywords(HashMap<String, Vec<String>>);
 
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("Weibo keyword entry {0:?} is not `tenant=keyword,keyword`")]
+pub struct MalformedKeywords(String);
+
 impl FromStr for Keywords {
-    type Err = MalformedAccount;
+    type Err = MalformedKeywords;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut keywords = HashMap::new();
-        for entry in s.split([';', '\n']).map(str::trim).filter(|e| !e.is_empty()) {
-            let (tenant, words) = entry
-                .split_once('=')
-                .filter(|(t, _)| closedloop_runtime::auth::valid_tenant(t.trim()))
-                .ok_or_else(|| MalformedAccount(entry.to_owned()))?;
+        for entry in closedloop_runtime::auth::tenant_entries(s) {
+            let (tenant, words) = entry.map_err(MalformedKeywords)?;
             let words: Vec<String> = words
                 .split([',', '，'])
                 .map(str::trim)
                 .filter(|w| !w.is_empty())
                 .map(str::to_owned)
                 .collect();
-            keywords.insert(tenant.trim().to_owned(), words);
+            keywords.insert(tenant.to_owned(), words);
         }
         Ok(Self(keywords))
     }

@@ -89,6 +89,23 @@ impl fmt::Debug for TokenTable {
     }
 }
 
+/// The `tenant=value` entries of a per-tenant setting, separated by `;` or new lines, each
+/// with its tenant checked. An entry that is not one is named by what precedes its `=`,
+/// never by its value, which may be a secret.
+pub fn tenant_entries(setting: &str) -> impl Iterator<Item = Result<(&str, &str), String>> {
+    setting
+        .split([';', '\n'])
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            entry
+                .split_once('=')
+                .map(|(tenant, value)| (tenant.trim(), value.trim()))
+                .filter(|(tenant, _)| valid_tenant(tenant))
+                .ok_or_else(|| entry.split('=').next().unwrap_or_default().trim().to_owned())
+        })
+}
+
 /// A request carrying `authorization: Bearer <token>`, as a client of the services sends
 /// it (a token that is not a valid header value is left out, and the call is refused).
 pub fn authed<T>(token: &str, message: T) -> Request<T> {
@@ -216,6 +233,14 @@ pub fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tenant_entries_name_a_bad_entry_without_its_value() {
+        let entries: Vec<_> = tenant_entries(" acme = a|b ;\nbeta=c; ;").collect();
+        assert_eq!(entries, [Ok(("acme", "a|b")), Ok(("beta", "c"))]);
+        let bad: Vec<_> = tenant_entries("Bad Tenant=secret;nokey").collect();
+        assert_eq!(bad, [Err("Bad Tenant".to_owned()), Err("nokey".to_owned())]);
+    }
     use tonic::service::Interceptor;
 
     fn table() -> TokenTable {

@@ -55,13 +55,9 @@ impl FromStr for WechatAccounts {
     /// `acme=token1;beta=token2|wx0123456789abcdef|<43-character EncodingAESKey>`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut by_tenant = HashMap::new();
-        for entry in s.split([';', '\n']).map(str::trim).filter(|e| !e.is_empty()) {
-            let malformed = || WechatError::Malformed(entry.split('=').next().unwrap_or_default().to_owned());
-            let (tenant, rest) = entry
-                .split_once('=')
-                .filter(|(t, _)| closedloop_runtime::auth::valid_tenant(t.trim()))
-                .ok_or_else(malformed)?;
-            let tenant = tenant.trim();
+        for entry in closedloop_runtime::auth::tenant_entries(s) {
+            let (tenant, rest) = entry.map_err(WechatError::Malformed)?;
+            let malformed = || WechatError::Malformed(tenant.to_owned());
             let fields: Vec<&str> = rest.split('|').map(str::trim).collect();
             let account = match fields[..] {
                 [token] if !token.is_empty() => WechatAccount {
