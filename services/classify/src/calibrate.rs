@@ -2,10 +2,12 @@
 //! cross-validation on the training examples alone, so the held-out part stays unseen
 //! until `classify-eval`. The search itself is a plain function over recorded verdicts.
 
-use closedloop_proto::v1::Channel;
+use closedloop_proto::v1::{Channel, Intent};
 
 use crate::engine::{self, Contact, rule_signals};
-use crate::model::{Example, Learner, NEVER, TextModels, Trust, is_held_out, risk_probability, stable_hash};
+use crate::model::{
+    Example, Learner, NEVER, ORDINARY_CONTACT, TextModels, Trust, is_held_out, risk_probability, stable_hash,
+};
 use crate::rules::{Rules, fold};
 
 /// Folds of the cross-validation.
@@ -138,8 +140,9 @@ pub fn cross_validate(examples: &[Example], rules: &Rules, learner: Learner) -> 
 }
 
 /// Highest share of texts without risk that the rules and the risk model should flag
-/// together: a false alarm sends an agent hurrying to a customer who was never going to
-/// the press.
+/// together, among ordinary contacts and among the texts written with the lists' words
+/// alike: a false alarm sends an agent hurrying to a customer who was never going to the
+/// press, and an alarm that rings often is ignored.
 pub const RISK_FALSE_ALARMS: f64 = 0.05;
 
 /// Share of risky texts the rules and the risk model should catch together.
@@ -170,32 +173,95 @@ pub fn risk_figures(pairs: impl IntoIterator<Item = (bool, bool)>) -> RiskFigure
     }
 }
 
-/// Whether the rules' word lists find escalation risk in `text`.
-pub fn rules_flag_risk(rules: &Rules, text: &str) -> bool {
-    engine::classify(
-        rules,
-        None,
-        &Contact {
-            text,
-            channel: Channel::Wechat,
-            poster: None,
-            region_hint: "",
-        },
-    )
-    .escalation_risk
+/// What a text of the risk corpus is, for its figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RiskTruth {
+    Risky,
+    /// A contact of the labelled examples without risk.
+    Ordinary,
+    /// A text written for the risk corpus without risk: mostly innocent uses of the lists'
+    /// words, the hardest to tell apart.
+    Written,
 }
 
-/// The risk model's bars, chosen by cross-validation on the training part of `examples`
-/// (labels "risk" and "none"), and their cross-validated figures. Where the lists found
-/// nothing the model flags a text at `flag` or above; where they found risk it overrules
-/// them below `veto`. The pair chosen has the highest recall among those with at least
-/// [`RISK_RECALL`] and at most [`RISK_FALSE_ALARMS`] false alarms; if none gets there, the
-/// most recall net of false alarms. Ties go to the more cautious pair.
-pub fn risk_bars(examples: &[Example], rules: &Rules, learner: Learner) -> RiskBars {
-    let training: Vec<&Example> = examples.iter().filter(|e| !is_held_out(&e.text)).collect();
+impl RiskTruth {
+    pub fn of(example: &Example) -> Self {
+        if example.intent == "risk" {
+            RiskTruth::Risky
+        } else if example.category == ORDINARY_CONTACT {
+            RiskTruth::Ordinary
+        } else {
+            RiskTruth::Written
+        }
+    }
+}
+
+/// A risk detector's figures over the risk corpus: false alarms among ordinary contacts
+/// and among written texts are kept apart, since a pooled share would be mostly the
+/// ordinary contacts' and hide the written ones.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RiskScore {
+    pub recall: f64,
+    pub ordinary_false_alarms: f64,
+    pub written_false_alarms: f64,
+}
+
+impl RiskScore {
+    /// From `(truth, flagged)` pairs.
+    pub fn of(verdicts: impl IntoIterator<Item = (RiskTruth, bool)>) -> Self {
+        let verdicts: Vec<(RiskTruth, bool)> = verdicts.into_iter().collect();
+        let among = |calm: RiskTruth| {
+            risk_figures(
+                verdicts
+                    .iter()
+                    .filter(|(t, _)| matches!(t, RiskTruth::Risky) || *t == calm)
+                    .map(|(t, flagged)| (*t == RiskTruth::Risky, *flagged)),
+            )
+        };
+        let (ordinary, written) = (among(RiskTruth::Ordinary), among(RiskTruth::Written));
+        RiskScore {
+            recall: ordinary.recall,
+            ordinary_false_alarms: ordinary.false_alarms,
+            written_false_alarms: written.false_alarms,
+        }
+    }
+
+    /// The worse of the two false-alarm shares.
+    pub fn false_alarms(&self) -> f64 {
+        self.ordinary_false_alarms.max(self.written_false_alarms)
+    }
+}
+
+/// One text's verdicts for choosing the risk bars.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct RiskVerdict {
+    truth: RiskTruth,
+    /// Whether the engine's intent (complaint or inquiry) lets it carry risk at all.
+    possible: bool,
+    /// Whether the rules' lists flag it.
+    listed: bool,
+    /// The probability of risk from a model that never saw it.
+    probability: f32,
+}
+
+/// The risk model's bars, chosen by cross-validation on the training part of `corpus`
+/// (see [`crate::model::risk_corpus`]), and their cross-validated figures. Where the lists
+/// found nothing the model flags a text at `flag` or above; where they found risk it
+/// overrules them below `veto`. The engine decides intent as it will with the shipped
+/// models (`intent_trust`), from intent models that never saw the fold: praise and noise
+/// carry no risk. The pair chosen has the most recall among those within
+/// [`RISK_FALSE_ALARMS`] on both kinds of calm text; if none is, the most recall net of
+/// the worse false alarms. Ties go to the more cautious pair.
+pub fn risk_bars(
+    corpus: &[Example],
+    labelled: &[Example],
+    rules: &Rules,
+    learner: Learner,
+    intent_trust: Trust,
+) -> RiskBars {
+    let training: Vec<&Example> = corpus.iter().filter(|e| !is_held_out(&e.text)).collect();
     let fold_of = |e: &Example| (stable_hash(&e.text) / 5) % FOLDS;
-    // (truly risky, rules flag, model's probability of risk)
-    let mut verdicts: Vec<(bool, bool, f32)> = Vec::new();
+    let mut verdicts = Vec::new();
     for part in 0..FOLDS {
         let train: Vec<(String, &str)> = training
             .iter()
@@ -203,12 +269,28 @@ pub fn risk_bars(examples: &[Example], rules: &Rules, learner: Learner) -> RiskB
             .map(|e| (fold(&e.text), e.intent.as_str()))
             .collect();
         let model = crate::model::NgramModel::train(learner, train.iter().map(|(t, l)| (t.as_str(), *l)));
+        // The ordinary contacts are labelled examples too: the same fold is kept from the
+        // intent model.
+        let others: Vec<Example> = labelled.iter().filter(|e| fold_of(e) != part).cloned().collect();
+        let mut intents = TextModels::train(learner, &others);
+        intents.intent_trust = intent_trust;
         for example in training.iter().filter(|e| fold_of(e) == part) {
-            verdicts.push((
-                example.intent == "risk",
-                rules_flag_risk(rules, &example.text),
-                risk_probability(&model.predict(&fold(&example.text))),
-            ));
+            let by_lists = engine::classify(
+                rules,
+                Some(&intents),
+                &Contact {
+                    text: &example.text,
+                    channel: Channel::Wechat,
+                    poster: None,
+                    region_hint: "",
+                },
+            );
+            verdicts.push(RiskVerdict {
+                truth: RiskTruth::of(example),
+                possible: matches!(by_lists.intent(), Intent::Complaint | Intent::Inquiry),
+                listed: by_lists.escalation_risk,
+                probability: risk_probability(&model.predict(&fold(&example.text))),
+            });
         }
     }
     choose_risk_bars(&verdicts)
@@ -219,49 +301,46 @@ pub fn risk_bars(examples: &[Example], rules: &Rules, learner: Learner) -> RiskB
 pub struct RiskBars {
     pub flag: f32,
     pub veto: f32,
-    pub figures: RiskFigures,
+    pub score: RiskScore,
 }
 
-/// Vetoes tried: 0 never overrules the lists.
-const VETO_BARS: [f32; 11] = [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7];
+/// Flag bars tried: the corpus is mostly calm, so a text is risky well below even odds.
+const RISK_FLAG_BARS: [f32; 13] = [
+    0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, NEVER,
+];
 
-/// [`risk_bars`]' choice over `(truly risky, rules flag, model's probability of risk)`.
-fn choose_risk_bars(verdicts: &[(bool, bool, f32)]) -> RiskBars {
-    let figures = |flag: f32, veto: f32| {
-        risk_figures(
-            verdicts
-                .iter()
-                .map(|(t, r, p)| (*t, if *r { *p >= veto } else { *p >= flag })),
-        )
+/// Vetoes tried: 0 never overrules the lists.
+const VETO_BARS: [f32; 12] = [0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7];
+
+/// [`risk_bars`]' choice over recorded verdicts.
+fn choose_risk_bars(verdicts: &[RiskVerdict]) -> RiskBars {
+    let bars = |flag: f32, veto: f32| RiskBars {
+        flag,
+        veto,
+        score: RiskScore::of(verdicts.iter().map(|v| {
+            let bar = if v.listed { veto } else { flag };
+            (v.truth, v.possible && v.probability >= bar)
+        })),
     };
-    let lists_alone = RiskBars {
-        flag: NEVER,
-        veto: 0.0,
-        figures: figures(NEVER, 0.0),
-    };
-    let candidates: Vec<RiskBars> = BARS
+    // From the most cautious pair: the highest flag bar, then the lowest veto.
+    let candidates: Vec<RiskBars> = RISK_FLAG_BARS
         .iter()
         .rev()
         .flat_map(|flag| VETO_BARS.iter().map(move |veto| (*flag, *veto)))
-        .map(|(flag, veto)| RiskBars {
-            flag,
-            veto,
-            figures: figures(flag, veto),
-        })
+        .map(|(flag, veto)| bars(flag, veto))
         .collect();
-    let best_by = |score: &dyn Fn(&RiskFigures) -> f64, limit: f64| {
+    let best_by = |value: &dyn Fn(&RiskScore) -> f64, limit: f64| {
         candidates
             .iter()
-            .filter(|c| c.figures.false_alarms <= limit)
+            .filter(|c| c.score.false_alarms() <= limit)
             .fold(None::<RiskBars>, |best, c| match best {
-                Some(b) if score(&b.figures) >= score(&c.figures) => Some(b),
+                Some(b) if value(&b.score) >= value(&c.score) => Some(b),
                 _ => Some(*c),
             })
     };
-    best_by(&|f| f.recall, RISK_FALSE_ALARMS)
-        .filter(|b| b.figures.recall >= RISK_RECALL)
-        .or_else(|| best_by(&|f| f.recall - f.false_alarms, 1.0))
-        .unwrap_or(lists_alone)
+    best_by(&|s| s.recall, RISK_FALSE_ALARMS)
+        .or_else(|| best_by(&|s| s.recall - s.false_alarms(), 1.0))
+        .unwrap_or_else(|| bars(NEVER, 0.0))
 }
 
 /// The engine's accuracy with `models` on the held-out part of `examples`: intent, and
@@ -292,8 +371,6 @@ pub fn held_out_accuracy(examples: &[Example], rules: &Rules, models: &TextModel
 
 #[cfg(test)]
 mod tests {
-    use closedloop_proto::v1::Intent;
-
     use super::*;
 
     #[test]
@@ -315,31 +392,95 @@ mod tests {
         );
     }
 
-    #[test]
-    fn risk_bars_veto_the_lists_where_the_model_tells_their_false_alarms_apart() {
-        // (truly risky, lists flag, model's probability of risk)
-        let mut verdicts = vec![(true, true, 0.9), (true, false, 0.95), (false, false, 0.05)];
-        verdicts.extend([(false, true, 0.1), (false, true, 0.15)]);
-        verdicts.extend(std::iter::repeat_n((false, false, 0.02), 20));
-        let bars = choose_risk_bars(&verdicts);
-        assert!(bars.veto > 0.15 && bars.veto <= 0.9, "{bars:?}");
-        assert!(bars.flag > 0.05 && bars.flag <= 0.95, "{bars:?}");
-        assert_eq!(bars.figures.recall, 1.0);
-        assert_eq!(bars.figures.false_alarms, 0.0);
+    fn risk(truth: RiskTruth, listed: bool, probability: f32) -> RiskVerdict {
+        RiskVerdict {
+            truth,
+            possible: true,
+            listed,
+            probability,
+        }
     }
 
     #[test]
-    fn without_a_pair_that_meets_both_aims_the_bars_trade_recall_against_false_alarms() {
-        // The model cannot tell the risky from the calm: vetoing or flagging only costs.
+    fn risk_scores_keep_ordinary_and_written_false_alarms_apart() {
+        let score = RiskScore::of([
+            (RiskTruth::Risky, true),
+            (RiskTruth::Risky, false),
+            (RiskTruth::Ordinary, false),
+            (RiskTruth::Ordinary, false),
+            (RiskTruth::Ordinary, false),
+            (RiskTruth::Ordinary, true),
+            (RiskTruth::Written, true),
+            (RiskTruth::Written, false),
+        ]);
+        assert_eq!(score.recall, 0.5);
+        assert_eq!(score.ordinary_false_alarms, 0.25);
+        assert_eq!(score.written_false_alarms, 0.5);
+        assert_eq!(score.false_alarms(), 0.5, "the worse of the two");
+    }
+
+    #[test]
+    fn risk_bars_veto_the_lists_where_the_model_tells_their_false_alarms_apart() {
+        let mut verdicts = vec![
+            risk(RiskTruth::Risky, true, 0.9),
+            risk(RiskTruth::Risky, false, 0.95),
+            risk(RiskTruth::Written, false, 0.05),
+            risk(RiskTruth::Written, true, 0.1),
+            risk(RiskTruth::Written, true, 0.15),
+        ];
+        verdicts.extend(std::iter::repeat_n(risk(RiskTruth::Ordinary, false, 0.02), 20));
+        let bars = choose_risk_bars(&verdicts);
+        assert!(bars.veto > 0.15 && bars.veto <= 0.9, "{bars:?}");
+        assert!(bars.flag > 0.05 && bars.flag <= 0.95, "{bars:?}");
+        assert_eq!(bars.score.recall, 1.0);
+        assert_eq!(bars.score.false_alarms(), 0.0);
+    }
+
+    #[test]
+    fn written_false_alarms_count_even_when_ordinary_contacts_outnumber_them() {
+        // Flagging every listed text catches the risky one, but alarms on both written
+        // texts; pooled with a hundred calm contacts that would look like 2%.
+        let mut verdicts = vec![
+            risk(RiskTruth::Risky, true, 0.3),
+            risk(RiskTruth::Written, true, 0.3),
+            risk(RiskTruth::Written, true, 0.3),
+        ];
+        verdicts.extend(std::iter::repeat_n(risk(RiskTruth::Ordinary, false, 0.01), 100));
+        let bars = choose_risk_bars(&verdicts);
+        assert!(bars.veto > 0.3, "the lists are overruled: {bars:?}");
+        assert_eq!(bars.score.written_false_alarms, 0.0);
+        assert_eq!(bars.score.recall, 0.0);
+    }
+
+    #[test]
+    fn a_model_that_cannot_tell_risk_apart_silences_lists_that_ring_falsely() {
+        // The lists flag a calm text for every risky one and the model is no help: within
+        // the false-alarm aim, only vetoing them all is left.
         let verdicts = [
-            (true, true, 0.5),
-            (false, true, 0.5),
-            (true, false, 0.5),
-            (false, false, 0.5),
+            risk(RiskTruth::Risky, true, 0.5),
+            risk(RiskTruth::Written, true, 0.5),
+            risk(RiskTruth::Risky, false, 0.5),
+            risk(RiskTruth::Ordinary, false, 0.5),
         ];
         let bars = choose_risk_bars(&verdicts);
-        assert_eq!((bars.flag, bars.veto), (NEVER, 0.0), "{bars:?}");
-        assert_eq!(bars.figures.recall, 0.5);
+        assert!(bars.flag > 0.5 && bars.veto > 0.5, "{bars:?}");
+        assert_eq!(bars.score.false_alarms(), 0.0);
+    }
+
+    #[test]
+    fn without_a_pair_within_the_false_alarm_aim_the_bars_trade_recall_against_false_alarms() {
+        // The model is sure of a calm listed text: no veto bar overrules it, so every pair
+        // has false alarms, and catching the risky texts is what is left to gain.
+        let verdicts = [
+            risk(RiskTruth::Written, true, 0.95),
+            risk(RiskTruth::Risky, true, 0.9),
+            risk(RiskTruth::Risky, false, 0.6),
+            risk(RiskTruth::Ordinary, false, 0.1),
+        ];
+        let bars = choose_risk_bars(&verdicts);
+        assert_eq!(bars.score.recall, 1.0, "{bars:?}");
+        assert_eq!(bars.score.ordinary_false_alarms, 0.0, "{bars:?}");
+        assert!(bars.flag > 0.1 && bars.flag <= 0.6, "{bars:?}");
     }
 
     fn verdict(truth: &str, by_rules: &str, rules_found: bool, by_model: &str, confidence: f32) -> Verdicts {

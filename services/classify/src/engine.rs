@@ -232,31 +232,6 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         reasons.push(format!("abuse without a concrete problem: {}", Words(&abuse)));
     }
 
-    let risk_verdict = scan.as_ref().and_then(|(s, m)| Some((s.risk.as_ref()?, *m, s)));
-    let model_risk = risk_verdict.filter(|(p, m, _)| !rules_risk && m.flags_risk(p));
-    if let Some((p, m, scan)) = &model_risk {
-        reasons.push(format!(
-            "escalation risk by the model ({:.2}, evidence {})",
-            risk_probability(p),
-            m.risk_evidence(scan, p).join(" ")
-        ));
-    }
-    let lists_overruled = rules_risk && risk_verdict.is_some_and(|(p, m, _)| m.vetoes_risk(p));
-    if lists_overruled {
-        let words: Vec<&str> = [&threats, &repeated, &vulnerable]
-            .into_iter()
-            .flatten()
-            .copied()
-            .collect();
-        reasons.push(format!(
-            "no escalation risk: the model ({:.2}) overrules the words {}",
-            risk_verdict.map_or(0.0, |(p, _, _)| risk_probability(p)),
-            Words(&words)
-        ));
-        (threats, repeated, vulnerable) = (Vec::new(), Vec::new(), Vec::new());
-    }
-    let escalation_risk = (rules_risk && !lists_overruled) || model_risk.is_some();
-
     let tier = influence_tier(rules, contact.poster);
     // Likewise for intent.
     let model_intent = scan.as_ref().and_then(|(s, m)| Some((s.intent.as_ref()?, *m, s)));
@@ -287,6 +262,40 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         }
         _ => intent,
     };
+    let risk_verdict = scan.as_ref().and_then(|(s, m)| Some((s.risk.as_ref()?, *m, s)));
+    // Praise and noise carry no escalation risk, whatever words they use ("third time in
+    // this shop, staff as kind as ever", "I posted your good service on my feed").
+    let risk_possible = matches!(intent, Intent::Complaint | Intent::Inquiry);
+    let lists_overruled = if !rules_risk {
+        None
+    } else if !risk_possible {
+        Some(format!("{} carries none", intent.label()))
+    } else {
+        risk_verdict
+            .filter(|(p, m, _)| m.vetoes_risk(p))
+            .map(|(p, _, _)| format!("the model ({:.2}) overrules them", risk_probability(p)))
+    };
+    if let Some(why) = &lists_overruled {
+        let words: Vec<&str> = [&threats, &repeated, &vulnerable]
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        reasons.push(format!(
+            "no escalation risk from the words {}: {why}",
+            Words(&words)
+        ));
+        (threats, repeated, vulnerable) = (Vec::new(), Vec::new(), Vec::new());
+    }
+    let model_risk = risk_verdict.filter(|(p, m, _)| risk_possible && !rules_risk && m.flags_risk(p));
+    if let Some((p, m, scan)) = &model_risk {
+        reasons.push(format!(
+            "escalation risk by the model ({:.2}, evidence {})",
+            risk_probability(p),
+            m.risk_evidence(scan, p).join(" ")
+        ));
+    }
+    let escalation_risk = (rules_risk && lists_overruled.is_none()) || model_risk.is_some();
     let mut priority = match intent {
         Intent::Praise | Intent::Noise => Priority::P4,
         _ if abuse_without_problem => Priority::P4,
@@ -621,12 +630,29 @@ mod tests {
         assert!(
             c.reasons
                 .iter()
-                .any(|r| r.contains("overrules the words [\"老人\"]")),
+                .any(|r| r.starts_with("no escalation risk from the words [\"老人\"]: the model")),
             "{:?}",
             c.reasons
         );
         let risky = with_models("家里老人一个人住，停电了很危险", &models);
         assert!(risky.escalation_risk, "{:?}", risky.reasons);
+    }
+
+    #[test]
+    fn praise_and_noise_carry_no_escalation_risk_whatever_their_words() {
+        let praise = run("第三次来这家营业厅了，店员一样亲切，谢谢", 10);
+        assert_eq!(praise.intent(), Intent::Praise, "{:?}", praise.reasons);
+        assert!(!praise.escalation_risk, "{:?}", praise.reasons);
+        assert!(
+            praise
+                .reasons
+                .iter()
+                .any(|r| r.starts_with("no escalation risk from the words [\"第三次\"]: praise carries none")),
+            "{:?}",
+            praise.reasons
+        );
+        let complaint = run("第三次来这家营业厅了，问题还是没解决", 10);
+        assert!(complaint.escalation_risk, "{:?}", complaint.reasons);
     }
 
     #[test]

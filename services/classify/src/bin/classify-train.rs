@@ -11,7 +11,7 @@
 
 use clap::Parser;
 use closedloop_classify::calibrate::{self, FOLDS};
-use closedloop_classify::model::{Learner, TextModels, Trust, is_held_out, parse_examples};
+use closedloop_classify::model::{Learner, TextModels, Trust, is_held_out, parse_examples, risk_corpus};
 use closedloop_classify::rules::Rules;
 
 /// The model classify ships, trained on the shipped examples alone.
@@ -36,7 +36,8 @@ struct Args {
     /// The model file in use, to compare with (default: the shipped one).
     #[arg(long)]
     current: Option<String>,
-    /// Texts labelled "risk" or "none" (with a kind) for the escalation-risk model.
+    /// Texts labelled "risk" or "none" (with a kind) for the escalation-risk model; the
+    /// labelled examples they do not list train it as "none" too.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/risk.tsv"))]
     risk_examples: String,
 }
@@ -70,25 +71,29 @@ fn main() -> anyhow::Result<()> {
     for path in &args.corrections {
         corrections.extend(parse_examples(&std::fs::read_to_string(path)?)?);
     }
-    let risk_examples = parse_examples(&std::fs::read_to_string(&args.risk_examples)?)?;
-    let risk = calibrate::risk_bars(&risk_examples, &rules, args.learner);
+    let risk_examples = risk_corpus(
+        parse_examples(&std::fs::read_to_string(&args.risk_examples)?)?,
+        &examples,
+    );
+    let cv = calibrate::cross_validate(&examples, &rules, args.learner);
+    let risk = calibrate::risk_bars(&risk_examples, &examples, &rules, args.learner, cv.intent);
     let mut models = TextModels::train_with_corrections(args.learner, &examples, &corrections).with_risk(
         args.learner,
         &risk_examples,
         risk.flag,
         risk.veto,
     );
-    let cv = calibrate::cross_validate(&examples, &rules, args.learner);
     models.intent_trust = cv.intent;
     models.category_trust = cv.category;
     std::fs::write(&args.out, serde_json::to_string(&models)?)?;
     println!(
         "  escalation risk: the model flags at ≥ {} where the lists found none, and overrules them below {} \
-         (recall {:.3}, false alarms {:.3}, over {} risk examples)",
+         (recall {:.3}; false alarms {:.3} among ordinary contacts, {:.3} among written texts; over {} texts)",
         risk.flag,
         risk.veto,
-        risk.figures.recall,
-        risk.figures.false_alarms,
+        risk.score.recall,
+        risk.score.ordinary_false_alarms,
+        risk.score.written_false_alarms,
         risk_examples.iter().filter(|e| !is_held_out(&e.text)).count()
     );
     if !args.corrections.is_empty() {

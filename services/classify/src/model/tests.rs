@@ -201,3 +201,27 @@ fn examples_parse_and_reject_malformed_lines() {
         Err(ModelError::Malformed { line: 1 })
     ));
 }
+
+#[test]
+fn the_risk_corpus_adds_the_contacts_it_does_not_list_as_ordinary() {
+    let written =
+        parse_examples("risk\trepeat\t打了五次电话\nnone\t-\t老人机怎么设置\n").expect("risk texts");
+    let contacts =
+        parse_examples("complaint\tbilling\t打了五次电话\ncomplaint\toutage\t停电了\npraise\tother\t谢谢\n")
+            .expect("contacts");
+    let corpus = risk_corpus(written, &contacts);
+    let labels: Vec<(&str, &str, &str)> = corpus
+        .iter()
+        .map(|e| (e.intent.as_str(), e.category.as_str(), e.text.as_str()))
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            ("risk", "repeat", "打了五次电话"),
+            ("none", "-", "老人机怎么设置"),
+            ("none", ORDINARY_CONTACT, "停电了"),
+            ("none", ORDINARY_CONTACT, "谢谢"),
+        ],
+        "a listed contact keeps its risk label and is not added twice"
+    );
+}
