@@ -15,6 +15,7 @@ use closedloop_proto::v1::{Channel, ComplaintSubmission, Poster};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+use closedloop_runtime::time::from_weibo;
 use closedloop_runtime::webhook::WebhookMessage;
 
 use crate::sent::{SendError, Sent, cut};
@@ -229,15 +230,6 @@ pub fn id_number(id: &str) -> u64 {
     id.parse().unwrap_or(0)
 }
 
-/// Weibo's `created_at`, e.g. `Tue May 31 17:46:55 +0800 2011`.
-pub fn posted_at(created_at: &str) -> Option<prost_types::Timestamp> {
-    let at = chrono::DateTime::parse_from_str(created_at, "%a %b %d %H:%M:%S %z %Y").ok()?;
-    Some(prost_types::Timestamp {
-        seconds: at.timestamp(),
-        nanos: 0,
-    })
-}
-
 /// The thread of a customer's contact about one post: their follow-ups on it join the
 /// same work order, and a reply to one of their comments needs the post's id from it.
 pub fn thread_id(status_id: &str, uid: &str) -> String {
@@ -272,7 +264,7 @@ pub fn post_submission(status: &Status) -> ComplaintSubmission {
         thread_id: thread_id(&status.id(), &poster.poster_id),
         poster: Some(poster),
         text: status.text.clone(),
-        posted_at: posted_at(&status.created_at),
+        posted_at: from_weibo(&status.created_at),
         ..Default::default()
     }
 }
@@ -288,7 +280,7 @@ pub fn comment_submission(comment: &Comment) -> ComplaintSubmission {
         in_reply_to: status_id,
         poster: Some(poster),
         text: comment.text.clone(),
-        posted_at: posted_at(&comment.created_at),
+        posted_at: from_weibo(&comment.created_at),
         ..Default::default()
     }
 }

@@ -42,9 +42,22 @@ pub fn from_timestamp(ts: &Timestamp) -> Option<DateTime<Utc>> {
     Utc.timestamp_opt(ts.seconds, nanos).single()
 }
 
+/// A time as Weibo writes it, in its API and its pushes: `Mon Jul 16 18:09:20 +0800 2012`.
+pub fn from_weibo(created_at: &str) -> Option<Timestamp> {
+    let at = DateTime::parse_from_str(created_at, "%a %b %d %H:%M:%S %z %Y").ok()?;
+    Some(to_timestamp(at.with_timezone(&Utc)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weibo_times_parse_with_their_offset() {
+        let at = from_weibo("Mon Jul 16 18:09:20 +0800 2012").expect("a Weibo time");
+        assert_eq!(at.seconds, 1_342_433_360, "10:09:20 UTC");
+        assert_eq!(from_weibo("2012-07-16 18:09:20"), None);
+    }
 
     #[test]
     fn durations_parse_or_say_why_not() {
