@@ -49,6 +49,7 @@ pub fn loop_options(
         retry_base_ms: 500,
         ingest_http_port: free_port()?,
         wechat_accounts: format!("acme={WECHAT_TOKEN}"),
+        weibo_apps: String::new(),
         extra_args: vec![
             "--log-filter".into(),
             "warn".into(),

@@ -263,8 +263,9 @@ impl FakeWechat {
     }
 }
 
-/// The query of a plain-mode push: `signature` is SHA-1 over the sorted token, timestamp
-/// and nonce.
+/// The query of a signed push (WeChat's plain mode, Weibo's fan service): `signature` is
+/// SHA-1 over the sorted secret (WeChat's callback token, Weibo's app secret), timestamp and
+/// nonce.
 pub fn signed_query(token: &str, timestamp: &str, nonce: &str) -> String {
     use sha1::{Digest, Sha1};
     let mut parts = [token, timestamp, nonce];

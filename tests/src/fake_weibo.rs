@@ -419,3 +419,13 @@ impl FakeWeibo {
             .unwrap_or(0)
     }
 }
+
+/// A private message from `sender` to the brand account `receiver`, as the fan service
+/// pushes it to the callback (its query is signed as `fake_wechat::signed_query` signs,
+/// with the app secret and a timestamp in milliseconds).
+pub fn private_message_push(sender: &str, receiver: &str, created_at: &str, text: &str) -> String {
+    let number = |uid: &str| uid.parse::<u64>().map_or_else(|_| json!(uid), |n| json!(n));
+    json!({"type": "text", "receiver_id": number(receiver), "sender_id": number(sender),
+        "created_at": created_at, "text": text, "data": {}})
+    .to_string()
+}

@@ -56,6 +56,8 @@ pub struct SystemOptions {
     pub ingest_http_port: u16,
     /// `CLOSEDLOOP_WECHAT_ACCOUNTS` syntax.
     pub wechat_accounts: String,
+    /// `CLOSEDLOOP_WEIBO_APPS` syntax.
+    pub weibo_apps: String,
     /// Further flags for every service (e.g. `--stream-max-bytes`).
     pub extra_args: Vec<String>,
     /// Further flags for notify only (e.g. `--first-response-secs`).
@@ -117,6 +119,7 @@ impl SystemOptions {
             retry_base_ms: 500,
             ingest_http_port: crate::free_port()?,
             wechat_accounts: String::new(),
+            weibo_apps: String::new(),
             extra_args: vec!["--worker-threads".into(), "1".into()],
             notify_args: Vec::new(),
             without_classify: false,
@@ -159,6 +162,8 @@ impl Service {
                     SocketAddr::new(options.host, options.ingest_http_port).to_string(),
                     "--wechat-accounts".to_owned(),
                     options.wechat_accounts.clone(),
+                    "--weibo-apps".to_owned(),
+                    options.weibo_apps.clone(),
                 ]);
                 args
             }
@@ -448,6 +453,8 @@ pub const WECHAT_TOKEN: &str = "wechat-callback-token";
 pub const WECHAT_SAFE_TOKEN: &str = "wechat-safe-token";
 pub const WECHAT_APP_ID: &str = "wx0b1c2d3e4f5a6b7c";
 pub const WECHAT_AES_KEY: &str = "kWxPd2tyvBJ7uEzQ3hY8gRfNmC5aLs0T9jX4eV6bU1G";
+/// The app secret tenant acme's Weibo pushes are signed with, in [`TestEnv`].
+pub const WEIBO_PUSH_SECRET: &str = "weibo-app-secret-acme";
 
 /// Tokens the test environment configures.
 pub struct TestTokens {
@@ -532,6 +539,7 @@ impl TestEnv {
             wechat_accounts: format!(
                 "acme={WECHAT_TOKEN};beta={WECHAT_SAFE_TOKEN}|{WECHAT_APP_ID}|{WECHAT_AES_KEY}"
             ),
+            weibo_apps: format!("acme={WEIBO_PUSH_SECRET}"),
             extra_args: Vec::new(),
             // The watchdog runs in every test (shortened), so every test also shows it never
             // sends a second first reply.

@@ -320,11 +320,12 @@ async fn ten_thousand_bad_requests_change_nothing() -> anyhow::Result<()> {
         let server_errors = server_errors.clone();
         let codes = codes.clone();
         if n % 5 == 4 {
-            // HTTP: the JSON API and the WeChat callback.
-            let (path, body) = match rng.below(4) {
+            // HTTP: the JSON API and the WeChat and Weibo callbacks.
+            let (path, body) = match rng.below(5) {
                 0 => ("/v1/complaints", mutate(&mut rng, br#"{"complaint":{"channel":"wechat","channel_message_id":"m\u0000","poster":{"poster_id":""},"text":""}}"#)),
                 1 => ("/v1/complaints:batch", mutate(&mut rng, br#"{"complaints":[{"channel":"nope"}]}"#)),
                 2 => ("/wechat/acme?signature=00&timestamp=1&nonce=2", mutate(&mut rng, b"<xml><MsgType>text</MsgType><Content>x</Content></xml>")),
+                3 => ("/weibo/acme?signature=00&timestamp=1&nonce=2", mutate(&mut rng, br#"{"type":"text","receiver_id":1,"sender_id":2,"text":"x"}"#)),
                 _ => ("/wechat/acme?signature=00&timestamp=1&nonce=2&echostr=x", Bytes::new()),
             };
             let token = tokens[rng.below(tokens.len())].clone();

@@ -9,10 +9,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use clap::Parser;
-use closedloop_e2e::fake_wechat::{FakeWechat, encrypted_push, text_push};
-use closedloop_e2e::fake_weibo::{FakeWeibo, TakenReply};
+use closedloop_e2e::fake_wechat::{FakeWechat, encrypted_push, signed_query, text_push};
+use closedloop_e2e::fake_weibo::{FakeWeibo, TakenReply, private_message_push};
 use closedloop_e2e::servers::{NatsServer, nats_password};
-use closedloop_e2e::system::{TestEnv, WECHAT_AES_KEY, WECHAT_APP_ID, WECHAT_SAFE_TOKEN, authed, contact};
+use closedloop_e2e::system::{
+    TestEnv, WECHAT_AES_KEY, WECHAT_APP_ID, WECHAT_SAFE_TOKEN, WEIBO_PUSH_SECRET, authed, contact,
+};
 use closedloop_e2e::{free_port, wait_for, wait_until};
 use closedloop_proto::v1::*;
 use closedloop_runtime::auth::hash_token;
@@ -556,16 +558,54 @@ async fn weibo_mentions_comments_and_search_are_heard_and_answered_on_weibo() ->
         "invited privately, not in public"
     );
 
-    // A private message, from a gateway: the reply goes back as a private message.
+    // A private message, pushed by Weibo's fan service to ingest's callback: the reply goes
+    // back as a private message. The handshake is echoed; a forged push, and another
+    // message under a signature already used, are refused; the push repeated is one
+    // complaint.
     weibo.open_private("1010");
-    env.submit(contact(
-        Channel::WeiboDirectMessage,
-        "dm-1",
-        "1010",
-        0,
-        "私信：这个月账单多扣了两百块",
-    ))
-    .await?;
+    let callback = format!("http://{}/weibo/acme", env.system.ingest_http);
+    let http = reqwest::Client::new();
+    let now_ms = chrono::Utc::now().timestamp_millis().to_string();
+    let handshake = http
+        .get(format!(
+            "{callback}?{}&echostr=echo-1",
+            signed_query(WEIBO_PUSH_SECRET, &now_ms, "nonce-1")
+        ))
+        .send()
+        .await?;
+    assert_eq!(handshake.status().as_u16(), 200);
+    assert_eq!(handshake.text().await?, "echo-1");
+    let beijing = chrono::FixedOffset::east_opt(8 * 3600).ok_or_else(|| anyhow::anyhow!("UTC+8"))?;
+    let sent_at = chrono::Utc::now()
+        .with_timezone(&beijing)
+        .format("%a %b %d %H:%M:%S %z %Y")
+        .to_string();
+    let push = private_message_push("1010", WEIBO_BRAND, &sent_at, "私信：这个月账单多扣了两百块");
+    let signed = signed_query(WEIBO_PUSH_SECRET, &now_ms, "nonce-2");
+    for _ in 0..2 {
+        let pushed = http
+            .post(format!("{callback}?{signed}"))
+            .body(push.clone())
+            .send()
+            .await?;
+        assert_eq!(pushed.status().as_u16(), 200, "{}", pushed.text().await?);
+    }
+    let forged = http
+        .post(format!(
+            "{callback}?{}",
+            signed_query("not-the-app-secret", &now_ms, "nonce-3")
+        ))
+        .body(push.clone())
+        .send()
+        .await?;
+    assert_eq!(forged.status().as_u16(), 403);
+    let other = private_message_push("1010", WEIBO_BRAND, &sent_at, "另一条消息");
+    let replayed = http
+        .post(format!("{callback}?{signed}"))
+        .body(other)
+        .send()
+        .await?;
+    assert_eq!(replayed.status().as_u16(), 403);
     wait_until("the private reply", WAIT, || async {
         weibo
             .replies()

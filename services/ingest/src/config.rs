@@ -6,11 +6,12 @@ use closedloop_runtime::Secret;
 
 use crate::validate::Limits;
 use crate::wechat::WechatAccounts;
+use crate::weibo::WeiboApps;
 
 closedloop_runtime::service_config! {
     /// Closedloop ingest: the front door for channel gateways
     name = "closedloop-ingest", listen = ("CLOSEDLOOP_INGEST_LISTEN", "0.0.0.0:50051");
-    /// HTTP listen address: JSON submissions and the WeChat callback.
+    /// HTTP listen address: JSON submissions and the WeChat and Weibo callbacks.
     #[arg(long, env = "CLOSEDLOOP_INGEST_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
     pub http_listen: SocketAddr,
     /// Longest text on post and message channels, in characters.
@@ -25,6 +26,10 @@ closedloop_runtime::service_config! {
     /// WeChat official accounts: `tenant=callback-token` entries separated by `;`.
     #[arg(long, env = "CLOSEDLOOP_WECHAT_ACCOUNTS", default_value = "")]
     pub wechat_accounts: Secret<WechatAccounts>,
+    /// Weibo fan-service pushes: `tenant=app-secret` entries separated by `;`, the secret
+    /// of the app each brand account authorised.
+    #[arg(long, env = "CLOSEDLOOP_WEIBO_APPS", default_value = "")]
+    pub weibo_apps: Secret<WeiboApps>,
 }
 
 impl Config {

@@ -1,9 +1,11 @@
-//! HTTP for callers that cannot speak gRPC: JSON forms of `SubmitComplaint(s)` and the
-//! WeChat official-account callback. Both go through [`Intake`], like gRPC does.
+//! HTTP for callers that cannot speak gRPC: JSON forms of `SubmitComplaint(s)`, the WeChat
+//! official-account callback and the Weibo fan-service callback. All go through
+//! [`Intake`], like gRPC does.
 //!
 //! - `POST /v1/complaints` with `{"complaint": {...}}` → `{"complaint_id", "duplicate"}`
 //! - `POST /v1/complaints:batch` with `{"complaints": [...]}` → `{"results": [...]}`
 //! - `GET|POST /wechat/{tenant}`: WeChat's verification handshake and message pushes
+//! - `GET|POST /weibo/{tenant}`: Weibo's verification handshake and private-message pushes
 //! - `GET /healthz`: 200 while JetStream is reachable
 
 use std::sync::Arc;
@@ -25,16 +27,19 @@ use serde_json::json;
 
 use crate::intake::{IngestError, Intake, RETRY_AFTER};
 use crate::nonces::Nonces;
+use crate::signed;
 use crate::wechat::{self, WechatAccounts};
+use crate::weibo::{self, WeiboApps};
 
-/// WeChat gives up on a push after 5 s; answer well before.
-const WECHAT_DEADLINE: Duration = Duration::from_millis(4_000);
-/// WeChat pushes are small; refuse anything larger before reading it.
-const WECHAT_MAX_BODY: usize = 64 * 1024;
+/// WeChat gives up on a push after 5 s; answer well before (Weibo is given the same).
+const PUSH_DEADLINE: Duration = Duration::from_millis(4_000);
+/// Pushes are small; refuse anything larger before reading it.
+const PUSH_MAX_BODY: usize = 64 * 1024;
 
-/// The WeChat callback's configuration and memory.
-pub struct Wechat {
-    pub accounts: WechatAccounts,
+/// The platform callbacks' configuration and memory.
+pub struct Callbacks {
+    pub wechat: WechatAccounts,
+    pub weibo: WeiboApps,
     /// Signed pushes seen, so a signature carries one message.
     pub nonces: Nonces,
 }
@@ -42,11 +47,15 @@ pub struct Wechat {
 struct HttpState {
     intake: Intake,
     auth: Authenticator,
-    wechat: Wechat,
+    callbacks: Callbacks,
 }
 
-pub fn router(intake: Intake, auth: Authenticator, wechat: Wechat, max_body: usize) -> Router {
-    let state = Arc::new(HttpState { intake, auth, wechat });
+pub fn router(intake: Intake, auth: Authenticator, callbacks: Callbacks, max_body: usize) -> Router {
+    let state = Arc::new(HttpState {
+        intake,
+        auth,
+        callbacks,
+    });
     // The token is checked before the body is read: an unauthenticated caller cannot make
     // ingest read megabytes.
     let json_api = Router::new()
@@ -54,11 +63,12 @@ pub fn router(intake: Intake, auth: Authenticator, wechat: Wechat, max_body: usi
         .route("/v1/complaints:batch", post(submit_many))
         .layer(DefaultBodyLimit::max(max_body))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    let wechat = Router::new()
+    let callbacks = Router::new()
         .route("/wechat/{tenant}", get(wechat_handshake).post(wechat_push))
-        .layer(DefaultBodyLimit::max(WECHAT_MAX_BODY));
+        .route("/weibo/{tenant}", get(weibo_handshake).post(weibo_push))
+        .layer(DefaultBodyLimit::max(PUSH_MAX_BODY));
     json_api
-        .merge(wechat)
+        .merge(callbacks)
         .route("/healthz", get(healthz))
         .with_state(state)
 }
@@ -159,8 +169,8 @@ enum HttpError {
     Ingest(#[from] IngestError),
     #[error("{0}")]
     Unauthenticated(String),
-    #[error("no WeChat account configured for this tenant")]
-    UnknownWechatAccount,
+    #[error("no {0} account configured for this tenant")]
+    UnknownAccount(&'static str),
     #[error("bad signature")]
     BadSignature,
     #[error("this account accepts encrypted (safe-mode) pushes only")]
@@ -175,7 +185,7 @@ enum HttpError {
 
 impl IntoResponse for HttpError {
     /// JSON API errors are `{"code", "message", "field_violations"}` with the matching HTTP
-    /// status and, for storage failures, `Retry-After`; WeChat errors are plain text.
+    /// status and, for storage failures, `Retry-After`; callback errors are plain text.
     fn into_response(self) -> Response {
         let (status, code) = match &self {
             HttpError::Ingest(IngestError::Invalid(_)) => (StatusCode::BAD_REQUEST, "INVALID_ARGUMENT"),
@@ -185,7 +195,7 @@ impl IntoResponse for HttpError {
                 (StatusCode::TOO_MANY_REQUESTS, "RESOURCE_EXHAUSTED")
             }
             HttpError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
-            HttpError::UnknownWechatAccount => {
+            HttpError::UnknownAccount(_) => {
                 return (StatusCode::NOT_FOUND, self.to_string()).into_response();
             }
             HttpError::BadSignature | HttpError::NotEncrypted | HttpError::Replayed => {
@@ -287,8 +297,10 @@ async fn submit_many(
     Ok(axum::Json(json!({ "results": results })).into_response())
 }
 
+/// The query a platform signs its callback with: `echostr` on the handshake only, and
+/// `encrypt_type` and `msg_signature` on WeChat's safe mode only.
 #[derive(Deserialize)]
-struct WechatQuery {
+struct PushQuery {
     #[serde(default)]
     signature: String,
     #[serde(default)]
@@ -304,15 +316,53 @@ struct WechatQuery {
     msg_signature: String,
 }
 
-/// Checks that the query carries a valid, recent WeChat signature for `tenant`'s account.
-fn verify_account(state: &HttpState, tenant: &str, query: &WechatQuery) -> Result<(), HttpError> {
-    let token = state
-        .wechat
-        .accounts
-        .token(tenant)
-        .ok_or(HttpError::UnknownWechatAccount)?;
-    if wechat::verify(
-        token,
+/// A platform whose pushes ingest takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Platform {
+    Wechat,
+    Weibo,
+}
+
+impl Platform {
+    fn name(self) -> &'static str {
+        match self {
+            Platform::Wechat => "WeChat",
+            Platform::Weibo => "Weibo",
+        }
+    }
+
+    /// In keys and caller names.
+    fn key(self) -> &'static str {
+        match self {
+            Platform::Wechat => "wechat",
+            Platform::Weibo => "weibo",
+        }
+    }
+
+    /// The secret `tenant`'s pushes are signed with: WeChat's callback token, Weibo's app
+    /// secret.
+    fn secret(self, state: &HttpState, tenant: &str) -> Result<String, HttpError> {
+        let secret = match self {
+            Platform::Wechat => state.callbacks.wechat.token(tenant),
+            Platform::Weibo => state.callbacks.weibo.secret(tenant),
+        };
+        secret
+            .map(str::to_owned)
+            .ok_or(HttpError::UnknownAccount(self.name()))
+    }
+}
+
+/// Checks that the query carries a valid, recent signature by `tenant`'s account on
+/// `platform`.
+fn verify_push(
+    state: &HttpState,
+    platform: Platform,
+    tenant: &str,
+    query: &PushQuery,
+) -> Result<(), HttpError> {
+    let secret = platform.secret(state, tenant)?;
+    if signed::verify(
+        &secret,
         &query.timestamp,
         &query.nonce,
         &query.signature,
@@ -320,7 +370,7 @@ fn verify_account(state: &HttpState, tenant: &str, query: &WechatQuery) -> Resul
     ) {
         Ok(())
     } else {
-        tracing::warn!(%tenant, "WeChat callback with a bad or stale signature");
+        tracing::warn!(%tenant, platform = platform.name(), "callback with a bad or stale signature");
         Err(HttpError::BadSignature)
     }
 }
@@ -330,16 +380,16 @@ fn verify_account(state: &HttpState, tenant: &str, query: &WechatQuery) -> Resul
 fn open_push<'b>(
     state: &HttpState,
     tenant: &str,
-    query: &WechatQuery,
+    query: &PushQuery,
     body: &'b str,
 ) -> Result<std::borrow::Cow<'b, str>, HttpError> {
     let account = state
+        .callbacks
         .wechat
-        .accounts
         .account(tenant)
-        .ok_or(HttpError::UnknownWechatAccount)?;
+        .ok_or(HttpError::UnknownAccount("WeChat"))?;
     let Some((app_id, key)) = &account.safe_mode else {
-        verify_account(state, tenant, query)?;
+        verify_push(state, Platform::Wechat, tenant, query)?;
         return Ok(body.into());
     };
     if query.encrypt_type != "aes" {
@@ -369,9 +419,19 @@ fn open_push<'b>(
 async fn wechat_handshake(
     State(state): State<Arc<HttpState>>,
     Path(tenant): Path<String>,
-    Query(query): Query<WechatQuery>,
+    Query(query): Query<PushQuery>,
 ) -> Result<String, HttpError> {
-    verify_account(&state, &tenant, &query)?;
+    verify_push(&state, Platform::Wechat, &tenant, &query)?;
+    Ok(query.echostr)
+}
+
+/// Weibo's server verification, the same as WeChat's.
+async fn weibo_handshake(
+    State(state): State<Arc<HttpState>>,
+    Path(tenant): Path<String>,
+    Query(query): Query<PushQuery>,
+) -> Result<String, HttpError> {
+    verify_push(&state, Platform::Weibo, &tenant, &query)?;
     Ok(query.echostr)
 }
 
@@ -380,7 +440,7 @@ async fn wechat_handshake(
 async fn wechat_push(
     State(state): State<Arc<HttpState>>,
     Path(tenant): Path<String>,
-    Query(query): Query<WechatQuery>,
+    Query(query): Query<PushQuery>,
     body: Bytes,
 ) -> Result<&'static str, HttpError> {
     let xml = std::str::from_utf8(&body).map_err(|e| HttpError::BadMessage(e.to_string()))?;
@@ -389,10 +449,32 @@ async fn wechat_push(
     let Some(submission) = wechat::to_submission(&message) else {
         return Ok("success");
     };
-    // One message per signature: WeChat's retries of this one pass, others are refused.
-    let seen = wechat::nonce_key(&tenant, &query.timestamp, &query.nonce);
+    admit_and_submit(
+        &state,
+        Platform::Wechat,
+        &tenant,
+        &query.timestamp,
+        &query.nonce,
+        &submission,
+    )
+    .await?;
+    Ok("success")
+}
+
+/// Stores a signed push's message, once per signature: the platform's retries of it pass,
+/// another message under the same signature is refused. A message ingest refuses is
+/// acknowledged (retrying cannot fix it) and logged.
+async fn admit_and_submit(
+    state: &HttpState,
+    platform: Platform,
+    tenant: &str,
+    timestamp: &str,
+    nonce: &str,
+    submission: &ComplaintSubmission,
+) -> Result<(), HttpError> {
+    let seen = signed::nonce_key(platform.key(), tenant, timestamp, nonce);
     let admitted = state
-        .wechat
+        .callbacks
         .nonces
         .admit(&seen, &submission.channel_message_id)
         .await
@@ -401,29 +483,54 @@ async fn wechat_push(
             HttpError::Ingest(IngestError::Unavailable)
         })?;
     if !admitted {
-        tracing::warn!(%tenant, "a WeChat signature replayed with another message");
+        tracing::warn!(%tenant, platform = platform.name(), "a signature replayed with another message");
         return Err(HttpError::Replayed);
     }
     let caller = Principal {
-        tenant: tenant.clone(),
+        tenant: tenant.to_owned(),
         roles: vec![Role::Gateway],
-        name: "wechat".into(),
+        name: platform.key().into(),
     };
     let stored = tokio::time::timeout(
-        WECHAT_DEADLINE,
-        state.intake.submit_one(&caller, &submission, "message"),
+        PUSH_DEADLINE,
+        state.intake.submit_one(&caller, submission, "message"),
     )
     .await
     .map_err(|_| HttpError::NotInTime)?;
     match stored {
-        Ok(_) => Ok("success"),
+        Ok(_) => Ok(()),
         Err(IngestError::Invalid(violations)) => {
-            // Retrying cannot fix it; tell WeChat we have it so it stops, and say why here.
-            tracing::warn!(%tenant, ?violations, "WeChat message rejected");
-            Ok("success")
+            tracing::warn!(%tenant, platform = platform.name(), ?violations, "pushed message rejected");
+            Ok(())
         }
         Err(error) => Err(error.into()),
     }
+}
+
+/// A pushed private message. Answers 200 with an empty body (no passive reply: the reply
+/// comes from an agent or the first-reply promise, through notify) once the complaint is
+/// stored; a 503 asks Weibo to push it again.
+async fn weibo_push(
+    State(state): State<Arc<HttpState>>,
+    Path(tenant): Path<String>,
+    Query(query): Query<PushQuery>,
+    body: Bytes,
+) -> Result<&'static str, HttpError> {
+    verify_push(&state, Platform::Weibo, &tenant, &query)?;
+    let push = weibo::parse_push(&body).map_err(|e| HttpError::BadMessage(e.to_string()))?;
+    let Some(submission) = weibo::to_submission(&push) else {
+        return Ok("");
+    };
+    admit_and_submit(
+        &state,
+        Platform::Weibo,
+        &tenant,
+        &query.timestamp,
+        &query.nonce,
+        &submission,
+    )
+    .await?;
+    Ok("")
 }
 
 async fn healthz(State(state): State<Arc<HttpState>>) -> StatusCode {

@@ -9,8 +9,10 @@ pub mod http;
 pub mod intake;
 pub mod nonces;
 pub mod service;
+pub mod signed;
 pub mod validate;
 pub mod wechat;
+pub mod weibo;
 
 use std::net::SocketAddr;
 
@@ -65,8 +67,9 @@ impl Ingest {
         let app = http::router(
             self.intake.clone(),
             auth.clone(),
-            http::Wechat {
-                accounts: self.config.wechat_accounts.expose().clone(),
+            http::Callbacks {
+                wechat: self.config.wechat_accounts.expose().clone(),
+                weibo: self.config.weibo_apps.expose().clone(),
                 nonces: self.nonces,
             },
             self.config.service.grpc.max_request_bytes,

@@ -1,12 +1,12 @@
-//! Signed WeChat pushes already seen, in a JetStream key-value bucket shared by every
-//! ingest replica: each signed (timestamp, nonce) may carry one message. Entries live for
+//! Signed WeChat and Weibo pushes already seen, in a JetStream key-value bucket shared by
+//! every ingest replica: each signed (timestamp, nonce) may carry one message. Entries live for
 //! twice the replay window, past which the timestamp check refuses the push anyway.
 
 use async_nats::jetstream::kv::{self, CreateErrorKind};
 use bytes::Bytes;
 use closedloop_runtime::bus::StreamSettings;
 
-use crate::wechat::REPLAY_WINDOW;
+use crate::signed::REPLAY_WINDOW;
 
 /// The bucket's name (its stream is `KV_CLOSEDLOOP_INGEST`).
 pub const BUCKET: &str = "CLOSEDLOOP_INGEST";
@@ -39,7 +39,7 @@ impl Nonces {
     }
 
     /// Whether the push remembered under `key` may carry `message_id`: the first message
-    /// under its signature does, and so do WeChat's retries of that message.
+    /// under its signature does, and so do the platform's retries of that message.
     pub async fn admit(&self, key: &str, message_id: &str) -> Result<bool, NonceError> {
         let carried = Bytes::copy_from_slice(message_id.as_bytes());
         match self.kv.create(key, carried.clone()).await {

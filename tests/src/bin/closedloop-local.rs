@@ -127,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
         retry_base_ms: 500,
         ingest_http_port: args.http_port,
         wechat_accounts: format!("{}={}", args.tenant, args.wechat_token),
+        weibo_apps: String::new(),
         extra_args: Vec::new(),
         notify_args: Vec::new(),
         without_classify: false,

@@ -1,13 +1,6 @@
-//! The WeChat official-account callback: the signature WeChat puts on every push (SHA-1
-//! over the sorted token, timestamp and nonce), the XML of a pushed message, and how a
-//! text message becomes a submission; safe (encrypted) mode is in [`safe_mode`]. Plain
-//! functions; the HTTP side is in `http.rs`.
-//!
-//! In plain mode the signature does not cover the body, so a signed URL that leaks would let anyone post
-//! any message as any customer. A push is therefore accepted only within [`REPLAY_WINDOW`]
-//! of its timestamp, and each signed (timestamp, nonce) carries one message: the HTTP side
-//! remembers the message id it came with ([`nonce_key`]), so WeChat's own retries of that
-//! message pass and anything else under the same signature is refused.
+//! The WeChat official-account callback: the XML of a pushed message, and how a text
+//! message becomes a submission; the signature on every push is in [`crate::signed`],
+//! safe (encrypted) mode in [`safe_mode`]. Plain functions; the HTTP side is in `http.rs`.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -16,11 +9,8 @@ use chrono::{DateTime, Utc};
 use closedloop_proto::v1::{Channel, ComplaintSubmission, Poster};
 use prost_types::Timestamp;
 use serde::Deserialize;
-use sha1::{Digest, Sha1};
-use subtle::ConstantTimeEq;
 
-/// How far a push's timestamp may be from now, either way.
-pub const REPLAY_WINDOW: chrono::Duration = chrono::Duration::minutes(5);
+use crate::signed;
 
 pub mod safe_mode;
 
@@ -92,21 +82,7 @@ impl WechatAccounts {
     }
 }
 
-/// The signature WeChat computes: hex SHA-1 of token, timestamp and nonce, sorted and joined.
-pub fn signature(token: &str, timestamp: &str, nonce: &str) -> String {
-    let mut parts = [token, timestamp, nonce];
-    parts.sort_unstable();
-    hex::encode(Sha1::digest(parts.concat().as_bytes()))
-}
-
-/// Whether a push really comes from WeChat for the account with `token`: the signature
-/// matches (compared in constant time) and the timestamp is within [`REPLAY_WINDOW`] of
-/// `now`.
-pub fn verify(token: &str, timestamp: &str, nonce: &str, claimed: &str, now: DateTime<Utc>) -> bool {
-    same_signature(&signature(token, timestamp, nonce), claimed) && within_window(timestamp, now)
-}
-
-/// As [`verify`], for a safe-mode push: `msg_signature` over the ciphertext too.
+/// As [`crate::signed::verify`], for a safe-mode push: `msg_signature` over the ciphertext too.
 pub fn verify_encrypted(
     token: &str,
     timestamp: &str,
@@ -116,29 +92,7 @@ pub fn verify_encrypted(
     now: DateTime<Utc>,
 ) -> bool {
     let expected = safe_mode::msg_signature(token, timestamp, nonce, encrypted);
-    same_signature(&expected, claimed) && within_window(timestamp, now)
-}
-
-/// Hex signatures compared in constant time, in either case.
-fn same_signature(expected: &str, claimed: &str) -> bool {
-    let claimed = claimed.to_ascii_lowercase();
-    expected.as_bytes().ct_eq(claimed.as_bytes()).into()
-}
-
-/// Whether `timestamp` (seconds since the epoch) is within [`REPLAY_WINDOW`] of `now`.
-pub fn within_window(timestamp: &str, now: DateTime<Utc>) -> bool {
-    timestamp
-        .parse::<i64>()
-        .ok()
-        .and_then(|seconds| DateTime::from_timestamp(seconds, 0))
-        .is_some_and(|at| (now - at).abs() <= REPLAY_WINDOW)
-}
-
-/// The key under which a signed push's (timestamp, nonce) is remembered: hashed, since both
-/// are the caller's words and keys allow few characters.
-pub fn nonce_key(tenant: &str, timestamp: &str, nonce: &str) -> String {
-    let digest = sha2::Sha256::digest(format!("{tenant}\u{1f}{timestamp}\u{1f}{nonce}").as_bytes());
-    format!("wechat-nonce.{}", hex::encode(digest))
+    signed::same_signature(&expected, claimed) && signed::within_window(timestamp, now)
 }
 
 /// A pushed message, as far as Closedloop reads it.
@@ -207,50 +161,6 @@ mod tests {
         <FromUserName><![CDATA[oUser-openid]]></FromUserName><CreateTime>1700000000</CreateTime>\
         <MsgType><![CDATA[text]]></MsgType><Content><![CDATA[宽带断网了 <急>]]></Content>\
         <MsgId>23456789012345678</MsgId></xml>";
-
-    #[test]
-    fn signature_sorts_then_hashes() {
-        // sha1("1700000000" + "nonce" + "token"), the parts in byte order.
-        let expected = hex::encode(Sha1::digest(b"1700000000noncetoken"));
-        assert_eq!(signature("token", "1700000000", "nonce"), expected);
-        let signed_at = DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default();
-        assert!(verify(
-            "token",
-            "1700000000",
-            "nonce",
-            &expected.to_uppercase(),
-            signed_at
-        ));
-        assert!(!verify("other", "1700000000", "nonce", &expected, signed_at));
-    }
-
-    #[test]
-    fn a_push_is_accepted_only_near_its_timestamp() {
-        let expected = signature("token", "1700000000", "nonce");
-        let signed_at = DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default();
-        let later = |minutes| signed_at + chrono::Duration::minutes(minutes);
-        assert!(verify("token", "1700000000", "nonce", &expected, later(4)));
-        assert!(
-            verify("token", "1700000000", "nonce", &expected, later(-4)),
-            "clocks differ"
-        );
-        assert!(
-            !verify("token", "1700000000", "nonce", &expected, later(10)),
-            "replayed later"
-        );
-        assert!(!within_window("not a time", signed_at));
-    }
-
-    #[test]
-    fn nonce_keys_are_safe_and_scoped_by_tenant() {
-        let key = nonce_key("acme", "1700000000", "a b.>*");
-        assert!(
-            key.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.')),
-            "{key}"
-        );
-        assert_ne!(key, nonce_key("beta", "1700000000", "a b.>*"));
-    }
 
     #[test]
     fn parses_a_text_push_into_a_submission() {
