@@ -406,6 +406,11 @@ impl FakeWeibo {
     }
 
     /// How many answers carried `error_code` (0: success), over every API.
+    /// Every call the API answered, whatever the answer.
+    pub fn calls(&self) -> usize {
+        self.fake.answers.lock().map(|a| a.values().sum()).unwrap_or(0)
+    }
+
     pub fn answers_with(&self, error_code: i64) -> usize {
         self.fake
             .answers

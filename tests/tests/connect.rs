@@ -430,6 +430,14 @@ const WEIBO_BRAND: &str = "5000000001";
 const WEIBO_TOKEN: &str = "weibo-token-0";
 const WEIBO_REFRESH: &str = "weibo-refresh-0";
 const WEIBO_APP: (&str, &str) = ("weibo-app-key", "weibo-app-secret");
+
+/// Connect's arguments that point every Weibo API at `weibo`.
+fn weibo_api_args(weibo: &FakeWeibo) -> Vec<String> {
+    ["--weibo-api", "--weibo-search-api", "--weibo-messages-api"]
+        .into_iter()
+        .flat_map(|flag| [flag.to_owned(), weibo.url()])
+        .collect()
+}
 /// The API token connect submits with for tenant `acme` (roles gateway and viewer).
 const CONNECT_API_TOKEN: &str = "connect-api-token";
 
@@ -483,6 +491,7 @@ async fn weibo_mentions_comments_and_search_are_heard_and_answered_on_weibo() ->
     weibo.rate_limit_next(1);
 
     let mut args = connect_args(&env.nats.service_url(), connect_port, &wechat);
+    args.extend(weibo_api_args(&weibo));
     args.extend(
         [
             "--weibo-accounts",
@@ -492,12 +501,6 @@ async fn weibo_mentions_comments_and_search_are_heard_and_answered_on_weibo() ->
             ),
             "--weibo-keywords",
             "acme=某电信",
-            "--weibo-api",
-            &weibo.url(),
-            "--weibo-search-api",
-            &weibo.url(),
-            "--weibo-messages-api",
-            &weibo.url(),
             "--weibo-poll-secs",
             "1",
             "--weibo-backoff-secs",
@@ -677,4 +680,82 @@ async fn weibo_mentions_comments_and_search_are_heard_and_answered_on_weibo() ->
     stop.cancel();
     connect.await??;
     env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_one_weibo_call_budget() -> anyhow::Result<()> {
+    // An hour of ten calls, spent within one clock hour: start in a fresh one if this one
+    // is about to end.
+    let seconds_left = || 3600 - chrono::Utc::now().timestamp().rem_euclid(3600);
+    if seconds_left() < 60 {
+        let hour = chrono::Utc::now().timestamp().div_euclid(3600);
+        wait_until("the next clock hour", Duration::from_secs(70), || async {
+            chrono::Utc::now().timestamp().div_euclid(3600) > hour
+        })
+        .await?;
+    }
+    let nats = NatsServer::start()?;
+    let stop = CancellationToken::new();
+    let wechat = FakeWechat::start(APP_ID, APP_SECRET, stop.clone()).await?;
+    let weibo = FakeWeibo::start(WEIBO_TOKEN, WEIBO_REFRESH, WEIBO_APP.0, WEIBO_APP.1, stop.clone()).await?;
+    let ports = [free_port()?, free_port()?];
+    let mut replicas = Vec::new();
+    for port in ports {
+        let mut args = connect_args(&nats.service_url(), port, &wechat);
+        args.extend(weibo_api_args(&weibo));
+        args.extend(
+            [
+                "--weibo-accounts",
+                &format!("acme={WEIBO_BRAND}|{WEIBO_TOKEN}"),
+                "--weibo-calls-per-hour",
+                "10",
+                // One listening round, at start: mentions and comments, two calls.
+                "--weibo-poll-secs",
+                "3600",
+                "--api-tokens",
+                "acme=unused",
+            ]
+            .map(str::to_owned),
+        );
+        replicas.push(run_connect(args, &stop).await?);
+    }
+
+    // Twenty private replies at once, spread over both replicas.
+    let customers: Vec<String> = (0..20).map(|i| (3000 + i).to_string()).collect();
+    for customer in &customers {
+        weibo.open_private(customer);
+    }
+    let answers = futures::future::join_all(customers.iter().enumerate().map(|(i, customer)| {
+        let delivery = webhook_on(
+            "weibo_direct_message",
+            &uuid::Uuid::new_v4().to_string(),
+            customer,
+            "已收到您的私信",
+        );
+        async move { post(ports[i % 2], &delivery).await }
+    }))
+    .await;
+    let (mut sent, mut later) = (0, 0);
+    for answer in answers {
+        match answer? {
+            (200, _) => sent += 1,
+            (429, _) => later += 1,
+            (status, body) => anyhow::bail!("answered {status}: {body}"),
+        }
+    }
+
+    // Both replicas together made the hour's ten calls: the listener's round (two, or none
+    // if the replies spent the polling share first) and the replies; the rest wait for the
+    // next hour. Each replica alone would have allowed ten.
+    wait_until("the hour's ten calls", WAIT, || async { weibo.calls() == 10 }).await?;
+    let polls = weibo.calls() - weibo.replies().len();
+    assert!(polls <= 2, "{polls} polling calls");
+    assert_eq!(sent, weibo.replies().len(), "each reply answered 200 went out");
+    assert_eq!((sent + polls, sent + later), (10, 20));
+
+    stop.cancel();
+    for replica in replicas {
+        replica.await??;
+    }
+    Ok(())
 }

@@ -16,6 +16,7 @@
 //! secrets apart. Each delivery is sent at most once ([`store`]): the webhook's
 //! Idempotency-Key names it, and retries of it get the first outcome.
 
+pub mod budget;
 pub mod deliver;
 pub mod listen;
 mod metrics;

@@ -9,6 +9,10 @@
 //! - `token.<platform>.<tenant>`: a platform access token and when it expires, and, while
 //!   one replica refreshes it, who and until when, so that one refresh per token happens
 //!   across replicas.
+//! - `cursor.weibo.…` and `lease.weibo.<tenant>`: the listener's place in each feed, and
+//!   which replica polls a tenant.
+//! - `budget.weibo.<tenant>`: the calls claimed in the current hour and any pause
+//!   ([`crate::budget::SharedHour`]).
 
 use std::time::Duration;
 

@@ -4,7 +4,8 @@
 //!
 //! Weibo answers errors as JSON `{"error", "error_code", "request"}` (with a 4xx status);
 //! what each code means for a call is [`verdict`]. Calls are paced by a budget per tenant
-//! ([`Budget`]) and pause, with growing backoff, when Weibo says the rate limit is reached.
+//! shared by the replicas ([`crate::budget`]), and pause, with growing backoff, when Weibo
+//! says the rate limit is reached.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -16,6 +17,9 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use closedloop_runtime::time::from_weibo;
+
+use crate::budget::{Budget, SharedHour, Take};
+use crate::store::Versioned;
 use closedloop_runtime::webhook::WebhookMessage;
 
 use crate::sent::{SendError, Sent, cut};
@@ -290,78 +294,13 @@ pub const COMMENT_CHARS: usize = 140;
 /// Longest private message, in characters.
 pub const PRIVATE_MESSAGE_CHARS: usize = 300;
 
-/// A tenant's call allowance: `per_hour` calls in each hour, of which polling may use only
-/// four fifths so that replies always have room, and a pause with doubling backoff (from
-/// `first_backoff` up to an hour) each time Weibo says the limit is reached.
-#[derive(Debug)]
-pub struct Budget {
-    per_hour: u32,
-    window_start: Instant,
-    used: u32,
-    paused_until: Option<Instant>,
-    first_backoff: Duration,
-    backoff: Duration,
+/// The bucket key of a tenant's shared hour.
+fn budget_key(tenant: &str) -> String {
+    format!("budget.weibo.{tenant}")
 }
 
-const HOUR: Duration = Duration::from_secs(3600);
-
-impl Budget {
-    pub fn new(per_hour: u32, first_backoff: Duration, now: Instant) -> Self {
-        Self {
-            per_hour: per_hour.max(1),
-            window_start: now,
-            used: 0,
-            paused_until: None,
-            first_backoff: first_backoff.clamp(Duration::from_secs(1), HOUR),
-            backoff: Duration::ZERO,
-        }
-    }
-
-    /// Takes one call, or says how long until one may be made. `polling` calls stop at four
-    /// fifths of the allowance.
-    pub fn take(&mut self, now: Instant, polling: bool) -> Result<(), Duration> {
-        if let Some(until) = self.paused_until {
-            if until > now {
-                return Err(until - now);
-            }
-            self.paused_until = None;
-        }
-        if now.duration_since(self.window_start) >= HOUR {
-            self.window_start = now;
-            self.used = 0;
-        }
-        let limit = if polling {
-            self.per_hour * 4 / 5
-        } else {
-            self.per_hour
-        };
-        if self.used >= limit {
-            return Err(HOUR.saturating_sub(now.duration_since(self.window_start)));
-        }
-        self.used += 1;
-        Ok(())
-    }
-
-    /// Weibo said the rate limit is reached: pause, longer each time in a row.
-    pub fn limited(&mut self, now: Instant) -> Duration {
-        self.backoff = (self.backoff * 2).clamp(self.first_backoff, HOUR);
-        self.paused_until = Some(now + self.backoff);
-        self.backoff
-    }
-
-    /// A call succeeded: the next limit starts from the first backoff again.
-    pub fn succeeded(&mut self) {
-        self.backoff = Duration::ZERO;
-    }
-
-    /// Calls left in this hour.
-    pub fn remaining(&self, now: Instant) -> u32 {
-        if now.duration_since(self.window_start) >= HOUR {
-            self.per_hour
-        } else {
-            self.per_hour.saturating_sub(self.used)
-        }
-    }
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
 }
 
 /// Where the Weibo APIs are.
@@ -404,9 +343,15 @@ pub struct Client {
     pub accounts: WeiboAccounts,
     pub store: crate::store::Store,
     budgets: Arc<Mutex<HashMap<String, Budget>>>,
+    /// One claim on the shared budget at a time from this replica: the calls one claims
+    /// serve the tasks that waited for it.
+    claiming: Arc<tokio::sync::Mutex<()>>,
     per_hour: u32,
     first_backoff: Duration,
 }
+
+/// Tries at claiming calls when other replicas claim at the same moment.
+const CLAIM_ATTEMPTS: usize = 10;
 
 /// A mentions or comments page, or search results.
 #[derive(Debug, Default, Deserialize)]
@@ -426,12 +371,11 @@ impl Client {
         per_hour: u32,
         first_backoff: Duration,
     ) -> Self {
-        let now = Instant::now();
         let budgets = accounts
             .tenants()
             .map(|tenant| {
                 crate::metrics::budget("weibo", tenant, per_hour);
-                (tenant.to_owned(), Budget::new(per_hour, first_backoff, now))
+                (tenant.to_owned(), Budget::new(per_hour, first_backoff))
             })
             .collect();
         Self {
@@ -440,6 +384,7 @@ impl Client {
             accounts,
             store,
             budgets: Arc::new(Mutex::new(budgets)),
+            claiming: Arc::default(),
             per_hour,
             first_backoff,
         }
@@ -451,31 +396,89 @@ impl Client {
             .ok_or_else(|| CallError::Refused(format!("no Weibo account configured for tenant {tenant}")))
     }
 
-    /// Takes a call from the tenant's budget.
-    fn pace(&self, tenant: &str, polling: bool) -> Result<(), CallError> {
-        let now = Instant::now();
+    /// `f` over this replica's side of the tenant's budget.
+    fn local<R>(&self, tenant: &str, f: impl FnOnce(&mut Budget) -> R) -> R {
         let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
         let budget = budgets
             .entry(tenant.to_owned())
-            .or_insert_with(|| Budget::new(self.per_hour, self.first_backoff, now));
-        let taken = budget.take(now, polling);
-        crate::metrics::budget("weibo", tenant, budget.remaining(now));
-        taken.map_err(|wait| CallError::Later(wait, "the tenant's Weibo call budget is spent for now".into()))
+            .or_insert_with(|| Budget::new(self.per_hour, self.first_backoff));
+        f(budget)
     }
 
-    fn record(&self, tenant: &str, outcome: Result<(), ()>) -> Duration {
-        let now = Instant::now();
-        let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(budget) = budgets.get_mut(tenant) else {
-            return Duration::ZERO;
-        };
-        match outcome {
-            Ok(()) => {
-                budget.succeeded();
-                Duration::ZERO
+    /// Takes a call from the tenant's budget, claiming more from the hour shared by the
+    /// replicas when this one has spent what it claimed.
+    async fn pace(&self, tenant: &str, polling: bool) -> Result<(), CallError> {
+        let spent = |wait| CallError::Later(wait, "the tenant's Weibo call budget is spent for now".into());
+        let unavailable =
+            |e: crate::store::StoreError| CallError::Later(Duration::from_secs(2), e.to_string());
+        let take = || self.local(tenant, |b| b.take(Instant::now(), now_ms()));
+        for _ in 0..CLAIM_ATTEMPTS {
+            match take() {
+                Take::Granted => return Ok(()),
+                Take::Wait(wait) => return Err(spent(wait)),
+                Take::Claim => {}
             }
-            Err(()) => budget.limited(now),
+            let _claiming = self.claiming.lock().await;
+            // Another task may have claimed while this one waited for the lock.
+            match take() {
+                Take::Granted => return Ok(()),
+                Take::Wait(wait) => return Err(spent(wait)),
+                Take::Claim => {}
+            }
+            let key = budget_key(tenant);
+            let current: Versioned<SharedHour> = self.store.read(&key).await.map_err(unavailable)?;
+            let shared = current.value.unwrap_or_default();
+            let (limit, chunk) = self.local(tenant, |b| (b.limit(polling), b.chunk()));
+            let now_ms = now_ms();
+            let (next, calls) = match shared.claim(now_ms, limit, chunk) {
+                Ok(claimed) => claimed,
+                Err(wait) => {
+                    crate::metrics::budget("weibo", tenant, shared.remaining(now_ms, self.per_hour));
+                    return Err(spent(wait));
+                }
+            };
+            // Written, or another replica claimed first and this one reads again.
+            if self
+                .store
+                .write(&key, &next, current.revision)
+                .await
+                .map_err(unavailable)?
+                .is_some()
+            {
+                self.local(tenant, |b| b.grant(next.hour, calls));
+                crate::metrics::budget("weibo", tenant, next.remaining(now_ms, self.per_hour));
+            }
         }
+        Err(CallError::Later(
+            Duration::from_secs(1),
+            "the Weibo call budget is contended".into(),
+        ))
+    }
+
+    /// Weibo said the rate limit is reached: this replica pauses, and so, through the
+    /// shared hour, do the others when they next claim. The pause is returned.
+    async fn limited(&self, tenant: &str) -> Duration {
+        let pause = self.local(tenant, |b| b.limited(Instant::now()));
+        let until_ms = now_ms() + i64::try_from(pause.as_millis()).unwrap_or(i64::MAX);
+        let key = budget_key(tenant);
+        for _ in 0..CLAIM_ATTEMPTS {
+            let written = match self.store.read::<SharedHour>(&key).await {
+                Ok(current) => {
+                    let paused = current.value.unwrap_or_default().paused(until_ms);
+                    self.store.write(&key, &paused, current.revision).await
+                }
+                Err(error) => Err(error),
+            };
+            match written {
+                Ok(Some(_)) => break,
+                Ok(None) => continue,
+                Err(error) => {
+                    tracing::warn!(%tenant, %error, "the Weibo pause is this replica's alone");
+                    break;
+                }
+            }
+        }
+        pause
     }
 
     /// The tenant's current token (the configured one until a refresh replaces it).
@@ -582,7 +585,7 @@ impl Client {
             .to_owned();
         let mut refused: Option<String> = None;
         for _ in 0..2 {
-            self.pace(tenant, polling)?;
+            self.pace(tenant, polling).await?;
             let token = self.token(tenant, refused.as_deref()).await?;
             let request = match form {
                 Some(form) => {
@@ -611,7 +614,7 @@ impl Client {
                 crate::metrics::api_call("weibo", &api, error.error_code);
                 match verdict(error.error_code, &error.error) {
                     Verdict::RateLimited => {
-                        let pause = self.record(tenant, Err(()));
+                        let pause = self.limited(tenant).await;
                         crate::metrics::rate_limited("weibo", tenant);
                         return Err(CallError::Later(
                             pause,
@@ -640,7 +643,7 @@ impl Client {
                 ));
             }
             crate::metrics::api_call("weibo", &api, 0);
-            self.record(tenant, Ok(()));
+            self.local(tenant, Budget::succeeded);
             return serde_json::from_slice(&bytes)
                 .map_err(|e| CallError::Unknown(format!("unreadable Weibo answer: {e}")));
         }
@@ -844,32 +847,5 @@ mod tests {
         assert_eq!(thread_status(&submission.thread_id), Some("4900000000000002"));
         assert_eq!(thread_status("wechat:x:y"), None);
         assert_eq!(thread_status("weibo::y"), None);
-    }
-
-    #[test]
-    fn the_budget_keeps_room_for_replies_and_backs_off() {
-        let start = Instant::now();
-        let minute = Duration::from_secs(60);
-        let mut budget = Budget::new(10, minute, start);
-        for _ in 0..8 {
-            assert!(budget.take(start, true).is_ok());
-        }
-        assert!(budget.take(start, true).is_err(), "polling stops at four fifths");
-        assert!(budget.take(start, false).is_ok() && budget.take(start, false).is_ok());
-        assert!(
-            budget.take(start, false).is_err(),
-            "the hour's allowance is spent"
-        );
-        assert_eq!(budget.remaining(start), 0);
-        let next_hour = start + HOUR;
-        assert!(budget.take(next_hour, true).is_ok(), "a new hour");
-
-        assert_eq!(budget.limited(next_hour), minute);
-        assert!(budget.take(next_hour + Duration::from_secs(30), false).is_err());
-        let after = next_hour + minute;
-        assert!(budget.take(after, false).is_ok());
-        assert_eq!(budget.limited(after), minute * 2, "backoff doubles");
-        budget.succeeded();
-        assert_eq!(budget.limited(after), minute, "and starts again after a success");
     }
 }
