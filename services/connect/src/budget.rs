@@ -103,10 +103,6 @@ impl Budget {
         (self.per_hour / 20).clamp(1, 50)
     }
 
-    pub fn per_hour(&self) -> u32 {
-        self.per_hour
-    }
-
     /// Weibo said the rate limit is reached: pause, longer each time in a row.
     pub fn limited(&mut self, now: Instant) -> Duration {
         self.backoff = (self.backoff * 2).clamp(self.first_backoff, HOUR);

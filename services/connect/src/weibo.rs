@@ -13,16 +13,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use closedloop_proto::v1::{Channel, ComplaintSubmission, Poster};
+use closedloop_runtime::time::from_weibo;
+use closedloop_runtime::webhook::WebhookMessage;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use closedloop_runtime::time::from_weibo;
-
 use crate::budget::{Budget, SharedHour, Take};
-use crate::store::Versioned;
-use closedloop_runtime::webhook::WebhookMessage;
-
 use crate::sent::{SendError, Sent, cut};
+use crate::store::Versioned;
 
 /// One tenant's Weibo account.
 #[derive(Clone)]
