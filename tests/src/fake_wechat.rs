@@ -201,14 +201,7 @@ impl FakeWechat {
                 post(|State(fake), Query(query), axum::Json(body)| send(fake, "template", query, body)),
             )
             .with_state(fake.clone());
-        tokio::spawn(async move {
-            let served = axum::serve(closedloop_runtime::grpc::http_listener(listener), app)
-                .with_graceful_shutdown(cancel.cancelled_owned())
-                .await;
-            if let Err(error) = served {
-                eprintln!("fake WeChat failed: {error}");
-            }
-        });
+        crate::serve_in_background("fake WeChat", listener, app, cancel);
         Ok(Self { addr, fake })
     }
 

@@ -320,14 +320,7 @@ impl FakeWeibo {
             .route("/2/messages/reply.json", post(write))
             .route("/oauth2/access_token", post(refresh))
             .with_state(fake.clone());
-        tokio::spawn(async move {
-            let served = axum::serve(closedloop_runtime::grpc::http_listener(listener), app)
-                .with_graceful_shutdown(cancel.cancelled_owned())
-                .await;
-            if let Err(error) = served {
-                eprintln!("fake Weibo failed: {error}");
-            }
-        });
+        crate::serve_in_background("fake Weibo", listener, app, cancel);
         Ok(Self { addr, fake })
     }
 

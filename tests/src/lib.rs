@@ -89,6 +89,24 @@ const PORTS: std::ops::Range<u16> = 20_000..32_768;
 
 /// A free TCP port on loopback (bound, checked, released), never the same one twice in a
 /// process.
+/// Serves `app` on `listener` in the background until `cancel` fires: the local stand-ins
+/// for gateways and platforms. A failure is printed, naming `what`.
+pub fn serve_in_background(
+    what: &'static str,
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    tokio::spawn(async move {
+        let served = axum::serve(closedloop_runtime::grpc::http_listener(listener), app)
+            .with_graceful_shutdown(cancel.cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            eprintln!("{what} failed: {error}");
+        }
+    });
+}
+
 pub fn free_port() -> anyhow::Result<u16> {
     use std::hash::{BuildHasher, Hasher};
     static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());

@@ -169,14 +169,7 @@ impl WebhookReceiver {
             .route("/hook", post(receive))
             .route("/messages", axum::routing::get(list))
             .with_state(state.clone());
-        tokio::spawn(async move {
-            let served = axum::serve(closedloop_runtime::grpc::http_listener(listener), app)
-                .with_graceful_shutdown(cancel.cancelled_owned())
-                .await;
-            if let Err(error) = served {
-                eprintln!("webhook receiver failed: {error}");
-            }
-        });
+        crate::serve_in_background("webhook receiver", listener, app, cancel);
         Ok(Self {
             addr,
             secret: secret.to_owned(),
