@@ -33,14 +33,11 @@ pub struct MalformedToken(String);
 impl std::str::FromStr for ApiTokens {
     type Err = MalformedToken;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        closedloop_runtime::auth::tenant_entries(s)
-            .map(|entry| match entry {
-                Ok((tenant, token)) if !token.is_empty() => Ok((tenant.to_owned(), token.to_owned())),
-                Ok((tenant, _)) => Err(MalformedToken(tenant.to_owned())),
-                Err(name) => Err(MalformedToken(name)),
-            })
-            .collect::<Result<_, _>>()
-            .map(Self)
+        closedloop_runtime::auth::tenant_map(s, MalformedToken, |tenant, token| match token {
+            "" => Err(MalformedToken(tenant.to_owned())),
+            token => Ok(token.to_owned()),
+        })
+        .map(Self)
     }
 }
 

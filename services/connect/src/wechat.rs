@@ -48,11 +48,9 @@ impl FromStr for WechatApps {
     type Err = MalformedApp;
     /// `acme=wx0123|secret|tmpl-id|thing1;beta=wx4567|secret2`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut apps = HashMap::new();
-        for entry in closedloop_runtime::auth::tenant_entries(s) {
-            let (tenant, rest) = entry.map_err(MalformedApp)?;
+        closedloop_runtime::auth::tenant_map(s, MalformedApp, |tenant, value| {
             let malformed = || MalformedApp(tenant.to_owned());
-            let fields: Vec<&str> = rest.split('|').map(str::trim).collect();
+            let fields: Vec<&str> = value.split('|').map(str::trim).collect();
             let (app_id, app_secret, template_id, template_field) = match fields[..] {
                 [id, secret] => (id, secret, None, DEFAULT_TEMPLATE_FIELD),
                 [id, secret, template] => (id, secret, Some(template), DEFAULT_TEMPLATE_FIELD),
@@ -62,17 +60,14 @@ impl FromStr for WechatApps {
             if app_id.is_empty() || app_secret.is_empty() || template_field.is_empty() {
                 return Err(malformed());
             }
-            apps.insert(
-                tenant.to_owned(),
-                WechatApp {
-                    app_id: app_id.to_owned(),
-                    app_secret: app_secret.to_owned(),
-                    template_id: template_id.filter(|t| !t.is_empty()).map(str::to_owned),
-                    template_field: template_field.to_owned(),
-                },
-            );
-        }
-        Ok(Self(apps))
+            Ok(WechatApp {
+                app_id: app_id.to_owned(),
+                app_secret: app_secret.to_owned(),
+                template_id: template_id.filter(|t| !t.is_empty()).map(str::to_owned),
+                template_field: template_field.to_owned(),
+            })
+        })
+        .map(Self)
     }
 }
 

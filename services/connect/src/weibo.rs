@@ -52,30 +52,27 @@ pub struct MalformedAccount(String);
 impl FromStr for WeiboAccounts {
     type Err = MalformedAccount;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut accounts = HashMap::new();
-        for entry in closedloop_runtime::auth::tenant_entries(s) {
-            let (tenant, rest) = entry.map_err(MalformedAccount)?;
+        closedloop_runtime::auth::tenant_map(s, MalformedAccount, |tenant, value| {
             let malformed = || MalformedAccount(tenant.to_owned());
-            let fields: Vec<&str> = rest.split('|').map(str::trim).collect();
+            let fields: Vec<&str> = value.split('|').map(str::trim).collect();
             if fields.iter().any(|f| f.is_empty()) {
                 return Err(malformed());
             }
-            let account = match fields[..] {
-                [uid, token] => WeiboAccount {
+            match fields[..] {
+                [uid, token] => Ok(WeiboAccount {
                     uid: uid.to_owned(),
                     access_token: token.to_owned(),
                     refresh: None,
-                },
-                [uid, token, refresh, key, secret] => WeiboAccount {
+                }),
+                [uid, token, refresh, key, secret] => Ok(WeiboAccount {
                     uid: uid.to_owned(),
                     access_token: token.to_owned(),
                     refresh: Some((refresh.to_owned(), key.to_owned(), secret.to_owned())),
-                },
-                _ => return Err(malformed()),
-            };
-            accounts.insert(tenant.to_owned(), account);
-        }
-        Ok(Self(accounts))
+                }),
+                _ => Err(malformed()),
+            }
+        })
+        .map(Self)
     }
 }
 
@@ -102,18 +99,15 @@ pub struct MalformedKeywords(String);
 impl FromStr for Keywords {
     type Err = MalformedKeywords;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut keywords = HashMap::new();
-        for entry in closedloop_runtime::auth::tenant_entries(s) {
-            let (tenant, words) = entry.map_err(MalformedKeywords)?;
-            let words: Vec<String> = words
+        closedloop_runtime::auth::tenant_map(s, MalformedKeywords, |_, words| {
+            Ok(words
                 .split([',', '，'])
                 .map(str::trim)
                 .filter(|w| !w.is_empty())
                 .map(str::to_owned)
-                .collect();
-            keywords.insert(tenant.to_owned(), words);
-        }
-        Ok(Self(keywords))
+                .collect())
+        })
+        .map(Self)
     }
 }
 

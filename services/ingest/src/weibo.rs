@@ -30,14 +30,11 @@ impl FromStr for WeiboApps {
     type Err = WeiboError;
     /// `acme=secret1;beta=secret2`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        closedloop_runtime::auth::tenant_entries(s)
-            .map(|entry| match entry {
-                Ok((tenant, secret)) if !secret.is_empty() => Ok((tenant.to_owned(), secret.to_owned())),
-                Ok((tenant, _)) => Err(WeiboError::Malformed(tenant.to_owned())),
-                Err(name) => Err(WeiboError::Malformed(name)),
-            })
-            .collect::<Result<_, _>>()
-            .map(|secrets| Self { secrets })
+        closedloop_runtime::auth::tenant_map(s, WeiboError::Malformed, |tenant, secret| match secret {
+            "" => Err(WeiboError::Malformed(tenant.to_owned())),
+            secret => Ok(secret.to_owned()),
+        })
+        .map(|secrets| Self { secrets })
     }
 }
 

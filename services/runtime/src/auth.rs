@@ -106,6 +106,22 @@ pub fn tenant_entries(setting: &str) -> impl Iterator<Item = Result<(&str, &str)
         })
 }
 
+/// A per-tenant setting read into a map: each entry's value by `parse` (given the tenant and
+/// the value). An entry without a valid tenant is refused with `malformed` of what stands
+/// for its tenant; a later entry for a tenant replaces an earlier one.
+pub fn tenant_map<T, E>(
+    setting: &str,
+    malformed: impl Fn(String) -> E,
+    parse: impl Fn(&str, &str) -> Result<T, E>,
+) -> Result<HashMap<String, T>, E> {
+    tenant_entries(setting)
+        .map(|entry| {
+            let (tenant, value) = entry.map_err(&malformed)?;
+            Ok((tenant.to_owned(), parse(tenant, value)?))
+        })
+        .collect()
+}
+
 /// A request carrying `authorization: Bearer <token>`, as a client of the services sends
 /// it (a token that is not a valid header value is left out, and the call is refused).
 pub fn authed<T>(token: &str, message: T) -> Request<T> {
@@ -240,6 +256,21 @@ mod tests {
         assert_eq!(entries, [Ok(("acme", "a|b")), Ok(("beta", "c"))]);
         let bad: Vec<_> = tenant_entries("Bad Tenant=secret;nokey").collect();
         assert_eq!(bad, [Err("Bad Tenant".to_owned()), Err("nokey".to_owned())]);
+    }
+
+    #[test]
+    fn tenant_maps_read_each_value_and_refuse_the_first_bad_entry() {
+        let number =
+            |tenant: &str, value: &str| value.parse::<u32>().map_err(|_| format!("{tenant}: {value}"));
+        let map = tenant_map("acme=1; beta=2; acme=3", |name| name, number).expect("valid");
+        assert_eq!(map.get("acme"), Some(&3), "the later entry stands");
+        assert_eq!(map.get("beta"), Some(&2));
+        assert_eq!(
+            tenant_map("acme=x", |name| name, number),
+            Err("acme: x".to_owned())
+        );
+        assert_eq!(tenant_map("Acme=1", |name| name, number), Err("Acme".to_owned()));
+        assert_eq!(tenant_map("", |name| name, number), Ok(HashMap::new()));
     }
     use tonic::service::Interceptor;
 

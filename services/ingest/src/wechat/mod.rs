@@ -44,29 +44,25 @@ impl FromStr for WechatAccounts {
     type Err = WechatError;
     /// `acme=token1;beta=token2|wx0123456789abcdef|<43-character EncodingAESKey>`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut by_tenant = HashMap::new();
-        for entry in closedloop_runtime::auth::tenant_entries(s) {
-            let (tenant, rest) = entry.map_err(WechatError::Malformed)?;
-            let malformed = || WechatError::Malformed(tenant.to_owned());
-            let fields: Vec<&str> = rest.split('|').map(str::trim).collect();
-            let account = match fields[..] {
-                [token] if !token.is_empty() => WechatAccount {
+        closedloop_runtime::auth::tenant_map(s, WechatError::Malformed, |tenant, value| {
+            let fields: Vec<&str> = value.split('|').map(str::trim).collect();
+            match fields[..] {
+                [token] if !token.is_empty() => Ok(WechatAccount {
                     token: token.to_owned(),
                     safe_mode: None,
-                },
+                }),
                 [token, app_id, key] if !token.is_empty() && !app_id.is_empty() => {
                     let key = safe_mode::AesKey::from_encoding_aes_key(key)
                         .map_err(|e| WechatError::Key(tenant.to_owned(), e))?;
-                    WechatAccount {
+                    Ok(WechatAccount {
                         token: token.to_owned(),
                         safe_mode: Some((app_id.to_owned(), key)),
-                    }
+                    })
                 }
-                _ => return Err(malformed()),
-            };
-            by_tenant.insert(tenant.to_owned(), account);
-        }
-        Ok(Self { by_tenant })
+                _ => Err(WechatError::Malformed(tenant.to_owned())),
+            }
+        })
+        .map(|by_tenant| Self { by_tenant })
     }
 }
 
