@@ -207,7 +207,7 @@ impl Listener {
                     .comments(tenant, since, page)
                     .await?
                     .iter()
-                    .map(|c| (c.id(), weibo::comment_submission(c)))
+                    .map(|c| (c.written.id(), weibo::comment_submission(c)))
                     .collect(),
                 Feed::Search(keyword) => self
                     .weibo

@@ -181,18 +181,11 @@ pub struct Status {
     pub user: Option<User>,
 }
 
-/// A comment, with the post it is on.
+/// A comment: written like a post (its id, text, time and author), with the post it is on.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Comment {
-    #[serde(default)]
-    pub idstr: String,
-    #[serde(default)]
-    pub id: Option<serde_json::Value>,
-    #[serde(default)]
-    pub text: String,
-    #[serde(default)]
-    pub created_at: String,
-    pub user: Option<User>,
+    #[serde(flatten)]
+    pub written: Status,
     pub status: Option<Status>,
 }
 
@@ -210,12 +203,6 @@ fn id_text(idstr: &str, id: Option<&serde_json::Value>) -> String {
 }
 
 impl Status {
-    pub fn id(&self) -> String {
-        id_text(&self.idstr, self.id.as_ref())
-    }
-}
-
-impl Comment {
     pub fn id(&self) -> String {
         id_text(&self.idstr, self.id.as_ref())
     }
@@ -267,16 +254,16 @@ pub fn post_submission(status: &Status) -> ComplaintSubmission {
 
 /// A comment on one of the brand's posts as a submission.
 pub fn comment_submission(comment: &Comment) -> ComplaintSubmission {
-    let poster = poster(comment.user.as_ref());
+    let poster = poster(comment.written.user.as_ref());
     let status_id = comment.status.as_ref().map(Status::id).unwrap_or_default();
     ComplaintSubmission {
         channel: Channel::WeiboComment as i32,
-        channel_message_id: comment.id(),
+        channel_message_id: comment.written.id(),
         thread_id: thread_id(&status_id, &poster.poster_id),
         in_reply_to: status_id,
         poster: Some(poster),
-        text: comment.text.clone(),
-        posted_at: from_weibo(&comment.created_at),
+        text: comment.written.text.clone(),
+        posted_at: from_weibo(&comment.written.created_at),
         ..Default::default()
     }
 }
