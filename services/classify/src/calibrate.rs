@@ -6,7 +6,8 @@ use closedloop_proto::v1::{Channel, Intent};
 
 use crate::engine::{self, Contact, rule_signals};
 use crate::model::{
-    Example, Learner, NEVER, ORDINARY_CONTACT, TextModels, Trust, is_held_out, risk_probability, stable_hash,
+    Example, Learner, NEVER, ORDINARY_CONTACT, RiskLists, RiskVetoes, TextModels, Trust, is_held_out,
+    risk_label, risk_probability, stable_hash,
 };
 use crate::rules::{Rules, fold};
 
@@ -238,8 +239,8 @@ struct RiskVerdict {
     truth: RiskTruth,
     /// Whether the engine's intent (complaint or inquiry) lets it carry risk at all.
     possible: bool,
-    /// Whether the rules' lists flag it.
-    listed: bool,
+    /// Which of the rules' lists flag it.
+    lists: RiskLists,
     /// The probability of risk from a model that never saw it.
     probability: f32,
 }
@@ -266,7 +267,7 @@ pub fn risk_bars(
         let train: Vec<(String, &str)> = training
             .iter()
             .filter(|e| fold_of(e) != part)
-            .map(|e| (fold(&e.text), e.intent.as_str()))
+            .map(|e| (fold(&e.text), risk_label(e)))
             .collect();
         let model = crate::model::NgramModel::train(learner, train.iter().map(|(t, l)| (t.as_str(), *l)));
         // The ordinary contacts are labelled examples too: the same fold is kept from the
@@ -288,8 +289,8 @@ pub fn risk_bars(
             verdicts.push(RiskVerdict {
                 truth: RiskTruth::of(example),
                 possible: matches!(by_lists.intent(), Intent::Complaint | Intent::Inquiry),
-                listed: by_lists.escalation_risk,
-                probability: risk_probability(&model.predict(&fold(&example.text))),
+                lists: engine::risk_lists(rules, &example.text),
+                probability: risk_probability(&model, &model.predict(&fold(&example.text))),
             });
         }
     }
@@ -300,7 +301,7 @@ pub fn risk_bars(
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RiskBars {
     pub flag: f32,
-    pub veto: f32,
+    pub vetoes: RiskVetoes,
     pub score: RiskScore,
 }
 
@@ -314,20 +315,33 @@ const VETO_BARS: [f32; 12] = [0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0
 
 /// [`risk_bars`]' choice over recorded verdicts.
 fn choose_risk_bars(verdicts: &[RiskVerdict]) -> RiskBars {
-    let bars = |flag: f32, veto: f32| RiskBars {
+    let bars = |flag: f32, vetoes: RiskVetoes| RiskBars {
         flag,
-        veto,
+        vetoes,
         score: RiskScore::of(verdicts.iter().map(|v| {
-            let bar = if v.listed { veto } else { flag };
+            let bar = if v.lists.any() { vetoes.bar(v.lists) } else { flag };
             (v.truth, v.possible && v.probability >= bar)
         })),
     };
-    // From the most cautious pair: the highest flag bar, then the lowest veto.
+    // From the most cautious: the highest flag bar, then the lowest vetoes.
     let candidates: Vec<RiskBars> = RISK_FLAG_BARS
         .iter()
         .rev()
-        .flat_map(|flag| VETO_BARS.iter().map(move |veto| (*flag, *veto)))
-        .map(|(flag, veto)| bars(flag, veto))
+        .flat_map(|flag| {
+            VETO_BARS.iter().flat_map(move |threat| {
+                VETO_BARS.iter().flat_map(move |repeat| {
+                    VETO_BARS.iter().map(move |vulnerable| {
+                        let vetoes = RiskVetoes {
+                            threat: *threat,
+                            repeat: *repeat,
+                            vulnerable: *vulnerable,
+                        };
+                        (*flag, vetoes)
+                    })
+                })
+            })
+        })
+        .map(|(flag, vetoes)| bars(flag, vetoes))
         .collect();
     let best_by = |value: &dyn Fn(&RiskScore) -> f64, limit: f64| {
         candidates
@@ -340,7 +354,7 @@ fn choose_risk_bars(verdicts: &[RiskVerdict]) -> RiskBars {
     };
     best_by(&|s| s.recall, RISK_FALSE_ALARMS)
         .or_else(|| best_by(&|s| s.recall - s.false_alarms(), 1.0))
-        .unwrap_or_else(|| bars(NEVER, 0.0))
+        .unwrap_or_else(|| bars(NEVER, RiskVetoes::all(0.0)))
 }
 
 /// The engine's accuracy with `models` on the held-out part of `examples`: intent, and
@@ -392,11 +406,15 @@ mod tests {
         );
     }
 
+    /// A verdict on a text the vulnerable-people list flags (`listed`) or no list does.
     fn risk(truth: RiskTruth, listed: bool, probability: f32) -> RiskVerdict {
         RiskVerdict {
             truth,
             possible: true,
-            listed,
+            lists: RiskLists {
+                vulnerable: listed,
+                ..RiskLists::default()
+            },
             probability,
         }
     }
@@ -430,10 +448,45 @@ mod tests {
         ];
         verdicts.extend(std::iter::repeat_n(risk(RiskTruth::Ordinary, false, 0.02), 20));
         let bars = choose_risk_bars(&verdicts);
-        assert!(bars.veto > 0.15 && bars.veto <= 0.9, "{bars:?}");
+        assert!(
+            bars.vetoes.vulnerable > 0.15 && bars.vetoes.vulnerable <= 0.9,
+            "{bars:?}"
+        );
         assert!(bars.flag > 0.05 && bars.flag <= 0.95, "{bars:?}");
         assert_eq!(bars.score.recall, 1.0);
         assert_eq!(bars.score.false_alarms(), 0.0);
+    }
+
+    #[test]
+    fn each_list_gets_its_own_veto() {
+        // The model is as unsure of a real threat as of an innocent use of the vulnerable
+        // list: one bar for both would silence the threat or keep the false alarm.
+        let threat = RiskVerdict {
+            lists: RiskLists {
+                threat: true,
+                ..RiskLists::default()
+            },
+            ..risk(RiskTruth::Risky, false, 0.05)
+        };
+        let mut verdicts = vec![threat, risk(RiskTruth::Written, true, 0.05)];
+        verdicts.extend(std::iter::repeat_n(risk(RiskTruth::Ordinary, false, 0.01), 20));
+        let bars = choose_risk_bars(&verdicts);
+        assert!(
+            bars.vetoes.threat <= 0.05 && bars.vetoes.vulnerable > 0.05,
+            "{bars:?}"
+        );
+        assert_eq!(bars.score.recall, 1.0);
+        assert_eq!(bars.score.false_alarms(), 0.0);
+        let both = RiskLists {
+            threat: true,
+            vulnerable: true,
+            ..RiskLists::default()
+        };
+        assert_eq!(
+            bars.vetoes.bar(both),
+            bars.vetoes.threat,
+            "a text stands if either list's bar is met"
+        );
     }
 
     #[test]
@@ -447,7 +500,7 @@ mod tests {
         ];
         verdicts.extend(std::iter::repeat_n(risk(RiskTruth::Ordinary, false, 0.01), 100));
         let bars = choose_risk_bars(&verdicts);
-        assert!(bars.veto > 0.3, "the lists are overruled: {bars:?}");
+        assert!(bars.vetoes.vulnerable > 0.3, "the lists are overruled: {bars:?}");
         assert_eq!(bars.score.written_false_alarms, 0.0);
         assert_eq!(bars.score.recall, 0.0);
     }
@@ -463,7 +516,7 @@ mod tests {
             risk(RiskTruth::Ordinary, false, 0.5),
         ];
         let bars = choose_risk_bars(&verdicts);
-        assert!(bars.flag > 0.5 && bars.veto > 0.5, "{bars:?}");
+        assert!(bars.flag > 0.5 && bars.vetoes.vulnerable > 0.5, "{bars:?}");
         assert_eq!(bars.score.false_alarms(), 0.0);
     }
 

@@ -6,7 +6,7 @@ use closedloop_proto::v1::{
 };
 use closedloop_runtime::pii::PiiKind;
 
-use crate::model::{TextModels, risk_probability};
+use crate::model::{RiskLists, TextModels};
 use crate::region;
 use crate::rules::{Found, List, Rules, fold};
 
@@ -73,13 +73,49 @@ impl std::fmt::Display for Words<'_> {
     }
 }
 
-/// Whether the rules have any ground for an intent: a category keyword, sentiment or a
-/// question word. Without one their "complaint" is only a default.
+/// Whether the rules have any ground for an intent: a category keyword, sentiment, a
+/// question word or a threat (to go to the media, a regulator or court). Without one their
+/// "complaint" is only a default.
 fn has_intent_signal(found: &Found<'_>, category_found: bool) -> bool {
     category_found
         || !found.of(List::Negative).is_empty()
         || !found.of(List::Positive).is_empty()
         || !found.of(List::Question).is_empty()
+        || !found.of(List::Escalation).is_empty()
+}
+
+/// The words of the rules' escalation-risk lists in a folded text.
+struct RiskWords<'a> {
+    threats: Vec<&'a str>,
+    /// Repeat-contact words and counted contacts ("打了三次").
+    repeated: Vec<&'a str>,
+    vulnerable: Vec<&'a str>,
+}
+
+impl<'a> RiskWords<'a> {
+    fn of(found: &Found<'a>, text: &'a str) -> Self {
+        let mut repeated = found.of(List::Repeat);
+        repeated.extend(crate::rules::counted_contacts(text));
+        Self {
+            threats: found.of(List::Escalation),
+            repeated,
+            vulnerable: found.of(List::Vulnerable),
+        }
+    }
+
+    fn lists(&self) -> RiskLists {
+        RiskLists {
+            threat: !self.threats.is_empty(),
+            repeat: !self.repeated.is_empty(),
+            vulnerable: !self.vulnerable.is_empty(),
+        }
+    }
+}
+
+/// Which escalation-risk lists find words in a text, as the engine reads them.
+pub fn risk_lists(rules: &Rules, text: &str) -> RiskLists {
+    let text = fold(text);
+    RiskWords::of(&rules.matcher.scan(&text), &text).lists()
 }
 
 /// What the keyword rules alone found in a text, for weighing them against the model
@@ -130,13 +166,15 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
     // How far the model may overrule the keywords was chosen by cross-validation when it
     // was trained; it is consulted only where it could decide.
     let keywords_found = best.is_some();
-    // The rules' signal for intent is any category, sentiment or question word.
     let rules_had_signal = has_intent_signal(&found, keywords_found);
-    let mut threats = found.of(List::Escalation);
-    let mut repeated = found.of(List::Repeat);
-    repeated.extend(crate::rules::counted_contacts(&text));
-    let mut vulnerable = found.of(List::Vulnerable);
-    let rules_risk = !threats.is_empty() || !repeated.is_empty() || !vulnerable.is_empty();
+    let risk_words = RiskWords::of(&found, &text);
+    let risk_lists = risk_words.lists();
+    let RiskWords {
+        mut threats,
+        mut repeated,
+        mut vulnerable,
+    } = risk_words;
+    let rules_risk = risk_lists.any();
     let scan = models.filter(|_| corrected.is_none()).map(|m| {
         let scan = m.scan(
             &text,
@@ -272,8 +310,8 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         Some(format!("{} carries none", intent.label()))
     } else {
         risk_verdict
-            .filter(|(p, m, _)| m.vetoes_risk(p))
-            .map(|(p, _, _)| format!("the model ({:.2}) overrules them", risk_probability(p)))
+            .filter(|(p, m, _)| m.vetoes_risk(p, risk_lists))
+            .map(|(p, m, _)| format!("the model ({:.2}) overrules them", m.risk_of(p)))
     };
     if let Some(why) = &lists_overruled {
         let words: Vec<&str> = [&threats, &repeated, &vulnerable]
@@ -289,10 +327,11 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
     }
     let model_risk = risk_verdict.filter(|(p, m, _)| risk_possible && !rules_risk && m.flags_risk(p));
     if let Some((p, m, scan)) = &model_risk {
+        let (kind, evidence) = m.risk_evidence(scan, p).unwrap_or_default();
         reasons.push(format!(
-            "escalation risk by the model ({:.2}, evidence {})",
-            risk_probability(p),
-            m.risk_evidence(scan, p).join(" ")
+            "escalation risk by the model ({:.2}, likeliest {kind}, evidence {})",
+            m.risk_of(p),
+            evidence.join(" ")
         ));
     }
     let escalation_risk = (rules_risk && lists_overruled.is_none()) || model_risk.is_some();
@@ -590,14 +629,19 @@ mod tests {
             .into_iter()
             .filter(|e| !crate::model::is_held_out(&e.text))
             .collect();
-        let models = models.with_risk(crate::model::Learner::Logistic, &training, 0.5, 0.0);
+        let models = models.with_risk(
+            crate::model::Learner::Logistic,
+            &training,
+            0.5,
+            crate::model::RiskVetoes::all(0.0),
+        );
         let c = with_models(text, &models);
         assert!(c.escalation_risk, "{:?}", c.reasons);
         assert!(
             c.reasons
                 .iter()
-                .any(|r| r.starts_with("escalation risk by the model")),
-            "{:?}",
+                .any(|r| r.starts_with("escalation risk by the model") && r.contains("likeliest media")),
+            "the reasons name the kind: {:?}",
             c.reasons
         );
         let calm = with_models("宽带断网了", &models);
@@ -605,7 +649,7 @@ mod tests {
     }
 
     #[test]
-    fn the_risk_model_overrules_a_list_word_used_innocently() {
+    fn the_risk_model_overrules_each_list_at_its_own_bar() {
         let risk_examples = crate::model::parse_examples(
             "none\t-\t老人机怎么设置大字体\nnone\t-\t给我爸买的老人机能办副卡吗\n\
              none\t-\t老人机的电池不耐用\nrisk\tvulnerable\t家里老人一个人住，停电了很危险\n\
@@ -623,7 +667,11 @@ mod tests {
             crate::model::Learner::Logistic,
             &risk_examples,
             crate::model::NEVER,
-            0.5,
+            crate::model::RiskVetoes {
+                threat: 0.0,
+                repeat: 0.0,
+                vulnerable: 0.5,
+            },
         );
         let c = with_models(text, &models);
         assert!(!c.escalation_risk, "{:?}", c.reasons);
@@ -636,6 +684,17 @@ mod tests {
         );
         let risky = with_models("家里老人一个人住，停电了很危险", &models);
         assert!(risky.escalation_risk, "{:?}", risky.reasons);
+        // The threat list's bar is 0: the model, which has seen no threat, cannot
+        // overrule it, even beside a vulnerable-list word it would overrule alone.
+        let threat = with_models("老人机的字太小了，我要找记者曝光", &models);
+        assert!(threat.escalation_risk, "{:?}", threat.reasons);
+    }
+
+    #[test]
+    fn a_threat_is_a_sign_of_intent() {
+        let rules = Rules::builtin().expect("rules");
+        assert!(rule_signals(&rules, "找媒体来评评理").intent_signal);
+        assert!(!rule_signals(&rules, "来评评理").intent_signal);
     }
 
     #[test]

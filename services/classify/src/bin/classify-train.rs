@@ -81,16 +81,19 @@ fn main() -> anyhow::Result<()> {
         args.learner,
         &risk_examples,
         risk.flag,
-        risk.veto,
+        risk.vetoes,
     );
     models.intent_trust = cv.intent;
     models.category_trust = cv.category;
     std::fs::write(&args.out, serde_json::to_string(&models)?)?;
     println!(
         "  escalation risk: the model flags at ≥ {} where the lists found none, and overrules them below {} \
+         (threats), {} (repeated contact), {} (vulnerable people) \
          (recall {:.3}; false alarms {:.3} among ordinary contacts, {:.3} among written texts; over {} texts)",
         risk.flag,
-        risk.veto,
+        risk.vetoes.threat,
+        risk.vetoes.repeat,
+        risk.vetoes.vulnerable,
         risk.score.recall,
         risk.score.ordinary_false_alarms,
         risk.score.written_false_alarms,

@@ -214,10 +214,9 @@ pub struct TextModels {
     pub risk: Option<NgramModel>,
     #[serde(default = "never")]
     pub risk_bar: f32,
-    /// Where the word lists find risk, a risk model less sure than this that there is any
-    /// overrules them ("老人机" is a phone, not an elderly customer); 0 never does.
-    #[serde(default)]
-    pub risk_veto_bar: f32,
+    /// Where the word lists find risk, a risk model less sure than these that there is
+    /// any overrules them ("老人机" is a phone, not an elderly customer); 0 never does.
+    pub risk_vetoes: RiskVetoes,
     /// Every n-gram any of the three models knows, for one lookup per n-gram.
     #[serde(skip_serializing)]
     joint: Joint,
@@ -272,6 +271,9 @@ struct TextModelsFile {
     #[serde(default = "never")]
     risk_bar: f32,
     #[serde(default)]
+    risk_vetoes: Option<RiskVetoes>,
+    /// One bar for every list, as model files had before [`RiskVetoes`].
+    #[serde(default)]
     risk_veto_bar: f32,
 }
 
@@ -286,7 +288,7 @@ impl From<TextModelsFile> for TextModels {
             corrected: file.corrected,
             risk: file.risk,
             risk_bar: file.risk_bar,
-            risk_veto_bar: file.risk_veto_bar,
+            risk_vetoes: file.risk_vetoes.unwrap_or(RiskVetoes::all(file.risk_veto_bar)),
             joint: Joint::default(),
         };
         models.index();
@@ -355,6 +357,7 @@ impl TextModels {
             corrected,
             risk: None,
             risk_bar: NEVER,
+            risk_vetoes: None,
             risk_veto_bar: 0.0,
         }
         .into()
@@ -409,7 +412,7 @@ impl TextModels {
         let risk_model = self
             .risk
             .as_ref()
-            .filter(|_| risk && (self.risk_bar <= 1.0 || self.risk_veto_bar > 0.0));
+            .filter(|_| risk && (self.risk_bar <= 1.0 || self.risk_vetoes.can_overrule()));
         if !intent && !category && risk_model.is_none() {
             return Scan::default();
         }
@@ -449,42 +452,51 @@ impl TextModels {
         self.category.strongest(self.joint.rows(scan, 1), prediction)
     }
 
-    /// The n-grams that weighed most for the risk `scan` found.
-    pub fn risk_evidence(&self, scan: &Scan<'_>, prediction: &Prediction) -> Vec<String> {
-        self.risk
-            .as_ref()
-            .map(|m| m.strongest(self.joint.rows(scan, 2), prediction))
-            .unwrap_or_default()
+    /// The likeliest kind of escalation risk in a risk verdict, and the n-grams that
+    /// weighed most for it against no risk.
+    pub fn risk_evidence(&self, scan: &Scan<'_>, prediction: &Prediction) -> Option<(&str, Vec<String>)> {
+        let model = self.risk.as_ref()?;
+        let calm = model.class_index(NO_RISK)?;
+        let kind = prediction.likeliest_except(calm)?;
+        let evidence = model.strongest(self.joint.rows(scan, 2), &prediction.as_choice(kind, calm));
+        Some((model.classes().get(kind)?.as_str(), evidence))
     }
 
     /// Adds the escalation-risk model, trained with `learner` on the training part of
-    /// `examples` (labels "risk" and "none"); `bar` is where it flags (see
-    /// `calibrate::risk_bars`); where the lists flag risk, it overrules them below
-    /// `veto_bar`.
-    pub fn with_risk(mut self, learner: Learner, examples: &[Example], bar: f32, veto_bar: f32) -> Self {
+    /// `examples` (each risky text labelled with its kind, see [`risk_label`]); `bar` is
+    /// where it flags (see `calibrate::risk_bars`); where the lists flag risk, it overrules
+    /// them below `vetoes`.
+    pub fn with_risk(mut self, learner: Learner, examples: &[Example], bar: f32, vetoes: RiskVetoes) -> Self {
         let training: Vec<(String, &str)> = examples
             .iter()
             .filter(|e| !is_held_out(&e.text))
-            .map(|e| (crate::rules::fold(&e.text), e.intent.as_str()))
+            .map(|e| (crate::rules::fold(&e.text), risk_label(e)))
             .collect();
         self.risk = Some(NgramModel::train(
             learner,
             training.iter().map(|(t, l)| (t.as_str(), *l)),
         ));
         self.risk_bar = bar;
-        self.risk_veto_bar = veto_bar;
+        self.risk_vetoes = vetoes;
         self.index();
         self
     }
 
     /// Whether a risk verdict flags the text (where the lists found nothing).
     pub fn flags_risk(&self, prediction: &Prediction) -> bool {
-        risk_probability(prediction) >= self.risk_bar
+        self.risk_of(prediction) >= self.risk_bar
     }
 
-    /// Whether a risk verdict overrules the lists' risk.
-    pub fn vetoes_risk(&self, prediction: &Prediction) -> bool {
-        risk_probability(prediction) < self.risk_veto_bar
+    /// Whether a risk verdict overrules the risk that `lists` found.
+    pub fn vetoes_risk(&self, prediction: &Prediction, lists: RiskLists) -> bool {
+        self.risk_of(prediction) < self.risk_vetoes.bar(lists)
+    }
+
+    /// The probability of escalation risk in a risk verdict.
+    pub fn risk_of(&self, prediction: &Prediction) -> f32 {
+        self.risk
+            .as_ref()
+            .map_or(0.0, |m| risk_probability(m, prediction))
     }
 
     /// The labels agents gave `masked_text` (as classify masks a text), if they corrected it.
@@ -514,11 +526,80 @@ impl TextModels {
 }
 
 /// How sure a risk model ("risk" or "none") is that a text carries risk.
-pub fn risk_probability(prediction: &Prediction) -> f32 {
-    if prediction.class == "risk" {
-        prediction.confidence
+pub fn risk_probability(model: &NgramModel, prediction: &Prediction) -> f32 {
+    model
+        .class_index(NO_RISK)
+        .map_or(0.0, |calm| 1.0 - prediction.probability(calm))
+}
+
+/// Which of the rules' escalation-risk lists found words in a text.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RiskLists {
+    /// Threats to go to the media, a regulator or court.
+    pub threat: bool,
+    /// Repeated contact, in words or counted.
+    pub repeat: bool,
+    pub vulnerable: bool,
+}
+
+impl RiskLists {
+    pub fn any(&self) -> bool {
+        self.threat || self.repeat || self.vulnerable
+    }
+}
+
+/// How sure of no risk the risk model must be to overrule each list: the lists differ in
+/// how often their words are used innocently ("老人机" against "我要起诉"), so
+/// `calibrate::risk_bars` chooses a bar for each.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct RiskVetoes {
+    pub threat: f32,
+    pub repeat: f32,
+    pub vulnerable: f32,
+}
+
+impl RiskVetoes {
+    /// The same bar for every list.
+    pub const fn all(bar: f32) -> Self {
+        Self {
+            threat: bar,
+            repeat: bar,
+            vulnerable: bar,
+        }
+    }
+
+    /// Whether the model overrules any list at all.
+    pub fn can_overrule(&self) -> bool {
+        [self.threat, self.repeat, self.vulnerable]
+            .iter()
+            .any(|bar| *bar > 0.0)
+    }
+
+    /// The bar below which the model overrules `lists`: the lowest of theirs, since the
+    /// risk stands if any list's bar is met. 0 (never) where no list found anything.
+    pub fn bar(&self, lists: RiskLists) -> f32 {
+        [
+            (lists.threat, self.threat),
+            (lists.repeat, self.repeat),
+            (lists.vulnerable, self.vulnerable),
+        ]
+        .into_iter()
+        .filter(|(found, _)| *found)
+        .map(|(_, bar)| bar)
+        .reduce(f32::min)
+        .unwrap_or(0.0)
+    }
+}
+
+/// The risk model's label for texts without escalation risk.
+pub const NO_RISK: &str = "none";
+
+/// What the risk model learns of an example: its kind of risk, or [`NO_RISK`].
+pub fn risk_label(example: &Example) -> &str {
+    if example.intent == "risk" {
+        example.category.as_str()
     } else {
-        1.0 - prediction.confidence
+        NO_RISK
     }
 }
 

@@ -213,6 +213,32 @@ pub struct Prediction {
     best: usize,
     /// The class with the next highest score (`best` if there is only one).
     runner_up: usize,
+    /// Every class's posterior probability, in the model's order of classes.
+    probabilities: Vec<f32>,
+}
+
+impl Prediction {
+    /// The posterior probability of the class at `index` (0 for no such class).
+    pub fn probability(&self, index: usize) -> f32 {
+        self.probabilities.get(index).copied().unwrap_or(0.0)
+    }
+
+    /// The likeliest class other than the one at `except`, with its index.
+    pub fn likeliest_except(&self, except: usize) -> Option<usize> {
+        (0..self.probabilities.len())
+            .filter(|i| *i != except)
+            .max_by(|a, b| self.probabilities[*a].total_cmp(&self.probabilities[*b]))
+    }
+
+    /// This prediction as a choice of the class at `class` over the one at `against`, for
+    /// the evidence of a class that need not be the likeliest.
+    pub fn as_choice(&self, class: usize, against: usize) -> Prediction {
+        Prediction {
+            best: class,
+            runner_up: against,
+            ..self.clone()
+        }
+    }
 }
 
 /// The classes of `labels` in order of first appearance, and each label's index.
@@ -363,6 +389,16 @@ impl NgramModel {
         .into()
     }
 
+    /// The classes, in the order of a prediction's probabilities.
+    pub fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    /// The index of `class` among the model's classes.
+    pub fn class_index(&self, class: &str) -> Option<usize> {
+        self.classes.iter().position(|c| c == class)
+    }
+
     /// How many distinct n-grams the model has seen.
     pub fn vocabulary(&self) -> usize {
         self.grams.len()
@@ -414,11 +450,13 @@ impl NgramModel {
             .filter(|i| *i != best)
             .max_by(|a, b| scores[*a].total_cmp(&scores[*b]))
             .unwrap_or(best);
+        let probabilities = scores.iter().map(|s| (s - top).exp() / normaliser).collect();
         Prediction {
             class: self.classes.get(best).cloned().unwrap_or_default(),
             confidence: 1.0 / normaliser,
             best,
             runner_up,
+            probabilities,
         }
     }
 

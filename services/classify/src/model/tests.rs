@@ -165,6 +165,43 @@ fn a_model_survives_its_file_and_old_files_get_cautious_trust() {
 }
 
 #[test]
+fn risk_vetoes_survive_the_file_and_an_old_single_bar_covers_every_list() {
+    let contacts = parse_examples("complaint\toutage\t宽带断网了\n").expect("examples");
+    let risk =
+        parse_examples("risk\trepeat\t打了五次电话\nrisk\tmedia\t找记者曝光\nnone\t-\t老人机怎么设置\n")
+            .expect("risk texts");
+    let vetoes = RiskVetoes {
+        threat: 0.1,
+        repeat: 0.2,
+        vulnerable: 0.3,
+    };
+    let models =
+        TextModels::train(Learner::Logistic, &contacts).with_risk(Learner::Logistic, &risk, 0.5, vetoes);
+    let json = serde_json::to_string(&models).expect("serialise");
+    let back: TextModels = serde_json::from_str(&json).expect("deserialise");
+    assert_eq!(back.risk_vetoes, vetoes);
+
+    // A file from before the vetoes were per list, with a binary risk model.
+    let mut old: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let fields = old.as_object_mut().expect("object");
+    fields.remove("risk_vetoes");
+    fields.insert("risk_veto_bar".into(), 0.25.into());
+    fields.insert(
+        "risk".into(),
+        serde_json::json!({"classes": ["risk", "none"], "bias": [0.0, 0.0], "weights": {"记": [0.0, 0.0], "记者": [2.0, 0.0]}}),
+    );
+    let old: TextModels = serde_json::from_value(old).expect("old file");
+    assert_eq!(old.risk_vetoes, RiskVetoes::all(0.25));
+    let scan = old.scan("记者", false, false, true);
+    let verdict = scan.risk.as_ref().expect("a risk verdict");
+    assert!(
+        (old.risk_of(verdict) - verdict.probability(0)).abs() < 1e-6,
+        "risk is P(risk)"
+    );
+    assert!(old.risk_of(verdict) > 0.5);
+}
+
+#[test]
 fn a_reload_replaces_the_models_and_a_bad_file_keeps_them() {
     let dir = tempfile::tempdir().expect("scratch");
     let path = dir.path().join("model.json");
