@@ -289,7 +289,7 @@ pub fn risk_bars(
             verdicts.push(RiskVerdict {
                 truth: RiskTruth::of(example),
                 possible: matches!(by_lists.intent(), Intent::Complaint | Intent::Inquiry),
-                lists: engine::risk_lists(rules, &example.text),
+                lists: engine::risk_lists(rules, &example.text, by_lists.intent()),
                 probability: risk_probability(&model, &model.predict(&fold(&example.text))),
             });
         }

@@ -103,6 +103,19 @@ impl<'a> RiskWords<'a> {
         }
     }
 
+    /// The words that speak of risk in a text of `intent`. Asking about a service for an
+    /// elderly or disabled person is no risk by the words alone ("家里有老人，想办个亲情号");
+    /// in an inquiry the risk model decides, as where the lists found nothing.
+    /// Also returns the words set aside.
+    fn in_intent(mut self, intent: Intent) -> (Self, Vec<&'a str>) {
+        let set_aside = if intent == Intent::Inquiry {
+            std::mem::take(&mut self.vulnerable)
+        } else {
+            Vec::new()
+        };
+        (self, set_aside)
+    }
+
     fn lists(&self) -> RiskLists {
         RiskLists {
             threat: !self.threats.is_empty(),
@@ -112,10 +125,13 @@ impl<'a> RiskWords<'a> {
     }
 }
 
-/// Which escalation-risk lists find words in a text, as the engine reads them.
-pub fn risk_lists(rules: &Rules, text: &str) -> RiskLists {
+/// Which escalation-risk lists find words in a text of `intent`, as the engine reads them.
+pub fn risk_lists(rules: &Rules, text: &str, intent: Intent) -> RiskLists {
     let text = fold(text);
-    RiskWords::of(&rules.matcher.scan(&text), &text).lists()
+    RiskWords::of(&rules.matcher.scan(&text), &text)
+        .in_intent(intent)
+        .0
+        .lists()
 }
 
 /// What the keyword rules alone found in a text, for weighing them against the model
@@ -168,13 +184,6 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
     let keywords_found = best.is_some();
     let rules_had_signal = has_intent_signal(&found, keywords_found);
     let risk_words = RiskWords::of(&found, &text);
-    let risk_lists = risk_words.lists();
-    let RiskWords {
-        mut threats,
-        mut repeated,
-        mut vulnerable,
-    } = risk_words;
-    let rules_risk = risk_lists.any();
     let scan = models.filter(|_| corrected.is_none()).map(|m| {
         let scan = m.scan(
             &text,
@@ -304,6 +313,20 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
     // Praise and noise carry no escalation risk, whatever words they use ("third time in
     // this shop, staff as kind as ever", "I posted your good service on my feed").
     let risk_possible = matches!(intent, Intent::Complaint | Intent::Inquiry);
+    let (risk_words, set_aside) = risk_words.in_intent(intent);
+    if !set_aside.is_empty() {
+        reasons.push(format!(
+            "no escalation risk from the words {} alone: an inquiry",
+            Words(&set_aside)
+        ));
+    }
+    let risk_lists = risk_words.lists();
+    let rules_risk = risk_lists.any();
+    let RiskWords {
+        mut threats,
+        mut repeated,
+        mut vulnerable,
+    } = risk_words;
     let lists_overruled = if !rules_risk {
         None
     } else if !risk_possible {
@@ -688,6 +711,24 @@ mod tests {
         // overrule it, even beside a vulnerable-list word it would overrule alone.
         let threat = with_models("老人机的字太小了，我要找记者曝光", &models);
         assert!(threat.escalation_risk, "{:?}", threat.reasons);
+    }
+
+    #[test]
+    fn an_inquiry_for_an_elderly_person_is_no_risk_by_the_word_alone() {
+        let inquiry = run("家里有老人，想办个亲情号，怎么办理？", 10);
+        assert_eq!(inquiry.intent(), Intent::Inquiry, "{:?}", inquiry.reasons);
+        assert!(!inquiry.escalation_risk, "{:?}", inquiry.reasons);
+        assert!(
+            inquiry
+                .reasons
+                .iter()
+                .any(|r| r == "no escalation risk from the words [\"老人\"] alone: an inquiry"),
+            "{:?}",
+            inquiry.reasons
+        );
+        let complaint = run("家里有老人，停电三天了还没人管", 10);
+        assert_eq!(complaint.intent(), Intent::Complaint, "{:?}", complaint.reasons);
+        assert!(complaint.escalation_risk, "{:?}", complaint.reasons);
     }
 
     #[test]
