@@ -302,6 +302,8 @@ pub fn risk_bars(
 pub struct RiskBars {
     pub flag: f32,
     pub vetoes: RiskVetoes,
+    /// How sure the model must be to make praise or noise a complaint with risk.
+    pub over_intent: f32,
     pub score: RiskScore,
 }
 
@@ -310,38 +312,47 @@ const RISK_FLAG_BARS: [f32; 13] = [
     0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, NEVER,
 ];
 
+/// Bars tried for making praise or noise a complaint: the model must be sure.
+const OVER_INTENT_BARS: [f32; 6] = [0.5, 0.6, 0.7, 0.8, 0.9, NEVER];
+
 /// Vetoes tried: 0 never overrules the lists.
 const VETO_BARS: [f32; 12] = [0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7];
 
 /// [`risk_bars`]' choice over recorded verdicts.
 fn choose_risk_bars(verdicts: &[RiskVerdict]) -> RiskBars {
-    let bars = |flag: f32, vetoes: RiskVetoes| RiskBars {
+    let bars = |flag: f32, vetoes: RiskVetoes, over_intent: f32| RiskBars {
         flag,
         vetoes,
+        over_intent,
         score: RiskScore::of(verdicts.iter().map(|v| {
-            let bar = if v.lists.any() { vetoes.bar(v.lists) } else { flag };
-            (v.truth, v.possible && v.probability >= bar)
+            // Praise or noise carries risk only where the model makes it a complaint.
+            let bar = if !v.possible {
+                over_intent
+            } else if v.lists.any() {
+                vetoes.bar(v.lists)
+            } else {
+                flag
+            };
+            (v.truth, v.probability >= bar)
         })),
     };
-    // From the most cautious: the highest flag bar, then the lowest vetoes.
+    // From the most cautious: the highest bars for flagging and for making praise or noise a
+    // complaint, then the lowest vetoes.
+    let vetoes = VETO_BARS.iter().flat_map(|threat| {
+        VETO_BARS.iter().flat_map(move |repeat| {
+            VETO_BARS.iter().map(move |vulnerable| RiskVetoes {
+                threat: *threat,
+                repeat: *repeat,
+                vulnerable: *vulnerable,
+            })
+        })
+    });
     let candidates: Vec<RiskBars> = RISK_FLAG_BARS
         .iter()
         .rev()
-        .flat_map(|flag| {
-            VETO_BARS.iter().flat_map(move |threat| {
-                VETO_BARS.iter().flat_map(move |repeat| {
-                    VETO_BARS.iter().map(move |vulnerable| {
-                        let vetoes = RiskVetoes {
-                            threat: *threat,
-                            repeat: *repeat,
-                            vulnerable: *vulnerable,
-                        };
-                        (*flag, vetoes)
-                    })
-                })
-            })
-        })
-        .map(|(flag, vetoes)| bars(flag, vetoes))
+        .flat_map(|flag| OVER_INTENT_BARS.iter().rev().map(move |over| (*flag, *over)))
+        .flat_map(|(flag, over)| vetoes.clone().map(move |v| (flag, v, over)))
+        .map(|(flag, vetoes, over)| bars(flag, vetoes, over))
         .collect();
     let best_by = |value: &dyn Fn(&RiskScore) -> f64, limit: f64| {
         candidates
@@ -354,7 +365,7 @@ fn choose_risk_bars(verdicts: &[RiskVerdict]) -> RiskBars {
     };
     best_by(&|s| s.recall, RISK_FALSE_ALARMS)
         .or_else(|| best_by(&|s| s.recall - s.false_alarms(), 1.0))
-        .unwrap_or_else(|| bars(NEVER, RiskVetoes::all(0.0)))
+        .unwrap_or_else(|| bars(NEVER, RiskVetoes::all(0.0), NEVER))
 }
 
 /// The engine's accuracy with `models` on the held-out part of `examples`: intent, and
@@ -487,6 +498,22 @@ mod tests {
             bars.vetoes.threat,
             "a text stands if either list's bar is met"
         );
+    }
+
+    #[test]
+    fn a_sure_model_makes_praise_or_noise_a_complaint_with_risk() {
+        // A threat the intent model took for noise, and praise the risk model half
+        // suspects: only the sure one should become a complaint.
+        let chatter = |truth, probability| RiskVerdict {
+            possible: false,
+            ..risk(truth, false, probability)
+        };
+        let mut verdicts = vec![chatter(RiskTruth::Risky, 0.95), chatter(RiskTruth::Written, 0.6)];
+        verdicts.extend(std::iter::repeat_n(risk(RiskTruth::Ordinary, false, 0.01), 20));
+        let bars = choose_risk_bars(&verdicts);
+        assert!(bars.over_intent > 0.6 && bars.over_intent <= 0.95, "{bars:?}");
+        assert_eq!(bars.score.recall, 1.0);
+        assert_eq!(bars.score.false_alarms(), 0.0);
     }
 
     #[test]

@@ -282,7 +282,7 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
     let tier = influence_tier(rules, contact.poster);
     // Likewise for intent.
     let model_intent = scan.as_ref().and_then(|(s, m)| Some((s.intent.as_ref()?, *m, s)));
-    let intent = match (model_intent, corrected) {
+    let mut intent = match (model_intent, corrected) {
         (_, Some(labels)) => {
             reasons.push(format!(
                 "intent {}: as an agent corrected this text",
@@ -310,6 +310,23 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         _ => intent,
     };
     let risk_verdict = scan.as_ref().and_then(|(s, m)| Some((s.risk.as_ref()?, *m, s)));
+    // Praise and noise are what the intent model calls most short threats ("這件事我會投稿
+    // 給新聞台"): where the risk model is sure enough, the text is a complaint with that risk.
+    let mut sure_of_risk = false;
+    if matches!(intent, Intent::Praise | Intent::Noise)
+        && corrected.is_none()
+        && let Some((p, m, scan)) = risk_verdict.filter(|(p, m, _)| m.overrules_intent(p))
+    {
+        let (kind, evidence) = m.risk_evidence(scan, p).unwrap_or_default();
+        reasons.push(format!(
+            "intent complaint, not {}: the risk model is sure of escalation risk ({:.2}, likeliest {kind}, evidence {})",
+            intent.label(),
+            m.risk_of(p),
+            evidence.join(" ")
+        ));
+        intent = Intent::Complaint;
+        sure_of_risk = true;
+    }
     // Praise and noise carry no escalation risk, whatever words they use ("third time in
     // this shop, staff as kind as ever", "I posted your good service on my feed").
     let risk_possible = matches!(intent, Intent::Complaint | Intent::Inquiry);
@@ -327,7 +344,7 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         mut repeated,
         mut vulnerable,
     } = risk_words;
-    let lists_overruled = if !rules_risk {
+    let lists_overruled = if !rules_risk || sure_of_risk {
         None
     } else if !risk_possible {
         Some(format!("{} carries none", intent.label()))
@@ -348,7 +365,8 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         ));
         (threats, repeated, vulnerable) = (Vec::new(), Vec::new(), Vec::new());
     }
-    let model_risk = risk_verdict.filter(|(p, m, _)| risk_possible && !rules_risk && m.flags_risk(p));
+    let model_risk =
+        risk_verdict.filter(|(p, m, _)| risk_possible && !rules_risk && (sure_of_risk || m.flags_risk(p)));
     if let Some((p, m, scan)) = &model_risk {
         let (kind, evidence) = m.risk_evidence(scan, p).unwrap_or_default();
         reasons.push(format!(
@@ -657,6 +675,7 @@ mod tests {
             &training,
             0.5,
             crate::model::RiskVetoes::all(0.0),
+            crate::model::NEVER,
         );
         let c = with_models(text, &models);
         assert!(c.escalation_risk, "{:?}", c.reasons);
@@ -695,6 +714,7 @@ mod tests {
                 repeat: 0.0,
                 vulnerable: 0.5,
             },
+            crate::model::NEVER,
         );
         let c = with_models(text, &models);
         assert!(!c.escalation_risk, "{:?}", c.reasons);
@@ -729,6 +749,45 @@ mod tests {
         let complaint = run("家里有老人，停电三天了还没人管", 10);
         assert_eq!(complaint.intent(), Intent::Complaint, "{:?}", complaint.reasons);
         assert!(complaint.escalation_risk, "{:?}", complaint.reasons);
+    }
+
+    #[test]
+    fn a_risk_model_sure_of_risk_makes_noise_a_complaint() {
+        let risk_examples = crate::model::parse_examples(
+            "risk\tmedia\t这件事我会投稿新闻台\nrisk\tmedia\t我要投稿新闻台\n\
+             none\t-\t宽带断网了\nnone\t-\t话费多扣了\n",
+        )
+        .expect("examples");
+        // Five characters without a problem or a question: the rules call it noise, and the
+        // intent model is kept out of it.
+        let text = "投稿新闻台";
+        let mut models = TextModels::builtin().expect("shipped model").with_risk(
+            crate::model::Learner::Logistic,
+            &risk_examples,
+            crate::model::NEVER,
+            crate::model::RiskVetoes::all(0.0),
+            crate::model::NEVER,
+        );
+        models.intent_trust = crate::model::Trust {
+            over_rules: crate::model::NEVER,
+            without_rules: crate::model::NEVER,
+        };
+        let noise = with_models(text, &models);
+        assert_eq!(noise.intent(), Intent::Noise, "{:?}", noise.reasons);
+        assert!(!noise.escalation_risk, "{:?}", noise.reasons);
+
+        models.risk_over_intent = 0.5;
+        let c = with_models(text, &models);
+        assert_eq!(c.intent(), Intent::Complaint, "{:?}", c.reasons);
+        assert!(c.escalation_risk, "{:?}", c.reasons);
+        assert!(
+            c.reasons
+                .iter()
+                .any(|r| r.starts_with("intent complaint, not noise: the risk model")
+                    && r.contains("likeliest media")),
+            "{:?}",
+            c.reasons
+        );
     }
 
     #[test]

@@ -82,18 +82,20 @@ fn main() -> anyhow::Result<()> {
         &risk_examples,
         risk.flag,
         risk.vetoes,
+        risk.over_intent,
     );
     models.intent_trust = cv.intent;
     models.category_trust = cv.category;
     std::fs::write(&args.out, serde_json::to_string(&models)?)?;
     println!(
         "  escalation risk: the model flags at ≥ {} where the lists found none, and overrules them below {} \
-         (threats), {} (repeated contact), {} (vulnerable people) \
+         (threats), {} (repeated contact), {} (vulnerable people), and makes praise or noise a complaint at ≥ {} \
          (recall {:.3}; false alarms {:.3} among ordinary contacts, {:.3} among written texts; over {} texts)",
         risk.flag,
         risk.vetoes.threat,
         risk.vetoes.repeat,
         risk.vetoes.vulnerable,
+        risk.over_intent,
         risk.score.recall,
         risk.score.ordinary_false_alarms,
         risk.score.written_false_alarms,

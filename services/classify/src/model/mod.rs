@@ -217,6 +217,10 @@ pub struct TextModels {
     /// Where the word lists find risk, a risk model less sure than these that there is
     /// any overrules them ("老人机" is a phone, not an elderly customer); 0 never does.
     pub risk_vetoes: RiskVetoes,
+    /// Where the engine takes a text for praise or noise, a risk model at least this sure
+    /// of risk makes it a complaint ("這件事我會投稿給新聞台" is no chatter).
+    #[serde(default = "never")]
+    pub risk_over_intent: f32,
     /// Every n-gram any of the three models knows, for one lookup per n-gram.
     #[serde(skip_serializing)]
     joint: Joint,
@@ -275,6 +279,8 @@ struct TextModelsFile {
     /// One bar for every list, as model files had before [`RiskVetoes`].
     #[serde(default)]
     risk_veto_bar: f32,
+    #[serde(default = "never")]
+    risk_over_intent: f32,
 }
 
 impl From<TextModelsFile> for TextModels {
@@ -289,6 +295,7 @@ impl From<TextModelsFile> for TextModels {
             risk: file.risk,
             risk_bar: file.risk_bar,
             risk_vetoes: file.risk_vetoes.unwrap_or(RiskVetoes::all(file.risk_veto_bar)),
+            risk_over_intent: file.risk_over_intent,
             joint: Joint::default(),
         };
         models.index();
@@ -359,6 +366,7 @@ impl TextModels {
             risk_bar: NEVER,
             risk_vetoes: None,
             risk_veto_bar: 0.0,
+            risk_over_intent: NEVER,
         }
         .into()
     }
@@ -409,10 +417,9 @@ impl TextModels {
     /// there is one that can flag), keeping the known n-grams of the text with their rows so
     /// that the evidence for a prediction needs no second pass over the text.
     pub fn scan<'t>(&self, text: &'t str, intent: bool, category: bool, risk: bool) -> Scan<'t> {
-        let risk_model = self
-            .risk
-            .as_ref()
-            .filter(|_| risk && (self.risk_bar <= 1.0 || self.risk_vetoes.can_overrule()));
+        let risk_model = self.risk.as_ref().filter(|_| {
+            risk && (self.risk_bar <= 1.0 || self.risk_over_intent <= 1.0 || self.risk_vetoes.can_overrule())
+        });
         if !intent && !category && risk_model.is_none() {
             return Scan::default();
         }
@@ -465,8 +472,16 @@ impl TextModels {
     /// Adds the escalation-risk model, trained with `learner` on the training part of
     /// `examples` (each risky text labelled with its kind, see [`risk_label`]); `bar` is
     /// where it flags (see `calibrate::risk_bars`); where the lists flag risk, it overrules
-    /// them below `vetoes`.
-    pub fn with_risk(mut self, learner: Learner, examples: &[Example], bar: f32, vetoes: RiskVetoes) -> Self {
+    /// them below `vetoes`; where the engine takes a text for praise or noise, it makes it a
+    /// complaint at `over_intent` or above.
+    pub fn with_risk(
+        mut self,
+        learner: Learner,
+        examples: &[Example],
+        bar: f32,
+        vetoes: RiskVetoes,
+        over_intent: f32,
+    ) -> Self {
         let training: Vec<(String, &str)> = examples
             .iter()
             .filter(|e| !is_held_out(&e.text))
@@ -478,6 +493,7 @@ impl TextModels {
         ));
         self.risk_bar = bar;
         self.risk_vetoes = vetoes;
+        self.risk_over_intent = over_intent;
         self.index();
         self
     }
@@ -485,6 +501,11 @@ impl TextModels {
     /// Whether a risk verdict flags the text (where the lists found nothing).
     pub fn flags_risk(&self, prediction: &Prediction) -> bool {
         self.risk_of(prediction) >= self.risk_bar
+    }
+
+    /// Whether a risk verdict is sure enough of risk to make praise or noise a complaint.
+    pub fn overrules_intent(&self, prediction: &Prediction) -> bool {
+        self.risk_of(prediction) >= self.risk_over_intent
     }
 
     /// Whether a risk verdict overrules the risk that `lists` found.

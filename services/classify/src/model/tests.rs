@@ -176,15 +176,17 @@ fn risk_vetoes_survive_the_file_and_an_old_single_bar_covers_every_list() {
         vulnerable: 0.3,
     };
     let models =
-        TextModels::train(Learner::Logistic, &contacts).with_risk(Learner::Logistic, &risk, 0.5, vetoes);
+        TextModels::train(Learner::Logistic, &contacts).with_risk(Learner::Logistic, &risk, 0.5, vetoes, 0.9);
     let json = serde_json::to_string(&models).expect("serialise");
     let back: TextModels = serde_json::from_str(&json).expect("deserialise");
     assert_eq!(back.risk_vetoes, vetoes);
+    assert_eq!(back.risk_over_intent, 0.9);
 
     // A file from before the vetoes were per list, with a binary risk model.
     let mut old: serde_json::Value = serde_json::from_str(&json).expect("json");
     let fields = old.as_object_mut().expect("object");
     fields.remove("risk_vetoes");
+    fields.remove("risk_over_intent");
     fields.insert("risk_veto_bar".into(), 0.25.into());
     fields.insert(
         "risk".into(),
@@ -199,6 +201,10 @@ fn risk_vetoes_survive_the_file_and_an_old_single_bar_covers_every_list() {
         "risk is P(risk)"
     );
     assert!(old.risk_of(verdict) > 0.5);
+    assert!(
+        !old.overrules_intent(verdict),
+        "old files never make praise or noise a complaint"
+    );
 }
 
 #[test]
