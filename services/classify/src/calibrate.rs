@@ -197,6 +197,48 @@ impl RiskTruth {
     }
 }
 
+/// How many texts of each truth there were, and how many of each were flagged: what a
+/// [`RiskScore`] is made from, and what can be added up over parts of a corpus.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct RiskTally {
+    /// Texts and flagged texts, by [`RiskTruth`] (risky, ordinary, written).
+    texts: [u32; 3],
+    flagged: [u32; 3],
+}
+
+impl RiskTally {
+    fn of(verdicts: impl IntoIterator<Item = (RiskTruth, bool)>) -> Self {
+        let mut tally = Self::default();
+        for (truth, flagged) in verdicts {
+            let at = match truth {
+                RiskTruth::Risky => 0,
+                RiskTruth::Ordinary => 1,
+                RiskTruth::Written => 2,
+            };
+            tally.texts[at] += 1;
+            tally.flagged[at] += u32::from(flagged);
+        }
+        tally
+    }
+
+    fn plus(mut self, other: Self) -> Self {
+        for at in 0..3 {
+            self.texts[at] += other.texts[at];
+            self.flagged[at] += other.flagged[at];
+        }
+        self
+    }
+
+    fn score(&self) -> RiskScore {
+        let share = |at: usize| f64::from(self.flagged[at]) / f64::from(self.texts[at].max(1));
+        RiskScore {
+            recall: share(0),
+            ordinary_false_alarms: share(1),
+            written_false_alarms: share(2),
+        }
+    }
+}
+
 /// A risk detector's figures over the risk corpus: false alarms among ordinary contacts
 /// and among written texts are kept apart, since a pooled share would be mostly the
 /// ordinary contacts' and hide the written ones.
@@ -210,21 +252,7 @@ pub struct RiskScore {
 impl RiskScore {
     /// From `(truth, flagged)` pairs.
     pub fn of(verdicts: impl IntoIterator<Item = (RiskTruth, bool)>) -> Self {
-        let verdicts: Vec<(RiskTruth, bool)> = verdicts.into_iter().collect();
-        let among = |calm: RiskTruth| {
-            risk_figures(
-                verdicts
-                    .iter()
-                    .filter(|(t, _)| matches!(t, RiskTruth::Risky) || *t == calm)
-                    .map(|(t, flagged)| (*t == RiskTruth::Risky, *flagged)),
-            )
-        };
-        let (ordinary, written) = (among(RiskTruth::Ordinary), among(RiskTruth::Written));
-        RiskScore {
-            recall: ordinary.recall,
-            ordinary_false_alarms: ordinary.false_alarms,
-            written_false_alarms: written.false_alarms,
-        }
+        RiskTally::of(verdicts).score()
     }
 
     /// The worse of the two false-alarm shares.
@@ -320,24 +348,25 @@ const VETO_BARS: [f32; 12] = [0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0
 
 /// [`risk_bars`]' choice over recorded verdicts.
 fn choose_risk_bars(verdicts: &[RiskVerdict]) -> RiskBars {
-    let bars = |flag: f32, vetoes: RiskVetoes, over_intent: f32| RiskBars {
-        flag,
-        vetoes,
-        over_intent,
-        score: RiskScore::of(verdicts.iter().map(|v| {
-            // Praise or noise carries risk only where the model makes it a complaint.
-            let bar = if !v.possible {
-                over_intent
-            } else if v.lists.any() {
-                vetoes.bar(v.lists)
-            } else {
-                flag
-            };
+    // Praise or noise carries risk only where the model makes it a complaint, so those
+    // texts depend on that bar alone and the rest on the others: each part is tallied
+    // apart, once per bar, and the tallies added.
+    let (possible, chatter): (Vec<&RiskVerdict>, Vec<&RiskVerdict>) =
+        verdicts.iter().partition(|v| v.possible);
+    let chatter: Vec<(f32, RiskTally)> = OVER_INTENT_BARS
+        .iter()
+        .rev()
+        .map(|over| {
+            let tally = RiskTally::of(chatter.iter().map(|v| (v.truth, v.probability >= *over)));
+            (*over, tally)
+        })
+        .collect();
+    let complaints = |flag: f32, vetoes: RiskVetoes| {
+        RiskTally::of(possible.iter().map(|v| {
+            let bar = if v.lists.any() { vetoes.bar(v.lists) } else { flag };
             (v.truth, v.probability >= bar)
-        })),
+        }))
     };
-    // From the most cautious: the highest bars for flagging and for making praise or noise a
-    // complaint, then the lowest vetoes.
     let vetoes = VETO_BARS.iter().flat_map(|threat| {
         VETO_BARS.iter().flat_map(move |repeat| {
             VETO_BARS.iter().map(move |vulnerable| RiskVetoes {
@@ -347,12 +376,21 @@ fn choose_risk_bars(verdicts: &[RiskVerdict]) -> RiskBars {
             })
         })
     });
+    // From the most cautious: the highest flag bar, then the lowest vetoes, then the highest
+    // bar for making praise or noise a complaint.
     let candidates: Vec<RiskBars> = RISK_FLAG_BARS
         .iter()
         .rev()
-        .flat_map(|flag| OVER_INTENT_BARS.iter().rev().map(move |over| (*flag, *over)))
-        .flat_map(|(flag, over)| vetoes.clone().map(move |v| (flag, v, over)))
-        .map(|(flag, vetoes, over)| bars(flag, vetoes, over))
+        .flat_map(|flag| vetoes.clone().map(move |v| (*flag, v)))
+        .flat_map(|(flag, vetoes)| {
+            let base = complaints(flag, vetoes);
+            chatter.iter().map(move |(over_intent, tally)| RiskBars {
+                flag,
+                vetoes,
+                over_intent: *over_intent,
+                score: base.plus(*tally).score(),
+            })
+        })
         .collect();
     let best_by = |value: &dyn Fn(&RiskScore) -> f64, limit: f64| {
         candidates
@@ -365,7 +403,12 @@ fn choose_risk_bars(verdicts: &[RiskVerdict]) -> RiskBars {
     };
     best_by(&|s| s.recall, RISK_FALSE_ALARMS)
         .or_else(|| best_by(&|s| s.recall - s.false_alarms(), 1.0))
-        .unwrap_or_else(|| bars(NEVER, RiskVetoes::all(0.0), NEVER))
+        .unwrap_or(RiskBars {
+            flag: NEVER,
+            vetoes: RiskVetoes::all(0.0),
+            over_intent: NEVER,
+            score: RiskTally::of(verdicts.iter().map(|v| (v.truth, false))).score(),
+        })
 }
 
 /// The engine's accuracy with `models` on the held-out part of `examples`: intent, and
