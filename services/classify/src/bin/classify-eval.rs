@@ -27,6 +27,10 @@ struct Args {
     /// examples would help.
     #[arg(long)]
     show_risk_errors: bool,
+    /// Also score every text of a risk check set written apart from the corpus (as
+    /// `data/risk-check.tsv`), which nothing is trained on.
+    #[arg(long)]
+    risk_check: Option<String>,
 }
 
 /// Per-class precision, recall, F1 and the confusion matrix of (truth, prediction) pairs.
@@ -138,27 +142,34 @@ fn main() -> anyhow::Result<()> {
         "category — engine (model when confident, else rules)",
         &engine_category,
     );
-    risk_report(
-        &args.risk_examples,
+    let corpus = risk_corpus(
+        parse_examples(&std::fs::read_to_string(&args.risk_examples)?)?,
         &examples,
-        &rules,
-        &models,
-        args.show_risk_errors,
-    )
+    );
+    let held_out: Vec<&Example> = corpus.iter().filter(|e| is_held_out(&e.text)).collect();
+    risk_report("held-out", &held_out, &rules, &models, args.show_risk_errors);
+    if let Some(path) = &args.risk_check {
+        let check = parse_examples(&std::fs::read_to_string(path)?)?;
+        // A text the corpus also has would be scored on what the model was trained on.
+        let in_corpus: BTreeSet<String> = corpus.iter().map(|e| fold(&e.text)).collect();
+        let (seen, apart): (Vec<&Example>, Vec<&Example>) =
+            check.iter().partition(|e| in_corpus.contains(&fold(&e.text)));
+        if !seen.is_empty() {
+            println!(
+                "\n{} texts of {path} are in the corpus too and are left out",
+                seen.len()
+            );
+        }
+        risk_report("check-set", &apart, &rules, &models, args.show_risk_errors);
+    }
+    Ok(())
 }
 
-/// Escalation-risk recall and false alarms on the held-out part of the risk corpus, for the
-/// rules' word lists alone and for the engine (lists, then the risk model), with recall by
-/// kind and false alarms among ordinary contacts and among written texts apart.
-fn risk_report(
-    path: &str,
-    contacts: &[Example],
-    rules: &Rules,
-    models: &TextModels,
-    show_errors: bool,
-) -> anyhow::Result<()> {
-    let corpus = risk_corpus(parse_examples(&std::fs::read_to_string(path)?)?, contacts);
-    let held_out: Vec<_> = corpus.iter().filter(|e| is_held_out(&e.text)).collect();
+/// Escalation-risk recall and false alarms on risk texts nothing was trained on (`what`:
+/// the held-out part of the risk corpus, or a check set), for the rules' word lists alone
+/// and for the engine (lists, then the risk model), with recall by kind and false alarms
+/// among ordinary contacts and among written texts apart.
+fn risk_report(what: &str, held_out: &[&Example], rules: &Rules, models: &TextModels, show_errors: bool) {
     let flagged = |with_models: bool, text: &str| {
         let contact = Contact {
             text,
@@ -170,7 +181,7 @@ fn risk_report(
     };
     let count = |truth: RiskTruth| held_out.iter().filter(|e| RiskTruth::of(e) == truth).count();
     println!(
-        "\nescalation risk: {} held-out texts ({} risky, {} ordinary contacts and {} written texts without risk); \
+        "\nescalation risk: {} {what} texts ({} risky, {} ordinary contacts and {} written texts without risk); \
          aims: recall ≥ {RISK_RECALL}, false alarms ≤ {RISK_FALSE_ALARMS} among each",
         held_out.len(),
         count(RiskTruth::Risky),
@@ -208,13 +219,12 @@ fn risk_report(
         );
     }
     if show_errors {
-        for example in &held_out {
+        for example in held_out {
             let risky = example.intent == "risk";
             if flagged(true, &example.text) != risky {
-                let what = if risky { "missed" } else { "false alarm" };
-                println!("  {what} ({}): {}", example.category, example.text);
+                let verdict = if risky { "missed" } else { "false alarm" };
+                println!("  {verdict} ({}): {}", example.category, example.text);
             }
         }
     }
-    Ok(())
 }
