@@ -276,11 +276,17 @@ struct RiskVerdict {
 /// The risk model's bars, chosen by cross-validation on the training part of `corpus`
 /// (see [`crate::model::risk_corpus`]), and their cross-validated figures. Where the lists
 /// found nothing the model flags a text at `flag` or above; where they found risk it
-/// overrules them below `veto`. The engine decides intent as it will with the shipped
-/// models (`intent_trust`), from intent models that never saw the fold: praise and noise
-/// carry no risk. The pair chosen has the most recall among those within
-/// [`RISK_FALSE_ALARMS`] on both kinds of calm text; if none is, the most recall net of
-/// the worse false alarms. Ties go to the more cautious pair.
+/// overrules each list below its veto; praise or noise it makes a complaint at
+/// `over_intent`. The engine decides intent as it will with the shipped models
+/// (`intent_trust`), from intent models that never saw the fold. The bars chosen have the
+/// most recall among those within [`RISK_FALSE_ALARMS`] on both kinds of calm text; if
+/// none are, the most recall net of the worse false alarms. Ties go to the more cautious.
+///
+/// The cross-validation is repeated [`RISK_REPEATS`] times with the texts dealt into
+/// folds differently, and the bars are chosen over every repeat's verdicts. With one
+/// dealing the bars (five of them, each at the edge of the aim) followed the dealing:
+/// held-out recall was 0.85 to 0.92 over four dealings; over two sets of three, 0.89 and
+/// 0.91.
 pub fn risk_bars(
     corpus: &[Example],
     labelled: &[Example],
@@ -289,9 +295,10 @@ pub fn risk_bars(
     intent_trust: Trust,
 ) -> RiskBars {
     let training: Vec<&Example> = corpus.iter().filter(|e| !is_held_out(&e.text)).collect();
-    let fold_of = |e: &Example| (stable_hash(&e.text) / 5) % FOLDS;
     let mut verdicts = Vec::new();
-    for part in 0..FOLDS {
+    for (repeat, part) in (0..RISK_REPEATS).flat_map(|r| (0..FOLDS).map(move |p| (r, p))) {
+        // The held-out split took hash % 5; each repeat deals by a further base-5 digit.
+        let fold_of = |e: &Example| (stable_hash(&e.text) / 5 / FOLDS.pow(repeat)) % FOLDS;
         let train: Vec<(String, &str)> = training
             .iter()
             .filter(|e| fold_of(e) != part)
@@ -324,6 +331,9 @@ pub fn risk_bars(
     }
     choose_risk_bars(&verdicts)
 }
+
+/// How many times [`risk_bars`] repeats its cross-validation, dealing the folds anew.
+pub const RISK_REPEATS: u32 = 3;
 
 /// The bars for a risk model, and what they gave in cross-validation.
 #[derive(Debug, Clone, Copy, PartialEq)]
