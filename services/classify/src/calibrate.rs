@@ -80,21 +80,44 @@ fn rules_accuracy(verdicts: &[Verdicts]) -> f64 {
     right as f64 / verdicts.len().max(1) as f64
 }
 
+/// `work` on every item, as many at a time as there are cores (folds train apart), with
+/// the results in the items' order, so that what is chosen from them does not depend on
+/// the machine.
+fn side_by_side<T: Sync, R: Send>(items: &[T], work: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut results = Vec::with_capacity(items.len());
+    for batch in items.chunks(cores) {
+        std::thread::scope(|scope| {
+            let running: Vec<_> = batch.iter().map(|item| scope.spawn(|| work(item))).collect();
+            for done in running {
+                results.push(
+                    done.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                );
+            }
+        });
+    }
+    results
+}
+
 /// Cross-validates on the training part of `examples` (the held-out part is skipped).
 pub fn cross_validate(examples: &[Example], rules: &Rules, learner: Learner) -> CrossValidation {
     let training: Vec<&Example> = examples.iter().filter(|e| !is_held_out(&e.text)).collect();
     // The held-out split took hash % 5 == 0; the folds use the next digit of the hash.
     let fold_of = |e: &Example| (stable_hash(&e.text) / 5) % FOLDS;
-    let mut intents = Vec::new();
-    let mut categories = Vec::new();
-    for part in 0..FOLDS {
+    let parts: Vec<u64> = (0..FOLDS).collect();
+    let fold_models = side_by_side(&parts, |part| {
         let train: Vec<Example> = training
             .iter()
-            .filter(|e| fold_of(e) != part)
+            .filter(|e| fold_of(e) != *part)
             .map(|e| (*e).clone())
             .collect();
-        let models = TextModels::train(learner, &train);
-        for example in training.iter().filter(|e| fold_of(e) == part) {
+        TextModels::train(learner, &train)
+    });
+    let mut intents = Vec::new();
+    let mut categories = Vec::new();
+    for (part, models) in parts.iter().zip(&fold_models) {
+        for example in training.iter().filter(|e| fold_of(e) == *part) {
             let folded = fold(&example.text);
             let signals = rule_signals(rules, &example.text);
             let by_rules = engine::classify(
@@ -295,8 +318,7 @@ pub fn risk_bars(
     intent_trust: Trust,
 ) -> RiskBars {
     let training: Vec<&Example> = corpus.iter().filter(|e| !is_held_out(&e.text)).collect();
-    let mut verdicts = Vec::new();
-    for (repeat, part) in (0..RISK_REPEATS).flat_map(|r| (0..FOLDS).map(move |p| (r, p))) {
+    let fold_verdicts = |repeat: u32, part: u64| {
         // The held-out split took hash % 5; each repeat deals by a further base-5 digit.
         let fold_of = |e: &Example| (stable_hash(&e.text) / 5 / FOLDS.pow(repeat)) % FOLDS;
         let train: Vec<(String, &str)> = training
@@ -310,7 +332,7 @@ pub fn risk_bars(
         let others: Vec<Example> = labelled.iter().filter(|e| fold_of(e) != part).cloned().collect();
         let mut intents = TextModels::train(learner, &others);
         intents.intent_trust = intent_trust;
-        for example in training.iter().filter(|e| fold_of(e) == part) {
+        let verdict = |example: &&Example| {
             let by_lists = engine::classify(
                 rules,
                 Some(&intents),
@@ -321,14 +343,26 @@ pub fn risk_bars(
                     region_hint: "",
                 },
             );
-            verdicts.push(RiskVerdict {
+            RiskVerdict {
                 truth: RiskTruth::of(example),
                 possible: matches!(by_lists.intent(), Intent::Complaint | Intent::Inquiry),
                 lists: engine::risk_lists(rules, &example.text, by_lists.intent()),
                 probability: risk_probability(&model, &model.predict(&fold(&example.text))),
-            });
-        }
-    }
+            }
+        };
+        training
+            .iter()
+            .filter(|e| fold_of(e) == part)
+            .map(verdict)
+            .collect::<Vec<_>>()
+    };
+    let folds: Vec<(u32, u64)> = (0..RISK_REPEATS)
+        .flat_map(|r| (0..FOLDS).map(move |p| (r, p)))
+        .collect();
+    let verdicts: Vec<RiskVerdict> = side_by_side(&folds, |(repeat, part)| fold_verdicts(*repeat, *part))
+        .into_iter()
+        .flatten()
+        .collect();
     choose_risk_bars(&verdicts)
 }
 
