@@ -1,7 +1,7 @@
 //! A statistical text model beside the keyword rules: a linear model over character
 //! n-grams (1..=2) and whole Latin-script words of folded text (Traditional→Simplified, lower case), fitted by
-//! multinomial logistic regression or naive Bayes, one model for intent and one for
-//! category. Character n-grams need no word segmentation and carry over
+//! multinomial logistic regression or naive Bayes, one model for intent, one for category
+//! and one for escalation risk. Character n-grams need no word segmentation and carry over
 //! between scripts once folded. Trained from the team's labelled examples by
 //! `classify-train`, shipped as `model/model.json`, loaded at start; `classify-eval`
 //! measures it on the held-out part.
@@ -208,8 +208,9 @@ pub struct TextModels {
     /// again, whatever the models say.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub corrected: BTreeMap<String, Corrected>,
-    /// Escalation risk ("risk" or "none") where the rules' word lists found none, trained
-    /// on `data/risk.tsv`; it flags a text when it is at least `risk_bar` sure.
+    /// Escalation risk, a class per kind and one for none, trained on the risk corpus (see
+    /// [`risk_corpus`]); where the rules' word lists found none, it flags a text when it is
+    /// at least `risk_bar` sure of any kind.
     #[serde(default)]
     pub risk: Option<NgramModel>,
     #[serde(default = "never")]
@@ -546,7 +547,8 @@ impl TextModels {
     }
 }
 
-/// How sure a risk model ("risk" or "none") is that a text carries risk.
+/// How sure a risk model is that a text carries risk of any kind: 1 − P([`NO_RISK`]).
+/// Model files from before the kinds have one class, "risk", beside it.
 pub fn risk_probability(model: &NgramModel, prediction: &Prediction) -> f32 {
     model
         .class_index(NO_RISK)
