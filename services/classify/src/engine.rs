@@ -6,7 +6,7 @@ use closedloop_proto::v1::{
 };
 use closedloop_runtime::pii::PiiKind;
 
-use crate::model::{RiskLists, TextModels};
+use crate::model::{Prediction, RiskLists, Scan, TextModels};
 use crate::region;
 use crate::rules::{Found, List, Rules, fold};
 
@@ -122,6 +122,94 @@ impl<'a> RiskWords<'a> {
             repeat: !self.repeated.is_empty(),
             vulnerable: !self.vulnerable.is_empty(),
         }
+    }
+}
+
+/// What the engine concludes about escalation risk.
+struct RiskOutcome<'a> {
+    /// The intent, a complaint where the risk model is sure of risk in praise or noise.
+    intent: Intent,
+    escalation_risk: bool,
+    /// Whether the model flagged risk where the lists found none.
+    by_model: bool,
+    /// The list words that stand: none where they were overruled.
+    words: RiskWords<'a>,
+}
+
+/// Weighs the lists' `words` and the risk model's `verdict` on a text the engine took for
+/// `intent` (`corrected`: an agent's), saying why in `reasons`.
+fn weigh_risk<'a>(
+    mut intent: Intent,
+    words: RiskWords<'a>,
+    verdict: Option<(&Prediction, &TextModels, &Scan<'_>)>,
+    corrected: bool,
+    reasons: &mut Vec<String>,
+) -> RiskOutcome<'a> {
+    // Praise and noise are what the intent model calls most short threats ("這件事我會投稿
+    // 給新聞台"): where the risk model is sure enough, the text is a complaint with that risk.
+    let mut sure_of_risk = false;
+    if matches!(intent, Intent::Praise | Intent::Noise)
+        && !corrected
+        && let Some((p, m, scan)) = verdict.filter(|(p, m, _)| m.overrules_intent(p))
+    {
+        let (kind, evidence) = m.risk_evidence(scan, p).unwrap_or_default();
+        reasons.push(format!(
+            "intent complaint, not {}: the risk model is sure of escalation risk ({:.2}, likeliest {kind}, evidence {})",
+            intent.label(),
+            m.risk_of(p),
+            evidence.join(" ")
+        ));
+        intent = Intent::Complaint;
+        sure_of_risk = true;
+    }
+    // Praise and noise carry no escalation risk, whatever words they use ("third time in
+    // this shop, staff as kind as ever", "I posted your good service on my feed").
+    let risk_possible = matches!(intent, Intent::Complaint | Intent::Inquiry);
+    let (mut words, set_aside) = words.in_intent(intent);
+    if !set_aside.is_empty() {
+        reasons.push(format!(
+            "no escalation risk from the words {} alone: an inquiry",
+            Words(&set_aside)
+        ));
+    }
+    let lists = words.lists();
+    let rules_risk = lists.any();
+    let lists_overruled = if !rules_risk || sure_of_risk {
+        None
+    } else if !risk_possible {
+        Some(format!("{} carries none", intent.label()))
+    } else {
+        verdict
+            .filter(|(p, m, _)| m.vetoes_risk(p, lists))
+            .map(|(p, m, _)| format!("the model ({:.2}) overrules them", m.risk_of(p)))
+    };
+    if let Some(why) = &lists_overruled {
+        let all: Vec<&str> = [&words.threats, &words.repeated, &words.vulnerable]
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        reasons.push(format!(
+            "no escalation risk from the words {}: {why}",
+            Words(&all)
+        ));
+        (words.threats, words.repeated, words.vulnerable) = (Vec::new(), Vec::new(), Vec::new());
+    }
+    let model_risk =
+        verdict.filter(|(p, m, _)| risk_possible && !rules_risk && (sure_of_risk || m.flags_risk(p)));
+    if let Some((p, m, scan)) = &model_risk {
+        let (kind, evidence) = m.risk_evidence(scan, p).unwrap_or_default();
+        reasons.push(format!(
+            "escalation risk by the model ({:.2}, likeliest {kind}, evidence {})",
+            m.risk_of(p),
+            evidence.join(" ")
+        ));
+    }
+    RiskOutcome {
+        intent,
+        escalation_risk: (rules_risk && lists_overruled.is_none()) || model_risk.is_some(),
+        by_model: model_risk.is_some(),
+        words,
     }
 }
 
@@ -282,7 +370,7 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
     let tier = influence_tier(rules, contact.poster);
     // Likewise for intent.
     let model_intent = scan.as_ref().and_then(|(s, m)| Some((s.intent.as_ref()?, *m, s)));
-    let mut intent = match (model_intent, corrected) {
+    let intent = match (model_intent, corrected) {
         (_, Some(labels)) => {
             reasons.push(format!(
                 "intent {}: as an agent corrected this text",
@@ -310,72 +398,22 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
         _ => intent,
     };
     let risk_verdict = scan.as_ref().and_then(|(s, m)| Some((s.risk.as_ref()?, *m, s)));
-    // Praise and noise are what the intent model calls most short threats ("這件事我會投稿
-    // 給新聞台"): where the risk model is sure enough, the text is a complaint with that risk.
-    let mut sure_of_risk = false;
-    if matches!(intent, Intent::Praise | Intent::Noise)
-        && corrected.is_none()
-        && let Some((p, m, scan)) = risk_verdict.filter(|(p, m, _)| m.overrules_intent(p))
-    {
-        let (kind, evidence) = m.risk_evidence(scan, p).unwrap_or_default();
-        reasons.push(format!(
-            "intent complaint, not {}: the risk model is sure of escalation risk ({:.2}, likeliest {kind}, evidence {})",
-            intent.label(),
-            m.risk_of(p),
-            evidence.join(" ")
-        ));
-        intent = Intent::Complaint;
-        sure_of_risk = true;
-    }
-    // Praise and noise carry no escalation risk, whatever words they use ("third time in
-    // this shop, staff as kind as ever", "I posted your good service on my feed").
-    let risk_possible = matches!(intent, Intent::Complaint | Intent::Inquiry);
-    let (risk_words, set_aside) = risk_words.in_intent(intent);
-    if !set_aside.is_empty() {
-        reasons.push(format!(
-            "no escalation risk from the words {} alone: an inquiry",
-            Words(&set_aside)
-        ));
-    }
-    let risk_lists = risk_words.lists();
-    let rules_risk = risk_lists.any();
-    let RiskWords {
-        mut threats,
-        mut repeated,
-        mut vulnerable,
-    } = risk_words;
-    let lists_overruled = if !rules_risk || sure_of_risk {
-        None
-    } else if !risk_possible {
-        Some(format!("{} carries none", intent.label()))
-    } else {
-        risk_verdict
-            .filter(|(p, m, _)| m.vetoes_risk(p, risk_lists))
-            .map(|(p, m, _)| format!("the model ({:.2}) overrules them", m.risk_of(p)))
-    };
-    if let Some(why) = &lists_overruled {
-        let words: Vec<&str> = [&threats, &repeated, &vulnerable]
-            .into_iter()
-            .flatten()
-            .copied()
-            .collect();
-        reasons.push(format!(
-            "no escalation risk from the words {}: {why}",
-            Words(&words)
-        ));
-        (threats, repeated, vulnerable) = (Vec::new(), Vec::new(), Vec::new());
-    }
-    let model_risk =
-        risk_verdict.filter(|(p, m, _)| risk_possible && !rules_risk && (sure_of_risk || m.flags_risk(p)));
-    if let Some((p, m, scan)) = &model_risk {
-        let (kind, evidence) = m.risk_evidence(scan, p).unwrap_or_default();
-        reasons.push(format!(
-            "escalation risk by the model ({:.2}, likeliest {kind}, evidence {})",
-            m.risk_of(p),
-            evidence.join(" ")
-        ));
-    }
-    let escalation_risk = (rules_risk && lists_overruled.is_none()) || model_risk.is_some();
+    let RiskOutcome {
+        intent,
+        escalation_risk,
+        by_model: model_risk,
+        words: RiskWords {
+            threats,
+            repeated,
+            vulnerable,
+        },
+    } = weigh_risk(
+        intent,
+        risk_words,
+        risk_verdict,
+        corrected.is_some(),
+        &mut reasons,
+    );
     let mut priority = match intent {
         Intent::Praise | Intent::Noise => Priority::P4,
         _ if abuse_without_problem => Priority::P4,
@@ -401,7 +439,7 @@ pub fn classify(rules: &Rules, models: Option<&TextModels>, contact: &Contact<'_
                 Words(&vulnerable)
             ));
         }
-        if model_risk.is_some() {
+        if model_risk {
             priority = priority.raised();
             reasons.push("priority raised: escalation risk".into());
         }
